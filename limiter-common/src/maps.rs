@@ -1,0 +1,251 @@
+//! Map names, keys and values.
+//!
+//! Addresses are IPv6, 16 bytes in network byte order; an IPv4 address is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so one LPM trie and one bucket key shape serve both families. Ports are
+//! in host byte order (the program converts once when it parses).
+//!
+//! Policy maps are double-buffered: every policy entry carries the *set* (0 or 1) it belongs
+//! to, and the program reads only the set named by [`Config::active_set`]. The agent writes a
+//! whole new policy into the inactive set and then flips `active_set` with one 4-byte store, so
+//! no packet is judged by a half-written policy. Buckets are keyed by a stable rule id, not by
+//! set, so a rule that survives a reload keeps its state.
+
+use crate::bucket::BucketParams;
+
+/// Names of the maps in the object file, shared so the loader cannot drift from the program.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const ALLOW: &str = "ALLOW";
+    pub const DENY: &str = "DENY";
+    pub const BLOCK: &str = "BLOCK";
+    pub const PORT_RULES: &str = "PORT_RULES";
+    pub const RULES: &str = "RULES";
+    pub const SHARED_BUCKETS: &str = "SHARED_BUCKETS";
+    pub const SOURCE_BUCKETS: &str = "SOURCE_BUCKETS";
+    pub const STATS: &str = "STATS";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    /// The XDP program's function name.
+    pub const PROGRAM: &str = "limiter";
+}
+
+/// An IPv6 address or an IPv4-mapped IPv4 address, network byte order.
+pub type Addr = [u8; 16];
+
+/// Rule slots per policy set. Rule ids (which key the buckets) are below this too.
+pub const MAX_RULES: u32 = 1024;
+/// Rules the program evaluates for one packet: the port's list, then the any-port list.
+pub const MAX_RULES_PER_PORT: usize = 16;
+/// Default capacity of the per-source bucket table (LRU).
+pub const DEFAULT_SOURCE_ENTRIES: u32 = 1 << 20;
+/// Capacity of the shared (per-port aggregate) bucket table.
+pub const SHARED_BUCKET_ENTRIES: u32 = 16_384;
+/// Entries in each of the allow and deny LPM tries, across both sets.
+pub const LIST_ENTRIES: u32 = 262_144;
+/// Entries in the block list (penalty box).
+pub const BLOCK_ENTRIES: u32 = 65_536;
+/// Extension headers the IPv6 parser walks before it gives up (verdict: unparsed).
+pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
+
+/// IP protocol numbers the program distinguishes.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+/// Protocol value of a [`PortKey`] that matches every protocol (rules without targets).
+pub const PROTO_ANY: u8 = 0;
+
+/// XDP verdicts as the kernel numbers them (`enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// The single entry (index 0) of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Which policy set (0 or 1) the program reads.
+    pub active_set: u32,
+    /// IPv6 sources are bucketed and blocked by this prefix (default 64): a host owns a /64.
+    pub ipv6_source_prefix: u32,
+    /// Verdict for frames the parser cannot follow (truncated, garbage, too many IPv6
+    /// extension headers): [`XDP_PASS`] by default, so a parser gap never blackholes traffic.
+    pub unparsed_verdict: u32,
+    /// `CONFIG_FLAG_*` bits.
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+/// Emit aya-log debug records for drops (sampled by the log ring; off by default).
+pub const CONFIG_FLAG_DEBUG_LOG: u32 = 1;
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { active_set: 0, ipv6_source_prefix: 64, unparsed_verdict: XDP_PASS, flags: 0 }
+    }
+}
+
+/// Key data of the `ALLOW` and `DENY` LPM tries: the set, then the address. The LPM prefix
+/// length counts the 32 bits of `set` too, so a /24 IPv4 network in set 1 has prefix
+/// `32 + 96 + 24`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListKey {
+    /// The policy set, as a big-endian u32 so it is the leading bits of the LPM key.
+    pub set_be: u32,
+    pub addr: Addr,
+}
+
+const _: () = assert!(core::mem::size_of::<ListKey>() == 20);
+
+/// Bits of [`ListKey`] before the address starts.
+pub const LIST_KEY_SET_BITS: u32 = 32;
+
+/// Value of the `ALLOW` and `DENY` tries: the rule (policy) that put the entry there, for stats.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListValue {
+    pub rule_id: u32,
+}
+
+/// Value of the `BLOCK` hash (key: the source [`Addr`], IPv6 masked to the source prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockEntry {
+    /// `CLOCK_BOOTTIME` nanoseconds after which the entry no longer applies; the agent
+    /// deletes expired entries, the program ignores them meanwhile.
+    pub expires_at_ns: u64,
+}
+
+/// Key of `PORT_RULES`: which rules apply to traffic for this destination port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    /// Destination port, host byte order; 0 with [`PROTO_ANY`] is the any-port list.
+    pub port: u16,
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_ANY`].
+    pub protocol: u8,
+    /// The policy set (0 or 1).
+    pub set: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
+
+/// Value of `PORT_RULES`: slots into `RULES`, in evaluation order (shared buckets first,
+/// then per-source, then per-(source, port)).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortRules {
+    pub len: u32,
+    pub slots: [u32; MAX_RULES_PER_PORT],
+}
+
+const _: () = assert!(core::mem::size_of::<PortRules>() == 4 + 4 * MAX_RULES_PER_PORT);
+
+/// How a rule keys its buckets ([`RuleConfig::key_flags`]).
+/// No flag: one bucket for all traffic the rule selects.
+pub const KEY_BY_SOURCE: u8 = 1;
+/// One bucket per destination port the rule targets.
+pub const KEY_BY_PORT: u8 = 2;
+
+/// What a rule counts ([`RuleConfig::count`]).
+pub const COUNT_PACKETS: u8 = 0;
+pub const COUNT_BYTES: u8 = 1;
+/// TCP segments with SYN and without ACK; UDP datagrams; other protocols are not counted.
+pub const COUNT_CONNECTIONS: u8 = 2;
+
+/// [`RuleConfig::flags`]: count and report, never drop.
+pub const RULE_FLAG_SHADOW: u8 = 1;
+/// [`RuleConfig::flags`]: the rule selects sources *outside* its CIDR.
+pub const RULE_FLAG_INVERT: u8 = 2;
+
+/// One entry of the `RULES` array, at index `set * MAX_RULES + slot`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleConfig {
+    pub bucket: BucketParams,
+    /// Source selector network (see [`Addr`]); with `source_prefix` 0 it selects everyone.
+    pub source_net: Addr,
+    /// Prefix length of `source_net` in the 128-bit (IPv4-mapped) space.
+    pub source_prefix: u32,
+    /// Stable id of the rule across reloads: keys its buckets and its `RULE_STATS` entry.
+    pub rule_id: u32,
+    /// `KEY_BY_*` bits.
+    pub key_flags: u8,
+    /// `COUNT_*`.
+    pub count: u8,
+    /// `RULE_FLAG_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+const _: () = assert!(core::mem::size_of::<RuleConfig>() == 16 + 16 + 4 + 4 + 8);
+
+/// Key of `SHARED_BUCKETS` (hash, never evicted: losing an aggregate bucket would hand a
+/// flood a fresh burst).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SharedBucketKey {
+    pub rule_id: u32,
+    /// Destination port (host order) when the rule keys by port, else 0.
+    pub port: u16,
+    /// Protocol when the rule keys by port, else 0.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<SharedBucketKey>() == 8);
+
+/// Key of `SOURCE_BUCKETS` (LRU: under a flood of new sources the least recently seen
+/// source loses its state, which only ever hands it a full bucket again).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceBucketKey {
+    pub rule_id: u32,
+    /// Destination port (host order) when the rule keys by port, else 0.
+    pub port: u16,
+    /// Protocol when the rule keys by port, else 0.
+    pub protocol: u8,
+    pub _pad: u8,
+    /// The source, IPv6 masked to [`Config::ipv6_source_prefix`].
+    pub addr: Addr,
+}
+
+const _: () = assert!(core::mem::size_of::<SourceBucketKey>() == 24);
+
+/// Value of both bucket maps: the GCRA state (see [`crate::bucket`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Bucket {
+    /// Theoretical arrival time, `CLOCK_BOOTTIME` ns; 0 = new and full.
+    pub tat_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Bucket>() == 8);
+
+/// Converts an IPv4 address (network order octets) to its IPv4-mapped [`Addr`].
+#[inline(always)]
+pub const fn ipv4_mapped(v4: [u8; 4]) -> Addr {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+/// Prefix length, in the mapped 128-bit space, of an IPv4 prefix.
+pub const IPV4_MAPPED_PREFIX: u32 = 96;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no padding or invalid bit patterns
+    // (asserted by the size checks above).
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ListKey {}
+    unsafe impl aya::Pod for ListValue {}
+    unsafe impl aya::Pod for BlockEntry {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortRules {}
+    unsafe impl aya::Pod for RuleConfig {}
+    unsafe impl aya::Pod for SharedBucketKey {}
+    unsafe impl aya::Pod for SourceBucketKey {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for crate::stats::Counter {}
+    unsafe impl aya::Pod for crate::stats::RuleCounter {}
+}
