@@ -1,0 +1,8 @@
+//! The limiter agent: compiles rate-limit policies and drives the XDP data path.
+//!
+//! - [`policy`]: reads policy documents, validates them with file/line/field errors, and
+//!   compiles them into a [`plan::KernelPlan`].
+//! - [`dataplane`]: loads and attaches the XDP program and owns its maps.
+//! - [`plan`]: the compiled plan both of them speak.
+
+pub mod plan;

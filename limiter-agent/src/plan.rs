@@ -1,0 +1,147 @@
+//! The compiled plan: what the policy compiler hands to the data path.
+//!
+//! `policy` turns documents into a [`KernelPlan`]; `dataplane` turns a plan into map entries.
+//! Nothing here knows about YAML or about BPF maps, so each side can be tested alone.
+
+use std::fmt;
+
+use ipnet::IpNet;
+
+/// What the kernel enforces for one policy set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelPlan {
+    /// Sources never limited, checked first.
+    pub allow: Vec<ListEntry>,
+    /// Sources always dropped (after the allow list and the block list).
+    pub deny: Vec<ListEntry>,
+    /// Rate-limit rules, in policy order.
+    pub rules: Vec<KernelRule>,
+}
+
+/// An allow or deny list entry and the policy it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListEntry {
+    pub net: IpNet,
+    /// `policy-name` that listed it (for logs and stats).
+    pub policy: String,
+}
+
+/// One kernel-enforced token bucket rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelRule {
+    /// `policy-name/rule-name`; unique in a plan; appears in metrics and logs.
+    pub name: String,
+    /// Destination ports the rule protects; empty means every port (and port-less traffic).
+    pub targets: Vec<PortTarget>,
+    /// Which sources the rule selects and whether each gets its own bucket.
+    pub source: SourceSelector,
+    pub count: CountKind,
+    pub limit: Limit,
+    /// Count and report, never drop (policy `mode: Shadow`).
+    pub shadow: bool,
+}
+
+impl KernelRule {
+    /// Whether every distinct source gets its own bucket.
+    pub fn per_source(&self) -> bool {
+        self.source.distinct
+    }
+}
+
+/// `sourceCIDR` selector. `0.0.0.0/0` + `::/0` with `distinct: false` is "everyone shares one
+/// bucket"; a rule without a selector compiles to that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceSelector {
+    /// The networks selected. Empty means every source (both families).
+    pub nets: Vec<IpNet>,
+    /// `type: Distinct`: one bucket per source address (IPv6: per source prefix).
+    pub distinct: bool,
+    /// Select sources *outside* `nets`.
+    pub invert: bool,
+}
+
+impl SourceSelector {
+    pub fn everyone(distinct: bool) -> Self {
+        Self { nets: Vec::new(), distinct, invert: false }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortTarget {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// What a kernel bucket counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CountKind {
+    Packets,
+    Bytes,
+    /// New TCP connections (SYN without ACK); UDP datagrams.
+    Connections,
+}
+
+impl fmt::Display for CountKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CountKind::Packets => "Packets",
+            CountKind::Bytes => "Bytes",
+            CountKind::Connections => "Connections",
+        })
+    }
+}
+
+/// `limit: {requests, unit, burst}`: a token bucket of `requests` per `unit`, depth
+/// `requests + burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Limit {
+    pub requests: u64,
+    pub unit: Unit,
+    pub burst: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Unit {
+    pub const fn as_ns(self) -> u64 {
+        use limiter_common::bucket::*;
+        match self {
+            Unit::Second => NS_PER_SECOND,
+            Unit::Minute => NS_PER_MINUTE,
+            Unit::Hour => NS_PER_HOUR,
+            Unit::Day => NS_PER_DAY,
+        }
+    }
+}
+
+impl fmt::Display for Unit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unit::Second => "Second",
+            Unit::Minute => "Minute",
+            Unit::Hour => "Hour",
+            Unit::Day => "Day",
+        })
+    }
+}
