@@ -1,1 +1,47 @@
-fn main(){}
+//! `limiter-agent`: parses arguments and hands each subcommand to `limiter_agent::cli`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use limiter_agent::cli;
+
+#[derive(Parser)]
+#[command(name = "limiter-agent", version, about = "XDP rate limiter and DoS shield")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the XDP program, apply the policy and shield the interfaces until SIGINT/SIGTERM
+    /// (SIGHUP reloads the policy).
+    Run(cli::run::RunArgs),
+    /// Validate policy files: every error with file, line, column and field.
+    Check(cli::check::CheckArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(args) => cli::check::run(args),
+        Command::Run(args) => run_agent(args).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_agent(args: cli::run::RunArgs) -> anyhow::Result<()> {
+    cli::run::require_root()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the tokio runtime: {e}"))?;
+    runtime.block_on(cli::run::run(args))
+}

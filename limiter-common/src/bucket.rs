@@ -86,9 +86,20 @@ impl BucketParams {
     /// 1 Gbit/s).
     #[inline(always)]
     pub const fn cost_ns(&self, tokens: u64) -> u64 {
-        let half = 1u128 << (FP_SHIFT - 1);
-        let c = (tokens as u128 * self.ns_per_token_fp as u128 + half) >> FP_SHIFT;
-        if c > MAX_BURST_NS as u128 { MAX_BURST_NS } else { c as u64 }
+        // Written without u128 because the BPF target has no 128-bit multiply: the whole
+        // nanoseconds and the 16-bit fraction are multiplied separately, which rounds exactly
+        // like `(tokens * fp + half) >> FP_SHIFT`.
+        if tokens > u32::MAX as u64 {
+            return MAX_BURST_NS;
+        }
+        let whole = self.ns_per_token_fp >> FP_SHIFT;
+        let frac = self.ns_per_token_fp & ((1 << FP_SHIFT) - 1);
+        let frac_ns = (tokens * frac + (1 << (FP_SHIFT - 1))) >> FP_SHIFT;
+        if whole != 0 && tokens > MAX_BURST_NS / whole {
+            return MAX_BURST_NS;
+        }
+        let c = tokens * whole + frac_ns;
+        if c > MAX_BURST_NS { MAX_BURST_NS } else { c }
     }
 }
 

@@ -1,2 +1,422 @@
+//! The limiter XDP program.
+//!
+//! Per packet: parse → allow list → block list (penalty box) → deny list → the rules of the
+//! destination port, in the order the agent sorted them: shared (per-port aggregate) buckets,
+//! then per-source, then per-(source, port) buckets → verdict. See `limiter-common` for the
+//! maps and `../../shared/DESIGN.md` for why the aggregate bucket comes first.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic intrinsics: the BPF target has no atomic CAS in core::sync")]
+
+mod bucket;
+mod parse;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_boot_ns, bpf_loop},
+    macros::{map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use aya_log_ebpf::debug;
+use limiter_common::{
+    Addr, BlockEntry, Bucket, COUNT_BYTES, COUNT_CONNECTIONS, CONFIG_FLAG_DEBUG_LOG, Config, Counter,
+    DEFAULT_SOURCE_ENTRIES, IPV4_MAPPED_PREFIX, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey,
+    ListValue, MAX_RULES, MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey, PortRules,
+    RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES,
+    STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
+};
+
+use core::ffi::c_void;
+
+use crate::{
+    bucket::{Charge, charge, refund},
+    parse::{Packet, parse},
+};
+
+// All maps, in one place. Sizes of the per-source table and the lists are overridden by the
+// agent at load time (`EbpfLoader::set_max_entries`).
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "ALLOW")]
+static ALLOW: LpmTrie<ListKey, ListValue> = LpmTrie::with_max_entries(LIST_ENTRIES, 0);
+
+#[map(name = "DENY")]
+static DENY: LpmTrie<ListKey, ListValue> = LpmTrie::with_max_entries(LIST_ENTRIES, 0);
+
+#[map(name = "BLOCK")]
+static BLOCK: HashMap<Addr, BlockEntry> = HashMap::with_max_entries(limiter_common::BLOCK_ENTRIES, 0);
+
+#[map(name = "PORT_RULES")]
+static PORT_RULES: HashMap<PortKey, PortRules> = HashMap::with_max_entries(2 * 65_536, 0);
+
+#[map(name = "RULES")]
+static RULES: Array<RuleConfig> = Array::with_max_entries(2 * MAX_RULES, 0);
+
+#[map(name = "SHARED_BUCKETS")]
+static SHARED_BUCKETS: HashMap<SharedBucketKey, Bucket> =
+    HashMap::with_max_entries(SHARED_BUCKET_ENTRIES, 0);
+
+#[map(name = "SOURCE_BUCKETS")]
+static SOURCE_BUCKETS: LruHashMap<SourceBucketKey, Bucket> =
+    LruHashMap::with_max_entries(DEFAULT_SOURCE_ENTRIES, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+
+#[map(name = "RULE_STATS")]
+static RULE_STATS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+const BPF_NOEXIST: u64 = 1;
+
+#[xdp]
+pub fn limiter(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let config = match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    };
+    let (verdict_reason, rule_id) = match parse(&ctx) {
+        Ok(Some(packet)) => judge(&config, &packet, len),
+        Ok(None) => (reason::PASS_NOT_IP, NO_RULE),
+        Err(_) if config.unparsed_verdict == XDP_DROP => (reason::DROP_UNPARSED, NO_RULE),
+        Err(_) => (reason::PASS_UNPARSED, NO_RULE),
+    };
+    count(verdict_reason, len);
+    if reason::is_drop(verdict_reason) {
+        if config.flags & CONFIG_FLAG_DEBUG_LOG != 0 {
+            debug!(&ctx, "drop reason={} rule={}", verdict_reason, rule_id);
+        }
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+const NO_RULE: u32 = u32::MAX;
+
+/// The verdict reason for an IP packet, and the rule that decided it (or [`NO_RULE`]).
+#[inline(always)]
+fn judge(config: &Config, packet: &Packet, len: u64) -> (u32, u32) {
+    let set = config.active_set & 1;
+    let list_key = Key::new(
+        limiter_common::LIST_KEY_SET_BITS + 128,
+        ListKey { set_be: set.to_be(), addr: packet.src },
+    );
+    if ALLOW.get(&list_key).is_some() {
+        return (reason::PASS_ALLOW_LIST, NO_RULE);
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let source = source_key_addr(packet, config.ipv6_source_prefix);
+    if let Some(block) = BLOCK.get_ptr(&source) {
+        // SAFETY: pointer from a successful map lookup.
+        if unsafe { (*block).expires_at_ns } > now {
+            return (reason::DROP_BLOCK_LIST, NO_RULE);
+        }
+    }
+    if let Some(entry) = DENY.get(&list_key) {
+        return (reason::DROP_DENY_LIST, entry.rule_id);
+    }
+    if packet.non_first_fragment {
+        count(reason::EVENT_NON_FIRST_FRAGMENT, len);
+    }
+
+    // The port's own list already includes the any-port rules (the agent merges them), so one
+    // lookup finds everything that applies.
+    let mut port_key = PortKey { port: 0, protocol: PROTO_ANY, set: set as u8 };
+    let mut rules = None;
+    if packet.has_ports {
+        port_key.port = packet.dst_port;
+        port_key.protocol = packet.protocol;
+        rules = PORT_RULES.get_ptr(&port_key);
+    }
+    if rules.is_none() {
+        port_key.port = 0;
+        port_key.protocol = PROTO_ANY;
+        rules = PORT_RULES.get_ptr(&port_key);
+    }
+    let Some(rules) = rules else {
+        return (reason::PASS_NO_RULE, NO_RULE);
+    };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return (reason::PASS_NO_RULE, NO_RULE);
+    };
+    // SAFETY: per-CPU slot, no other user while this program runs on this CPU; the rule list
+    // is a live map value that the agent never writes while its set is active.
+    let (s, rules) = unsafe { (&mut *scratch, &*rules) };
+    s.src = packet.src;
+    s.source = source;
+    s.len = len;
+    s.now = now;
+    s.set = set;
+    s.port = port_key.port;
+    s.port_protocol = port_key.protocol;
+    s.packet_protocol = packet.protocol;
+    s.tcp_syn = packet.tcp_syn as u8;
+    s.slots = rules.slots;
+    s.charged = 0;
+    s.applied = 0;
+    s.shadowed = 0;
+    s.refused_rule = NO_RULE;
+    s.refused_flags = 0;
+    let n = if rules.len > MAX_RULES_PER_PORT as u32 { MAX_RULES_PER_PORT as u32 } else { rules.len };
+    // SAFETY: bpf_loop calls `judge_rule` n times; a null context is allowed, the callback
+    // finds its state in SCRATCH.
+    unsafe { bpf_loop(n, judge_rule as *mut c_void, core::ptr::null_mut(), 0) };
+
+    if s.refused_rule != NO_RULE {
+        if s.charged != 0 {
+            // Give back what earlier buckets took for a packet that is dropped anyway, so a
+            // source over its own limit cannot drain the shared (per-port) bucket for others.
+            // SAFETY: as above.
+            unsafe { bpf_loop(n, refund_rule as *mut c_void, core::ptr::null_mut(), 0) };
+        }
+        let why = if s.refused_flags & KEY_BY_SOURCE == 0 {
+            reason::DROP_SHARED_BUCKET
+        } else if s.refused_flags & KEY_BY_PORT == 0 {
+            reason::DROP_SOURCE_BUCKET
+        } else {
+            reason::DROP_SOURCE_PORT_BUCKET
+        };
+        return (why, s.refused_rule);
+    }
+    if s.shadowed != 0 {
+        (reason::PASS_SHADOW, NO_RULE)
+    } else if s.applied != 0 {
+        (reason::PASS_CONFORMING, NO_RULE)
+    } else {
+        (reason::PASS_NO_RULE, NO_RULE)
+    }
+}
+
+/// Per-CPU state of one packet's rule evaluation, shared with the `bpf_loop` callbacks.
+///
+/// Rules are evaluated by `bpf_loop` rather than an unrolled loop so the verifier checks the
+/// body once instead of once per rule and per combination of earlier outcomes (an unrolled
+/// 16-rule loop exhausts its one-million-instruction budget). Keeping the state in a map
+/// value rather than in registers also keeps it opaque to the verifier, which would otherwise
+/// track a bitmask like `charged` value by value.
+#[repr(C)]
+pub struct Scratch {
+    src: Addr,
+    /// Source as buckets key it (IPv6 masked to the source prefix).
+    source: Addr,
+    len: u64,
+    now: u64,
+    set: u32,
+    /// The `PORT_RULES` key the list came from (0/any for the any-port list).
+    port: u16,
+    port_protocol: u8,
+    packet_protocol: u8,
+    tcp_syn: u8,
+    _pad: [u8; 3],
+    slots: [u32; MAX_RULES_PER_PORT],
+    /// Bit i: rule i charged its bucket.
+    charged: u32,
+    applied: u32,
+    shadowed: u32,
+    /// The rule that refused the packet, or `NO_RULE`.
+    refused_rule: u32,
+    refused_flags: u8,
+    _pad2: [u8; 7],
+}
+
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// `bpf_loop` callback: judges the packet by rule `index` of its port's list. Returns 1 to
+/// stop the loop (a rule refused the packet), 0 to go on.
+#[inline(never)]
+extern "C" fn judge_rule(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: per-CPU slot, only this program on this CPU uses it.
+    let s = unsafe { &mut *s };
+    let i = (index as usize) % MAX_RULES_PER_PORT;
+    let Some(rule) = RULES.get(s.set * MAX_RULES + (s.slots[i] % MAX_RULES)) else { return 0 };
+    let Some(tokens) = tokens(s, rule) else { return 0 };
+    s.applied = 1;
+    let Some(tat) = bucket(s, rule) else {
+        // No per-source state could be created: judge by the other buckets only.
+        count(reason::EVENT_SOURCE_INSERT_FAILED, s.len);
+        return 0;
+    };
+    // SAFETY: pointer from a successful map lookup.
+    match unsafe { charge(tat, s.now, rule.bucket.cost_ns(tokens), rule.bucket.burst_ns) } {
+        Charge::Admitted => {
+            s.charged |= 1 << i;
+            rule_count(rule.rule_id, s.len, RuleOutcome::Passed);
+            return 0;
+        }
+        Charge::Contended => count(reason::EVENT_BUCKET_CONTENDED, s.len),
+        Charge::Refused => {}
+    }
+    if rule.flags & RULE_FLAG_SHADOW != 0 {
+        s.shadowed = 1;
+        rule_count(rule.rule_id, s.len, RuleOutcome::ShadowDropped);
+        return 0;
+    }
+    rule_count(rule.rule_id, s.len, RuleOutcome::Dropped);
+    s.refused_rule = rule.rule_id;
+    s.refused_flags = rule.key_flags;
+    1
+}
+
+/// `bpf_loop` callback: gives back the charge of rule `index` if it took one.
+#[inline(never)]
+extern "C" fn refund_rule(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: as in `judge_rule`.
+    let s = unsafe { &mut *s };
+    let i = (index as usize) % MAX_RULES_PER_PORT;
+    if s.charged & (1 << i) == 0 {
+        return 0;
+    }
+    let Some(rule) = RULES.get(s.set * MAX_RULES + (s.slots[i] % MAX_RULES)) else { return 0 };
+    let Some(tokens) = tokens(s, rule) else { return 0 };
+    if let Some(tat) = bucket(s, rule) {
+        // SAFETY: pointer from a successful map lookup.
+        unsafe { refund(tat, rule.bucket.cost_ns(tokens)) };
+    }
+    0
+}
+
+/// Tokens the packet costs under `rule`, or `None` if the rule does not select it.
+#[inline(always)]
+fn tokens(s: &Scratch, rule: &RuleConfig) -> Option<u64> {
+    if !source_matches(rule, &s.src) {
+        return None;
+    }
+    match rule.count {
+        COUNT_BYTES => Some(s.len),
+        COUNT_CONNECTIONS => match s.packet_protocol {
+            PROTO_TCP if s.tcp_syn != 0 => Some(1),
+            PROTO_UDP => Some(1),
+            _ => None,
+        },
+        _ => Some(1),
+    }
+}
+
+/// The bucket `rule` charges for this packet, created full on first use.
+#[inline(always)]
+fn bucket(s: &Scratch, rule: &RuleConfig) -> Option<*mut u64> {
+    let (port, protocol) = if rule.key_flags & KEY_BY_PORT != 0 { (s.port, s.port_protocol) } else { (0, 0) };
+    if rule.key_flags & KEY_BY_SOURCE == 0 {
+        let key = SharedBucketKey { rule_id: rule.rule_id, port, protocol, _pad: 0 };
+        lookup_or_create(&SHARED_BUCKETS, &key)
+    } else {
+        let key = SourceBucketKey { rule_id: rule.rule_id, port, protocol, _pad: 0, addr: s.source };
+        lookup_or_create_lru(&SOURCE_BUCKETS, &key)
+    }
+}
+
+#[inline(always)]
+fn lookup_or_create(map: &HashMap<SharedBucketKey, Bucket>, key: &SharedBucketKey) -> Option<*mut u64> {
+    if let Some(b) = map.get_ptr_mut(key) {
+        return Some(b as *mut u64);
+    }
+    // Lost a race with another CPU creating it: that is fine, NOEXIST keeps theirs.
+    let _ = map.insert(key, Bucket { tat_ns: 0 }, BPF_NOEXIST);
+    map.get_ptr_mut(key).map(|b| b as *mut u64)
+}
+
+#[inline(always)]
+fn lookup_or_create_lru(map: &LruHashMap<SourceBucketKey, Bucket>, key: &SourceBucketKey) -> Option<*mut u64> {
+    if let Some(b) = map.get_ptr_mut(key) {
+        return Some(b as *mut u64);
+    }
+    let _ = map.insert(key, Bucket { tat_ns: 0 }, BPF_NOEXIST);
+    map.get_ptr_mut(key).map(|b| b as *mut u64)
+}
+
+/// Whether the rule's source selector selects `src`.
+#[inline(always)]
+fn source_matches(rule: &RuleConfig, src: &Addr) -> bool {
+    let inside = prefix_matches(&rule.source_net, src, rule.source_prefix);
+    inside != (rule.flags & RULE_FLAG_INVERT != 0)
+}
+
+/// Whether the first `prefix` bits of `a` and `b` agree.
+#[inline(always)]
+fn prefix_matches(net: &Addr, addr: &Addr, prefix: u32) -> bool {
+    let net = [u64::from_be_bytes(half(net, 0)), u64::from_be_bytes(half(net, 8))];
+    let addr = [u64::from_be_bytes(half(addr, 0)), u64::from_be_bytes(half(addr, 8))];
+    let hi_mask = mask64(prefix);
+    let lo_mask = mask64(prefix.saturating_sub(64));
+    (net[0] ^ addr[0]) & hi_mask == 0 && (net[1] ^ addr[1]) & lo_mask == 0
+}
+
+#[inline(always)]
+fn half(a: &Addr, at: usize) -> [u8; 8] {
+    [a[at], a[at + 1], a[at + 2], a[at + 3], a[at + 4], a[at + 5], a[at + 6], a[at + 7]]
+}
+
+/// The top `bits` bits set (saturating at 64).
+#[inline(always)]
+fn mask64(bits: u32) -> u64 {
+    if bits == 0 { 0 } else if bits >= 64 { u64::MAX } else { u64::MAX << (64 - bits) }
+}
+
+/// The source as buckets and the block list key it: IPv6 masked to `v6_prefix` bits (a host
+/// typically owns a whole /64, so per-address buckets would be trivially evaded).
+#[inline(always)]
+fn source_key_addr(packet: &Packet, v6_prefix: u32) -> Addr {
+    if !packet.is_ipv6 {
+        return packet.src;
+    }
+    let prefix = if v6_prefix == 0 || v6_prefix > 128 { 128 } else { v6_prefix };
+    let hi = u64::from_be_bytes(half(&packet.src, 0)) & mask64(prefix);
+    let lo = u64::from_be_bytes(half(&packet.src, 8)) & mask64(prefix.saturating_sub(64));
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&hi.to_be_bytes());
+    out[8..].copy_from_slice(&lo.to_be_bytes());
+    let _ = IPV4_MAPPED_PREFIX;
+    out
+}
+
+#[inline(always)]
+fn count(index: u32, len: u64) {
+    if let Some(c) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}
+
+enum RuleOutcome {
+    Passed,
+    Dropped,
+    ShadowDropped,
+}
+
+#[inline(always)]
+fn rule_count(rule_id: u32, len: u64, outcome: RuleOutcome) {
+    if let Some(c) = RULE_STATS.get_ptr_mut(rule_id) {
+        // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+        let c = unsafe { &mut *c };
+        let counter = match outcome {
+            RuleOutcome::Passed => &mut c.passed,
+            RuleOutcome::Dropped => &mut c.dropped,
+            RuleOutcome::ShadowDropped => &mut c.shadow_dropped,
+        };
+        counter.packets += 1;
+        counter.bytes += len;
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+const _: () = assert!(XDP_PASS == xdp_action::XDP_PASS && XDP_DROP == xdp_action::XDP_DROP);

@@ -1,0 +1,384 @@
+//! Turns a [`KernelPlan`] into the map entries of one policy set. Pure: no BPF here, so the
+//! layout is unit-tested without root.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use ipnet::IpNet;
+use limiter_common::{
+    Addr, BucketParams, COUNT_BYTES, COUNT_CONNECTIONS, COUNT_PACKETS, IPV4_MAPPED_PREFIX,
+    KEY_BY_PORT, KEY_BY_SOURCE, LIST_KEY_SET_BITS, ListKey, ListValue, MAX_RULES,
+    MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey, PortRules, RULE_FLAG_INVERT,
+    RULE_FLAG_SHADOW, RuleConfig, ipv4_mapped,
+};
+
+use crate::plan::{CountKind, KernelPlan, KernelRule, Protocol};
+
+/// Why a plan cannot be loaded into the kernel maps.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("rule {rule}: rate {requests}/{unit} cannot be enforced (zero, or more than one per nanosecond)")]
+    UnenforceableRate { rule: String, requests: u64, unit: String },
+    #[error("rule {rule}: `invert` with {nets} source networks cannot be enforced in the kernel (use one network)")]
+    InvertManyNets { rule: String, nets: usize },
+    #[error("{what}: {count} rules apply to it, the kernel evaluates at most {MAX_RULES_PER_PORT}")]
+    TooManyRulesForPort { what: String, count: usize },
+    #[error("the plan needs {needed} rule slots, the kernel has {MAX_RULES}")]
+    TooManyRules { needed: usize },
+    #[error("more than {MAX_RULES} distinct rules over the agent's lifetime are live at once")]
+    OutOfRuleIds,
+}
+
+/// Everything that defines a rule's buckets. Two rules with the same identity share bucket
+/// state across reloads; any change here gives the rule fresh buckets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RuleIdentity {
+    name: String,
+    count: CountKind,
+    requests: u64,
+    unit_ns: u64,
+    burst: u64,
+    key_flags: u8,
+    nets: Vec<IpNet>,
+    invert: bool,
+    targets: Vec<(u16, u8)>,
+}
+
+impl RuleIdentity {
+    fn of(rule: &KernelRule) -> Self {
+        let mut targets: Vec<_> = rule.targets.iter().map(|t| (t.port, proto_number(t.protocol))).collect();
+        targets.sort_unstable();
+        Self {
+            name: rule.name.clone(),
+            count: rule.count,
+            requests: rule.limit.requests,
+            unit_ns: rule.limit.unit.as_ns(),
+            burst: rule.limit.burst,
+            key_flags: key_flags(rule),
+            nets: rule.source.nets.clone(),
+            invert: rule.source.invert,
+            targets,
+        }
+    }
+}
+
+/// Stable rule ids. An id keys a rule's buckets and stats, so a rule that is unchanged by a
+/// reload keeps its id (and its bucket state); a retired id is only reused after its buckets
+/// were purged.
+#[derive(Clone, Debug, Default)]
+pub struct RuleIds {
+    live: HashMap<RuleIdentity, u32>,
+    /// Ids whose buckets were purged and can be handed out again.
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl RuleIds {
+    /// Ids for `plan`'s rules (same order), and the ids that the plan no longer uses.
+    pub fn assign(&mut self, plan: &KernelPlan) -> Result<(Vec<u32>, Vec<u32>), PlanError> {
+        let wanted: Vec<RuleIdentity> = plan.rules.iter().map(RuleIdentity::of).collect();
+        let wanted_set: HashSet<&RuleIdentity> = wanted.iter().collect();
+        let retired: Vec<u32> = self
+            .live
+            .iter()
+            .filter(|(identity, _)| !wanted_set.contains(identity))
+            .map(|(_, id)| *id)
+            .collect();
+        let mut next_live = HashMap::new();
+        let mut ids = Vec::with_capacity(wanted.len());
+        for identity in wanted {
+            let id = match self.live.get(&identity).or_else(|| next_live.get(&identity)) {
+                Some(id) => *id,
+                None => self.allocate(&retired)?,
+            };
+            next_live.insert(identity, id);
+            ids.push(id);
+        }
+        self.live = next_live;
+        Ok((ids, retired))
+    }
+
+    /// Marks `ids` (previously retired) as purged: their buckets are gone.
+    pub fn release(&mut self, ids: &[u32]) {
+        self.free.extend_from_slice(ids);
+    }
+
+    fn allocate(&mut self, retiring: &[u32]) -> Result<u32, PlanError> {
+        if self.next < MAX_RULES {
+            self.next += 1;
+            return Ok(self.next - 1);
+        }
+        // Never hand out an id that is being retired in this same reload: its buckets still
+        // hold the old rule's state until they are purged.
+        let pos = self.free.iter().position(|id| !retiring.contains(id)).ok_or(PlanError::OutOfRuleIds)?;
+        Ok(self.free.swap_remove(pos))
+    }
+}
+
+/// The map entries of one policy set.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SetEntries {
+    /// `(slot, config)`; the map index is `set * MAX_RULES + slot`.
+    pub rules: Vec<(u32, RuleConfig)>,
+    pub ports: Vec<(PortKey, PortRules)>,
+    /// `(prefix_len, key, value)` for the LPM tries.
+    pub allow: Vec<(u32, ListKey, ListValue)>,
+    pub deny: Vec<(u32, ListKey, ListValue)>,
+    /// Rule id → rule name, for stats.
+    pub names: BTreeMap<u32, String>,
+}
+
+/// Lays out `plan` as the entries of policy set `set`, with rule ids from `ids`.
+pub fn layout(plan: &KernelPlan, set: u8, ids: &[u32]) -> Result<SetEntries, PlanError> {
+    let mut out = SetEntries::default();
+    // Slots per rule (a rule with several source networks takes one slot per network).
+    let mut any_port: Vec<(u8, u32)> = Vec::new();
+    let mut by_port: BTreeMap<(u16, u8), Vec<(u8, u32)>> = BTreeMap::new();
+    for (rule, &rule_id) in plan.rules.iter().zip(ids) {
+        let config = rule_config(rule, rule_id)?;
+        out.names.insert(rule_id, rule.name.clone());
+        let nets: Vec<Option<IpNet>> = if rule.source.nets.is_empty() {
+            vec![None]
+        } else {
+            if rule.source.invert && rule.source.nets.len() > 1 {
+                return Err(PlanError::InvertManyNets { rule: rule.name.clone(), nets: rule.source.nets.len() });
+            }
+            dedup_nets(&rule.source.nets).into_iter().map(Some).collect()
+        };
+        for net in nets {
+            let slot = out.rules.len() as u32;
+            let mut config = config;
+            if let Some(net) = net {
+                let (addr, prefix) = mapped(net);
+                config.source_net = addr;
+                config.source_prefix = prefix;
+            }
+            out.rules.push((slot, config));
+            let stage = stage(config.key_flags);
+            if rule.targets.is_empty() {
+                any_port.push((stage, slot));
+            } else {
+                for t in &rule.targets {
+                    by_port.entry((t.port, proto_number(t.protocol))).or_default().push((stage, slot));
+                }
+            }
+        }
+    }
+    if out.rules.len() > MAX_RULES as usize {
+        return Err(PlanError::TooManyRules { needed: out.rules.len() });
+    }
+    // Each port's list also carries the any-port rules, so the program does one lookup.
+    for ((port, protocol), mut slots) in by_port {
+        slots.extend_from_slice(&any_port);
+        let what = format!("port {port}/{}", if protocol == PROTO_TCP { "TCP" } else { "UDP" });
+        out.ports.push((PortKey { port, protocol, set }, port_rules(slots, what)?));
+    }
+    if !any_port.is_empty() {
+        out.ports.push((
+            PortKey { port: 0, protocol: PROTO_ANY, set },
+            port_rules(any_port, "traffic without a targeted port".to_owned())?,
+        ));
+    }
+    for entry in &plan.allow {
+        out.allow.push(list_entry(entry.net, set, 0));
+    }
+    for entry in &plan.deny {
+        out.deny.push(list_entry(entry.net, set, 0));
+    }
+    Ok(out)
+}
+
+/// Shared buckets first (a spoofed flood is held there before it can create per-source
+/// state), then per-source, then per-(source, port): the data path order of DESIGN.md.
+fn stage(key_flags: u8) -> u8 {
+    match (key_flags & KEY_BY_SOURCE != 0, key_flags & KEY_BY_PORT != 0) {
+        (false, _) => 0,
+        (true, false) => 1,
+        (true, true) => 2,
+    }
+}
+
+fn port_rules(mut slots: Vec<(u8, u32)>, what: String) -> Result<PortRules, PlanError> {
+    if slots.len() > MAX_RULES_PER_PORT {
+        return Err(PlanError::TooManyRulesForPort { what, count: slots.len() });
+    }
+    // Stable: policy order is kept within a stage.
+    slots.sort_by_key(|(stage, _)| *stage);
+    let mut rules = PortRules { len: slots.len() as u32, ..Default::default() };
+    for (i, (_, slot)) in slots.into_iter().enumerate() {
+        rules.slots[i] = slot;
+    }
+    Ok(rules)
+}
+
+fn key_flags(rule: &KernelRule) -> u8 {
+    let mut flags = 0;
+    if rule.source.distinct {
+        flags |= KEY_BY_SOURCE;
+    }
+    if !rule.targets.is_empty() {
+        flags |= KEY_BY_PORT;
+    }
+    flags
+}
+
+fn rule_config(rule: &KernelRule, rule_id: u32) -> Result<RuleConfig, PlanError> {
+    let limit = rule.limit;
+    let unenforceable = || PlanError::UnenforceableRate {
+        rule: rule.name.clone(),
+        requests: limit.requests,
+        unit: limit.unit.to_string(),
+    };
+    let (bucket, count) = match rule.count {
+        CountKind::Bytes => (BucketParams::for_bytes(limit.requests, limit.unit.as_ns(), limit.burst), COUNT_BYTES),
+        CountKind::Packets => (BucketParams::for_packets(limit.requests, limit.unit.as_ns(), limit.burst), COUNT_PACKETS),
+        CountKind::Connections => {
+            (BucketParams::for_packets(limit.requests, limit.unit.as_ns(), limit.burst), COUNT_CONNECTIONS)
+        }
+    };
+    let mut flags = 0;
+    if rule.shadow {
+        flags |= RULE_FLAG_SHADOW;
+    }
+    if rule.source.invert {
+        flags |= RULE_FLAG_INVERT;
+    }
+    Ok(RuleConfig {
+        bucket: bucket.ok_or_else(unenforceable)?,
+        source_net: [0; 16],
+        source_prefix: 0,
+        rule_id,
+        key_flags: key_flags(rule),
+        count,
+        flags,
+        _pad: [0; 5],
+    })
+}
+
+/// Merges nested and adjacent networks, so no packet is charged twice by the same rule.
+fn dedup_nets(nets: &[IpNet]) -> Vec<IpNet> {
+    IpNet::aggregate(&nets.to_vec())
+}
+
+pub fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    }
+}
+
+/// The address (IPv4-mapped for IPv4) and prefix length in the 128-bit space.
+pub fn mapped(net: IpNet) -> (Addr, u32) {
+    match net {
+        IpNet::V4(n) => (ipv4_mapped(n.network().octets()), IPV4_MAPPED_PREFIX + u32::from(n.prefix_len())),
+        IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
+    }
+}
+
+pub fn list_entry(net: IpNet, set: u8, rule_id: u32) -> (u32, ListKey, ListValue) {
+    let (addr, prefix) = mapped(net);
+    (LIST_KEY_SET_BITS + prefix, ListKey { set_be: u32::from(set).to_be(), addr }, ListValue { rule_id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Limit, PortTarget, SourceSelector, Unit};
+
+    fn rule(name: &str, distinct: bool, ports: &[u16]) -> KernelRule {
+        KernelRule {
+            name: name.into(),
+            targets: ports.iter().map(|&port| PortTarget { port, protocol: Protocol::Tcp }).collect(),
+            source: SourceSelector::everyone(distinct),
+            count: CountKind::Packets,
+            limit: Limit { requests: 10, unit: Unit::Second, burst: 5 },
+            shadow: false,
+        }
+    }
+
+    #[test]
+    fn port_lists_put_shared_buckets_first_and_merge_any_port_rules() {
+        let plan = KernelPlan {
+            rules: vec![rule("p/per-source-port", true, &[80]), rule("p/ceiling", false, &[80]), rule("p/per-source", true, &[])],
+            ..Default::default()
+        };
+        let mut ids = RuleIds::default();
+        let (ids, _) = ids.assign(&plan).unwrap();
+        let e = layout(&plan, 1, &ids).unwrap();
+        assert_eq!(e.rules.len(), 3);
+        let (key, list) = e.ports.iter().find(|(k, _)| k.port == 80).unwrap();
+        assert_eq!(*key, PortKey { port: 80, protocol: PROTO_TCP, set: 1 });
+        // ceiling (slot 1, shared), per-source (slot 2, any port), per-source-port (slot 0).
+        assert_eq!(&list.slots[..list.len as usize], &[1, 2, 0]);
+        let (_, any) = e.ports.iter().find(|(k, _)| k.protocol == PROTO_ANY).unwrap();
+        assert_eq!(&any.slots[..any.len as usize], &[2]);
+        assert_eq!(e.rules[0].1.key_flags, KEY_BY_SOURCE | KEY_BY_PORT);
+        assert_eq!(e.rules[1].1.key_flags, KEY_BY_PORT);
+        assert_eq!(e.rules[2].1.key_flags, KEY_BY_SOURCE);
+    }
+
+    #[test]
+    fn unchanged_rules_keep_their_ids_and_changed_ones_get_new_ids() {
+        let mut ids = RuleIds::default();
+        let a = rule("p/a", true, &[80]);
+        let b = rule("p/b", false, &[]);
+        let plan = KernelPlan { rules: vec![a.clone(), b.clone()], ..Default::default() };
+        let (first, retired) = ids.assign(&plan).unwrap();
+        assert!(retired.is_empty());
+        let mut b2 = b.clone();
+        b2.limit.requests = 20;
+        let plan2 = KernelPlan { rules: vec![b2, a], ..Default::default() };
+        let (second, retired) = ids.assign(&plan2).unwrap();
+        assert_eq!(second[1], first[0], "unchanged rule keeps its id");
+        assert_ne!(second[0], first[1], "changed rule gets a fresh id");
+        assert_eq!(retired, vec![first[1]]);
+    }
+
+    #[test]
+    fn ids_are_reused_only_after_release() {
+        let mut ids = RuleIds { next: MAX_RULES, free: vec![], live: HashMap::new() };
+        let plan = KernelPlan { rules: vec![rule("p/a", true, &[])], ..Default::default() };
+        assert_eq!(ids.assign(&plan), Err(PlanError::OutOfRuleIds));
+        ids.release(&[7]);
+        assert_eq!(ids.assign(&plan).unwrap().0, vec![7]);
+    }
+
+    #[test]
+    fn lists_carry_the_set_in_their_leading_bits() {
+        let net: IpNet = "192.0.2.0/24".parse().unwrap();
+        let (prefix, key, _) = list_entry(net, 1, 0);
+        assert_eq!(prefix, 32 + 96 + 24);
+        assert_eq!(key.set_be, 1u32.to_be());
+        assert_eq!(&key.addr[10..], &[0xff, 0xff, 192, 0, 2, 0]);
+        let (prefix, _, _) = list_entry("fd00::/8".parse().unwrap(), 0, 0);
+        assert_eq!(prefix, 32 + 8);
+    }
+
+    #[test]
+    fn several_networks_take_one_slot_each_and_nested_ones_are_merged() {
+        let mut r = rule("p/a", true, &[]);
+        r.source.nets = vec!["10.0.0.0/8".parse().unwrap(), "10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let plan = KernelPlan { rules: vec![r.clone()], ..Default::default() };
+        let e = layout(&plan, 0, &[3]).unwrap();
+        assert_eq!(e.rules.len(), 2);
+        assert!(e.rules.iter().all(|(_, c)| c.rule_id == 3));
+        r.source.invert = true;
+        let plan = KernelPlan { rules: vec![r], ..Default::default() };
+        assert!(matches!(layout(&plan, 0, &[3]), Err(PlanError::InvertManyNets { .. })));
+    }
+
+    #[test]
+    fn too_many_rules_on_one_port_is_an_error() {
+        let rules = (0..=MAX_RULES_PER_PORT).map(|i| rule(&format!("p/r{i}"), false, &[443])).collect();
+        let plan = KernelPlan { rules, ..Default::default() };
+        let ids: Vec<u32> = (0..=MAX_RULES_PER_PORT as u32).collect();
+        assert!(matches!(layout(&plan, 0, &ids), Err(PlanError::TooManyRulesForPort { .. })));
+    }
+
+    #[test]
+    fn unenforceable_rates_are_errors() {
+        let mut r = rule("p/a", true, &[]);
+        r.limit.requests = 0;
+        let plan = KernelPlan { rules: vec![r], ..Default::default() };
+        assert!(matches!(layout(&plan, 0, &[0]), Err(PlanError::UnenforceableRate { .. })));
+    }
+}

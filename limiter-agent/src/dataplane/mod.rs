@@ -1,0 +1,491 @@
+//! The XDP data path seen from userspace: load, attach, apply plans, read counters.
+//!
+//! [`Dataplane`] is the only owner of the `Ebpf` object; it takes every map out once, into
+//! typed wrappers, and adds context to each aya error.
+
+mod entries;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    util::nr_cpus,
+};
+pub use entries::{PlanError, RuleIds, SetEntries, layout, list_entry, mapped};
+use limiter_common::{
+    Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, PortKey, PortRules,
+    RuleConfig, RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS,
+    ipv4_mapped, names, reason,
+};
+use log::{info, warn};
+
+use crate::plan::KernelPlan;
+
+/// The compiled XDP object, built by `build.rs` from `limiter-ebpf`.
+static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/limiter"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object into the kernel: {0} (are you root, with bpffs mounted?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected the XDP program: {0}")]
+    Verify(#[source] ProgramError),
+    #[error("map {name} is missing from the XDP object (agent and program out of sync?)")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {action}: {source}")]
+    Map { name: &'static str, action: &'static str, source: MapError },
+    #[error("attaching XDP to {iface} in {mode} mode: {source}")]
+    Attach { iface: String, mode: &'static str, source: ProgramError },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("BPF_PROG_TEST_RUN: {0}")]
+    TestRun(#[source] ProgramError),
+    #[error("reading the per-CPU count: {0}")]
+    Cpus(String),
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str, action: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, action, source }
+}
+
+/// How to attach: `auto` tries native (driver) mode and falls back to generic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    Native,
+    Generic,
+    #[default]
+    Auto,
+}
+
+/// Load-time settings that size maps or set program-wide behaviour.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the per-source bucket table (LRU). Every (rule, source[, port]) takes one
+    /// entry of 24 + 8 bytes plus the kernel's per-entry overhead.
+    pub source_entries: u32,
+    /// IPv6 sources are bucketed by this prefix length.
+    pub ipv6_source_prefix: u8,
+    /// Verdict for frames the parser cannot follow.
+    pub drop_unparsed: bool,
+    /// Emit aya-log records for drops.
+    pub debug_log: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            source_entries: limiter_common::DEFAULT_SOURCE_ENTRIES,
+            ipv6_source_prefix: 64,
+            drop_unparsed: false,
+            debug_log: false,
+        }
+    }
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Indexed by `limiter_common::reason::*`.
+    pub reasons: Vec<Counter>,
+    /// Per rule name, for the rules of the applied plan.
+    pub rules: BTreeMap<String, RuleCounter>,
+}
+
+impl Stats {
+    pub fn reason(&self, r: u32) -> Counter {
+        self.reasons.get(r as usize).copied().unwrap_or_default()
+    }
+
+    /// Packets and bytes passed, over all pass reasons.
+    pub fn passed(&self) -> Counter {
+        self.sum(|r| !reason::is_drop(r))
+    }
+
+    /// Packets and bytes dropped, over all drop reasons.
+    pub fn dropped(&self) -> Counter {
+        self.sum(reason::is_drop)
+    }
+
+    fn sum(&self, pick: impl Fn(u32) -> bool) -> Counter {
+        let mut c = Counter::default();
+        for r in (0..reason::VERDICT_REASONS).filter(|&r| pick(r)) {
+            let x = self.reason(r);
+            c.packets += x.packets;
+            c.bytes += x.bytes;
+        }
+        c
+    }
+}
+
+/// Summary of an applied plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub set: u8,
+    pub rules: usize,
+    pub rule_slots: usize,
+    pub port_lists: usize,
+    pub allow: usize,
+    pub deny: usize,
+    /// Rules whose bucket state was kept from the previous plan.
+    pub kept: usize,
+}
+
+/// The loaded XDP program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    config: Array<MapData, Config>,
+    allow: LpmTrie<MapData, ListKey, ListValue>,
+    deny: LpmTrie<MapData, ListKey, ListValue>,
+    block: HashMap<MapData, Addr, BlockEntry>,
+    port_rules: HashMap<MapData, PortKey, PortRules>,
+    rules: Array<MapData, RuleConfig>,
+    shared_buckets: HashMap<MapData, SharedBucketKey, Bucket>,
+    /// An LRU hash in the kernel; aya's `HashMap` serves both kinds.
+    source_buckets: HashMap<MapData, SourceBucketKey, Bucket>,
+    stats: PerCpuArray<MapData, Counter>,
+    rule_stats: PerCpuArray<MapData, RuleCounter>,
+    /// Must outlive the program: it owns the log map (see TOOLCHAIN.md).
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    ids: RuleIds,
+    /// Entries written into each set, so the next write into it can delete them first.
+    written: [Option<SetEntries>; 2],
+    active_set: u8,
+    names: BTreeMap<u32, String>,
+    current: Option<KernelPlan>,
+    options: LoadOptions,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })?;
+    T::try_from(map).map_err(map_err(name, "opening"))
+}
+
+impl Dataplane {
+    /// Loads and verifies the program (not attached yet) with an empty policy.
+    pub fn load(options: LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::SOURCE_BUCKETS, options.source_entries.max(1))
+            .load(XDP_OBJECT)
+            .map_err(DataplaneError::Load)?;
+        let logger = if options.debug_log {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!("debug logging requested but unavailable: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let program: &mut Xdp = ebpf
+            .program_mut(names::PROGRAM)
+            .ok_or(DataplaneError::MissingMap { name: names::PROGRAM })?
+            .try_into()
+            .map_err(DataplaneError::Verify)?;
+        program.load().map_err(DataplaneError::Verify)?;
+        let mut dp = Self {
+            config: take(&mut ebpf, names::CONFIG)?,
+            allow: take(&mut ebpf, names::ALLOW)?,
+            deny: take(&mut ebpf, names::DENY)?,
+            block: take(&mut ebpf, names::BLOCK)?,
+            port_rules: take(&mut ebpf, names::PORT_RULES)?,
+            rules: take(&mut ebpf, names::RULES)?,
+            shared_buckets: take(&mut ebpf, names::SHARED_BUCKETS)?,
+            source_buckets: take(&mut ebpf, names::SOURCE_BUCKETS)?,
+            stats: take(&mut ebpf, names::STATS)?,
+            rule_stats: take(&mut ebpf, names::RULE_STATS)?,
+            ebpf,
+            logger,
+            ids: RuleIds::default(),
+            written: [None, None],
+            active_set: 0,
+            names: BTreeMap::new(),
+            current: None,
+            options,
+        };
+        dp.write_config()?;
+        Ok(dp)
+    }
+
+    fn write_config(&mut self) -> Result<()> {
+        let config = Config {
+            active_set: u32::from(self.active_set),
+            ipv6_source_prefix: u32::from(self.options.ipv6_source_prefix),
+            unparsed_verdict: if self.options.drop_unparsed { XDP_DROP } else { XDP_PASS },
+            flags: if self.options.debug_log { limiter_common::CONFIG_FLAG_DEBUG_LOG } else { 0 },
+        };
+        self.config.set(0, config, 0).map_err(map_err(names::CONFIG, "writing"))
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(names::PROGRAM)
+            .ok_or(DataplaneError::MissingMap { name: names::PROGRAM })?
+            .try_into()
+            .map_err(DataplaneError::Verify)
+    }
+
+    /// Attaches to `iface` (in the calling thread's network namespace). Returns the mode
+    /// used. The link is detached when the `Dataplane` is dropped.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
+        let program = self.program()?;
+        let try_mode = |program: &mut Xdp, m: XdpMode, label: &'static str| {
+            program
+                .attach(iface, m)
+                .map(|_| label)
+                .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), mode: label, source })
+        };
+        match mode {
+            AttachMode::Native => try_mode(program, XdpMode::Driver, "native"),
+            AttachMode::Generic => try_mode(program, XdpMode::Skb, "generic"),
+            AttachMode::Auto => match try_mode(program, XdpMode::Driver, "native") {
+                Ok(m) => Ok(m),
+                Err(e) => {
+                    warn!("{e}; falling back to generic (skb) mode, which runs after the kernel allocates an skb and costs more per packet");
+                    try_mode(program, XdpMode::Skb, "generic")
+                }
+            },
+        }
+    }
+
+    /// The plan currently enforced, if any.
+    pub fn current_plan(&self) -> Option<&KernelPlan> {
+        self.current.as_ref()
+    }
+
+    /// Applies `plan` atomically: writes it into the inactive policy set, then flips the set
+    /// the program reads with one store. Buckets of rules that did not change are kept; on
+    /// error nothing the program reads has changed.
+    pub fn apply(&mut self, plan: &KernelPlan) -> Result<Applied> {
+        let target = 1 - self.active_set;
+        // Lay out first: a plan that does not fit fails before any map is touched. Ids are
+        // assigned on a copy and committed only once the flip has happened.
+        let mut ids = self.ids.clone();
+        let (rule_ids, retired) = ids.assign(plan)?;
+        let entries = layout(plan, target, &rule_ids)?;
+        let kept = rule_ids.iter().filter(|id| self.names.contains_key(id)).count();
+
+        self.clear_set(target)?;
+        for (slot, config) in &entries.rules {
+            self.rules
+                .set(u32::from(target) * MAX_RULES + slot, config, 0)
+                .map_err(map_err(names::RULES, "writing a rule"))?;
+        }
+        for (key, list) in &entries.ports {
+            self.port_rules.insert(key, list, 0).map_err(map_err(names::PORT_RULES, "writing a port list"))?;
+        }
+        for (prefix, key, value) in &entries.allow {
+            self.allow.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::ALLOW, "inserting"))?;
+        }
+        for (prefix, key, value) in &entries.deny {
+            self.deny.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::DENY, "inserting"))?;
+        }
+        // Fresh ids must start with empty counters.
+        let fresh: Vec<u32> = rule_ids.iter().copied().filter(|id| !self.names.contains_key(id)).collect();
+        for id in fresh {
+            self.reset_rule_stats(id)?;
+        }
+
+        // The flip: from here on every packet is judged by the new set.
+        self.active_set = target;
+        self.write_config()?;
+
+        let applied = Applied {
+            set: target,
+            rules: plan.rules.len(),
+            rule_slots: entries.rules.len(),
+            port_lists: entries.ports.len(),
+            allow: entries.allow.len(),
+            deny: entries.deny.len(),
+            kept,
+        };
+        self.names = entries.names.clone();
+        self.written[usize::from(target)] = Some(entries);
+        self.current = Some(plan.clone());
+        self.ids = ids;
+        // Retired rules: purge their buckets, then allow their ids to be reused.
+        self.purge_buckets(&retired)?;
+        self.ids.release(&retired);
+        Ok(applied)
+    }
+
+    /// Deletes what an earlier apply wrote into `set` (inactive now).
+    fn clear_set(&mut self, set: u8) -> Result<()> {
+        let Some(old) = self.written[usize::from(set)].take() else { return Ok(()) };
+        for (key, _) in &old.ports {
+            ignore_missing(self.port_rules.remove(key)).map_err(map_err(names::PORT_RULES, "removing"))?;
+        }
+        for (prefix, key, _) in &old.allow {
+            ignore_missing(self.allow.remove(&Key::new(*prefix, *key))).map_err(map_err(names::ALLOW, "removing"))?;
+        }
+        for (prefix, key, _) in &old.deny {
+            ignore_missing(self.deny.remove(&Key::new(*prefix, *key))).map_err(map_err(names::DENY, "removing"))?;
+        }
+        // RULES slots are overwritten, not deleted (array).
+        Ok(())
+    }
+
+    fn purge_buckets(&mut self, retired: &[u32]) -> Result<()> {
+        if retired.is_empty() {
+            return Ok(());
+        }
+        let shared: Vec<SharedBucketKey> = self
+            .shared_buckets
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| retired.contains(&k.rule_id))
+            .collect();
+        for k in shared {
+            ignore_missing(self.shared_buckets.remove(&k)).map_err(map_err(names::SHARED_BUCKETS, "removing"))?;
+        }
+        let sources: Vec<SourceBucketKey> = self
+            .source_buckets
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| retired.contains(&k.rule_id))
+            .collect();
+        for k in sources {
+            ignore_missing(self.source_buckets.remove(&k)).map_err(map_err(names::SOURCE_BUCKETS, "removing"))?;
+        }
+        Ok(())
+    }
+
+    fn reset_rule_stats(&mut self, id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e.to_string()))?;
+        let zeros = PerCpuValues::try_from(vec![RuleCounter::default(); cpus])
+            .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+        self.rule_stats.set(id, zeros, 0).map_err(map_err(names::RULE_STATS, "resetting"))
+    }
+
+    /// Counters summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut stats = Stats::default();
+        for r in 0..STATS_ENTRIES {
+            let per_cpu = self.stats.get(&r, 0).map_err(map_err(names::STATS, "reading"))?;
+            let mut c = Counter::default();
+            for v in per_cpu.iter() {
+                c.packets += v.packets;
+                c.bytes += v.bytes;
+            }
+            stats.reasons.push(c);
+        }
+        for (id, name) in &self.names {
+            let per_cpu = self.rule_stats.get(id, 0).map_err(map_err(names::RULE_STATS, "reading"))?;
+            let mut c = RuleCounter::default();
+            for v in per_cpu.iter() {
+                add(&mut c.passed, &v.passed);
+                add(&mut c.dropped, &v.dropped);
+                add(&mut c.shadow_dropped, &v.shadow_dropped);
+            }
+            stats.rules.insert(name.clone(), c);
+        }
+        Ok(stats)
+    }
+
+    /// Tracked per-source bucket entries (walks the LRU table: O(entries)).
+    pub fn tracked_sources(&self) -> usize {
+        self.source_buckets.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Puts `addr` (IPv6: its source prefix) in the block list for `duration`.
+    pub fn block(&mut self, addr: IpAddr, duration: Duration) -> Result<()> {
+        let key = self.block_key(addr);
+        let expires_at_ns = boot_time_ns().saturating_add(duration.as_nanos().min(u128::from(u64::MAX)) as u64);
+        self.block.insert(key, BlockEntry { expires_at_ns }, 0).map_err(map_err(names::BLOCK, "inserting"))
+    }
+
+    /// Removes `addr` from the block list.
+    pub fn unblock(&mut self, addr: IpAddr) -> Result<()> {
+        let key = self.block_key(addr);
+        ignore_missing(self.block.remove(&key)).map_err(map_err(names::BLOCK, "removing"))
+    }
+
+    /// Deletes expired block entries; returns how many.
+    pub fn expire_blocks(&mut self) -> Result<usize> {
+        let now = boot_time_ns();
+        let expired: Vec<Addr> =
+            self.block.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns <= now).map(|(k, _)| k).collect();
+        for k in &expired {
+            ignore_missing(self.block.remove(k)).map_err(map_err(names::BLOCK, "removing"))?;
+        }
+        Ok(expired.len())
+    }
+
+    fn block_key(&self, addr: IpAddr) -> Addr {
+        match addr {
+            IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+            IpAddr::V6(v6) => {
+                let prefix = u32::from(self.options.ipv6_source_prefix.min(128));
+                let bits = u128::from_be_bytes(v6.octets());
+                let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
+                (bits & mask).to_be_bytes()
+            }
+        }
+    }
+
+    /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN` (no interface needed)
+    /// and returns its verdict (`XDP_PASS`, `XDP_DROP`...). Maps are shared with live
+    /// traffic, so counters and buckets move exactly as for a real packet.
+    pub fn test_run(&mut self, frame: &[u8]) -> Result<u32> {
+        self.test_run_repeat(frame, 1).map(|(verdict, _)| verdict)
+    }
+
+    /// Like [`Self::test_run`], `repeat` times in the kernel; also returns the kernel's mean
+    /// duration per run (for benchmarks only).
+    pub fn test_run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let program = self.program()?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat.max(1);
+        let result = program.test_run(opts).map_err(DataplaneError::TestRun)?;
+        Ok((result.return_value, result.duration))
+    }
+
+    /// Forwards the program's aya-log records (only when loaded with `debug_log`).
+    pub fn flush_log(&mut self) {
+        if let Some(logger) = self.logger.as_mut() {
+            logger.flush();
+        }
+    }
+
+    pub fn log_summary(&self) {
+        if let Ok(stats) = self.stats() {
+            let p = stats.passed();
+            let d = stats.dropped();
+            info!("totals: passed {} packets ({} bytes), dropped {} packets ({} bytes)", p.packets, p.bytes, d.packets, d.bytes);
+        }
+    }
+}
+
+fn add(into: &mut Counter, from: &Counter) {
+    into.packets += from.packets;
+    into.bytes += from.bytes;
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
+pub fn boot_time_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
