@@ -1,0 +1,246 @@
+//! The `limiter-agent` binary, end to end: started in a test namespace on a policy file,
+//! shielding a veth, reloading on SIGHUP (a broken policy leaves the running one in force),
+//! and detaching cleanly on SIGTERM.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        OnceLock,
+        mpsc::{Receiver, RecvTimeoutError, channel},
+    },
+    time::{Duration, Instant},
+};
+
+use limiter_tests::{
+    netns::{ChildGuard, Topology},
+    rawsock::udp_socket,
+    require_root,
+};
+
+const UDP_PORT: u16 = 9000;
+const MARKER: &[u8] = b"limiter-agent-test";
+
+/// Builds the agent binary once per test run (cargo does nothing if it is current) and
+/// returns its path.
+fn agent_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "limiter-agent", "--bin", "limiter-agent"])
+            .status()
+            .expect("run cargo build for limiter-agent");
+        assert!(status.success(), "building limiter-agent failed");
+        // target/<profile>/deps/agent-<hash> -> target/<profile>/limiter-agent
+        let exe = std::env::current_exe().expect("test executable path");
+        let bin = exe.parent().and_then(Path::parent).expect("target dir").join("limiter-agent");
+        assert!(bin.exists(), "{} missing after cargo build", bin.display());
+        bin
+    })
+}
+
+/// A temporary policy directory, removed on drop.
+struct PolicyDir(PathBuf);
+
+impl PolicyDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("limiter-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        // Write then rename, as a config management tool (or the ConfigMap swap) would.
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for PolicyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn policy(requests: u32, unit: &str) -> String {
+    format!(
+        "apiVersion: limiter.dev/v1alpha1
+kind: RateLimitPolicy
+metadata:
+  name: agent-test
+spec:
+  targetRefs:
+    - {{kind: Port, port: {UDP_PORT}, protocol: UDP}}
+  rateLimit:
+    local:
+      rules:
+        - name: per-source
+          clientSelectors: [{{sourceCIDR: {{type: Distinct, value: 0.0.0.0/0}}}}]
+          count: Packets
+          limit: {{requests: {requests}, unit: {unit}}}
+"
+    )
+}
+
+/// The agent process with its stderr lines on a channel.
+struct Agent {
+    child: ChildGuard,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Agent {
+    fn start(topo: &Topology, policy: &Path) -> Agent {
+        let mut cmd = topo.server.command(&[
+            agent_binary().to_str().unwrap(),
+            "run",
+            "--iface",
+            "s0",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--xdp-mode",
+            "native",
+            "--stats-interval",
+            "200ms",
+        ]);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+        let mut child = ChildGuard::spawn(&mut cmd).unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("agent: {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Agent { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits (at most `timeout`) for a log line containing every one of `parts`.
+    fn wait_for(&mut self, parts: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if parts.iter().all(|p| line.contains(p)) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    panic!("no agent log line with {parts:?} within {timeout:?}; saw:\n{}", self.seen.join("\n"))
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // `ip netns exec` execs the agent, so the child's pid is the agent's.
+        // SAFETY: sending a signal to our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, sig) }, 0);
+    }
+}
+
+fn send_and_count(topo: &Topology, server: &UdpSocket, n: usize) -> usize {
+    let c = topo.client(0);
+    let to: SocketAddr = (c.server.ipv4().unwrap(), UDP_PORT).into();
+    let sock = udp_socket(&c.ns, (c.client.ipv4().unwrap(), 0).into()).unwrap();
+    for _ in 0..n {
+        sock.send_to(MARKER, to).unwrap();
+    }
+    let mut buf = [0u8; 256];
+    let mut got = 0;
+    server.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+    while let Ok(len) = server.recv(&mut buf) {
+        got += usize::from(&buf[..len] == MARKER);
+    }
+    got
+}
+
+fn xdp_attached(topo: &Topology) -> bool {
+    let out = topo.server.ip(&["link", "show", "s0"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("xdp")
+}
+
+#[test]
+fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_sigterm() {
+    require_root();
+    let topo = Topology::new("agent", 1).unwrap();
+    let dir = PolicyDir::new("reload");
+    let file = dir.write("policy.yaml", &policy(5, "Hour"));
+    let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
+
+    let mut agent = Agent::start(&topo, &dir.0);
+    agent.wait_for(&["attached to s0 in native mode"], Duration::from_secs(30));
+    assert!(xdp_attached(&topo));
+    assert_eq!(send_and_count(&topo, &server, 20), 5);
+    agent.wait_for(&["stats:", "dropped", "source_port_bucket="], Duration::from_secs(5));
+
+    // A broken policy is rejected whole; the running one stays in force.
+    dir.write("policy.yaml", &policy(5, "Minuets"));
+    agent.signal(libc::SIGHUP);
+    let line = agent.wait_for(&["reload rejected"], Duration::from_secs(5));
+    assert!(line.contains("previous policy stays in force"), "{line}");
+    agent.wait_for(&[file.to_str().unwrap(), "Minuets"], Duration::from_secs(5));
+    assert_eq!(send_and_count(&topo, &server, 20), 0, "the old rule (and its empty bucket) still apply");
+
+    // A good policy with a new limit takes effect.
+    dir.write("policy.yaml", &policy(50, "Hour"));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for(&["policy reloaded"], Duration::from_secs(5));
+    assert_eq!(send_and_count(&topo, &server, 20), 20);
+
+    agent.signal(libc::SIGTERM);
+    let status = agent.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
+    assert!(status.success(), "agent exit status {status}");
+    assert!(agent.seen.iter().any(|l| l.contains("SIGTERM: detaching")) || {
+        // drain what is left
+        while let Ok(l) = agent.lines.recv_timeout(Duration::from_millis(200)) {
+            agent.seen.push(l);
+        }
+        agent.seen.iter().any(|l| l.contains("detached from s0"))
+    });
+    assert!(!xdp_attached(&topo), "XDP is detached after SIGTERM");
+    assert_eq!(send_and_count(&topo, &server, 20), 20, "traffic flows unlimited after detach");
+}
+
+#[test]
+fn agent_refuses_to_start_on_a_broken_policy_and_attaches_nothing() {
+    require_root();
+    let topo = Topology::new("agentbad", 1).unwrap();
+    let dir = PolicyDir::new("bad");
+    let file = dir.write("policy.yaml", &policy(0, "Second"));
+    let mut agent = Agent::start(&topo, &file);
+    let status = agent.child.wait_timeout(Duration::from_secs(30)).unwrap().expect("agent exits");
+    assert!(!status.success());
+    let mut all = Vec::new();
+    while let Ok(l) = agent.lines.recv_timeout(Duration::from_millis(200)) {
+        all.push(l);
+    }
+    let text = all.join("\n");
+    assert!(text.contains(&format!("{}:", file.display())), "error names the file:\n{text}");
+    assert!(text.contains("limit.requests"), "error names the field:\n{text}");
+    assert!(!xdp_attached(&topo));
+}
+
+#[test]
+fn check_exits_zero_on_the_examples_and_non_zero_on_broken_policies() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
+    let ok = Command::new(agent_binary()).arg("check").arg(&examples).output().unwrap();
+    assert!(ok.status.success(), "examples: {}", String::from_utf8_lossy(&ok.stderr));
+    let dir = PolicyDir::new("check");
+    let file = dir.write("bad.yaml", &policy(5, "Minuets"));
+    let bad = Command::new(agent_binary()).arg("check").arg(&file).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("spec.rateLimit.local.rules[0].limit.unit"), "{stderr}");
+    assert!(stderr.contains("Minuets"), "{stderr}");
+}
