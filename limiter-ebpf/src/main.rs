@@ -22,7 +22,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use limiter_common::{
     Addr, BlockEntry, Bucket, COUNT_BYTES, COUNT_CONNECTIONS, CONFIG_FLAG_DEBUG_LOG, Config, Counter,
-    DEFAULT_SOURCE_ENTRIES, IPV4_MAPPED_PREFIX, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey,
+    DEFAULT_SOURCE_ENTRIES, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey,
     ListValue, MAX_RULES, MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey, PortRules,
     RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES,
     STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
@@ -35,8 +35,9 @@ use crate::{
     parse::{Packet, parse},
 };
 
-// All maps, in one place. Sizes of the per-source table and the lists are overridden by the
-// agent at load time (`EbpfLoader::set_max_entries`).
+// All maps, in one place. The agent sizes the per-source table at load time
+// (`EbpfLoader::map_max_entries`). Maps only the agent writes are not preallocated, so their
+// capacity costs memory only when used; the bucket maps the program inserts into are.
 
 #[map(name = "CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -48,10 +49,10 @@ static ALLOW: LpmTrie<ListKey, ListValue> = LpmTrie::with_max_entries(LIST_ENTRI
 static DENY: LpmTrie<ListKey, ListValue> = LpmTrie::with_max_entries(LIST_ENTRIES, 0);
 
 #[map(name = "BLOCK")]
-static BLOCK: HashMap<Addr, BlockEntry> = HashMap::with_max_entries(limiter_common::BLOCK_ENTRIES, 0);
+static BLOCK: HashMap<Addr, BlockEntry> = HashMap::with_max_entries(limiter_common::BLOCK_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "PORT_RULES")]
-static PORT_RULES: HashMap<PortKey, PortRules> = HashMap::with_max_entries(2 * 65_536, 0);
+static PORT_RULES: HashMap<PortKey, PortRules> = HashMap::with_max_entries(4 * 65_536, BPF_F_NO_PREALLOC);
 
 #[map(name = "RULES")]
 static RULES: Array<RuleConfig> = Array::with_max_entries(2 * MAX_RULES, 0);
@@ -71,6 +72,9 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES
 static RULE_STATS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 
 const BPF_NOEXIST: u64 = 1;
+const BPF_F_NO_PREALLOC: u32 = 1;
+/// Debug records are sampled: the first drop of each reason on each CPU, then one in this many.
+const DEBUG_LOG_EVERY: u64 = 1024;
 
 #[xdp]
 pub fn limiter(ctx: XdpContext) -> u32 {
@@ -85,10 +89,10 @@ pub fn limiter(ctx: XdpContext) -> u32 {
         Err(_) if config.unparsed_verdict == XDP_DROP => (reason::DROP_UNPARSED, NO_RULE),
         Err(_) => (reason::PASS_UNPARSED, NO_RULE),
     };
-    count(verdict_reason, len);
+    let seen = count(verdict_reason, len);
     if reason::is_drop(verdict_reason) {
-        if config.flags & CONFIG_FLAG_DEBUG_LOG != 0 {
-            debug!(&ctx, "drop reason={} rule={}", verdict_reason, rule_id);
+        if config.flags & CONFIG_FLAG_DEBUG_LOG != 0 && seen % DEBUG_LOG_EVERY == 1 {
+            debug!(&ctx, "drop reason={} rule={} (sampled: drop {} of this reason on this CPU)", verdict_reason, rule_id, seen);
         }
         xdp_action::XDP_DROP
     } else {
@@ -121,7 +125,7 @@ fn judge(config: &Config, packet: &Packet, len: u64) -> (u32, u32) {
         return (reason::DROP_DENY_LIST, entry.rule_id);
     }
     if packet.non_first_fragment {
-        count(reason::EVENT_NON_FIRST_FRAGMENT, len);
+        let _ = count(reason::EVENT_NON_FIRST_FRAGMENT, len);
     }
 
     // The port's own list already includes the any-port rules (the agent merges them), so one
@@ -240,7 +244,7 @@ extern "C" fn judge_rule(index: u64, _ctx: *mut c_void) -> i64 {
     s.applied = 1;
     let Some(tat) = bucket(s, rule) else {
         // No per-source state could be created: judge by the other buckets only.
-        count(reason::EVENT_SOURCE_INSERT_FAILED, s.len);
+        let _ = count(reason::EVENT_SOURCE_INSERT_FAILED, s.len);
         return 0;
     };
     // SAFETY: pointer from a successful map lookup.
@@ -250,7 +254,9 @@ extern "C" fn judge_rule(index: u64, _ctx: *mut c_void) -> i64 {
             rule_count(rule.rule_id, s.len, RuleOutcome::Passed);
             return 0;
         }
-        Charge::Contended => count(reason::EVENT_BUCKET_CONTENDED, s.len),
+        Charge::Contended => {
+            let _ = count(reason::EVENT_BUCKET_CONTENDED, s.len);
+        }
         Charge::Refused => {}
     }
     if rule.flags & RULE_FLAG_SHADOW != 0 {
@@ -373,18 +379,18 @@ fn source_key_addr(packet: &Packet, v6_prefix: u32) -> Addr {
     let mut out = [0u8; 16];
     out[..8].copy_from_slice(&hi.to_be_bytes());
     out[8..].copy_from_slice(&lo.to_be_bytes());
-    let _ = IPV4_MAPPED_PREFIX;
     out
 }
 
+/// Counts one packet under `index`; returns that counter's packet count on this CPU.
 #[inline(always)]
-fn count(index: u32, len: u64) {
-    if let Some(c) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += len;
-        }
+fn count(index: u32, len: u64) -> u64 {
+    let Some(c) = STATS.get_ptr_mut(index) else { return 0 };
+    // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+    unsafe {
+        (*c).packets += 1;
+        (*c).bytes += len;
+        (*c).packets
     }
 }
 

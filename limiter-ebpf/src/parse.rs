@@ -134,6 +134,12 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
     let mut next = header[6];
     let mut src = [0u8; 16];
     src.copy_from_slice(&header[8..24]);
+    // An IPv4-mapped source (::ffff:a.b.c.d) would match IPv4 list entries and buckets, which
+    // share that encoding. Such packets are invalid on the wire (RFC 4291 2.5.5.2; the stack
+    // discards them in ip6_rcv_core), so they are unparsed rather than mistaken for IPv4.
+    if src[..10] == [0u8; 10] && src[10] == 0xff && src[11] == 0xff {
+        return Err(Unparsed);
+    }
     let mut offset = l3 + IPV6_HLEN;
     let mut non_first_fragment = false;
     let mut reached_transport = false;

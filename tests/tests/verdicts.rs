@@ -174,6 +174,19 @@ fn too_many_ipv6_extension_headers_are_unparsed() {
 }
 
 #[test]
+fn ipv6_with_an_ipv4_mapped_source_is_unparsed_not_mistaken_for_ipv4() {
+    // Allow-listing 10.1.0.2 must not let ::ffff:10.1.0.2 through as that IPv4 host.
+    let mapped = Packet::eth().ipv6(CLIENT.to_ipv6_mapped(), SERVER6).udp(1, PROBE_PORT).build();
+    assert_unparsed(&mapped, "IPv4-mapped IPv6 source");
+    let mut dp = load(LoadOptions::default());
+    dp.apply(&plan_with_lists(&["10.1.0.2/32"], &[], vec![])).unwrap();
+    assert_eq!(verdict(&mut dp, &mapped), XDP_PASS);
+    let stats = dp.stats().unwrap();
+    assert_eq!(stats.reason(reason::PASS_ALLOW_LIST).packets, 0);
+    assert_eq!(stats.reason(reason::PASS_UNPARSED).packets, 1);
+}
+
+#[test]
 fn later_fragments_have_no_ports_and_are_judged_by_any_port_rules_only() {
     // Port rules cannot see a later fragment: it passes the probe untouched...
     let later4 = Packet::eth().ipv4(CLIENT, SERVER).frag_offset(185).protocol(17).payload(&[0; 64]).build();
@@ -489,4 +502,50 @@ fn a_plan_that_does_not_fit_is_rejected_and_the_old_one_stays() {
     let frame = udp4().build();
     assert_eq!(verdict(&mut dp, &frame), XDP_PASS);
     assert_eq!(verdict(&mut dp, &frame), XDP_DROP, "the old rule is still enforced");
+}
+
+// ---------------------------------------------------------------- debug log
+
+/// Captures log records (the agent forwards the program's aya-log records to `log`).
+struct Capture(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+
+#[test]
+fn debug_log_is_off_by_default_and_sampled_when_on() {
+    log::set_logger(&CAPTURE).expect("only this test installs a logger");
+    log::set_max_level(log::LevelFilter::Trace);
+    let strict = || KernelPlan { rules: vec![rule("strict", CountKind::Packets, 1, Unit::Hour, 0)], ..Default::default() };
+    let frame = udp4().build();
+
+    let mut quiet = load(LoadOptions::default());
+    quiet.apply(&strict()).unwrap();
+    for _ in 0..100 {
+        verdict(&mut quiet, &frame);
+    }
+    quiet.flush_log();
+    assert!(CAPTURE.0.lock().unwrap().iter().all(|l| !l.contains("drop reason")), "no records when off");
+
+    let mut dp = load(LoadOptions { debug_log: true, ..Default::default() });
+    dp.apply(&strict()).unwrap();
+    let drops = 3000;
+    for _ in 0..=drops {
+        verdict(&mut dp, &frame);
+    }
+    dp.flush_log();
+    let records = CAPTURE.0.lock().unwrap().iter().filter(|l| l.contains("drop reason")).count();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // First drop, then one in 1024, per CPU the test thread ran on.
+    assert!(records >= 1, "at least the first drop is logged");
+    assert!(records <= cpus * (drops / 1024 + 1), "{records} records for {drops} drops: not sampled");
 }
