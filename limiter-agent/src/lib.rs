@@ -5,4 +5,7 @@
 //! - [`dataplane`]: loads and attaches the XDP program and owns its maps.
 //! - [`plan`]: the compiled plan both of them speak.
 
+pub mod dataplane;
 pub mod plan;
+pub mod cli;
+pub mod policy;

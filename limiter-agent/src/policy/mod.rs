@@ -1,0 +1,27 @@
+//! Rate-limit policies: read, validate, compile.
+//!
+//! - [`load_paths`] reads native `RateLimitPolicy` documents (`limiter.dev/v1alpha1`, see
+//!   `POLICY.md`) from files and directories and validates them into a [`PolicySet`], or
+//!   returns [`PolicyErrors`]: every error found, each naming file, document, line, column
+//!   and field path (format in [`error`]).
+//! - [`compile`] turns a set into the [`crate::plan::KernelPlan`] the data path enforces, plus
+//!   [`Notice`]s for everything accepted but not enforced in the kernel.
+//!
+//! YAML is read with `serde-saphyr` (maintained, panic-free, YAML 1.2): its `Spanned<T>`
+//! keeps the line and column of values, so errors found after deserialisation (a bad CIDR,
+//! a duplicate name) still point at the right place.
+
+pub mod compile;
+pub mod error;
+pub mod model;
+pub mod source;
+pub mod spec;
+pub mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use compile::{Compiled, Notice, NoticeKind, PolicySummary, compile};
+pub use error::{ErrorKind, Location, PolicyError, PolicyErrors, Pos, SourceRef};
+pub use model::{Policy, PolicySet};
+pub use source::{load_paths, load_str};
