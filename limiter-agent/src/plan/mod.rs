@@ -3,9 +3,12 @@
 //! `policy` turns documents into a [`KernelPlan`]; `dataplane` turns a plan into map entries.
 //! Nothing here knows about YAML or about BPF maps, so each side can be tested alone.
 
+pub mod l7;
+
 use std::fmt;
 
 use ipnet::IpNet;
+pub use l7::{Algorithm, Attribute, EntryMatch, EntryValue, L7Plan, L7Rule, L7Target, Scope};
 
 /// What the kernel enforces for one policy set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

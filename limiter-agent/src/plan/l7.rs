@@ -1,0 +1,160 @@
+//! The L7 half of the compiled plan: rules the agent answers through the Envoy rate limit
+//! service protocol (`ShouldRateLimit`), or for a request's attributes directly.
+//!
+//! Everything is expressed as Envoy *descriptors*: an ordered list of `(key, value)` entries
+//! per request, the unit Envoy's `rate_limits` actions produce and the rate limit service
+//! matches. Rules compiled from gateway kinds also say where each entry comes from in an HTTP
+//! request ([`Attribute`]), so the engine can build the descriptor from a request's
+//! attributes and `limiter-agent explain` can print the `rate_limits` actions a gateway must
+//! configure to send it.
+
+use std::fmt;
+
+use ipnet::IpNet;
+
+use super::Limit;
+
+/// The RLS domain of rules compiled from the gateway policy kinds (envoyproxy/ratelimit
+/// configs bring their own `domain`).
+pub const DEFAULT_DOMAIN: &str = "limiter";
+
+/// Descriptor keys the agent uses for gateway-kind rules. They match what Envoy's actions
+/// emit by default, so one `rate_limits` block serves every rule.
+pub mod keys {
+    /// `generic_key` action: selects the rule; value `policy/rule`.
+    pub const GENERIC_KEY: &str = "generic_key";
+    /// `remote_address` action: the client address.
+    pub const REMOTE_ADDRESS: &str = "remote_address";
+    /// `header_value_match` action: present when a request matched (or, with
+    /// `expect_match: false`, did not match) a header condition.
+    pub const HEADER_MATCH: &str = "header_match";
+    /// `request_headers` on `:path`.
+    pub const PATH: &str = "path";
+    /// `request_headers` on `:method`.
+    pub const METHOD: &str = "method";
+}
+
+/// Every L7 rule of a policy set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L7Plan {
+    /// In policy order; within an envoyproxy/ratelimit config, in config order (matching
+    /// precedence depends on it).
+    pub rules: Vec<L7Rule>,
+}
+
+/// One L7 rate-limit rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L7Rule {
+    /// `policy/rule` for gateway kinds; for envoyproxy/ratelimit configs `domain/key=value/...`
+    /// along the descriptor path (or the descriptor's `name` if the config gives one).
+    /// Unique in a plan; appears in metrics, logs and the `x-ratelimit-limit` `name`.
+    pub name: String,
+    /// RLS domain the rule answers in.
+    pub domain: String,
+    /// The descriptor this rule matches, entry by entry; a request descriptor matches only
+    /// with the same number of entries (envoyproxy/ratelimit's depth rule).
+    pub entries: Vec<EntryMatch>,
+    /// `None`: `unlimited` (matches, and stops less specific rules from applying).
+    pub limit: Option<Limit>,
+    pub algorithm: Algorithm,
+    pub scope: Scope,
+    /// Count and report, always answer OK (`mode: Shadow`, `shadow_mode: true`).
+    pub shadow: bool,
+    /// envoyproxy/ratelimit `replaces`: names of rules this one overrides when both match.
+    pub replaces: Vec<String>,
+    /// Which routes the rule applies to. Empty: every request that reaches the engine.
+    /// Route-level targets win over gateway-level ones (see [`L7Target`]).
+    pub targets: Vec<L7Target>,
+}
+
+/// What a policy was attached to, for gateway precedence: a request on route R is judged by
+/// the rules targeting R if there are any, otherwise by the rules targeting its gateway (and
+/// always by rules with no targets).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum L7Target {
+    Gateway(String),
+    Route(String),
+}
+
+/// One entry of a rule's descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryMatch {
+    /// Descriptor key (see [`keys`] for gateway kinds; anything for envoyproxy/ratelimit).
+    pub key: String,
+    /// Where a request's value for this entry comes from.
+    pub attribute: Attribute,
+    pub value: EntryValue,
+}
+
+/// The source of a descriptor entry in an HTTP request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attribute {
+    /// A constant the gateway sends (`generic_key` / `header_value_match` descriptor_value):
+    /// the entry's value is the [`EntryValue::Exact`] string itself.
+    Fixed,
+    /// The client address (`remote_address` action).
+    RemoteAddress,
+    /// A request header (`request_headers` action), lower-case name.
+    Header(String),
+    /// `header_value_match` with `expect_match: false`: the entry is present when the request
+    /// does NOT carry the header (`invert: true`); its value is the `Exact` string.
+    HeaderAbsent(String),
+    /// `header_value_match`: present when the header has exactly this value.
+    HeaderEquals { name: String, value: String },
+    Path,
+    Method,
+    /// Only in descriptor lists sent over RLS (envoyproxy/ratelimit configs): no HTTP source.
+    Descriptor,
+}
+
+/// How an entry's value is matched and whether it splits buckets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryValue {
+    /// Exactly this value; one bucket.
+    Exact(String),
+    /// envoyproxy/ratelimit wildcard (`foo*`, `/api/*/x`: `*` matches any run of characters);
+    /// a bucket per distinct matching value.
+    Wildcard(String),
+    /// Any value (key only); a bucket per distinct value (`type: Distinct`, `value: "*"`).
+    Distinct,
+    /// A client address inside one of `nets` (`sourceCIDR`); with `distinct`, a bucket per
+    /// address, else one shared bucket. `invert` selects addresses outside `nets`.
+    Cidr { nets: Vec<IpNet>, distinct: bool, invert: bool },
+}
+
+/// Bucket arithmetic of a rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// Token bucket of `requests` per unit, depth `requests + burst` (gateway kinds).
+    TokenBucket,
+    /// Fixed windows aligned to the unit, as envoyproxy/ratelimit counts
+    /// (`requests_per_unit` per window; `burst` ignored).
+    FixedWindow,
+}
+
+/// Where the counts live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// This node alone.
+    Local,
+    /// Shared by every node (through Redis once sync lands; per node until then).
+    Global,
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algorithm::TokenBucket => "token bucket",
+            Algorithm::FixedWindow => "fixed window",
+        })
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scope::Local => "local",
+            Scope::Global => "global",
+        })
+    }
+}
