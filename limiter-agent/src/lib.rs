@@ -9,3 +9,4 @@ pub mod dataplane;
 pub mod plan;
 pub mod cli;
 pub mod policy;
+pub mod watch;

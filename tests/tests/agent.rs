@@ -68,6 +68,11 @@ impl Drop for PolicyDir {
 }
 
 fn policy(requests: u32, unit: &str) -> String {
+    policy_with(requests, unit, "Distinct")
+}
+
+/// `source_type` Distinct: a bucket per source; Exact: one bucket shared by all sources.
+fn policy_with(requests: u32, unit: &str, source_type: &str) -> String {
     format!(
         "apiVersion: limiter.dev/v1alpha1
 kind: RateLimitPolicy
@@ -79,8 +84,8 @@ spec:
   rateLimit:
     local:
       rules:
-        - name: per-source
-          clientSelectors: [{{sourceCIDR: {{type: Distinct, value: 0.0.0.0/0}}}}]
+        - name: udp-limit
+          clientSelectors: [{{sourceCIDR: {{type: {source_type}, value: 0.0.0.0/0}}}}]
           count: Packets
           limit: {{requests: {requests}, unit: {unit}}}
 "
@@ -95,8 +100,8 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(topo: &Topology, policy: &Path) -> Agent {
-        let mut cmd = topo.server.command(&[
+    fn start(topo: &Topology, policy: &Path, extra: &[&str]) -> Agent {
+        let mut args = vec![
             agent_binary().to_str().unwrap(),
             "run",
             "--iface",
@@ -107,7 +112,9 @@ impl Agent {
             "native",
             "--stats-interval",
             "200ms",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = topo.server.command(&args);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
         let mut child = ChildGuard::spawn(&mut cmd).unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -178,7 +185,8 @@ fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_s
     let file = dir.write("policy.yaml", &policy(5, "Hour"));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
 
-    let mut agent = Agent::start(&topo, &dir.0);
+    // Watching is off: this test drives reloads by SIGHUP alone.
+    let mut agent = Agent::start(&topo, &dir.0, &["--no-watch"]);
     agent.wait_for(&["attached to s0 in native mode"], Duration::from_secs(30));
     assert!(xdp_attached(&topo));
     assert_eq!(send_and_count(&topo, &server, 20), 5);
@@ -218,7 +226,7 @@ fn agent_refuses_to_start_on_a_broken_policy_and_attaches_nothing() {
     let topo = Topology::new("agentbad", 1).unwrap();
     let dir = PolicyDir::new("bad");
     let file = dir.write("policy.yaml", &policy(0, "Second"));
-    let mut agent = Agent::start(&topo, &file);
+    let mut agent = Agent::start(&topo, &file, &[]);
     let status = agent.child.wait_timeout(Duration::from_secs(30)).unwrap().expect("agent exits");
     assert!(!status.success());
     let mut all = Vec::new();
@@ -243,4 +251,94 @@ fn check_exits_zero_on_the_examples_and_non_zero_on_broken_policies() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("spec.rateLimit.local.rules[0].limit.unit"), "{stderr}");
     assert!(stderr.contains("Minuets"), "{stderr}");
+}
+
+/// Receives marker frames on the server interface in a thread, timestamping each arrival.
+fn record_arrivals(topo: &Topology, stop: &std::sync::atomic::AtomicBool) -> Vec<Instant> {
+    let rx = limiter_tests::rawsock::RawReceiver::open(&topo.server, "s0").unwrap();
+    let mut arrivals = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Some(frame) = rx.recv_timeout(Duration::from_millis(50)).unwrap() {
+            if limiter_tests::packet::is_udp_to(&frame.data, UDP_PORT, MARKER) {
+                arrivals.push(Instant::now());
+            }
+        }
+    }
+    arrivals
+}
+
+#[test]
+fn watched_policy_rewritten_under_live_traffic_takes_effect_without_an_unlimited_window() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    require_root();
+    let topo = Topology::new("live", 1).unwrap();
+    let dir = PolicyDir::new("live");
+    // One shared bucket (Exact selector): 200/s, later 400/s.
+    dir.write("policy.yaml", &policy_with(200, "Second", "Exact"));
+    let mut agent = Agent::start(&topo, &dir.0, &["--watch-interval", "100ms"]);
+    agent.wait_for(&["attached to s0"], Duration::from_secs(30));
+
+    let c = topo.client(0);
+    let to: SocketAddr = (c.server.ipv4().unwrap(), UDP_PORT).into();
+    let sock = udp_socket(&c.ns, (c.client.ipv4().unwrap(), 0).into()).unwrap();
+    let stop = AtomicBool::new(false);
+    const OFFERED_PER_MS: usize = 4; // 4000/s: 10x to 20x the limits
+    let (arrivals, start, reloaded_at, rejected_at) = std::thread::scope(|s| {
+        let receiver = s.spawn(|| record_arrivals(&topo, &stop));
+        let start = Instant::now();
+        let sock = &sock;
+        let sender = s.spawn(move || {
+            let mut step = Instant::now();
+            while start.elapsed() < Duration::from_secs(6) {
+                for _ in 0..OFFERED_PER_MS {
+                    sock.send_to(MARKER, to).unwrap();
+                }
+                step += Duration::from_millis(1);
+                if let Some(wait) = step.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        dir.write("policy.yaml", &policy_with(400, "Second", "Exact"));
+        agent.wait_for(&["policy files changed: policy reloaded"], Duration::from_secs(5));
+        let reloaded_at = start.elapsed();
+        std::thread::sleep(Duration::from_millis(1500));
+        dir.write("policy.yaml", &policy_with(400, "Minuets", "Exact"));
+        agent.wait_for(&["reload rejected"], Duration::from_secs(5));
+        let rejected_at = start.elapsed();
+        sender.join().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        (receiver.join().unwrap(), start, reloaded_at, rejected_at)
+    });
+
+    // Arrivals per 250 ms bin.
+    let bin = Duration::from_millis(250);
+    let mut bins = vec![0usize; 26];
+    for t in &arrivals {
+        let i = (t.duration_since(start).as_millis() / bin.as_millis()) as usize;
+        if i < bins.len() {
+            bins[i] += 1;
+        }
+    }
+    eprintln!("live reload: bins {bins:?}, reloaded at {reloaded_at:?}, rejected at {rejected_at:?}");
+    let offered_per_bin = OFFERED_PER_MS * 250;
+    let reload_bin = (reloaded_at.as_millis() / 250) as usize;
+    for (i, &n) in bins.iter().enumerate().take(24).skip(1) {
+        // The new rule starts with a full bucket (400) once: that is the most a bin can see.
+        let ceiling = if i + 1 >= reload_bin { 100 + 400 + 50 } else { 50 + 20 };
+        assert!(n <= ceiling, "bin {i}: {n} admitted, at most {ceiling} allowed: a window without the limit");
+        assert!(n < offered_per_bin / 2, "bin {i}: {n} of {offered_per_bin} offered: unlimited");
+        // Never wrongly dropped: every bin admits about its limit's share.
+        let floor = if i > reload_bin { 100 - 25 } else { 50 - 15 };
+        assert!(n >= floor, "bin {i}: only {n} admitted, the limit allows about {}", if i > reload_bin { 100 } else { 50 });
+    }
+    // After the rejected rewrite, the 400/s limit is still the one enforced.
+    let after_reject = (rejected_at.as_millis() / 250) as usize + 1;
+    for &n in bins.iter().take(23).skip(after_reject) {
+        assert!((75..=125).contains(&n), "after the rejected policy: {n} per 250 ms, expected about 100");
+    }
+    agent.signal(libc::SIGTERM);
+    assert!(agent.child.wait_timeout(Duration::from_secs(10)).unwrap().is_some_and(|s| s.success()));
 }

@@ -14,6 +14,7 @@ use crate::{
     dataplane::{AttachMode, Dataplane, LoadOptions, Stats},
     plan::KernelPlan,
     policy,
+    watch::PolicyWatcher,
 };
 
 #[derive(Debug, clap::Args)]
@@ -39,9 +40,16 @@ pub struct RunArgs {
     /// Drop frames the parser cannot follow (default: pass them).
     #[arg(long)]
     pub drop_unparsed: bool,
-    /// Log a debug record for each drop from the kernel (for debugging only: costs per drop).
+    /// Log sampled debug records of kernel drops (the first per reason and CPU, then one in
+    /// 1024).
     #[arg(long)]
     pub debug_log: bool,
+    /// How often to look for policy changes (files, directories, ConfigMap volumes).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub watch_interval: Duration,
+    /// Reload only on SIGHUP, never by watching the files.
+    #[arg(long)]
+    pub no_watch: bool,
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h`.
@@ -97,6 +105,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut watcher = PolicyWatcher::new(&args.policies);
+    let mut watch_tick = tokio::time::interval(args.watch_interval);
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reloads = ReloadCounts::default();
     let mut tick = tokio::time::interval(args.stats_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = dp.stats().context("reading counters")?;
@@ -105,7 +117,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = sighup.recv() => reload(&mut dp, &args.policies),
+            _ = sighup.recv() => {
+                watcher.mark_applied();
+                reloads.record(reload(&mut dp, &args.policies, "SIGHUP"));
+            }
+            _ = watch_tick.tick(), if !args.no_watch => {
+                if watcher.poll() {
+                    reloads.record(reload(&mut dp, &args.policies, "policy files changed"));
+                }
+            }
             _ = tick.tick() => {
                 dp.flush_log();
                 if let Err(e) = dp.expire_blocks() {
@@ -138,15 +158,48 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reloads that succeeded and that were rejected since start (logged with each reload).
+#[derive(Debug, Default)]
+struct ReloadCounts {
+    applied: u64,
+    rejected: u64,
+}
+
+impl ReloadCounts {
+    fn record(&mut self, outcome: Option<bool>) {
+        match outcome {
+            Some(true) => self.applied += 1,
+            Some(false) => {
+                self.rejected += 1;
+                warn!("policy reloads rejected since start: {}", self.rejected);
+            }
+            None => {}
+        }
+    }
+}
+
 /// Re-reads the policy; a policy with any error is rejected whole and the running one stays.
-fn reload(dp: &mut Dataplane, paths: &[PathBuf]) {
+/// `Some(true)`: applied; `Some(false)`: rejected; `None`: nothing changed.
+fn reload(dp: &mut Dataplane, paths: &[PathBuf], why: &str) -> Option<bool> {
     match load_plan(paths) {
-        Ok(plan) if dp.current_plan() == Some(&plan) => info!("SIGHUP: policy unchanged"),
+        Ok(plan) if dp.current_plan() == Some(&plan) => {
+            info!("{why}: policy unchanged");
+            None
+        }
         Ok(plan) => match dp.apply(&plan) {
-            Ok(a) => info!("SIGHUP: policy reloaded: {} kernel rules, {} kept their bucket state", a.rules, a.kept),
-            Err(e) => error!("SIGHUP: reload rejected, the previous policy stays in force: {e}"),
+            Ok(a) => {
+                info!("{why}: policy reloaded: {} kernel rules, {} kept their bucket state", a.rules, a.kept);
+                Some(true)
+            }
+            Err(e) => {
+                error!("{why}: reload rejected, the previous policy stays in force: {e}");
+                Some(false)
+            }
         },
-        Err(e) => error!("SIGHUP: reload rejected, the previous policy stays in force:\n{e:#}"),
+        Err(e) => {
+            error!("{why}: reload rejected, the previous policy stays in force:\n{e:#}");
+            Some(false)
+        }
     }
 }
 
