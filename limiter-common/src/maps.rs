@@ -24,6 +24,7 @@ pub mod names {
     pub const SOURCE_BUCKETS: &str = "SOURCE_BUCKETS";
     pub const STATS: &str = "STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
+    pub const DROPPED_SOURCES: &str = "DROPPED_SOURCES";
     /// The XDP program's function name.
     pub const PROGRAM: &str = "limiter";
 }
@@ -41,6 +42,12 @@ pub const DEFAULT_SOURCE_ENTRIES: u32 = 1 << 20;
 pub const SHARED_BUCKET_ENTRIES: u32 = 16_384;
 /// Entries in each of the allow and deny LPM tries, across both sets.
 pub const LIST_ENTRIES: u32 = 262_144;
+/// Sources tracked in `DROPPED_SOURCES` (the "top limited sources" view), per CPU, LRU.
+pub const DROPPED_SOURCE_ENTRIES: u32 = 16_384;
+/// A source not yet in `DROPPED_SOURCES` is added on one drop in this many (per CPU and
+/// reason), so a spoofed flood does not churn the table on every packet; once in, every
+/// drop is counted.
+pub const DROPPED_SOURCE_SAMPLE: u64 = 16;
 /// Entries in the block list (penalty box).
 pub const BLOCK_ENTRIES: u32 = 65_536;
 /// Extension headers the IPv6 parser walks before it gives up (verdict: unparsed).

@@ -16,12 +16,12 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_ktime_get_boot_ns, bpf_loop},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use limiter_common::{
-    Addr, BlockEntry, Bucket, COUNT_BYTES, COUNT_CONNECTIONS, CONFIG_FLAG_DEBUG_LOG, Config, Counter,
+    Addr, BlockEntry, Bucket, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, COUNT_BYTES, COUNT_CONNECTIONS, CONFIG_FLAG_DEBUG_LOG, Config, Counter,
     DEFAULT_SOURCE_ENTRIES, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey,
     ListValue, MAX_RULES, MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey, PortRules,
     RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES,
@@ -68,6 +68,12 @@ static SOURCE_BUCKETS: LruHashMap<SourceBucketKey, Bucket> =
 #[map(name = "STATS")]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
+/// Packets and bytes dropped per source address (IPv6 by source prefix), for "top limited
+/// sources". Per-CPU LRU: no contention, and old sources age out.
+#[map(name = "DROPPED_SOURCES")]
+static DROPPED_SOURCES: LruPerCpuHashMap<Addr, Counter> =
+    LruPerCpuHashMap::with_max_entries(DROPPED_SOURCE_ENTRIES, 0);
+
 #[map(name = "RULE_STATS")]
 static RULE_STATS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 
@@ -84,7 +90,14 @@ pub fn limiter(ctx: XdpContext) -> u32 {
         None => Config::default(),
     };
     let (verdict_reason, rule_id) = match parse(&ctx) {
-        Ok(Some(packet)) => judge(&config, &packet, len),
+        Ok(Some(packet)) => {
+            let source = source_key_addr(&packet, config.ipv6_source_prefix);
+            let (why, rule) = judge(&config, &packet, &source, len);
+            if reason::is_drop(why) {
+                note_dropped_source(&source, why, len);
+            }
+            (why, rule)
+        }
         Ok(None) => (reason::PASS_NOT_IP, NO_RULE),
         Err(_) if config.unparsed_verdict == XDP_DROP => (reason::DROP_UNPARSED, NO_RULE),
         Err(_) => (reason::PASS_UNPARSED, NO_RULE),
@@ -104,7 +117,7 @@ const NO_RULE: u32 = u32::MAX;
 
 /// The verdict reason for an IP packet, and the rule that decided it (or [`NO_RULE`]).
 #[inline(always)]
-fn judge(config: &Config, packet: &Packet, len: u64) -> (u32, u32) {
+fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
     let set = config.active_set & 1;
     let list_key = Key::new(
         limiter_common::LIST_KEY_SET_BITS + 128,
@@ -114,8 +127,7 @@ fn judge(config: &Config, packet: &Packet, len: u64) -> (u32, u32) {
         return (reason::PASS_ALLOW_LIST, NO_RULE);
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let source = source_key_addr(packet, config.ipv6_source_prefix);
-    if let Some(block) = BLOCK.get_ptr(&source) {
+    if let Some(block) = BLOCK.get_ptr(source) {
         // SAFETY: pointer from a successful map lookup.
         if unsafe { (*block).expires_at_ns } > now {
             return (reason::DROP_BLOCK_LIST, NO_RULE);
@@ -152,7 +164,7 @@ fn judge(config: &Config, packet: &Packet, len: u64) -> (u32, u32) {
     // is a live map value that the agent never writes while its set is active.
     let (s, rules) = unsafe { (&mut *scratch, &*rules) };
     s.src = packet.src;
-    s.source = source;
+    s.source = *source;
     s.len = len;
     s.now = now;
     s.set = set;
@@ -380,6 +392,25 @@ fn source_key_addr(packet: &Packet, v6_prefix: u32) -> Addr {
     out[..8].copy_from_slice(&hi.to_be_bytes());
     out[8..].copy_from_slice(&lo.to_be_bytes());
     out
+}
+
+/// Adds a drop to the source's entry in `DROPPED_SOURCES`; a new source gets an entry on one
+/// drop in `DROPPED_SOURCE_SAMPLE` only (see there).
+#[inline(always)]
+fn note_dropped_source(source: &Addr, why: u32, len: u64) {
+    if let Some(c) = DROPPED_SOURCES.get_ptr_mut(source) {
+        // SAFETY: per-CPU value of a live entry.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+        return;
+    }
+    let Some(seen) = STATS.get_ptr(why) else { return };
+    // SAFETY: per-CPU slot; read before this packet is counted.
+    if unsafe { (*seen).packets } % DROPPED_SOURCE_SAMPLE == 0 {
+        let _ = DROPPED_SOURCES.insert(source, Counter { packets: 1, bytes: len }, BPF_NOEXIST);
+    }
 }
 
 /// Counts one packet under `index`; returns that counter's packet count on this CPU.

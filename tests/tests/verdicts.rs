@@ -344,7 +344,16 @@ fn per_source_buckets_are_independent_and_ipv6_is_keyed_by_prefix() {
     assert_eq!(verdict(&mut dp, &from6(b)), XDP_PASS);
     assert_eq!(verdict(&mut dp, &from6(a)), XDP_DROP);
     assert_eq!(verdict(&mut dp, &from6(c)), XDP_PASS);
-    assert_eq!(dp.stats().unwrap().reason(reason::DROP_SOURCE_BUCKET).packets, 3);
+    let stats = dp.stats().unwrap();
+    assert_eq!(stats.reason(reason::DROP_SOURCE_BUCKET).packets, 3);
+    // The first drop of a source is sampled into the top-sources table (one in 16 per CPU:
+    // here the very first), later drops of a tracked source are all counted.
+    for _ in 0..5 {
+        verdict(&mut dp, &from(CLIENT));
+    }
+    let top = dp.top_dropped_sources(10).unwrap();
+    assert_eq!(top[0].0, IpAddr::V4(CLIENT), "{top:?}");
+    assert_eq!(top[0].1.packets, 6, "{top:?}");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
     util::nr_cpus,
 };
@@ -152,6 +152,8 @@ pub struct Dataplane {
     source_buckets: HashMap<MapData, SourceBucketKey, Bucket>,
     stats: PerCpuArray<MapData, Counter>,
     rule_stats: PerCpuArray<MapData, RuleCounter>,
+    /// LRU per-CPU hash in the kernel: drops per source, for the "top limited sources" view.
+    dropped_sources: PerCpuHashMap<MapData, Addr, Counter>,
     /// Must outlive the program: it owns the log map (see TOOLCHAIN.md).
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ids: RuleIds,
@@ -206,6 +208,7 @@ impl Dataplane {
             source_buckets: take(&mut ebpf, names::SOURCE_BUCKETS)?,
             stats: take(&mut ebpf, names::STATS)?,
             rule_stats: take(&mut ebpf, names::RULE_STATS)?,
+            dropped_sources: take(&mut ebpf, names::DROPPED_SOURCES)?,
             ebpf,
             logger,
             ids: RuleIds::default(),
@@ -394,9 +397,33 @@ impl Dataplane {
         Ok(stats)
     }
 
-    /// Tracked per-source bucket entries (walks the LRU table: O(entries)).
+    /// Tracked per-source bucket entries (walks the LRU table: O(entries), about a
+    /// microsecond each; sample it, don't poll it per packet-second).
     pub fn tracked_sources(&self) -> usize {
         self.source_buckets.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Capacity of the per-source bucket table.
+    pub fn source_capacity(&self) -> u32 {
+        self.options.source_entries
+    }
+
+    /// The `n` sources with the most dropped packets (IPv6 by source prefix), summed over
+    /// CPUs. Approximate for sources that were new during a flood (see
+    /// `DROPPED_SOURCE_SAMPLE`); exact once a source is tracked.
+    pub fn top_dropped_sources(&self, n: usize) -> Result<Vec<(IpAddr, Counter)>> {
+        let mut all: Vec<(IpAddr, Counter)> = Vec::new();
+        for entry in self.dropped_sources.iter() {
+            let (addr, per_cpu) = entry.map_err(map_err(names::DROPPED_SOURCES, "reading"))?;
+            let mut c = Counter::default();
+            for v in per_cpu.iter() {
+                add(&mut c, v);
+            }
+            all.push((addr_to_ip(&addr), c));
+        }
+        all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        Ok(all)
     }
 
     /// Puts `addr` (IPv6: its source prefix) in the block list for `duration`.
@@ -479,6 +506,15 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
+    }
+}
+
+/// The address an [`Addr`] stands for (IPv4 for IPv4-mapped addresses).
+pub fn addr_to_ip(addr: &Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
     }
 }
 
