@@ -1,1 +1,67 @@
-fn main(){}
+//! Developer tasks for limiter. Run `cargo xtask --help`.
+
+mod bench;
+mod lint;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "limiter developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install, idempotently, the eBPF nightly, bpf-linker, Debian packages and bpffs.
+    Setup(setup::SetupArgs),
+    /// Set up, then run the unit tests and (as root) the privileged integration tests.
+    Test(test::TestArgs),
+    /// Set up and build, then run the built-in sandbox demo, or the agent with the given args.
+    Run(run::RunArgs),
+    /// Set up, build release, run the benchmark smoke test if present.
+    Bench,
+    /// rustfmt check, clippy for the host crates and for the eBPF crate's target.
+    Lint,
+    /// Print `export PATH=...` with bpf-linker first: `eval "$(cargo xtask env)"`.
+    Env,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<()> = match &cli.command {
+        Cmd::Setup(args) => setup::cmd(args),
+        Cmd::Test(args) => test::cmd(args),
+        Cmd::Run(args) => run::cmd(args),
+        Cmd::Bench => bench::cmd(),
+        Cmd::Lint => lint::cmd(),
+        Cmd::Env => print_env(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<util::Interrupted>() => {
+            eprintln!("xtask: interrupted; cleaned up");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_env() -> Result<()> {
+    let path = util::path_with_bpf_linker()?;
+    let path = path.to_string_lossy();
+    // Single-quote for the shell; a quote inside becomes '\''.
+    println!("export PATH='{}'", path.replace('\'', r"'\''"));
+    Ok(())
+}

@@ -115,7 +115,7 @@ impl RuleIds {
 }
 
 /// The map entries of one policy set.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SetEntries {
     /// `(slot, config)`; the map index is `set * MAX_RULES + slot`.
     pub rules: Vec<(u32, RuleConfig)>,

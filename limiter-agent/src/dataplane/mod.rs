@@ -281,6 +281,9 @@ impl Dataplane {
         let kept = rule_ids.iter().filter(|id| self.names.contains_key(id)).count();
 
         self.clear_set(target)?;
+        // Remember what goes into the inactive set before writing it: if a write fails
+        // half-way, the next apply still deletes every entry this one may have written.
+        self.written[usize::from(target)] = Some(entries.clone());
         for (slot, config) in &entries.rules {
             self.rules
                 .set(u32::from(target) * MAX_RULES + slot, config, 0)
@@ -314,8 +317,7 @@ impl Dataplane {
             deny: entries.deny.len(),
             kept,
         };
-        self.names = entries.names.clone();
-        self.written[usize::from(target)] = Some(entries);
+        self.names = entries.names;
         self.current = Some(plan.clone());
         self.ids = ids;
         // Retired rules: purge their buckets, then allow their ids to be reused.
