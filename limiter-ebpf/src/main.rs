@@ -147,12 +147,12 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
     if packet.has_ports {
         port_key.port = packet.dst_port;
         port_key.protocol = packet.protocol;
-        rules = PORT_RULES.get_ptr(&port_key);
+        rules = PORT_RULES.get_ptr(port_key);
     }
     if rules.is_none() {
         port_key.port = 0;
         port_key.protocol = PROTO_ANY;
-        rules = PORT_RULES.get_ptr(&port_key);
+        rules = PORT_RULES.get_ptr(port_key);
     }
     let Some(rules) = rules else {
         return (reason::PASS_NO_RULE, NO_RULE);

@@ -258,10 +258,10 @@ fn record_arrivals(topo: &Topology, stop: &std::sync::atomic::AtomicBool) -> Vec
     let rx = limiter_tests::rawsock::RawReceiver::open(&topo.server, "s0").unwrap();
     let mut arrivals = Vec::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Some(frame) = rx.recv_timeout(Duration::from_millis(50)).unwrap() {
-            if limiter_tests::packet::is_udp_to(&frame.data, UDP_PORT, MARKER) {
-                arrivals.push(Instant::now());
-            }
+        if let Some(frame) = rx.recv_timeout(Duration::from_millis(50)).unwrap()
+            && limiter_tests::packet::is_udp_to(&frame.data, UDP_PORT, MARKER)
+        {
+            arrivals.push(Instant::now());
         }
     }
     arrivals

@@ -33,13 +33,19 @@ const UDP_PORT: u16 = 9000;
 const TCP_PORT: u16 = 8080;
 const MARKER: &[u8] = b"limiter-traffic";
 
-fn rule(name: &str, count: CountKind, requests: u64, unit: Unit, burst: u64, port: u16, protocol: Protocol, distinct: bool) -> KernelRule {
+/// A limit of `requests` per `unit` with `burst`.
+fn limit(requests: u64, unit: Unit, burst: u64) -> Limit {
+    Limit { requests, unit, burst }
+}
+
+/// A rule on one port; `distinct`: a bucket per source, else one shared bucket.
+fn rule(name: &str, count: CountKind, limit: Limit, target: (u16, Protocol), distinct: bool) -> KernelRule {
     KernelRule {
         name: format!("test/{name}"),
-        targets: vec![PortTarget { port, protocol }],
+        targets: vec![PortTarget { port: target.0, protocol: target.1 }],
         source: SourceSelector::everyone(distinct),
         count,
-        limit: Limit { requests, unit, burst },
+        limit,
         shadow: false,
     }
 }
@@ -97,7 +103,7 @@ fn server_udp(topo: &Topology) -> UdpSocket {
 fn five_new_connections_per_minute_admits_exactly_five_then_drops() {
     let topo = topology("conn", 1);
     let plan = KernelPlan {
-        rules: vec![rule("conn", CountKind::Connections, 5, Unit::Minute, 0, TCP_PORT, Protocol::Tcp, true)],
+        rules: vec![rule("conn", CountKind::Connections, limit(5, Unit::Minute, 0), (TCP_PORT, Protocol::Tcp), true)],
         ..Default::default()
     };
     let dp = shield(&topo, &plan, LoadOptions::default());
@@ -135,7 +141,7 @@ fn five_new_connections_per_minute_admits_exactly_five_then_drops() {
 fn each_client_namespace_gets_its_own_per_source_quota() {
     let topo = topology("quota", 2);
     let plan = KernelPlan {
-        rules: vec![rule("per-source", CountKind::Packets, 10, Unit::Hour, 0, UDP_PORT, Protocol::Udp, true)],
+        rules: vec![rule("per-source", CountKind::Packets, limit(10, Unit::Hour, 0), (UDP_PORT, Protocol::Udp), true)],
         ..Default::default()
     };
     let _dp = shield(&topo, &plan, LoadOptions::default());
@@ -168,7 +174,7 @@ fn model(times: &[u64], params: &[BucketParams]) -> usize {
 fn three_per_second_with_burst_three_admits_six_then_refills() {
     let topo = topology("burst", 1);
     let plan = KernelPlan {
-        rules: vec![rule("burst", CountKind::Packets, 3, Unit::Second, 3, UDP_PORT, Protocol::Udp, true)],
+        rules: vec![rule("burst", CountKind::Packets, limit(3, Unit::Second, 3), (UDP_PORT, Protocol::Udp), true)],
         ..Default::default()
     };
     let _dp = shield(&topo, &plan, LoadOptions::default());
@@ -202,8 +208,8 @@ fn two_rules_at_once_deny_when_either_runs_out() {
     // rule runs out within seconds: bursts of 25 every ~1.2 s. First the per-second rule
     // binds (10 of 25), then the per-minute one (20 in total).
     let topo = topology("two", 1);
-    let per_second = rule("per-second", CountKind::Packets, 10, Unit::Second, 0, UDP_PORT, Protocol::Udp, true);
-    let per_minute = rule("per-minute", CountKind::Packets, 20, Unit::Minute, 0, UDP_PORT, Protocol::Udp, true);
+    let per_second = rule("per-second", CountKind::Packets, limit(10, Unit::Second, 0), (UDP_PORT, Protocol::Udp), true);
+    let per_minute = rule("per-minute", CountKind::Packets, limit(20, Unit::Minute, 0), (UDP_PORT, Protocol::Udp), true);
     let dp = shield(&topo, &KernelPlan { rules: vec![per_second, per_minute], ..Default::default() }, LoadOptions::default());
     let server = server_udp(&topo);
     let mut got = Vec::new();
@@ -233,8 +239,8 @@ fn a_random_source_flood_is_held_by_the_port_bucket() {
     // Each source may send 100/s (no spoofed source ever trips that), the port takes 500/s.
     let plan = KernelPlan {
         rules: vec![
-            rule("per-source", CountKind::Packets, 100, Unit::Second, 0, UDP_PORT, Protocol::Udp, true),
-            rule("port-ceiling", CountKind::Packets, 500, Unit::Second, 0, UDP_PORT, Protocol::Udp, false),
+            rule("per-source", CountKind::Packets, limit(100, Unit::Second, 0), (UDP_PORT, Protocol::Udp), true),
+            rule("port-ceiling", CountKind::Packets, limit(500, Unit::Second, 0), (UDP_PORT, Protocol::Udp), false),
         ],
         ..Default::default()
     };
@@ -269,7 +275,7 @@ fn an_allow_listed_source_is_never_dropped_while_others_are() {
     let trusted = topo.client(0).client.ipv4().unwrap();
     let plan = KernelPlan {
         allow: vec![ListEntry { net: IpAddr::V4(trusted).into(), policy: "test".into() }],
-        rules: vec![rule("strict", CountKind::Packets, 5, Unit::Hour, 0, UDP_PORT, Protocol::Udp, false)],
+        rules: vec![rule("strict", CountKind::Packets, limit(5, Unit::Hour, 0), (UDP_PORT, Protocol::Udp), false)],
         ..Default::default()
     };
     let _dp = shield(&topo, &plan, LoadOptions::default());
@@ -301,7 +307,7 @@ fn concurrent_senders_on_both_cpus_are_admitted_within_two_percent() {
     const BURST: u64 = 1000;
     const SECONDS: u64 = 4;
     let plan = KernelPlan {
-        rules: vec![rule("shared", CountKind::Packets, RATE, Unit::Second, BURST, UDP_PORT, Protocol::Udp, false)],
+        rules: vec![rule("shared", CountKind::Packets, limit(RATE, Unit::Second, BURST), (UDP_PORT, Protocol::Udp), false)],
         ..Default::default()
     };
     let dp = shield(&topo, &plan, LoadOptions::default());

@@ -22,7 +22,7 @@ use limiter_agent::{
 };
 use limiter_common::{XDP_DROP, XDP_PASS, reason};
 use limiter_tests::{
-    packet::{Ipv6Ext, Packet, garbage_frames},
+    packet::{Packet, garbage_frames},
     require_root,
 };
 
