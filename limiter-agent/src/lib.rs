@@ -8,5 +8,6 @@
 pub mod dataplane;
 pub mod plan;
 pub mod cli;
+pub mod control;
 pub mod policy;
 pub mod watch;

@@ -19,6 +19,9 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Validate policy files: every error with file, line, column and field.
     Check(cli::check::CheckArgs),
+    /// Live view of a running agent (rates passed and dropped, by reason, rule and source),
+    /// read from its control socket.
+    Top(cli::top::TopArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(args) => cli::check::run(args),
+        Command::Top(args) => cli::top::run(args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run_agent(args).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -1,14 +1,21 @@
 //! `cargo xtask run`: set up, build the agent (release), then either run it in the foreground
-//! with the given arguments, or run the built-in sandbox demo: two network namespaces joined
-//! by a veth pair, the agent attached inside one, bounded bursts from the other.
+//! with the given arguments, or run the built-in sandbox demo: a server namespace and two
+//! client namespaces (a polite and a greedy HTTP client) joined by veth pairs, the agent
+//! attached to both server-side veths, a small HTTP service, a bounded scenario (polite alone,
+//! greedy joins, spoofed-source flood) watched live with `limiter-agent top`, and teardown.
 //!
 //! The demo touches only the namespaces and interfaces it creates. Its children run in their
 //! own process groups, so Ctrl-C reaches only xtask, which stops them and tears down.
 
-use std::io::{BufRead as _, BufReader, Read};
+mod traffic;
+
+use std::io::{BufRead as _, BufReader, Read, Write as _};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,15 +23,28 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{setup, test, util};
+use traffic::{Client, HttpServer, Tally, Workers};
 
 const SRV_NS: &str = "ld-srv";
-const CLI_NS: &str = "ld-cli";
-const SRV_IF: &str = "ld-srv0";
-const CLI_IF: &str = "ld-cli0";
-const SRV_V4: &str = "10.200.0.1";
-const CLI_V4: &str = "10.200.0.2";
-const SRV_V6: &str = "fd00:200::1";
-const CLI_V6: &str = "fd00:200::2";
+const POLITE_NS: &str = "ld-polite";
+const GREEDY_NS: &str = "ld-greedy";
+/// Namespaces of earlier versions of the demo, removed if a run left them behind.
+const OLD_NAMESPACES: [&str; 1] = ["ld-cli"];
+
+/// One veth pair per client: (client netns, server-side ifname, client-side ifname, /24
+/// prefix). The server is `.1`, the client `.2`.
+const LINKS: [(&str, &str, &str, &str); 2] = [
+    (POLITE_NS, "ld-srv-p", "ld-polite0", "10.200.1"),
+    (GREEDY_NS, "ld-srv-g", "ld-greedy0", "10.200.2"),
+];
+const HTTP_PORT: u16 = 8080;
+const CONTROL_SOCKET: &str = "/run/limiter/demo.sock";
+
+const POLITE_PER_S: u32 = 5;
+const GREEDY_PER_S: u32 = 150;
+/// hping3 flood: bounded count, one SYN per interval, from random (spoofed) sources.
+const FLOOD_COUNT: &str = "6000";
+const FLOOD_INTERVAL: &str = "u500";
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 const TRAFFIC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,12 +118,19 @@ fn demo_preflight(policy: &Path) -> Result<PathBuf> {
     Ok(policy)
 }
 
-fn demo(agent: &Path, policy: &Path) -> Result<()> {
+fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     util::install_ctrlc_flag()?;
-    // Declared first so it drops last: the agent must be gone before its namespace is.
+    let started = Instant::now();
+    // Declared first so it drops last: the agent and every thread in a namespace must be gone
+    // before the namespaces are.
     let _sandbox = Sandbox::create()?;
 
-    println!("demo: starting limiter-agent on {SRV_IF} in netns {SRV_NS}");
+    let ifaces: Vec<&str> = LINKS.iter().map(|l| l.1).collect();
+    println!(
+        "demo: starting limiter-agent on {} in netns {SRV_NS}, policy {}",
+        ifaces.join(" and "),
+        policy.display()
+    );
     let mut agent_cmd = Command::new("ip");
     agent_cmd
         .args(["netns", "exec", SRV_NS, "sh", "-c"])
@@ -111,17 +138,31 @@ fn demo(agent: &Path, policy: &Path) -> Result<()> {
         // the demo agent its own bpffs there, so its pins vanish with it and never mix with a
         // real agent's on the host.
         .arg(r#"grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf || exit 1; exec "$0" "$@""#)
-        .arg(agent)
-        .args(["run", "--iface", SRV_IF, "--policy"])
+        .arg(agent_bin)
+        .arg("run");
+    for iface in &ifaces {
+        agent_cmd.args(["--iface", iface]);
+    }
+    agent_cmd
+        .arg("--policy")
         .arg(policy)
-        .args(["--stats-interval", "1s"]);
+        // `top` shows the live numbers; the agent's own stats line would repeat them.
+        .args([
+            "--stats-interval",
+            "30s",
+            "--control-socket",
+            CONTROL_SOCKET,
+        ]);
     if std::env::var_os("RUST_LOG").is_none() {
         agent_cmd.env("RUST_LOG", "info");
     }
     let mut agent = Spawned::start(agent_cmd, "agent")?;
+    let last_iface = LINKS[LINKS.len() - 1].1;
     // The agent logs `attached to IFACE in MODE mode`; an error line may also say "attached".
     let attached = |line: &str| {
-        line.contains("attached") && line.contains(SRV_IF) && !line.to_lowercase().contains("error")
+        line.contains("attached to")
+            && line.contains(last_iface)
+            && !line.to_lowercase().contains("error")
     };
     agent
         .wait_for_line("attached", attached, ATTACH_TIMEOUT)
@@ -130,56 +171,234 @@ fn demo(agent: &Path, policy: &Path) -> Result<()> {
          agent's `run` command is not there yet",
         )?;
 
-    // examples/policies/demo.yaml allows the client's own address (10.200.0.2), so the bursts
-    // come from other ones: one spoofed source (held by the per-source bucket) and random
-    // sources (which no per-source bucket sees; the port's aggregate bucket holds them).
-    let bursts: [(&str, &[&str]); 2] = [
-        (
-            "UDP burst: 3000 packets to port 9000 from 10.200.0.3, one per 200 us",
-            &[
-                "--udp",
-                "-p",
-                "9000",
-                "-a",
-                "10.200.0.3",
-                "-c",
-                "3000",
-                "-i",
-                "u200",
-            ],
-        ),
-        (
-            "SYN burst: 2000 SYNs to port 8080 from random sources, one per 250 us",
-            &[
-                "-S",
-                "-p",
-                "8080",
-                "--rand-source",
-                "-c",
-                "2000",
-                "-i",
-                "u250",
-            ],
-        ),
-    ];
-    for (what, flags) in bursts {
-        println!("demo: {what}, from {CLI_NS}");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", CLI_NS, "hping3", "-q"])
-            .args(flags)
-            .arg(SRV_V4);
-        let mut hping = Spawned::start(cmd, "hping3")?;
-        let status = hping.wait(TRAFFIC_TIMEOUT)?;
-        // hping3 exits non-zero when nothing answered, which is what a limiter may cause.
-        println!("demo: hping3 finished ({status})");
-    }
+    let mut workers = Workers::default();
+    let served = Arc::new(AtomicU64::new(0));
+    let listen: SocketAddr = ([0, 0, 0, 0], HTTP_PORT).into();
+    workers.spawn(
+        "http",
+        SRV_NS,
+        move || HttpServer::bind(listen),
+        HttpServer {
+            served: Arc::clone(&served),
+        },
+    )?;
+    println!("demo: HTTP service listening on port {HTTP_PORT} in {SRV_NS}");
 
-    println!("demo: letting the agent report for a few seconds");
-    sleep_interruptible(Duration::from_millis(2500))?;
+    wait_for_snapshot()?;
+    println!("demo: live view: `limiter-agent top --socket {CONTROL_SOCKET}`, every second");
+    let mut top_cmd = Command::new(agent_bin);
+    top_cmd.args(["top", "--socket", CONTROL_SOCKET, "--interval", "1s"]);
+    let top = Spawned::start(top_cmd, "top")?;
+
+    let (polite, greedy) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let server_of = |prefix: &str| -> Result<SocketAddr> {
+        format!("{prefix}.1:{HTTP_PORT}")
+            .parse()
+            .context("demo server address")
+    };
+    let polite_client = Client {
+        to: server_of(LINKS[0].3)?,
+        per_second: POLITE_PER_S,
+        max_in_flight: 10,
+        tally: Arc::clone(&polite),
+    };
+    let greedy_client = Client {
+        to: server_of(LINKS[1].3)?,
+        per_second: GREEDY_PER_S,
+        max_in_flight: 400,
+        tally: Arc::clone(&greedy),
+    };
+    let mut phase = Phase::begin(&polite, &greedy)?;
+
+    println!(
+        "demo: ━━ phase 1/3: the polite client ({}.2) alone, {POLITE_PER_S} requests/s for 5s",
+        LINKS[0].3
+    );
+    workers.spawn("polite", POLITE_NS, || Ok(()), polite_client)?;
+    sleep_interruptible(Duration::from_secs(5))?;
+    phase = phase.report("phase 1/3: polite client alone", &polite, &greedy)?;
+    println!(
+        "demo:   (the connection rule counts SYNs only: the other packets of an admitted \
+         connection pass as no_rule)"
+    );
+
+    println!(
+        "demo: ━━ phase 2/3: the greedy client ({}.2) joins, {GREEDY_PER_S} requests/s for 8s",
+        LINKS[1].3
+    );
+    workers.spawn("greedy", GREEDY_NS, || Ok(()), greedy_client)?;
+    sleep_interruptible(Duration::from_secs(8))?;
+    workers.stop_one("greedy");
+    phase = phase.report("phase 2/3: greedy client joins", &polite, &greedy)?;
+
+    println!(
+        "demo: ━━ phase 3/3: SYN flood from random spoofed sources ({FLOOD_COUNT} SYNs, hping3 \
+         --rand-source in {GREEDY_NS}) while the polite client goes on"
+    );
+    let mut flood_cmd = Command::new("ip");
+    flood_cmd
+        .args(["netns", "exec", GREEDY_NS, "hping3", "-q", "-S", "-p"])
+        .arg(HTTP_PORT.to_string())
+        .args(["--rand-source", "-c", FLOOD_COUNT, "-i", FLOOD_INTERVAL])
+        .arg(format!("{}.1", LINKS[1].3));
+    let mut flood = Spawned::start(flood_cmd, "hping3")?;
+    // hping3 exits non-zero when nothing answered, which is what a limiter may cause.
+    let status = flood.wait(TRAFFIC_TIMEOUT)?;
+    println!("demo: hping3 finished ({status})");
+    sleep_interruptible(Duration::from_secs(1))?;
+    workers.stop_one("polite");
+    phase.report("phase 3/3: spoofed-source flood", &polite, &greedy)?;
+
+    let (p_ok, p_failed) = polite.get();
+    let (g_ok, g_failed) = greedy.get();
+    println!("demo: ━━ outcome");
+    println!(
+        "demo:   polite client: {p_ok} of {} requests answered",
+        p_ok + p_failed
+    );
+    println!(
+        "demo:   greedy client: {g_ok} of {} requests answered (the rest were cut by its connection limit)",
+        g_ok + g_failed
+    );
+    println!(
+        "demo:   the service answered {} requests in all",
+        served.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    drop(top);
+    drop(workers);
     println!("demo: stopping the agent (SIGINT)");
     let status = agent.stop(STOP_GRACE)?;
-    println!("demo: agent exited ({status}); removing the sandbox");
+    println!(
+        "demo: agent exited ({status}); removing the sandbox ({:.0}s since the sandbox was created)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+/// Waits (bounded) until the demo agent's control socket answers.
+fn wait_for_snapshot() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match snapshot() {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!(
+                    "the agent's control socket {CONTROL_SOCKET} does not answer"
+                )));
+            }
+            Err(_) => sleep_interruptible(Duration::from_millis(200))?,
+        }
+    }
+}
+
+/// One snapshot from the demo agent's control socket (see limiter-agent's `control` module).
+fn snapshot() -> Result<serde_json::Value> {
+    let mut stream = std::os::unix::net::UnixStream::connect(CONTROL_SOCKET)
+        .with_context(|| format!("cannot connect to {CONTROL_SOCKET}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"snapshot\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{CONTROL_SOCKET} answered `{}`", text.trim()))
+}
+
+/// Counters at the start of a phase, to report what the phase added.
+struct Phase {
+    at: Instant,
+    /// (verdict, reason) -> packets.
+    reasons: Vec<(String, String, u64)>,
+    /// rule -> (passed, dropped) packets.
+    rules: Vec<(String, u64, u64)>,
+    polite: (u64, u64),
+    greedy: (u64, u64),
+}
+
+impl Phase {
+    fn begin(polite: &Tally, greedy: &Tally) -> Result<Self> {
+        let snap = snapshot()?;
+        let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_default();
+        let list = |k: &str| snap[k].as_array().cloned().unwrap_or_default();
+        Ok(Self {
+            at: Instant::now(),
+            reasons: list("reasons")
+                .iter()
+                .map(|r| (s(r, "verdict"), s(r, "reason"), n(r, "packets")))
+                .collect(),
+            rules: list("rules")
+                .iter()
+                .map(|r| {
+                    (
+                        s(r, "name"),
+                        n(r, "passed_packets"),
+                        n(r, "dropped_packets"),
+                    )
+                })
+                .collect(),
+            polite: polite.get(),
+            greedy: greedy.get(),
+        })
+    }
+
+    /// Prints what passed and dropped, and why, since `self`; returns the next phase's start.
+    fn report(self, title: &str, polite: &Tally, greedy: &Tally) -> Result<Self> {
+        let now = Self::begin(polite, greedy)?;
+        let secs = now.at.duration_since(self.at).as_secs_f64();
+        let delta = |verdict: &str| -> (u64, Vec<String>) {
+            let mut total = 0;
+            let mut parts = Vec::new();
+            for ((v, reason, after), (_, _, before)) in now.reasons.iter().zip(&self.reasons) {
+                let d = after.saturating_sub(*before);
+                if v == verdict && d > 0 {
+                    total += d;
+                    parts.push(format!("{reason} {d}"));
+                }
+            }
+            (total, parts)
+        };
+        let (passed, passed_why) = delta("pass");
+        let (dropped, dropped_why) = delta("drop");
+        println!("demo: ── {title}: {secs:.0}s");
+        println!(
+            "demo:   passed {passed} packets ({}), dropped {dropped} packets ({})",
+            join(&passed_why),
+            join(&dropped_why)
+        );
+        for (name, p, d) in &now.rules {
+            let (bp, bd) = self
+                .rules
+                .iter()
+                .find(|r| &r.0 == name)
+                .map_or((0, 0), |r| (r.1, r.2));
+            println!(
+                "demo:   rule {name}: passed {} dropped {}",
+                p.saturating_sub(bp),
+                d.saturating_sub(bd)
+            );
+        }
+        let client = |label: &str, after: (u64, u64), before: (u64, u64)| {
+            let ok = after.0 - before.0;
+            let failed = after.1 - before.1;
+            if ok + failed > 0 {
+                println!(
+                    "demo:   {label} client: {ok} of {} requests answered",
+                    ok + failed
+                );
+            }
+        };
+        client("polite", now.polite, self.polite);
+        client("greedy", now.greedy, self.greedy);
+        Ok(now)
+    }
+}
+
+fn join(parts: &[String]) -> String {
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn sleep_interruptible(total: Duration) -> Result<()> {
@@ -206,14 +425,17 @@ fn netns_exists(name: &str) -> Result<bool> {
     Ok(test::netns_with_prefix(&list, name).contains(&name))
 }
 
-/// The two demo namespaces; dropping it deletes them (and with them the veth pair).
+/// The demo namespaces; dropping it deletes them (and with them the veth pairs).
 struct Sandbox {
     created: Vec<&'static str>,
 }
 
 impl Sandbox {
     fn create() -> Result<Self> {
-        for ns in [SRV_NS, CLI_NS] {
+        for ns in OLD_NAMESPACES
+            .into_iter()
+            .chain([SRV_NS, POLITE_NS, GREEDY_NS])
+        {
             if netns_exists(ns)? {
                 println!("demo: removing leftover netns {ns} from an earlier run");
                 ip(&["netns", "del", ns]).with_context(|| {
@@ -224,31 +446,44 @@ impl Sandbox {
         let mut sandbox = Self {
             created: Vec::new(),
         };
-        for ns in [SRV_NS, CLI_NS] {
+        for ns in [SRV_NS, POLITE_NS, GREEDY_NS] {
             ip(&["netns", "add", ns])
                 .with_context(|| format!("cannot create netns {ns}: are you root?"))?;
             sandbox.created.push(ns);
-        }
-        // Created inside the namespaces: no interface of the host is ever touched.
-        ip(&[
-            "-n", SRV_NS, "link", "add", SRV_IF, "type", "veth", "peer", "name", CLI_IF, "netns",
-            CLI_NS,
-        ])
-        .context("cannot create the veth pair: does the kernel have CONFIG_VETH?")?;
-        for (ns, dev, v4, v6) in [
-            (SRV_NS, SRV_IF, SRV_V4, SRV_V6),
-            (CLI_NS, CLI_IF, CLI_V4, CLI_V6),
-        ] {
-            let v4 = format!("{v4}/24");
-            let v6 = format!("{v6}/64");
-            ip(&["-n", ns, "addr", "add", &v4, "dev", dev])?;
-            ip(&["-n", ns, "addr", "add", &v6, "dev", dev, "nodad"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
-        println!(
-            "demo: sandbox ready: {SRV_NS}/{SRV_IF} ({SRV_V4}, {SRV_V6}) <-> {CLI_NS}/{CLI_IF} ({CLI_V4}, {CLI_V6})"
-        );
+        for (cli_ns, srv_if, cli_if, prefix) in LINKS {
+            // Created inside the namespaces: no interface of the host is ever touched.
+            ip(&[
+                "-n", SRV_NS, "link", "add", srv_if, "type", "veth", "peer", "name", cli_if,
+                "netns", cli_ns,
+            ])
+            .context("cannot create a veth pair: does the kernel have CONFIG_VETH?")?;
+            for (ns, dev, host) in [(SRV_NS, srv_if, 1), (cli_ns, cli_if, 2)] {
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{prefix}.{host}/24"),
+                    "dev",
+                    dev,
+                ])?;
+                // Full checksums on the wire, as the integration tests do; without ethtool
+                // the stack copes with partial ones.
+                let mut ethtool = Command::new("ip");
+                ethtool
+                    .args([
+                        "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "rx", "off", "gro",
+                        "off",
+                    ])
+                    .stdin(Stdio::null())
+                    .process_group(0);
+                let _ = util::output(&mut ethtool);
+                ip(&["-n", ns, "link", "set", dev, "up"])?;
+            }
+            println!("demo: {SRV_NS}/{srv_if} ({prefix}.1) <-> {cli_ns}/{cli_if} ({prefix}.2)");
+        }
         Ok(sandbox)
     }
 }

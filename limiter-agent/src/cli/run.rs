@@ -11,6 +11,7 @@ use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    control::{self, Control},
     dataplane::{AttachMode, Dataplane, LoadOptions, Stats},
     plan::KernelPlan,
     policy,
@@ -50,6 +51,9 @@ pub struct RunArgs {
     /// Reload only on SIGHUP, never by watching the files.
     #[arg(long)]
     pub no_watch: bool,
+    /// Local control socket `limiter-agent top` reads (created 0600, removed on exit).
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h`.
@@ -83,6 +87,7 @@ pub fn load_plan(paths: &[PathBuf]) -> anyhow::Result<KernelPlan> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let plan = load_plan(&args.policies).context("the policy has errors; nothing was attached")?;
+    let mut control = Control::bind(&args.control_socket).context("opening the control socket; nothing was attached")?;
     let options = LoadOptions {
         source_entries: args.source_entries,
         ipv6_source_prefix: args.ipv6_source_prefix,
@@ -100,6 +105,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             format!("attaching to {iface}: check the name with `ip link`, or try --xdp-mode generic")
         })?;
         info!("attached to {iface} in {mode} mode");
+        control.attached(iface, mode);
     }
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -113,6 +119,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = dp.stats().context("reading counters")?;
     let mut last_at = Instant::now();
+    let mut control_tick = tokio::time::interval(Duration::from_secs(1));
+    control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
@@ -126,7 +134,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     reloads.record(reload(&mut dp, &args.policies, "policy files changed"));
                 }
             }
+            _ = control_tick.tick() => control.refresh(&dp, reloads.control()),
             _ = tick.tick() => {
+                control.refresh(&dp, reloads.control());
                 dp.flush_log();
                 if let Err(e) = dp.expire_blocks() {
                     warn!("expiring block-list entries: {e}");
@@ -146,6 +156,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     dp.log_summary();
     let stats = dp.stats().ok();
     drop(dp);
+    drop(control);
     info!("detached from {}", args.ifaces.join(", "));
     if let Some(stats) = stats {
         for (name, c) in &stats.rules {
@@ -163,18 +174,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 struct ReloadCounts {
     applied: u64,
     rejected: u64,
+    last_rejected: bool,
 }
 
 impl ReloadCounts {
     fn record(&mut self, outcome: Option<bool>) {
         match outcome {
-            Some(true) => self.applied += 1,
+            Some(true) => {
+                self.applied += 1;
+                self.last_rejected = false;
+            }
             Some(false) => {
                 self.rejected += 1;
+                self.last_rejected = true;
                 warn!("policy reloads rejected since start: {}", self.rejected);
             }
             None => {}
         }
+    }
+}
+
+impl ReloadCounts {
+    fn control(&self) -> control::Reloads {
+        control::Reloads { applied: self.applied, rejected: self.rejected, last_ok: !self.last_rejected }
     }
 }
 
