@@ -159,11 +159,7 @@ pub struct Reloads {
 
 impl Default for Reloads {
     fn default() -> Self {
-        Self {
-            applied: 0,
-            rejected: 0,
-            last_ok: true,
-        }
+        Self { applied: 0, rejected: 0, last_ok: true }
     }
 }
 
@@ -179,11 +175,7 @@ pub enum ControlError {
     #[error("{path} exists and is not a socket: remove it, or pass another --control-socket")]
     NotASocket { path: PathBuf },
     #[error("control socket {path}: {action}: {source}")]
-    Io {
-        path: PathBuf,
-        action: &'static str,
-        source: io::Error,
-    },
+    Io { path: PathBuf, action: &'static str, source: io::Error },
     #[error(
         "cannot connect to {path}: {source}: is limiter-agent running? it listens on {path} \
          (set with `limiter-agent run --control-socket PATH`, read with `top --socket PATH`)"
@@ -195,11 +187,7 @@ pub enum ControlError {
 
 fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> ControlError {
     let path = path.to_owned();
-    move |source| ControlError::Io {
-        path,
-        action,
-        source,
-    }
+    move |source| ControlError::Io { path, action, source }
 }
 
 /// The agent's side of the control socket. Dropping it stops answering and removes the
@@ -227,22 +215,15 @@ impl Control {
                 .recursive(true)
                 .mode(0o755)
                 .create(dir)
-                .map_err(|source| ControlError::Dir {
-                    dir: dir.to_owned(),
-                    source,
-                })?;
+                .map_err(|source| ControlError::Dir { dir: dir.to_owned(), source })?;
         }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(ControlError::NotASocket {
-                    path: path.to_owned(),
-                });
+                return Err(ControlError::NotASocket { path: path.to_owned() });
             }
             Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
                 Ok(_) => {
-                    return Err(ControlError::InUse {
-                        path: path.to_owned(),
-                    });
+                    return Err(ControlError::InUse { path: path.to_owned() });
                 }
                 Err(_) => info!(
                     "replacing the stale control socket {} (left by an agent that did not stop cleanly)",
@@ -262,8 +243,7 @@ impl Control {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&tmp, "removing a leftover")(e)),
         }
-        let listener =
-            std::os::unix::net::UnixListener::bind(&tmp).map_err(io_err(&tmp, "binding"))?;
+        let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io_err(&tmp, "binding"))?;
         let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
             .map_err(io_err(&tmp, "setting mode 0600"))
             .and_then(|()| std::fs::rename(&tmp, path).map_err(io_err(path, "moving into place")));
@@ -272,11 +252,8 @@ impl Control {
             return Err(e);
         }
         let meta = std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io_err(path, "setting non-blocking"))?;
-        let listener = tokio::net::UnixListener::from_std(listener)
-            .map_err(io_err(path, "registering with tokio"))?;
+        listener.set_nonblocking(true).map_err(io_err(path, "setting non-blocking"))?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(io_err(path, "registering with tokio"))?;
         let shared = Arc::new(Mutex::new(Arc::new(Snapshot::default())));
         let task = tokio::spawn(serve(listener, Arc::clone(&shared)));
         Ok(Self {
@@ -298,19 +275,14 @@ impl Control {
 
     /// Records an interface the program is attached to (`mode`: as `Dataplane::attach` says).
     pub fn attached(&mut self, iface: &str, mode: &str) {
-        self.interfaces.push(Interface {
-            name: iface.to_owned(),
-            mode: mode.to_owned(),
-        });
+        self.interfaces.push(Interface { name: iface.to_owned(), mode: mode.to_owned() });
     }
 
     /// Reads the counters and publishes a new snapshot. Call it on every stats tick and about
     /// once a second; failures are logged (once until the next success) and the last good
     /// snapshot keeps being served.
     pub fn refresh(&mut self, dp: &Dataplane, reloads: Reloads) {
-        let read = dp
-            .stats()
-            .and_then(|stats| dp.top_dropped_sources(TOP_SOURCES).map(|top| (stats, top)));
+        let read = dp.stats().and_then(|stats| dp.top_dropped_sources(TOP_SOURCES).map(|top| (stats, top)));
         let (stats, top) = match read {
             Ok(x) => x,
             Err(e) => {
@@ -323,10 +295,7 @@ impl Control {
         };
         self.refresh_failing = false;
         let now_ms = unix_ms(SystemTime::now());
-        if self
-            .sampled
-            .is_none_or(|at| at.elapsed() >= TRACKED_SAMPLE_EVERY)
-        {
+        if self.sampled.is_none_or(|at| at.elapsed() >= TRACKED_SAMPLE_EVERY) {
             self.sources = SourceTable {
                 tracked: dp.tracked_sources() as u64,
                 capacity: u64::from(dp.source_capacity()),
@@ -372,8 +341,7 @@ impl Drop for Control {
     fn drop(&mut self) {
         self.task.abort();
         // Remove only the file this agent created: a newer agent may own `path` by now.
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
         if ours {
             match std::fs::remove_file(&self.path) {
                 Ok(()) => info!("removed the control socket {}", self.path.display()),
@@ -421,11 +389,7 @@ impl Snapshot {
             .collect();
         let top_sources = top
             .iter()
-            .map(|(source, c)| SourceCount {
-                source: *source,
-                dropped_packets: c.packets,
-                dropped_bytes: c.bytes,
-            })
+            .map(|(source, c)| SourceCount { source: *source, dropped_packets: c.packets, dropped_bytes: c.bytes })
             .collect();
         Self {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -442,17 +406,12 @@ impl Snapshot {
 
     /// Packets and bytes over every reason with this verdict.
     pub fn total(&self, verdict: Verdict) -> (u64, u64) {
-        self.reasons
-            .iter()
-            .filter(|r| r.verdict == verdict)
-            .fold((0, 0), |(p, b), r| (p + r.packets, b + r.bytes))
+        self.reasons.iter().filter(|r| r.verdict == verdict).fold((0, 0), |(p, b), r| (p + r.packets, b + r.bytes))
     }
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 async fn serve(listener: tokio::net::UnixListener, shared: Arc<Mutex<Arc<Snapshot>>>) {
@@ -482,9 +441,7 @@ async fn serve(listener: tokio::net::UnixListener, shared: Arc<Mutex<Arc<Snapsho
 async fn answer(stream: UnixStream, shared: Arc<Mutex<Arc<Snapshot>>>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
+    BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line).await?;
     let reply = match line.trim() {
         REQUEST_SNAPSHOT => {
             let snapshot = Arc::clone(&shared.lock().unwrap_or_else(PoisonError::into_inner));
@@ -501,33 +458,18 @@ async fn answer(stream: UnixStream, shared: Arc<Mutex<Arc<Snapshot>>>) -> io::Re
 /// Client side: asks the agent listening on `path` for a snapshot (blocking, bounded by
 /// timeouts).
 pub fn fetch(path: &Path) -> Result<Snapshot, ControlError> {
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
-        ControlError::NotRunning {
-            path: path.to_owned(),
-            source,
-        }
-    })?;
-    stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(io_err(path, "setting a timeout"))?;
-    stream
-        .set_write_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(io_err(path, "setting a timeout"))?;
-    stream
-        .write_all(format!("{REQUEST_SNAPSHOT}\n").as_bytes())
-        .map_err(io_err(path, "sending the request"))?;
+    let mut stream = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|source| ControlError::NotRunning { path: path.to_owned(), source })?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io_err(path, "setting a timeout"))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(io_err(path, "setting a timeout"))?;
+    stream.write_all(format!("{REQUEST_SNAPSHOT}\n").as_bytes()).map_err(io_err(path, "sending the request"))?;
     let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .map_err(io_err(path, "reading the answer"))?;
+    stream.read_to_string(&mut text).map_err(io_err(path, "reading the answer"))?;
     parse_answer(path, &text)
 }
 
 fn parse_answer(path: &Path, text: &str) -> Result<Snapshot, ControlError> {
-    let bad = |detail: String| ControlError::BadAnswer {
-        path: path.to_owned(),
-        detail,
-    };
+    let bad = |detail: String| ControlError::BadAnswer { path: path.to_owned(), detail };
     if text.trim().is_empty() {
         return Err(bad("an empty answer (too many clients at once?)".into()));
     }
@@ -549,84 +491,39 @@ mod tests {
 
     fn stats() -> Stats {
         let mut reasons = vec![Counter::default(); reason::COUNT as usize];
-        reasons[reason::PASS_CONFORMING as usize] = Counter {
-            packets: 10,
-            bytes: 1000,
-        };
-        reasons[reason::DROP_SOURCE_BUCKET as usize] = Counter {
-            packets: 4,
-            bytes: 400,
-        };
-        reasons[reason::EVENT_NON_FIRST_FRAGMENT as usize] = Counter {
-            packets: 1,
-            bytes: 60,
-        };
+        reasons[reason::PASS_CONFORMING as usize] = Counter { packets: 10, bytes: 1000 };
+        reasons[reason::DROP_SOURCE_BUCKET as usize] = Counter { packets: 4, bytes: 400 };
+        reasons[reason::EVENT_NON_FIRST_FRAGMENT as usize] = Counter { packets: 1, bytes: 60 };
         let rc = RuleCounter {
-            passed: Counter {
-                packets: 10,
-                bytes: 1000,
-            },
-            dropped: Counter {
-                packets: 4,
-                bytes: 400,
-            },
+            passed: Counter { packets: 10, bytes: 1000 },
+            dropped: Counter { packets: 4, bytes: 400 },
             ..Default::default()
         };
-        Stats {
-            reasons,
-            rules: BTreeMap::from([("p/r".to_owned(), rc)]),
-        }
+        Stats { reasons, rules: BTreeMap::from([("p/r".to_owned(), rc)]) }
     }
 
     #[test]
     fn snapshot_lists_every_reason_with_its_verdict_and_round_trips_as_json() {
-        let top = [(
-            "10.0.0.7".parse().unwrap(),
-            Counter {
-                packets: 4,
-                bytes: 400,
-            },
-        )];
+        let top = [("10.0.0.7".parse().unwrap(), Counter { packets: 4, bytes: 400 })];
         let meta = Meta {
             time_unix_ms: 1_700_000_000_000,
             uptime_s: 3,
-            interfaces: vec![Interface {
-                name: "eth0".into(),
-                mode: "native".into(),
-            }],
-            policy: PolicyStatus {
-                rules: 1,
-                last_reload_ok: true,
-                ..Default::default()
-            },
-            sources: SourceTable {
-                tracked: 1,
-                capacity: 1024,
-                sampled_at_unix_ms: 1_700_000_000_000,
-            },
+            interfaces: vec![Interface { name: "eth0".into(), mode: "native".into() }],
+            policy: PolicyStatus { rules: 1, last_reload_ok: true, ..Default::default() },
+            sources: SourceTable { tracked: 1, capacity: 1024, sampled_at_unix_ms: 1_700_000_000_000 },
         };
         let snap = Snapshot::build(&stats(), &top, meta);
         assert_eq!(snap.reasons.len(), reason::COUNT as usize);
-        let unparsed: Vec<Verdict> = snap
-            .reasons
-            .iter()
-            .filter(|r| r.reason == "unparsed")
-            .map(|r| r.verdict)
-            .collect();
+        let unparsed: Vec<Verdict> =
+            snap.reasons.iter().filter(|r| r.reason == "unparsed").map(|r| r.verdict).collect();
         assert_eq!(unparsed, [Verdict::Pass, Verdict::Drop]);
-        assert_eq!(
-            snap.reasons[reason::EVENT_NON_FIRST_FRAGMENT as usize].verdict,
-            Verdict::Event
-        );
+        assert_eq!(snap.reasons[reason::EVENT_NON_FIRST_FRAGMENT as usize].verdict, Verdict::Event);
         assert_eq!(snap.total(Verdict::Drop), (4, 400));
         assert_eq!(snap.total(Verdict::Pass), (10, 1000));
         assert_eq!(snap.rules[0].dropped_packets, 4);
 
         let json = serde_json::to_string(&snap).unwrap();
-        assert!(
-            json.contains(r#""reason":"source_bucket","verdict":"drop","packets":4"#),
-            "{json}"
-        );
+        assert!(json.contains(r#""reason":"source_bucket","verdict":"drop","packets":4"#), "{json}");
         assert!(json.contains(r#""source":"10.0.0.7""#), "{json}");
         assert!(!json.contains('\n'));
         assert_eq!(parse_answer(Path::new("x"), &json).unwrap(), snap);
@@ -649,22 +546,12 @@ mod tests {
         let control = Control::bind(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(matches!(
-            Control::bind(&path),
-            Err(ControlError::InUse { .. })
-        ));
+        assert!(matches!(Control::bind(&path), Err(ControlError::InUse { .. })));
 
-        let snap = Snapshot {
-            version: "x".into(),
-            time_unix_ms: 42,
-            ..Default::default()
-        };
+        let snap = Snapshot { version: "x".into(), time_unix_ms: 42, ..Default::default() };
         control.publish(snap.clone());
         let p = path.clone();
-        let got = tokio::task::spawn_blocking(move || fetch(&p))
-            .await
-            .unwrap()
-            .unwrap();
+        let got = tokio::task::spawn_blocking(move || fetch(&p)).await.unwrap().unwrap();
         assert_eq!(got, snap);
 
         let mut raw = UnixStream::connect(&path).await.unwrap();
@@ -679,10 +566,7 @@ mod tests {
         assert!(e.to_string().contains("is limiter-agent running?"), "{e}");
 
         std::fs::write(&path, "not a socket").unwrap();
-        assert!(matches!(
-            Control::bind(&path),
-            Err(ControlError::NotASocket { .. })
-        ));
+        assert!(matches!(Control::bind(&path), Err(ControlError::NotASocket { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,9 +5,9 @@
 //! - [`dataplane`]: loads and attaches the XDP program and owns its maps.
 //! - [`plan`]: the compiled plan both of them speak.
 
-pub mod dataplane;
-pub mod plan;
 pub mod cli;
 pub mod control;
+pub mod dataplane;
+pub mod plan;
 pub mod policy;
 pub mod watch;

@@ -44,9 +44,8 @@ pub unsafe fn charge(tat: *mut u64, now_ns: u64, cost_ns: u64, burst_ns: u64) ->
             return Charge::Refused;
         };
         // SAFETY: as above.
-        let (_, swapped) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(tat, seen, next)
-        };
+        let (_, swapped) =
+            unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(tat, seen, next) };
         if swapped {
             return Charge::Admitted;
         }

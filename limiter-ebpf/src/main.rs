@@ -21,11 +21,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use limiter_common::{
-    Addr, BlockEntry, Bucket, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, COUNT_BYTES, COUNT_CONNECTIONS, CONFIG_FLAG_DEBUG_LOG, Config, Counter,
-    DEFAULT_SOURCE_ENTRIES, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey,
-    ListValue, MAX_RULES, MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey, PortRules,
-    RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES,
-    STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
+    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, COUNT_BYTES, COUNT_CONNECTIONS, Config, Counter,
+    DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES,
+    ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey, PortRules,
+    RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey,
+    SourceBucketKey, XDP_DROP, XDP_PASS, reason,
 };
 
 use core::ffi::c_void;
@@ -58,12 +58,10 @@ static PORT_RULES: HashMap<PortKey, PortRules> = HashMap::with_max_entries(4 * 6
 static RULES: Array<RuleConfig> = Array::with_max_entries(2 * MAX_RULES, 0);
 
 #[map(name = "SHARED_BUCKETS")]
-static SHARED_BUCKETS: HashMap<SharedBucketKey, Bucket> =
-    HashMap::with_max_entries(SHARED_BUCKET_ENTRIES, 0);
+static SHARED_BUCKETS: HashMap<SharedBucketKey, Bucket> = HashMap::with_max_entries(SHARED_BUCKET_ENTRIES, 0);
 
 #[map(name = "SOURCE_BUCKETS")]
-static SOURCE_BUCKETS: LruHashMap<SourceBucketKey, Bucket> =
-    LruHashMap::with_max_entries(DEFAULT_SOURCE_ENTRIES, 0);
+static SOURCE_BUCKETS: LruHashMap<SourceBucketKey, Bucket> = LruHashMap::with_max_entries(DEFAULT_SOURCE_ENTRIES, 0);
 
 #[map(name = "STATS")]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
@@ -71,8 +69,7 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES
 /// Packets and bytes dropped per source address (IPv6 by source prefix), for "top limited
 /// sources". Per-CPU LRU: no contention, and old sources age out.
 #[map(name = "DROPPED_SOURCES")]
-static DROPPED_SOURCES: LruPerCpuHashMap<Addr, Counter> =
-    LruPerCpuHashMap::with_max_entries(DROPPED_SOURCE_ENTRIES, 0);
+static DROPPED_SOURCES: LruPerCpuHashMap<Addr, Counter> = LruPerCpuHashMap::with_max_entries(DROPPED_SOURCE_ENTRIES, 0);
 
 #[map(name = "RULE_STATS")]
 static RULE_STATS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
@@ -105,7 +102,10 @@ pub fn limiter(ctx: XdpContext) -> u32 {
     let seen = count(verdict_reason, len);
     if reason::is_drop(verdict_reason) {
         if config.flags & CONFIG_FLAG_DEBUG_LOG != 0 && seen % DEBUG_LOG_EVERY == 1 {
-            debug!(&ctx, "drop reason={} rule={} (sampled: drop {} of this reason on this CPU)", verdict_reason, rule_id, seen);
+            debug!(
+                &ctx,
+                "drop reason={} rule={} (sampled: drop {} of this reason on this CPU)", verdict_reason, rule_id, seen
+            );
         }
         xdp_action::XDP_DROP
     } else {
@@ -119,10 +119,7 @@ const NO_RULE: u32 = u32::MAX;
 #[inline(always)]
 fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
     let set = config.active_set & 1;
-    let list_key = Key::new(
-        limiter_common::LIST_KEY_SET_BITS + 128,
-        ListKey { set_be: set.to_be(), addr: packet.src },
-    );
+    let list_key = Key::new(limiter_common::LIST_KEY_SET_BITS + 128, ListKey { set_be: set.to_be(), addr: packet.src });
     if ALLOW.get(&list_key).is_some() {
         return (reason::PASS_ALLOW_LIST, NO_RULE);
     }
@@ -375,7 +372,13 @@ fn half(a: &Addr, at: usize) -> [u8; 8] {
 /// The top `bits` bits set (saturating at 64).
 #[inline(always)]
 fn mask64(bits: u32) -> u64 {
-    if bits == 0 { 0 } else if bits >= 64 { u64::MAX } else { u64::MAX << (64 - bits) }
+    if bits == 0 {
+        0
+    } else if bits >= 64 {
+        u64::MAX
+    } else {
+        u64::MAX << (64 - bits)
+    }
 }
 
 /// The source as buckets and the block list key it: IPv6 masked to `v6_prefix` bits (a host

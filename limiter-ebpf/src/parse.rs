@@ -110,15 +110,8 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
     let protocol = header[9];
     let src = ipv4_mapped([header[12], header[13], header[14], header[15]]);
     let non_first_fragment = frag & 0x1fff != 0;
-    let mut packet = Packet {
-        src,
-        is_ipv6: false,
-        protocol,
-        dst_port: 0,
-        has_ports: false,
-        tcp_syn: false,
-        non_first_fragment,
-    };
+    let mut packet =
+        Packet { src, is_ipv6: false, protocol, dst_port: 0, has_ports: false, tcp_syn: false, non_first_fragment };
     if !non_first_fragment {
         parse_l4(ctx, l3 + header_len, &mut packet)?;
     }

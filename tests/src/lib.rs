@@ -55,11 +55,7 @@ pub fn require_tool(name: &str) {
 pub(crate) fn run_checked(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
     let out = cmd.output().map_err(|e| anyhow::anyhow!("cannot run {cmd:?}: {e}"))?;
     if !out.status.success() {
-        anyhow::bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        anyhow::bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }

@@ -40,11 +40,8 @@ impl Netns {
     /// Creates `lt-<tag>-<pid>-<counter>` with `lo` up. `tag` is reduced to `[A-Za-z0-9_-]` and
     /// shortened, so any string is accepted.
     pub fn new(tag: &str) -> Result<Netns> {
-        let tag: String = tag
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-            .take(24)
-            .collect();
+        let tag: String =
+            tag.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(24).collect();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{NETNS_PREFIX}{tag}-{}-{n}", std::process::id());
         run_checked(Command::new("ip").args(["netns", "add", &name]))
@@ -112,9 +109,7 @@ impl Netns {
 
     /// Runs `args` inside the namespace and returns its output whatever the exit status.
     pub fn output(&self, args: &[&str]) -> Result<Output> {
-        self.command(args)
-            .output()
-            .with_context(|| format!("running {args:?} in {}", self.name))
+        self.command(args).output().with_context(|| format!("running {args:?} in {}", self.name))
     }
 
     /// Runs `ip -n <name> args...` (the namespace-local iproute2), failing on non-zero exit.
@@ -136,8 +131,7 @@ impl Netns {
     /// the namespace of the task that opens it, so no `sysctl` binary is needed.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        self.run(|| std::fs::write(&path, value))
-            .with_context(|| format!("setting {key}={value} in {}", self.name))
+        self.run(|| std::fs::write(&path, value)).with_context(|| format!("setting {key}={value} in {}", self.name))
     }
 
     /// Index and MAC address of interface `ifname` inside this namespace.

@@ -257,11 +257,7 @@ impl RawReceiver {
     }
 
     /// Collects the frames matching `pred` that arrive until `deadline`.
-    pub fn collect_matching(
-        &self,
-        deadline: Instant,
-        mut pred: impl FnMut(&[u8]) -> bool,
-    ) -> io::Result<Vec<Frame>> {
+    pub fn collect_matching(&self, deadline: Instant, mut pred: impl FnMut(&[u8]) -> bool) -> io::Result<Vec<Frame>> {
         let mut out = Vec::new();
         while let Some(f) = self.recv_timeout(deadline.saturating_duration_since(Instant::now()))? {
             if pred(&f.data) {

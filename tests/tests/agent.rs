@@ -209,13 +209,15 @@ fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_s
     agent.signal(libc::SIGTERM);
     let status = agent.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
     assert!(status.success(), "agent exit status {status}");
-    assert!(agent.seen.iter().any(|l| l.contains("SIGTERM: detaching")) || {
-        // drain what is left
-        while let Ok(l) = agent.lines.recv_timeout(Duration::from_millis(200)) {
-            agent.seen.push(l);
+    assert!(
+        agent.seen.iter().any(|l| l.contains("SIGTERM: detaching")) || {
+            // drain what is left
+            while let Ok(l) = agent.lines.recv_timeout(Duration::from_millis(200)) {
+                agent.seen.push(l);
+            }
+            agent.seen.iter().any(|l| l.contains("detached from s0"))
         }
-        agent.seen.iter().any(|l| l.contains("detached from s0"))
-    });
+    );
     assert!(!xdp_attached(&topo), "XDP is detached after SIGTERM");
     assert_eq!(send_and_count(&topo, &server, 20), 20, "traffic flows unlimited after detach");
 }
@@ -332,7 +334,11 @@ fn watched_policy_rewritten_under_live_traffic_takes_effect_without_an_unlimited
         assert!(n < offered_per_bin / 2, "bin {i}: {n} of {offered_per_bin} offered: unlimited");
         // Never wrongly dropped: every bin admits about its limit's share.
         let floor = if i > reload_bin { 100 - 25 } else { 50 - 15 };
-        assert!(n >= floor, "bin {i}: only {n} admitted, the limit allows about {}", if i > reload_bin { 100 } else { 50 });
+        assert!(
+            n >= floor,
+            "bin {i}: only {n} admitted, the limit allows about {}",
+            if i > reload_bin { 100 } else { 50 }
+        );
     }
     // After the rejected rewrite, the 400/s limit is still the one enforced.
     let after_reject = (rejected_at.as_millis() / 250) as usize + 1;

@@ -27,23 +27,12 @@ fn agent_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "limiter-agent",
-                "--bin",
-                "limiter-agent",
-            ])
+            .args(["build", "--quiet", "-p", "limiter-agent", "--bin", "limiter-agent"])
             .status()
             .expect("run cargo build for limiter-agent");
         assert!(status.success(), "building limiter-agent failed");
         let exe = std::env::current_exe().expect("test executable path");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .join("limiter-agent");
+        let bin = exe.parent().and_then(Path::parent).expect("target dir").join("limiter-agent");
         assert!(bin.exists(), "{} missing after cargo build", bin.display());
         bin
     })
@@ -113,10 +102,7 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
         "--control-socket",
         socket.to_str().unwrap(),
     ]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "info");
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
     let mut agent = ChildGuard::spawn(&mut cmd).unwrap();
     let stderr = agent.stderr.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
@@ -131,21 +117,13 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .expect("agent attaches to s0 within 30s");
+        let line = lines.recv_timeout(left).expect("agent attaches to s0 within 30s");
         if line.contains("attached to s0") {
             break;
         }
     }
-    let mode = std::fs::metadata(&socket)
-        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
-    assert_eq!(
-        mode.ok(),
-        Some(0o600),
-        "control socket {} exists with mode 0600",
-        socket.display()
-    );
+    let mode = std::fs::metadata(&socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.ok(), Some(0o600), "control socket {} exists with mode 0600", socket.display());
 
     // 5 packets an hour per source: of 50, 45 are dropped by the per-source bucket.
     let c = topo.client(0);
@@ -160,17 +138,9 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let out = top(&socket);
-        assert!(
-            out.status.success(),
-            "top failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "top failed: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(
-            text.lines().count(),
-            1,
-            "--once --json prints one line: {text}"
-        );
+        assert_eq!(text.lines().count(), 1, "--once --json prints one line: {text}");
         json = serde_json::from_str(&text).unwrap();
         if json["rules"][0]["dropped_packets"].as_u64() == Some(45) {
             break;
@@ -201,24 +171,14 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     let ours = ours.unwrap_or_else(|| panic!("{source} is not among the top sources: {tops:?}"));
     assert_eq!(ours["dropped_packets"], 45);
 
-    let tracked = json["sources"]["tracked"]
-        .as_u64()
-        .expect("sources.tracked");
-    let capacity = json["sources"]["capacity"]
-        .as_u64()
-        .expect("sources.capacity");
-    assert!(
-        capacity > 0 && tracked <= capacity,
-        "tracked {tracked} of {capacity}"
-    );
+    let tracked = json["sources"]["tracked"].as_u64().expect("sources.tracked");
+    let capacity = json["sources"]["capacity"].as_u64().expect("sources.capacity");
+    assert!(capacity > 0 && tracked <= capacity, "tracked {tracked} of {capacity}");
     assert_eq!(json["interfaces"][0]["name"], "s0");
     assert_eq!(json["interfaces"][0]["mode"], "native");
     assert_eq!(json["policy"]["rules"], 1);
     assert_eq!(json["policy"]["last_reload_ok"], true);
-    assert!(
-        json["rates"]["interval_s"].is_number(),
-        "rates present: {json}"
-    );
+    assert!(json["rates"]["interval_s"].is_number(), "rates present: {json}");
 
     // The text view says the same.
     let text = Command::new(agent_binary())
@@ -228,22 +188,13 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
         .unwrap();
     assert!(text.status.success());
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(
-        text.contains("source_port_bucket") || text.contains("top-test/per-source"),
-        "{text}"
-    );
+    assert!(text.contains("source_port_bucket") || text.contains("top-test/per-source"), "{text}");
     assert!(text.contains(&source.to_string()), "{text}");
 
     // SIGTERM: the agent exits cleanly and removes its socket.
     // SAFETY: signalling our own child (`ip netns exec` execs the agent).
-    assert_eq!(
-        unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
-    let status = agent
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap()
-        .expect("agent exits on SIGTERM");
+    assert_eq!(unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let status = agent.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
     assert!(status.success(), "agent exit status {status}");
     assert!(!socket.exists(), "socket removed on clean shutdown");
 }
@@ -256,9 +207,6 @@ fn top_without_an_agent_says_so_and_exits_non_zero() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is limiter-agent running?"), "{stderr}");
-    assert!(
-        stderr.contains(&format!("it listens on {}", socket.display())),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("it listens on {}", socket.display())), "{stderr}");
     assert!(out.stdout.is_empty());
 }

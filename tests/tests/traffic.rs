@@ -161,7 +161,8 @@ fn model(times: &[u64], params: &[BucketParams]) -> usize {
     let mut admitted = 0;
     for &t in times {
         let now = base + t;
-        let next: Vec<Option<u64>> = params.iter().zip(&tats).map(|(p, &tat)| gcra(tat, now, p.cost_ns(1), p.burst_ns)).collect();
+        let next: Vec<Option<u64>> =
+            params.iter().zip(&tats).map(|(p, &tat)| gcra(tat, now, p.cost_ns(1), p.burst_ns)).collect();
         if next.iter().all(Option::is_some) {
             tats = next.into_iter().map(|t| t.unwrap_or_default()).collect();
             admitted += 1;
@@ -208,9 +209,15 @@ fn two_rules_at_once_deny_when_either_runs_out() {
     // rule runs out within seconds: bursts of 25 every ~1.2 s. First the per-second rule
     // binds (10 of 25), then the per-minute one (20 in total).
     let topo = topology("two", 1);
-    let per_second = rule("per-second", CountKind::Packets, limit(10, Unit::Second, 0), (UDP_PORT, Protocol::Udp), true);
-    let per_minute = rule("per-minute", CountKind::Packets, limit(20, Unit::Minute, 0), (UDP_PORT, Protocol::Udp), true);
-    let dp = shield(&topo, &KernelPlan { rules: vec![per_second, per_minute], ..Default::default() }, LoadOptions::default());
+    let per_second =
+        rule("per-second", CountKind::Packets, limit(10, Unit::Second, 0), (UDP_PORT, Protocol::Udp), true);
+    let per_minute =
+        rule("per-minute", CountKind::Packets, limit(20, Unit::Minute, 0), (UDP_PORT, Protocol::Udp), true);
+    let dp = shield(
+        &topo,
+        &KernelPlan { rules: vec![per_second, per_minute], ..Default::default() },
+        LoadOptions::default(),
+    );
     let server = server_udp(&topo);
     let mut got = Vec::new();
     for _ in 0..3 {
@@ -257,7 +264,8 @@ fn a_random_source_flood_is_held_by_the_port_bucket() {
         tx.send(&spoofed(&mut rng, c.server.mac, dst)).unwrap();
         times.push(start.elapsed().as_nanos() as u64);
     }
-    let admitted = rx.count_matching(Instant::now() + Duration::from_millis(500), |f| is_udp_to(f, UDP_PORT, MARKER)).unwrap();
+    let admitted =
+        rx.count_matching(Instant::now() + Duration::from_millis(500), |f| is_udp_to(f, UDP_PORT, MARKER)).unwrap();
     let expected = model(&times, &[BucketParams::for_packets(500, 1_000_000_000, 0).unwrap()]);
     let tolerance = expected / 50 + 2;
     assert!(admitted.abs_diff(expected) <= tolerance, "admitted {admitted}, model {expected} ± {tolerance}");
@@ -307,7 +315,13 @@ fn concurrent_senders_on_both_cpus_are_admitted_within_two_percent() {
     const BURST: u64 = 1000;
     const SECONDS: u64 = 4;
     let plan = KernelPlan {
-        rules: vec![rule("shared", CountKind::Packets, limit(RATE, Unit::Second, BURST), (UDP_PORT, Protocol::Udp), false)],
+        rules: vec![rule(
+            "shared",
+            CountKind::Packets,
+            limit(RATE, Unit::Second, BURST),
+            (UDP_PORT, Protocol::Udp),
+            false,
+        )],
         ..Default::default()
     };
     let dp = shield(&topo, &plan, LoadOptions::default());
@@ -356,7 +370,9 @@ fn concurrent_senders_on_both_cpus_are_admitted_within_two_percent() {
     let last = sent.iter().map(|s| s.2).max().unwrap();
     let admitted: usize = receivers
         .iter()
-        .map(|rx| rx.count_matching(Instant::now() + Duration::from_millis(300), |f| is_udp_to(f, UDP_PORT, MARKER)).unwrap())
+        .map(|rx| {
+            rx.count_matching(Instant::now() + Duration::from_millis(300), |f| is_udp_to(f, UDP_PORT, MARKER)).unwrap()
+        })
         .sum();
     let window_s = (last - first) as f64 / 1e9;
     let expected = RATE as f64 * window_s + (RATE + BURST) as f64;
@@ -369,6 +385,9 @@ fn concurrent_senders_on_both_cpus_are_admitted_within_two_percent() {
     assert!(offered as f64 > 8.0 * RATE as f64 * window_s, "senders offered at least 8x the rate");
     assert!(error <= 0.02, "admitted {admitted}, expected {expected:.0} (error {:.2}%)", error * 100.0);
     let stats = dp.stats().unwrap();
-    assert_eq!(stats.rules["test/shared"].passed.packets as usize, admitted, "kernel counters agree with the receivers");
+    assert_eq!(
+        stats.rules["test/shared"].passed.packets as usize, admitted,
+        "kernel counters agree with the receivers"
+    );
     eprintln!("accuracy: contended CAS refusals: {}", stats.reason(reason::EVENT_BUCKET_CONTENDED).packets);
 }

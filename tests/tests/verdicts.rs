@@ -257,9 +257,8 @@ fn header_only_and_garbage_frames_get_the_documented_verdict() {
 // ---------------------------------------------------------------- lists
 
 fn plan_with_lists(allow: &[&str], deny: &[&str], rules: Vec<KernelRule>) -> KernelPlan {
-    let entries = |nets: &[&str]| {
-        nets.iter().map(|n| ListEntry { net: n.parse().unwrap(), policy: "test".into() }).collect()
-    };
+    let entries =
+        |nets: &[&str]| nets.iter().map(|n| ListEntry { net: n.parse().unwrap(), policy: "test".into() }).collect();
     KernelPlan { allow: entries(allow), deny: entries(deny), rules }
 }
 
@@ -333,8 +332,14 @@ fn shared_port_bucket_admits_rate_plus_burst_for_all_sources_together() {
 fn per_source_buckets_are_independent_and_ipv6_is_keyed_by_prefix() {
     let mut dp = with_rules(vec![per_source(rule("src", CountKind::Packets, 2, Unit::Hour, 0))]);
     let from = |a: Ipv4Addr| Packet::eth().ipv4(a, SERVER).udp(1, 80).build();
-    assert_eq!([verdict(&mut dp, &from(CLIENT)), verdict(&mut dp, &from(CLIENT)), verdict(&mut dp, &from(CLIENT))], [XDP_PASS, XDP_PASS, XDP_DROP]);
-    assert_eq!([verdict(&mut dp, &from(OTHER)), verdict(&mut dp, &from(OTHER)), verdict(&mut dp, &from(OTHER))], [XDP_PASS, XDP_PASS, XDP_DROP]);
+    assert_eq!(
+        [verdict(&mut dp, &from(CLIENT)), verdict(&mut dp, &from(CLIENT)), verdict(&mut dp, &from(CLIENT))],
+        [XDP_PASS, XDP_PASS, XDP_DROP]
+    );
+    assert_eq!(
+        [verdict(&mut dp, &from(OTHER)), verdict(&mut dp, &from(OTHER)), verdict(&mut dp, &from(OTHER))],
+        [XDP_PASS, XDP_PASS, XDP_DROP]
+    );
     // Two addresses in one /64 share a bucket; another /64 has its own.
     let from6 = |a: Ipv6Addr| Packet::eth().ipv6(a, SERVER6).udp(1, 80).build();
     let a = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
@@ -359,7 +364,11 @@ fn per_source_buckets_are_independent_and_ipv6_is_keyed_by_prefix() {
 #[test]
 fn ipv6_source_prefix_is_configurable() {
     let mut dp = load(LoadOptions { ipv6_source_prefix: 128, ..Default::default() });
-    dp.apply(&KernelPlan { rules: vec![per_source(rule("src", CountKind::Packets, 1, Unit::Hour, 0))], ..Default::default() }).unwrap();
+    dp.apply(&KernelPlan {
+        rules: vec![per_source(rule("src", CountKind::Packets, 1, Unit::Hour, 0))],
+        ..Default::default()
+    })
+    .unwrap();
     let from6 = |a: Ipv6Addr| Packet::eth().ipv6(a, SERVER6).udp(1, 80).build();
     assert_eq!(verdict(&mut dp, &from6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1))), XDP_PASS);
     assert_eq!(verdict(&mut dp, &from6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2))), XDP_PASS);
@@ -382,7 +391,11 @@ fn per_source_port_buckets_are_separate_per_port() {
 
 #[test]
 fn connection_buckets_count_only_syn_without_ack() {
-    let mut dp = with_rules(vec![on_port(per_source(rule("conn", CountKind::Connections, 2, Unit::Hour, 0)), 80, Protocol::Tcp)]);
+    let mut dp = with_rules(vec![on_port(
+        per_source(rule("conn", CountKind::Connections, 2, Unit::Hour, 0)),
+        80,
+        Protocol::Tcp,
+    )]);
     let seg = |p: Packet| p.build();
     let base = || Packet::eth().ipv4(CLIENT, SERVER).tcp(40000, 80);
     // Established traffic is never counted.
@@ -443,8 +456,10 @@ fn shadow_rules_count_but_never_drop() {
 #[test]
 fn two_rules_at_once_deny_when_either_runs_out() {
     // TEG's example at L4: 1 per second and 20 per minute on one port.
-    let per_minute = |burst| on_port(per_source(rule("per-minute", CountKind::Packets, 20, Unit::Minute, burst)), 80, Protocol::Udp);
-    let per_second = |burst| on_port(per_source(rule("per-second", CountKind::Packets, 1, Unit::Second, burst)), 80, Protocol::Udp);
+    let per_minute =
+        |burst| on_port(per_source(rule("per-minute", CountKind::Packets, 20, Unit::Minute, burst)), 80, Protocol::Udp);
+    let per_second =
+        |burst| on_port(per_source(rule("per-second", CountKind::Packets, 1, Unit::Second, burst)), 80, Protocol::Udp);
     let frame = Packet::eth().ipv4(CLIENT, SERVER).udp(1, 80).build();
 
     // A burst runs the per-second rule out first.
@@ -473,7 +488,8 @@ fn a_source_over_its_own_limit_does_not_drain_the_shared_port_bucket() {
     let from = |a: Ipv4Addr| Packet::eth().ipv4(a, SERVER).udp(1, 80).build();
     let greedy: u32 = (0..50).map(|_| u32::from(verdict(&mut dp, &from(CLIENT)) == XDP_PASS)).sum();
     assert_eq!(greedy, 2);
-    let others: u32 = (0..8u8).map(|i| u32::from(verdict(&mut dp, &from(Ipv4Addr::new(10, 7, 0, i))) == XDP_PASS)).sum();
+    let others: u32 =
+        (0..8u8).map(|i| u32::from(verdict(&mut dp, &from(Ipv4Addr::new(10, 7, 0, i))) == XDP_PASS)).sum();
     assert_eq!(others, 8, "the ceiling still had room for everyone else");
     assert_eq!(verdict(&mut dp, &from(Ipv4Addr::new(10, 7, 1, 1))), XDP_DROP, "now the ceiling is full");
     assert_eq!(dp.stats().unwrap().reason(reason::DROP_SHARED_BUCKET).packets, 1);
@@ -534,7 +550,8 @@ static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
 fn debug_log_is_off_by_default_and_sampled_when_on() {
     log::set_logger(&CAPTURE).expect("only this test installs a logger");
     log::set_max_level(log::LevelFilter::Trace);
-    let strict = || KernelPlan { rules: vec![rule("strict", CountKind::Packets, 1, Unit::Hour, 0)], ..Default::default() };
+    let strict =
+        || KernelPlan { rules: vec![rule("strict", CountKind::Packets, 1, Unit::Hour, 0)], ..Default::default() };
     let frame = udp4().build();
 
     let mut quiet = load(LoadOptions::default());

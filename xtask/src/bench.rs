@@ -25,10 +25,7 @@ pub fn cmd() -> Result<()> {
         ]))
         .context("bench_smoke failed: see above (it needs root)")?;
     } else {
-        println!(
-            "bench: {} does not exist yet; nothing measured",
-            smoke.display()
-        );
+        println!("bench: {} does not exist yet; nothing measured", smoke.display());
     }
     println!(
         "bench: the full benchmark suite (per-packet cost vs a trivial XDP program, veth flood vs \

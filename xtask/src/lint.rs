@@ -17,16 +17,8 @@ pub fn cmd() -> Result<()> {
     // Run every check, so one run shows all that needs fixing.
     let checks: [(&str, Command, &str); 3] = [
         ("rustfmt", fmt_cmd()?, "run `cargo fmt --all`"),
-        (
-            "clippy (host crates)",
-            host_clippy_cmd()?,
-            "fix them or add #[expect(..., reason = \"...\")]",
-        ),
-        (
-            "clippy (limiter-ebpf, bpfel-unknown-none)",
-            ebpf_clippy_cmd(tc)?,
-            "fix them in limiter-ebpf",
-        ),
+        ("clippy (host crates)", host_clippy_cmd()?, "fix them or add #[expect(..., reason = \"...\")]"),
+        ("clippy (limiter-ebpf, bpfel-unknown-none)", ebpf_clippy_cmd(tc)?, "fix them in limiter-ebpf"),
     ];
     let mut failed = Vec::new();
     for (name, mut cmd, fix) in checks {
@@ -52,15 +44,8 @@ fn ensure_component(label: &str, toolchain: Option<&str>, component: &str) -> Re
         }
         None => Command::new("cargo"),
     };
-    let sub = if component == "rustfmt" {
-        "fmt"
-    } else {
-        component
-    };
-    let present = probe
-        .args([sub, "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let sub = if component == "rustfmt" { "fmt" } else { component };
+    let present = probe.args([sub, "--version"]).output().is_ok_and(|o| o.status.success());
     if present {
         return Ok(());
     }
@@ -70,9 +55,7 @@ fn ensure_component(label: &str, toolchain: Option<&str>, component: &str) -> Re
     if let Some(tc) = toolchain {
         add.args(["--toolchain", tc]);
     }
-    util::run(&mut add).with_context(|| {
-        format!("cannot add {component}: check that static.rust-lang.org is reachable")
-    })
+    util::run(&mut add).with_context(|| format!("cannot add {component}: check that static.rust-lang.org is reachable"))
 }
 
 fn fmt_cmd() -> Result<Command> {
@@ -84,16 +67,7 @@ fn fmt_cmd() -> Result<Command> {
 /// Default members plus limiter-tests: everything but the eBPF crate, which is not for the host.
 fn host_clippy_cmd() -> Result<Command> {
     let mut cmd = util::cargo()?;
-    cmd.args([
-        "clippy",
-        "--workspace",
-        "--exclude",
-        "limiter-ebpf",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    cmd.args(["clippy", "--workspace", "--exclude", "limiter-ebpf", "--all-targets", "--", "-D", "warnings"]);
     Ok(cmd)
 }
 

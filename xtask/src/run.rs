@@ -33,10 +33,8 @@ const OLD_NAMESPACES: [&str; 1] = ["ld-cli"];
 
 /// One veth pair per client: (client netns, server-side ifname, client-side ifname, /24
 /// prefix). The server is `.1`, the client `.2`.
-const LINKS: [(&str, &str, &str, &str); 2] = [
-    (POLITE_NS, "ld-srv-p", "ld-polite0", "10.200.1"),
-    (GREEDY_NS, "ld-srv-g", "ld-greedy0", "10.200.2"),
-];
+const LINKS: [(&str, &str, &str, &str); 2] =
+    [(POLITE_NS, "ld-srv-p", "ld-polite0", "10.200.1"), (GREEDY_NS, "ld-srv-g", "ld-greedy0", "10.200.2")];
 const HTTP_PORT: u16 = 8080;
 const CONTROL_SOCKET: &str = "/run/limiter/demo.sock";
 
@@ -53,11 +51,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Policy the built-in demo loads (relative to the workspace root).
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "examples/policies/demo.yaml"
-    )]
+    #[arg(long, value_name = "FILE", default_value = "examples/policies/demo.yaml")]
     pub demo_policy: PathBuf,
 
     /// Arguments for `limiter-agent run` (after `--`), e.g. `-- --iface eth0 --policy p.yaml`.
@@ -67,21 +61,14 @@ pub struct RunArgs {
 }
 
 pub fn cmd(args: &RunArgs) -> Result<()> {
-    let demo_policy = if args.agent_args.is_empty() {
-        Some(demo_preflight(&args.demo_policy)?)
-    } else {
-        None
-    };
+    let demo_policy = if args.agent_args.is_empty() { Some(demo_preflight(&args.demo_policy)?) } else { None };
 
     setup::ensure()?;
     util::run(util::cargo()?.args(["build", "--release", "-p", "limiter-agent"]))
         .context("release build of limiter-agent failed: see the compiler errors above")?;
     let agent = util::target_dir()?.join("release/limiter-agent");
     if !agent.exists() {
-        bail!(
-            "{} was not built: does limiter-agent still have a binary named `limiter-agent`?",
-            agent.display()
-        );
+        bail!("{} was not built: does limiter-agent still have a binary named `limiter-agent`?", agent.display());
     }
 
     match demo_policy {
@@ -103,9 +90,7 @@ fn foreground(agent: &Path, agent_args: &[String]) -> Result<()> {
 /// Checks what the demo needs before the (long) build.
 fn demo_preflight(policy: &Path) -> Result<PathBuf> {
     if !util::is_root()? {
-        bail!(
-            "the demo creates network namespaces and attaches XDP: rerun as root (sudo -E cargo xtask run)"
-        );
+        bail!("the demo creates network namespaces and attaches XDP: rerun as root (sudo -E cargo xtask run)");
     }
     let policy = util::workspace_root()?.join(policy);
     if !policy.exists() {
@@ -126,11 +111,7 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     let _sandbox = Sandbox::create()?;
 
     let ifaces: Vec<&str> = LINKS.iter().map(|l| l.1).collect();
-    println!(
-        "demo: starting limiter-agent on {} in netns {SRV_NS}, policy {}",
-        ifaces.join(" and "),
-        policy.display()
-    );
+    println!("demo: starting limiter-agent on {} in netns {SRV_NS}, policy {}", ifaces.join(" and "), policy.display());
     let mut agent_cmd = Command::new("ip");
     agent_cmd
         .args(["netns", "exec", SRV_NS, "sh", "-c"])
@@ -147,12 +128,7 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
         .arg("--policy")
         .arg(policy)
         // `top` shows the live numbers; the agent's own stats line would repeat them.
-        .args([
-            "--stats-interval",
-            "30s",
-            "--control-socket",
-            CONTROL_SOCKET,
-        ]);
+        .args(["--stats-interval", "30s", "--control-socket", CONTROL_SOCKET]);
     if std::env::var_os("RUST_LOG").is_none() {
         agent_cmd.env("RUST_LOG", "info");
     }
@@ -160,28 +136,17 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     let last_iface = LINKS[LINKS.len() - 1].1;
     // The agent logs `attached to IFACE in MODE mode`; an error line may also say "attached".
     let attached = |line: &str| {
-        line.contains("attached to")
-            && line.contains(last_iface)
-            && !line.to_lowercase().contains("error")
+        line.contains("attached to") && line.contains(last_iface) && !line.to_lowercase().contains("error")
     };
-    agent
-        .wait_for_line("attached", attached, ATTACH_TIMEOUT)
-        .context(
-            "the agent did not attach: if it says `unrecognized subcommand 'run'` or similar, the \
+    agent.wait_for_line("attached", attached, ATTACH_TIMEOUT).context(
+        "the agent did not attach: if it says `unrecognized subcommand 'run'` or similar, the \
          agent's `run` command is not there yet",
-        )?;
+    )?;
 
     let mut workers = Workers::default();
     let served = Arc::new(AtomicU64::new(0));
     let listen: SocketAddr = ([0, 0, 0, 0], HTTP_PORT).into();
-    workers.spawn(
-        "http",
-        SRV_NS,
-        move || HttpServer::bind(listen),
-        HttpServer {
-            served: Arc::clone(&served),
-        },
-    )?;
+    workers.spawn("http", SRV_NS, move || HttpServer::bind(listen), HttpServer { served: Arc::clone(&served) })?;
     println!("demo: HTTP service listening on port {HTTP_PORT} in {SRV_NS}");
 
     wait_for_snapshot()?;
@@ -192,28 +157,15 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
 
     let (polite, greedy) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
     let server_of = |prefix: &str| -> Result<SocketAddr> {
-        format!("{prefix}.1:{HTTP_PORT}")
-            .parse()
-            .context("demo server address")
+        format!("{prefix}.1:{HTTP_PORT}").parse().context("demo server address")
     };
-    let polite_client = Client {
-        to: server_of(LINKS[0].3)?,
-        per_second: POLITE_PER_S,
-        max_in_flight: 10,
-        tally: Arc::clone(&polite),
-    };
-    let greedy_client = Client {
-        to: server_of(LINKS[1].3)?,
-        per_second: GREEDY_PER_S,
-        max_in_flight: 400,
-        tally: Arc::clone(&greedy),
-    };
+    let polite_client =
+        Client { to: server_of(LINKS[0].3)?, per_second: POLITE_PER_S, max_in_flight: 10, tally: Arc::clone(&polite) };
+    let greedy_client =
+        Client { to: server_of(LINKS[1].3)?, per_second: GREEDY_PER_S, max_in_flight: 400, tally: Arc::clone(&greedy) };
     let mut phase = Phase::begin(&polite, &greedy)?;
 
-    println!(
-        "demo: ━━ phase 1/3: the polite client ({}.2) alone, {POLITE_PER_S} requests/s for 5s",
-        LINKS[0].3
-    );
+    println!("demo: ━━ phase 1/3: the polite client ({}.2) alone, {POLITE_PER_S} requests/s for 5s", LINKS[0].3);
     workers.spawn("polite", POLITE_NS, || Ok(()), polite_client)?;
     sleep_interruptible(Duration::from_secs(5))?;
     phase = phase.report("phase 1/3: polite client alone", &polite, &greedy)?;
@@ -222,10 +174,7 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
          connection pass as no_rule)"
     );
 
-    println!(
-        "demo: ━━ phase 2/3: the greedy client ({}.2) joins, {GREEDY_PER_S} requests/s for 8s",
-        LINKS[1].3
-    );
+    println!("demo: ━━ phase 2/3: the greedy client ({}.2) joins, {GREEDY_PER_S} requests/s for 8s", LINKS[1].3);
     workers.spawn("greedy", GREEDY_NS, || Ok(()), greedy_client)?;
     sleep_interruptible(Duration::from_secs(8))?;
     workers.stop_one("greedy");
@@ -252,18 +201,12 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     let (p_ok, p_failed) = polite.get();
     let (g_ok, g_failed) = greedy.get();
     println!("demo: ━━ outcome");
-    println!(
-        "demo:   polite client: {p_ok} of {} requests answered",
-        p_ok + p_failed
-    );
+    println!("demo:   polite client: {p_ok} of {} requests answered", p_ok + p_failed);
     println!(
         "demo:   greedy client: {g_ok} of {} requests answered (the rest were cut by its connection limit)",
         g_ok + g_failed
     );
-    println!(
-        "demo:   the service answered {} requests in all",
-        served.load(std::sync::atomic::Ordering::Relaxed)
-    );
+    println!("demo:   the service answered {} requests in all", served.load(std::sync::atomic::Ordering::Relaxed));
     drop(top);
     drop(workers);
     println!("demo: stopping the agent (SIGINT)");
@@ -282,9 +225,7 @@ fn wait_for_snapshot() -> Result<()> {
         match snapshot() {
             Ok(_) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
-                return Err(e.context(format!(
-                    "the agent's control socket {CONTROL_SOCKET} does not answer"
-                )));
+                return Err(e.context(format!("the agent's control socket {CONTROL_SOCKET} does not answer")));
             }
             Err(_) => sleep_interruptible(Duration::from_millis(200))?,
         }
@@ -299,8 +240,7 @@ fn snapshot() -> Result<serde_json::Value> {
     stream.write_all(b"snapshot\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{CONTROL_SOCKET} answered `{}`", text.trim()))
+    serde_json::from_str(&text).with_context(|| format!("{CONTROL_SOCKET} answered `{}`", text.trim()))
 }
 
 /// Counters at the start of a phase, to report what the phase added.
@@ -322,19 +262,10 @@ impl Phase {
         let list = |k: &str| snap[k].as_array().cloned().unwrap_or_default();
         Ok(Self {
             at: Instant::now(),
-            reasons: list("reasons")
-                .iter()
-                .map(|r| (s(r, "verdict"), s(r, "reason"), n(r, "packets")))
-                .collect(),
+            reasons: list("reasons").iter().map(|r| (s(r, "verdict"), s(r, "reason"), n(r, "packets"))).collect(),
             rules: list("rules")
                 .iter()
-                .map(|r| {
-                    (
-                        s(r, "name"),
-                        n(r, "passed_packets"),
-                        n(r, "dropped_packets"),
-                    )
-                })
+                .map(|r| (s(r, "name"), n(r, "passed_packets"), n(r, "dropped_packets")))
                 .collect(),
             polite: polite.get(),
             greedy: greedy.get(),
@@ -366,25 +297,14 @@ impl Phase {
             join(&dropped_why)
         );
         for (name, p, d) in &now.rules {
-            let (bp, bd) = self
-                .rules
-                .iter()
-                .find(|r| &r.0 == name)
-                .map_or((0, 0), |r| (r.1, r.2));
-            println!(
-                "demo:   rule {name}: passed {} dropped {}",
-                p.saturating_sub(bp),
-                d.saturating_sub(bd)
-            );
+            let (bp, bd) = self.rules.iter().find(|r| &r.0 == name).map_or((0, 0), |r| (r.1, r.2));
+            println!("demo:   rule {name}: passed {} dropped {}", p.saturating_sub(bp), d.saturating_sub(bd));
         }
         let client = |label: &str, after: (u64, u64), before: (u64, u64)| {
             let ok = after.0 - before.0;
             let failed = after.1 - before.1;
             if ok + failed > 0 {
-                println!(
-                    "demo:   {label} client: {ok} of {} requests answered",
-                    ok + failed
-                );
+                println!("demo:   {label} client: {ok} of {} requests answered", ok + failed);
             }
         };
         client("polite", now.polite, self.polite);
@@ -394,11 +314,7 @@ impl Phase {
 }
 
 fn join(parts: &[String]) -> String {
-    if parts.is_empty() {
-        "none".to_owned()
-    } else {
-        parts.join(", ")
-    }
+    if parts.is_empty() { "none".to_owned() } else { parts.join(", ") }
 }
 
 fn sleep_interruptible(total: Duration) -> Result<()> {
@@ -432,10 +348,7 @@ struct Sandbox {
 
 impl Sandbox {
     fn create() -> Result<Self> {
-        for ns in OLD_NAMESPACES
-            .into_iter()
-            .chain([SRV_NS, POLITE_NS, GREEDY_NS])
-        {
+        for ns in OLD_NAMESPACES.into_iter().chain([SRV_NS, POLITE_NS, GREEDY_NS]) {
             if netns_exists(ns)? {
                 println!("demo: removing leftover netns {ns} from an earlier run");
                 ip(&["netns", "del", ns]).with_context(|| {
@@ -443,40 +356,23 @@ impl Sandbox {
                 })?;
             }
         }
-        let mut sandbox = Self {
-            created: Vec::new(),
-        };
+        let mut sandbox = Self { created: Vec::new() };
         for ns in [SRV_NS, POLITE_NS, GREEDY_NS] {
-            ip(&["netns", "add", ns])
-                .with_context(|| format!("cannot create netns {ns}: are you root?"))?;
+            ip(&["netns", "add", ns]).with_context(|| format!("cannot create netns {ns}: are you root?"))?;
             sandbox.created.push(ns);
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         for (cli_ns, srv_if, cli_if, prefix) in LINKS {
             // Created inside the namespaces: no interface of the host is ever touched.
-            ip(&[
-                "-n", SRV_NS, "link", "add", srv_if, "type", "veth", "peer", "name", cli_if,
-                "netns", cli_ns,
-            ])
-            .context("cannot create a veth pair: does the kernel have CONFIG_VETH?")?;
+            ip(&["-n", SRV_NS, "link", "add", srv_if, "type", "veth", "peer", "name", cli_if, "netns", cli_ns])
+                .context("cannot create a veth pair: does the kernel have CONFIG_VETH?")?;
             for (ns, dev, host) in [(SRV_NS, srv_if, 1), (cli_ns, cli_if, 2)] {
-                ip(&[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("{prefix}.{host}/24"),
-                    "dev",
-                    dev,
-                ])?;
+                ip(&["-n", ns, "addr", "add", &format!("{prefix}.{host}/24"), "dev", dev])?;
                 // Full checksums on the wire, as the integration tests do; without ethtool
                 // the stack copes with partial ones.
                 let mut ethtool = Command::new("ip");
                 ethtool
-                    .args([
-                        "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "rx", "off", "gro",
-                        "off",
-                    ])
+                    .args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "rx", "off", "gro", "off"])
                     .stdin(Stdio::null())
                     .process_group(0);
                 let _ = util::output(&mut ethtool);
@@ -515,23 +411,13 @@ struct Spawned {
 impl Spawned {
     fn start(mut cmd: Command, name: &'static str) -> Result<Self> {
         let shown = util::display(&cmd);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd.spawn().with_context(|| {
-            format!("cannot start `{shown}`: is it installed (cargo xtask setup)?")
-        })?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let mut child =
+            cmd.spawn().with_context(|| format!("cannot start `{shown}`: is it installed (cargo xtask setup)?"))?;
         let (tx, lines) = mpsc::channel();
         let mut readers = Vec::new();
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>);
-        let stderr = child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>);
+        let stdout = child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+        let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
         for stream in [stdout, stderr].into_iter().flatten() {
             let tx = tx.clone();
             readers.push(std::thread::spawn(move || {
@@ -543,32 +429,18 @@ impl Spawned {
                 }
             }));
         }
-        Ok(Self {
-            name,
-            child,
-            lines,
-            readers,
-            status: None,
-        })
+        Ok(Self { name, child, lines, readers, status: None })
     }
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self
-                .child
-                .try_wait()
-                .with_context(|| format!("cannot wait for {}", self.name))?;
+            self.status = self.child.try_wait().with_context(|| format!("cannot wait for {}", self.name))?;
         }
         Ok(self.status)
     }
 
     /// Waits until a line of output satisfies `ready` (`needle` names it in errors).
-    fn wait_for_line(
-        &mut self,
-        needle: &str,
-        ready: impl Fn(&str) -> bool,
-        timeout: Duration,
-    ) -> Result<()> {
+    fn wait_for_line(&mut self, needle: &str, ready: impl Fn(&str) -> bool, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if util::interrupted() {
@@ -580,10 +452,7 @@ impl Spawned {
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                     if let Some(status) = self.try_wait()? {
                         self.join_readers();
-                        bail!(
-                            "{} exited ({status}) before it printed `{needle}`; its output is above",
-                            self.name
-                        );
+                        bail!("{} exited ({status}) before it printed `{needle}`; its output is above", self.name);
                     }
                     if self.readers.iter().all(JoinHandle::is_finished) {
                         // Output closed but still running: keep polling its status only.
@@ -592,11 +461,7 @@ impl Spawned {
                 }
             }
         }
-        bail!(
-            "{} printed no `{needle}` within {}s; its output is above",
-            self.name,
-            timeout.as_secs()
-        )
+        bail!("{} printed no `{needle}` within {}s; its output is above", self.name, timeout.as_secs())
     }
 
     /// Waits for the child to exit on its own.
@@ -611,11 +476,7 @@ impl Spawned {
                 return Err(util::Interrupted.into());
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "{} still running after {}s; stopping it",
-                    self.name,
-                    timeout.as_secs()
-                );
+                bail!("{} still running after {}s; stopping it", self.name, timeout.as_secs());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -636,18 +497,9 @@ impl Spawned {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        eprintln!(
-            "{}: no exit {}s after SIGINT; killing it",
-            self.name,
-            grace.as_secs()
-        );
-        self.child
-            .kill()
-            .with_context(|| format!("cannot kill {}", self.name))?;
-        let status = self
-            .child
-            .wait()
-            .with_context(|| format!("cannot wait for {}", self.name))?;
+        eprintln!("{}: no exit {}s after SIGINT; killing it", self.name, grace.as_secs());
+        self.child.kill().with_context(|| format!("cannot kill {}", self.name))?;
+        let status = self.child.wait().with_context(|| format!("cannot wait for {}", self.name))?;
         self.status = Some(status);
         self.join_readers();
         Ok(status)
@@ -671,11 +523,7 @@ impl Spawned {
 impl Drop for Spawned {
     fn drop(&mut self) {
         if let Err(e) = self.stop(Duration::from_secs(5)) {
-            eprintln!(
-                "demo: could not stop {} (pid {}): {e:#}",
-                self.name,
-                self.child.id()
-            );
+            eprintln!("demo: could not stop {} (pid {}): {e:#}", self.name, self.child.id());
         }
     }
 }

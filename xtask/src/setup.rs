@@ -18,11 +18,7 @@ pub struct SetupArgs {
 }
 
 pub fn cmd(args: &SetupArgs) -> Result<()> {
-    if args.check {
-        check()
-    } else {
-        ensure().map(|_| ())
-    }
+    if args.check { check() } else { ensure().map(|_| ()) }
 }
 
 /// What the other subcommands learn from setup.
@@ -70,43 +66,21 @@ impl Probe {
     /// One line per item, with whether it is present.
     fn report(&self) -> Vec<(bool, String)> {
         let tc = &self.toolchain;
-        let linker_dir = util::bpf_linker_bin_dir()
-            .map(|d| d.display().to_string())
-            .unwrap_or_default();
+        let linker_dir = util::bpf_linker_bin_dir().map(|d| d.display().to_string()).unwrap_or_default();
         vec![
             match self.toolchain_state {
                 ToolchainState::Ready => (true, format!("{tc} + rust-src")),
-                ToolchainState::NoRustSrc => {
-                    (false, format!("{tc} is installed but rust-src is not"))
-                }
+                ToolchainState::NoRustSrc => (false, format!("{tc} is installed but rust-src is not")),
                 ToolchainState::Missing => (false, format!("{tc} is not installed")),
             },
             match &self.linker {
-                LinkerState::Ready => (
-                    true,
-                    format!("bpf-linker {BPF_LINKER_VERSION} in {linker_dir}"),
-                ),
-                LinkerState::Unusable(why) => {
-                    (false, format!("bpf-linker {BPF_LINKER_VERSION}: {why}"))
-                }
+                LinkerState::Ready => (true, format!("bpf-linker {BPF_LINKER_VERSION} in {linker_dir}")),
+                LinkerState::Unusable(why) => (false, format!("bpf-linker {BPF_LINKER_VERSION}: {why}")),
             },
             if self.missing_packages.is_empty() {
-                (
-                    true,
-                    format!(
-                        "{} Debian packages ({})",
-                        DEBIAN_PACKAGES.len(),
-                        DEBIAN_PACKAGES.join(" ")
-                    ),
-                )
+                (true, format!("{} Debian packages ({})", DEBIAN_PACKAGES.len(), DEBIAN_PACKAGES.join(" ")))
             } else {
-                (
-                    false,
-                    format!(
-                        "Debian packages not installed: {}",
-                        self.missing_packages.join(" ")
-                    ),
-                )
+                (false, format!("Debian packages not installed: {}", self.missing_packages.join(" ")))
             },
             if self.bpffs_mounted {
                 (true, "bpffs on /sys/fs/bpf".to_owned())
@@ -121,10 +95,7 @@ fn check() -> Result<()> {
     let probe = Probe::run()?;
     let report = probe.report();
     for (ok, line) in &report {
-        println!(
-            "setup --check: {} {line}",
-            if *ok { "ok     " } else { "MISSING" }
-        );
+        println!("setup --check: {} {line}", if *ok { "ok     " } else { "MISSING" });
     }
     let missing = report.iter().filter(|(ok, _)| !ok).count();
     if missing > 0 {
@@ -156,23 +127,14 @@ pub fn ensure() -> Result<Setup> {
                 // A toolchain install must not also replace rustup itself.
                 "--no-self-update",
             ]))
-            .with_context(|| {
-                format!("cannot install {tc}: check that static.rust-lang.org is reachable")
-            })?;
+            .with_context(|| format!("cannot install {tc}: check that static.rust-lang.org is reachable"))?;
             done.push(format!("installed {tc} + rust-src"));
         }
         ToolchainState::NoRustSrc => {
             println!("setup: adding rust-src to {tc}");
-            util::run(Command::new("rustup").args([
-                "component",
-                "add",
-                "rust-src",
-                "--toolchain",
-                &tc,
-            ]))
-            .with_context(|| {
-                format!("cannot add rust-src to {tc}: check that static.rust-lang.org is reachable")
-            })?;
+            util::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc])).with_context(
+                || format!("cannot add rust-src to {tc}: check that static.rust-lang.org is reachable"),
+            )?;
             done.push(format!("added rust-src to {tc}"));
         }
     }
@@ -217,23 +179,14 @@ pub fn ensure() -> Result<Setup> {
 }
 
 fn probe_toolchain(tc: &str) -> Result<ToolchainState> {
-    let list = util::output(Command::new("rustup").args(["toolchain", "list"])).context(
-        "rustup is needed to manage the eBPF nightly: install it from https://rustup.rs",
-    )?;
+    let list = util::output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to manage the eBPF nightly: install it from https://rustup.rs")?;
     if !toolchain_listed(&list, tc) {
         return Ok(ToolchainState::Missing);
     }
-    let components = util::output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        tc,
-        "--installed",
-    ]))?;
-    if components
-        .lines()
-        .any(|l| l.trim() == "rust-src" || l.trim().starts_with("rust-src "))
-    {
+    let components =
+        util::output(Command::new("rustup").args(["component", "list", "--toolchain", tc, "--installed"]))?;
+    if components.lines().any(|l| l.trim() == "rust-src" || l.trim().starts_with("rust-src ")) {
         Ok(ToolchainState::Ready)
     } else {
         Ok(ToolchainState::NoRustSrc)
@@ -243,16 +196,14 @@ fn probe_toolchain(tc: &str) -> Result<ToolchainState> {
 /// `rustup toolchain list` prints e.g. `nightly-2026-05-19-x86_64-unknown-linux-gnu (active)`.
 fn toolchain_listed(list: &str, tc: &str) -> bool {
     let with_host = format!("{tc}-");
-    list.lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .any(|name| {
-            name == tc
+    list.lines().filter_map(|l| l.split_whitespace().next()).any(|name| {
+        name == tc
                 // `nightly` must not match `nightly-2026-05-19-<host>`: a host triple starts
                 // with its architecture, a letter; a date starts with a digit.
                 || name
                     .strip_prefix(&with_host)
                     .is_some_and(|host| host.starts_with(|c: char| c.is_ascii_alphabetic()))
-        })
+    })
 }
 
 fn linker_bin() -> Result<PathBuf> {
@@ -262,18 +213,12 @@ fn linker_bin() -> Result<PathBuf> {
 fn probe_linker() -> Result<LinkerState> {
     let bin = linker_bin()?;
     if !bin.exists() {
-        return Ok(LinkerState::Unusable(format!(
-            "not found at {}",
-            bin.display()
-        )));
+        return Ok(LinkerState::Unusable(format!("not found at {}", bin.display())));
     }
     let out = match Command::new(&bin).arg("--version").output() {
         Ok(out) => out,
         Err(e) => {
-            return Ok(LinkerState::Unusable(format!(
-                "{} does not run: {e}",
-                bin.display()
-            )));
+            return Ok(LinkerState::Unusable(format!("{} does not run: {e}", bin.display())));
         }
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -289,22 +234,15 @@ fn probe_linker() -> Result<LinkerState> {
     if stdout.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
         Ok(LinkerState::Ready)
     } else {
-        Ok(LinkerState::Unusable(format!(
-            "found version {:?}",
-            stdout.trim()
-        )))
+        Ok(LinkerState::Unusable(format!("found version {:?}", stdout.trim())))
     }
 }
 
 /// Finds the nightly's `libLLVM.so.<major>.<minor>-rust-<ver>-nightly` and returns its file
 /// name and LLVM major version.
 fn find_libllvm(libdir: &Path) -> Result<(String, u32)> {
-    let entries = std::fs::read_dir(libdir).with_context(|| {
-        format!(
-            "cannot list {}: is the toolchain installed?",
-            libdir.display()
-        )
-    })?;
+    let entries = std::fs::read_dir(libdir)
+        .with_context(|| format!("cannot list {}: is the toolchain installed?", libdir.display()))?;
     let mut found = Vec::new();
     for entry in entries {
         let entry = entry.with_context(|| format!("cannot list {}", libdir.display()))?;
@@ -340,59 +278,36 @@ fn libllvm_major(name: &str) -> Option<u32> {
 /// Replaces `link` (if any) with a symlink to `target`, like `ln -sf`.
 fn force_symlink(target: &Path, link: &Path) -> Result<()> {
     if link.symlink_metadata().is_ok() {
-        std::fs::remove_file(link)
-            .with_context(|| format!("cannot replace {}: remove it by hand", link.display()))?;
+        std::fs::remove_file(link).with_context(|| format!("cannot replace {}: remove it by hand", link.display()))?;
     }
     std::os::unix::fs::symlink(target, link)
         .with_context(|| format!("cannot symlink {} -> {}", link.display(), target.display()))
 }
 
 fn build_bpf_linker(tc: &str) -> Result<()> {
-    let sysroot = util::output(
-        Command::new("rustup").args(["run", tc, "rustc", "--print", "sysroot"]),
-    )
-    .with_context(|| {
-        format!(
-            "cannot find the sysroot of {tc}: reinstall it with `rustup toolchain install {tc}`"
-        )
-    })?;
+    let sysroot =
+        util::output(Command::new("rustup").args(["run", tc, "rustc", "--print", "sysroot"])).with_context(|| {
+            format!("cannot find the sysroot of {tc}: reinstall it with `rustup toolchain install {tc}`")
+        })?;
     let libdir = Path::new(sysroot.trim()).join("lib");
     let (libname, major) = find_libllvm(&libdir)?;
     let target = libdir.join(&libname);
 
     let prefix = util::llvm_prefix()?;
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| {
-        format!(
-            "cannot create {}: check permissions on $HOME/.cache",
-            prefix_lib.display()
-        )
-    })?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("cannot create {}: check permissions on $HOME/.cache", prefix_lib.display()))?;
     force_symlink(&target, &prefix_lib.join("libLLVM.so"))?;
     force_symlink(&target, &prefix_lib.join(&libname))?;
 
     let root = util::bpf_linker_root()?;
     let feature = format!("llvm-{major}");
     let mut cmd = Command::new("rustup");
-    cmd.args([
-        "run",
-        tc,
-        "cargo",
-        "install",
-        "bpf-linker",
-        "--locked",
-        "--force",
-    ])
-    .args([
-        "--version",
-        BPF_LINKER_VERSION,
-        "--no-default-features",
-        "--features",
-        &feature,
-    ])
-    .arg("--root")
-    .arg(&root)
-    .env("LLVM_PREFIX", &prefix);
+    cmd.args(["run", tc, "cargo", "install", "bpf-linker", "--locked", "--force"])
+        .args(["--version", BPF_LINKER_VERSION, "--no-default-features", "--features", &feature])
+        .arg("--root")
+        .arg(&root)
+        .env("LLVM_PREFIX", &prefix);
     println!("setup: LLVM_PREFIX={}", prefix.display());
     util::run(&mut cmd).with_context(|| {
         format!(
@@ -414,9 +329,7 @@ fn missing_debian_packages() -> Result<Vec<&'static str>> {
             )
         })?;
     // dpkg-query exits 1 when some package is unknown; the ones it knows are still on stdout.
-    Ok(parse_missing_packages(&String::from_utf8_lossy(
-        &out.stdout,
-    )))
+    Ok(parse_missing_packages(&String::from_utf8_lossy(&out.stdout)))
 }
 
 fn parse_missing_packages(dpkg_out: &str) -> Vec<&'static str> {
@@ -424,9 +337,8 @@ fn parse_missing_packages(dpkg_out: &str) -> Vec<&'static str> {
         .into_iter()
         .filter(|pkg| {
             !dpkg_out.lines().any(|line| {
-                line.split_once(' ').is_some_and(|(name, status)| {
-                    name == *pkg && status.trim() == "install ok installed"
-                })
+                line.split_once(' ')
+                    .is_some_and(|(name, status)| name == *pkg && status.trim() == "install ok installed")
             })
         })
         .collect()
@@ -441,12 +353,8 @@ fn install_debian_packages(missing: &[&str]) -> Result<()> {
         );
     }
     println!("setup: installing Debian packages: {}", missing.join(" "));
-    util::run(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .context("apt-get update failed: check the Debian mirror in /etc/apt/sources.list*")?;
+    util::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("apt-get update failed: check the Debian mirror in /etc/apt/sources.list*")?;
     util::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -457,8 +365,7 @@ fn install_debian_packages(missing: &[&str]) -> Result<()> {
 }
 
 fn bpffs_mounted() -> Result<bool> {
-    let mounts = std::fs::read_to_string("/proc/mounts")
-        .context("cannot read /proc/mounts: is /proc mounted?")?;
+    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts: is /proc mounted?")?;
     Ok(parse_bpffs_mounted(&mounts))
 }
 
@@ -476,8 +383,7 @@ fn mount_bpffs() -> Result<()> {
         );
     }
     println!("setup: mounting bpffs on /sys/fs/bpf");
-    std::fs::create_dir_all("/sys/fs/bpf")
-        .context("cannot create /sys/fs/bpf: is sysfs mounted?")?;
+    std::fs::create_dir_all("/sys/fs/bpf").context("cannot create /sys/fs/bpf: is sysfs mounted?")?;
     util::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
         .context("mounting bpffs failed: does the kernel have CONFIG_BPF_SYSCALL?")
 }
@@ -498,10 +404,7 @@ mod tests {
 
     #[test]
     fn libllvm_name_parsing() {
-        assert_eq!(
-            libllvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"),
-            Some(22)
-        );
+        assert_eq!(libllvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
         assert_eq!(libllvm_major("libLLVM.so.22.1-rust-1.95.0-stable"), None);
         assert_eq!(libllvm_major("librustc_driver.so"), None);
     }
@@ -516,11 +419,7 @@ mod tests {
 
     #[test]
     fn proc_mounts_parsing() {
-        assert!(parse_bpffs_mounted(
-            "sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n"
-        ));
-        assert!(!parse_bpffs_mounted(
-            "sysfs /sys sysfs rw 0 0\nnone /sys/fs/bpf tmpfs rw 0 0\n"
-        ));
+        assert!(parse_bpffs_mounted("sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n"));
+        assert!(!parse_bpffs_mounted("sysfs /sys sysfs rw 0 0\nnone /sys/fs/bpf tmpfs rw 0 0\n"));
     }
 }

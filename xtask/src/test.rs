@@ -33,19 +33,12 @@ pub fn cmd(args: &TestArgs) -> Result<()> {
     if !args.test_args.is_empty() {
         unit.arg("--").args(&args.test_args);
     }
-    util::run(&mut unit)
-        .context("unit tests failed: see the failures above; rerun one with `cargo test NAME`")?;
+    util::run(&mut unit).context("unit tests failed: see the failures above; rerun one with `cargo test NAME`")?;
 
     remove_leftover_netns()?;
     println!("test: privileged integration tests (limiter-tests, one at a time)");
-    util::run(
-        util::cargo()?
-            .args(["test", "-p", "limiter-tests", "--", "--test-threads=1"])
-            .args(&args.test_args),
-    )
-    .context(
-        "privileged tests failed: see above; rerun one with `cargo xtask test -- NAME --nocapture`",
-    )?;
+    util::run(util::cargo()?.args(["test", "-p", "limiter-tests", "--", "--test-threads=1"]).args(&args.test_args))
+        .context("privileged tests failed: see above; rerun one with `cargo xtask test -- NAME --nocapture`")?;
 
     println!("test: all tests passed");
     Ok(())
@@ -57,18 +50,16 @@ fn remove_leftover_netns() -> Result<()> {
         .context("cannot list network namespaces: is iproute2 installed (cargo xtask setup)?")?;
     for name in netns_with_prefix(&list, HARNESS_NETNS_PREFIX) {
         println!("test: removing leftover network namespace {name} from an earlier run");
-        util::run(Command::new("ip").args(["netns", "del", name]))
-            .with_context(|| format!("cannot delete netns {name}: kill the processes still inside it (ip netns pids {name})"))?;
+        util::run(Command::new("ip").args(["netns", "del", name])).with_context(|| {
+            format!("cannot delete netns {name}: kill the processes still inside it (ip netns pids {name})")
+        })?;
     }
     Ok(())
 }
 
 /// Names in `ip netns list` output (`name (id: 3)` or `name`) that start with `prefix`.
 pub fn netns_with_prefix<'a>(list: &'a str, prefix: &str) -> Vec<&'a str> {
-    list.lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|name| name.starts_with(prefix))
-        .collect()
+    list.lines().filter_map(|l| l.split_whitespace().next()).filter(|name| name.starts_with(prefix)).collect()
 }
 
 #[cfg(test)]

@@ -25,15 +25,8 @@ pub const EBPF_TOOLCHAIN_FILE: &str = "ebpf-toolchain.txt";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the privileged tests and the demo use.
-pub const DEBIAN_PACKAGES: [&str; 7] = [
-    "iproute2",
-    "nftables",
-    "hping3",
-    "bpftool",
-    "redis-server",
-    "tcpdump",
-    "ethtool",
-];
+pub const DEBIAN_PACKAGES: [&str; 7] =
+    ["iproute2", "nftables", "hping3", "bpftool", "redis-server", "tcpdump", "ethtool"];
 
 /// The workspace root (the parent of the xtask crate).
 pub fn workspace_root() -> Result<PathBuf> {
@@ -48,10 +41,7 @@ pub fn workspace_root() -> Result<PathBuf> {
 pub fn ebpf_toolchain() -> Result<String> {
     let path = workspace_root()?.join(EBPF_TOOLCHAIN_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {}: restore it from git (it holds just `{EBPF_TOOLCHAIN}`)",
-            path.display()
-        )
+        format!("cannot read {}: restore it from git (it holds just `{EBPF_TOOLCHAIN}`)", path.display())
     })?;
     parse_toolchain_file(&text).with_context(|| format!("bad contents in {}", path.display()))
 }
@@ -106,8 +96,7 @@ pub fn target_dir() -> Result<PathBuf> {
 /// A `cargo` command run at the workspace root with bpf-linker on PATH.
 pub fn cargo() -> Result<Command> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root()?)
-        .env("PATH", path_with_bpf_linker()?);
+    cmd.current_dir(workspace_root()?).env("PATH", path_with_bpf_linker()?);
     Ok(cmd)
 }
 
@@ -115,9 +104,7 @@ pub fn cargo() -> Result<Command> {
 /// rustup proxy), at the workspace root with bpf-linker on PATH.
 pub fn nightly_cargo(toolchain: &str) -> Result<Command> {
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", toolchain, "cargo"])
-        .current_dir(workspace_root()?)
-        .env("PATH", path_with_bpf_linker()?);
+    cmd.args(["run", toolchain, "cargo"]).current_dir(workspace_root()?).env("PATH", path_with_bpf_linker()?);
     Ok(cmd)
 }
 
@@ -135,41 +122,28 @@ pub fn display(cmd: &Command) -> String {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = display(cmd);
     println!("$ {shown}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start `{shown}`: is it installed and on PATH?"))?;
+    let status = cmd.status().with_context(|| format!("cannot start `{shown}`: is it installed and on PATH?"))?;
     check_status(status, &shown)
 }
 
 /// Fails with a message naming the command unless `status` is success.
 pub fn check_status(status: ExitStatus, shown: &str) -> Result<()> {
-    if status.success() {
-        Ok(())
-    } else {
-        bail!("`{shown}` failed ({status}); its output is above")
-    }
+    if status.success() { Ok(()) } else { bail!("`{shown}` failed ({status}); its output is above") }
 }
 
 /// Runs a command quietly and returns its stdout; fails (with its stderr) unless it succeeds.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let shown = display(cmd);
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start `{shown}`: is it installed and on PATH?"))?;
+    let out = cmd.output().with_context(|| format!("cannot start `{shown}`: is it installed and on PATH?"))?;
     if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{shown}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Whether this process runs as root (the owner of `/proc/self` is the effective uid).
 pub fn is_root() -> Result<bool> {
-    let meta =
-        std::fs::metadata("/proc/self").context("cannot stat /proc/self: is /proc mounted?")?;
+    let meta = std::fs::metadata("/proc/self").context("cannot stat /proc/self: is /proc mounted?")?;
     Ok(meta.uid() == 0)
 }
 
@@ -226,10 +200,7 @@ mod tests {
 
     #[test]
     fn toolchain_file_parsing() {
-        assert_eq!(
-            parse_toolchain_file("nightly-2026-05-19\n").unwrap(),
-            "nightly-2026-05-19"
-        );
+        assert_eq!(parse_toolchain_file("nightly-2026-05-19\n").unwrap(), "nightly-2026-05-19");
         assert!(parse_toolchain_file("  \n").is_err());
         assert!(parse_toolchain_file("nightly a").is_err());
     }

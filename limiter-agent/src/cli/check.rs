@@ -91,7 +91,9 @@ mod tests {
         assert!(out.is_empty(), "{out}");
         let errors = err.lines().filter(|l| l.starts_with("error: ")).count();
         assert_eq!(errors, 10, "{err}");
-        assert!(err.contains("bad-unit.yaml:15:19: spec.rateLimit.local.rules[2].limit.unit: unknown unit \"Minuets\""));
+        assert!(
+            err.contains("bad-unit.yaml:15:19: spec.rateLimit.local.rules[2].limit.unit: unknown unit \"Minuets\"")
+        );
         assert!(err.ends_with("10 error(s); policy set rejected\n"), "{err}");
     }
 }

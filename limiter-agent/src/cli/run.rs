@@ -87,7 +87,8 @@ pub fn load_plan(paths: &[PathBuf]) -> anyhow::Result<KernelPlan> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let plan = load_plan(&args.policies).context("the policy has errors; nothing was attached")?;
-    let mut control = Control::bind(&args.control_socket).context("opening the control socket; nothing was attached")?;
+    let mut control =
+        Control::bind(&args.control_socket).context("opening the control socket; nothing was attached")?;
     let options = LoadOptions {
         source_entries: args.source_entries,
         ipv6_source_prefix: args.ipv6_source_prefix,
@@ -304,6 +305,9 @@ mod tests {
         rc.dropped.packets = 4;
         b.rules.insert("p/r".into(), rc);
         let line = stats_line(&a, &b, Duration::from_secs(2));
-        assert_eq!(line, "stats: passed 10 pkts (5/s), dropped 4 pkts (2/s) [by reason: shared_bucket=4] [by rule: p/r=4]");
+        assert_eq!(
+            line,
+            "stats: passed 10 pkts (5/s), dropped 4 pkts (2/s) [by reason: shared_bucket=4] [by rule: p/r=4]"
+        );
     }
 }

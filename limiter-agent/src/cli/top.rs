@@ -95,16 +95,9 @@ impl Rates {
         // Counters restart with the agent: a fresh agent's counters are not deltas.
         let comparable = secs > 0.0 && now.uptime_s >= before.uptime_s;
         let per_s = |a: u64, b: u64| {
-            if comparable {
-                b.saturating_sub(a) as f64 / secs
-            } else {
-                0.0
-            }
+            if comparable { b.saturating_sub(a) as f64 / secs } else { 0.0 }
         };
-        let rate = |a: (u64, u64), b: (u64, u64)| Rate {
-            packets_per_s: per_s(a.0, b.0),
-            bytes_per_s: per_s(a.1, b.1),
-        };
+        let rate = |a: (u64, u64), b: (u64, u64)| Rate { packets_per_s: per_s(a.0, b.0), bytes_per_s: per_s(a.1, b.1) };
 
         let reasons = now
             .reasons
@@ -140,10 +133,7 @@ impl Rates {
                         packets_per_s: per_s(p(|x| x.dropped_packets), r.dropped_packets),
                         bytes_per_s: per_s(p(|x| x.dropped_bytes), r.dropped_bytes),
                     },
-                    shadow_dropped_packets_per_s: per_s(
-                        p(|x| x.shadow_dropped_packets),
-                        r.shadow_dropped_packets,
-                    ),
+                    shadow_dropped_packets_per_s: per_s(p(|x| x.shadow_dropped_packets), r.shadow_dropped_packets),
                 }
             })
             .collect();
@@ -152,16 +142,9 @@ impl Rates {
             .top_sources
             .iter()
             .map(|s| {
-                let prev = before
-                    .top_sources
-                    .iter()
-                    .find(|p| p.source == s.source)
-                    .map(|p| p.dropped_packets);
+                let prev = before.top_sources.iter().find(|p| p.source == s.source).map(|p| p.dropped_packets);
                 let prev = prev.or(complete.then_some(0));
-                SourceRate {
-                    source: s.source,
-                    dropped_packets_per_s: prev.map(|p| per_s(p, s.dropped_packets)),
-                }
+                SourceRate { source: s.source, dropped_packets_per_s: prev.map(|p| per_s(p, s.dropped_packets)) }
             })
             .collect();
         Self {
@@ -183,10 +166,8 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
         print_view(&args, &first, &now, false)?;
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(live(args, first))
 }
 
@@ -217,11 +198,7 @@ async fn live(args: TopArgs, mut last: Snapshot) -> anyhow::Result<()> {
                 if redraw {
                     write!(out, "\x1b[H\x1b[2J")?;
                 }
-                writeln!(
-                    out,
-                    "limiter-agent top: {e}\n(retrying every {:?}; Ctrl-C to quit)",
-                    args.interval
-                )?;
+                writeln!(out, "limiter-agent top: {e}\n(retrying every {:?}; Ctrl-C to quit)", args.interval)?;
                 out.flush()?;
             }
         }
@@ -258,23 +235,11 @@ fn fetch_newer(socket: &Path, before: &Snapshot) -> anyhow::Result<Snapshot> {
     }
 }
 
-fn print_view(
-    args: &TopArgs,
-    before: &Snapshot,
-    now: &Snapshot,
-    redraw: bool,
-) -> anyhow::Result<()> {
+fn print_view(args: &TopArgs, before: &Snapshot, now: &Snapshot, redraw: bool) -> anyhow::Result<()> {
     let rates = Rates::between(before, now);
     let mut out = std::io::stdout().lock();
     if args.json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string(&JsonView {
-                snapshot: now,
-                rates: &rates
-            })?
-        )?;
+        writeln!(out, "{}", serde_json::to_string(&JsonView { snapshot: now, rates: &rates })?)?;
     } else {
         if redraw {
             write!(out, "\x1b[H\x1b[2J")?;
@@ -291,20 +256,12 @@ fn print_view(
 /// The text view.
 pub fn render(now: &Snapshot, rates: &Rates, socket: &Path) -> String {
     let mut s = String::new();
-    let ifaces: Vec<String> = now
-        .interfaces
-        .iter()
-        .map(|i| format!("{} ({})", i.name, i.mode))
-        .collect();
+    let ifaces: Vec<String> = now.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
     let p = &now.policy;
     s.push_str(&format!(
         "limiter-agent {} on {} | up {} | {}\n",
         now.version,
-        if ifaces.is_empty() {
-            "no interface".to_owned()
-        } else {
-            ifaces.join(", ")
-        },
+        if ifaces.is_empty() { "no interface".to_owned() } else { ifaces.join(", ") },
         duration(now.uptime_s),
         socket.display()
     ));
@@ -315,11 +272,7 @@ pub fn render(now: &Snapshot, rates: &Rates, socket: &Path) -> String {
         p.deny,
         p.reloads_applied,
         p.reloads_rejected,
-        if p.last_reload_ok {
-            ""
-        } else {
-            " | LAST RELOAD REJECTED: the previous policy is in force"
-        }
+        if p.last_reload_ok { "" } else { " | LAST RELOAD REJECTED: the previous policy is in force" }
     ));
     let (tp, tb) = now.total(Verdict::Pass);
     let (dp, db) = now.total(Verdict::Drop);
@@ -327,10 +280,7 @@ pub fn render(now: &Snapshot, rates: &Rates, socket: &Path) -> String {
         "\n{:<10} {:>12} {:>12} {:>14} {:>12}\n",
         "", "packets/s", "bytes/s", "total packets", "total bytes"
     ));
-    for (label, r, p, b) in [
-        ("passed", rates.passed, tp, tb),
-        ("dropped", rates.dropped, dp, db),
-    ] {
+    for (label, r, p, b) in [("passed", rates.passed, tp, tb), ("dropped", rates.dropped, dp, db)] {
         s.push_str(&format!(
             "{label:<10} {:>12} {:>12} {:>14} {:>12}\n",
             si(r.packets_per_s),
@@ -387,11 +337,7 @@ pub fn render(now: &Snapshot, rates: &Rates, socket: &Path) -> String {
     }
 
     let t = &now.sources;
-    let pct = if t.capacity == 0 {
-        0.0
-    } else {
-        t.tracked as f64 * 100.0 / t.capacity as f64
-    };
+    let pct = if t.capacity == 0 { 0.0 } else { t.tracked as f64 * 100.0 / t.capacity as f64 };
     let age = now.time_unix_ms.saturating_sub(t.sampled_at_unix_ms) as f64 / 1000.0;
     s.push_str(&format!(
         "\nsource table: {} of {} tracked ({pct:.1}%), sampled {age:.0}s ago\n",
@@ -448,12 +394,7 @@ mod tests {
             time_unix_ms: ms,
             uptime_s: ms / 1000,
             reasons: vec![
-                ReasonCount {
-                    reason: "conforming".into(),
-                    verdict: Verdict::Pass,
-                    packets: 100,
-                    bytes: 10_000,
-                },
+                ReasonCount { reason: "conforming".into(), verdict: Verdict::Pass, packets: 100, bytes: 10_000 },
                 ReasonCount {
                     reason: "source_bucket".into(),
                     verdict: Verdict::Drop,
@@ -461,21 +402,13 @@ mod tests {
                     bytes: dropped * 60,
                 },
             ],
-            rules: vec![RuleCount {
-                name: "demo/per-source".into(),
-                dropped_packets: dropped,
-                ..Default::default()
-            }],
+            rules: vec![RuleCount { name: "demo/per-source".into(), dropped_packets: dropped, ..Default::default() }],
             top_sources: vec![SourceCount {
                 source: "10.0.0.9".parse().unwrap(),
                 dropped_packets: src,
                 dropped_bytes: 0,
             }],
-            sources: SourceTable {
-                tracked: 5,
-                capacity: 100,
-                sampled_at_unix_ms: ms,
-            },
+            sources: SourceTable { tracked: 5, capacity: 100, sampled_at_unix_ms: ms },
             ..Default::default()
         }
     }
@@ -501,10 +434,7 @@ mod tests {
     fn same_snapshot_or_restarted_agent_gives_zero_rates_not_garbage() {
         let a = snap(10_000, 100, 50);
         assert_eq!(Rates::between(&a, &a).dropped.packets_per_s, 0.0);
-        let restarted = Snapshot {
-            uptime_s: 0,
-            ..snap(11_000, 5, 5)
-        };
+        let restarted = Snapshot { uptime_s: 0, ..snap(11_000, 5, 5) };
         let r = Rates::between(&a, &restarted);
         assert_eq!(r.interval_s, 0.0);
         assert_eq!(r.dropped.packets_per_s, 0.0);
@@ -514,11 +444,7 @@ mod tests {
     fn json_view_has_the_snapshot_fields_and_rates() {
         let (a, b) = (snap(10_000, 100, 50), snap(11_000, 200, 60));
         let rates = Rates::between(&a, &b);
-        let v: serde_json::Value = serde_json::to_value(JsonView {
-            snapshot: &b,
-            rates: &rates,
-        })
-        .unwrap();
+        let v: serde_json::Value = serde_json::to_value(JsonView { snapshot: &b, rates: &rates }).unwrap();
         assert_eq!(v["rules"][0]["dropped_packets"], 200);
         assert_eq!(v["sources"]["capacity"], 100);
         assert_eq!(v["rates"]["dropped"]["packets_per_s"], 100.0);

@@ -5,10 +5,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ipnet::IpNet;
 use limiter_common::{
-    Addr, BucketParams, COUNT_BYTES, COUNT_CONNECTIONS, COUNT_PACKETS, IPV4_MAPPED_PREFIX,
-    KEY_BY_PORT, KEY_BY_SOURCE, LIST_KEY_SET_BITS, ListKey, ListValue, MAX_RULES,
-    MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey, PortRules, RULE_FLAG_INVERT,
-    RULE_FLAG_SHADOW, RuleConfig, ipv4_mapped,
+    Addr, BucketParams, COUNT_BYTES, COUNT_CONNECTIONS, COUNT_PACKETS, IPV4_MAPPED_PREFIX, KEY_BY_PORT, KEY_BY_SOURCE,
+    LIST_KEY_SET_BITS, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey,
+    PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, ipv4_mapped,
 };
 
 use crate::plan::{CountKind, KernelPlan, KernelRule, Protocol};
@@ -77,12 +76,8 @@ impl RuleIds {
     pub fn assign(&mut self, plan: &KernelPlan) -> Result<(Vec<u32>, Vec<u32>), PlanError> {
         let wanted: Vec<RuleIdentity> = plan.rules.iter().map(RuleIdentity::of).collect();
         let wanted_set: HashSet<&RuleIdentity> = wanted.iter().collect();
-        let retired: Vec<u32> = self
-            .live
-            .iter()
-            .filter(|(identity, _)| !wanted_set.contains(identity))
-            .map(|(_, id)| *id)
-            .collect();
+        let retired: Vec<u32> =
+            self.live.iter().filter(|(identity, _)| !wanted_set.contains(identity)).map(|(_, id)| *id).collect();
         let mut next_live = HashMap::new();
         let mut ids = Vec::with_capacity(wanted.len());
         for identity in wanted {
@@ -230,7 +225,9 @@ fn rule_config(rule: &KernelRule, rule_id: u32) -> Result<RuleConfig, PlanError>
     };
     let (bucket, count) = match rule.count {
         CountKind::Bytes => (BucketParams::for_bytes(limit.requests, limit.unit.as_ns(), limit.burst), COUNT_BYTES),
-        CountKind::Packets => (BucketParams::for_packets(limit.requests, limit.unit.as_ns(), limit.burst), COUNT_PACKETS),
+        CountKind::Packets => {
+            (BucketParams::for_packets(limit.requests, limit.unit.as_ns(), limit.burst), COUNT_PACKETS)
+        }
         CountKind::Connections => {
             (BucketParams::for_packets(limit.requests, limit.unit.as_ns(), limit.burst), COUNT_CONNECTIONS)
         }
@@ -298,7 +295,11 @@ mod tests {
     #[test]
     fn port_lists_put_shared_buckets_first_and_merge_any_port_rules() {
         let plan = KernelPlan {
-            rules: vec![rule("p/per-source-port", true, &[80]), rule("p/ceiling", false, &[80]), rule("p/per-source", true, &[])],
+            rules: vec![
+                rule("p/per-source-port", true, &[80]),
+                rule("p/ceiling", false, &[80]),
+                rule("p/per-source", true, &[]),
+            ],
             ..Default::default()
         };
         let mut ids = RuleIds::default();
@@ -356,7 +357,8 @@ mod tests {
     #[test]
     fn several_networks_take_one_slot_each_and_nested_ones_are_merged() {
         let mut r = rule("p/a", true, &[]);
-        r.source.nets = vec!["10.0.0.0/8".parse().unwrap(), "10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        r.source.nets =
+            vec!["10.0.0.0/8".parse().unwrap(), "10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()];
         let plan = KernelPlan { rules: vec![r.clone()], ..Default::default() };
         let e = layout(&plan, 0, &[3]).unwrap();
         assert_eq!(e.rules.len(), 2);

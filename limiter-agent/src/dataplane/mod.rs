@@ -5,11 +5,7 @@
 
 mod entries;
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -19,9 +15,8 @@ use aya::{
 };
 pub use entries::{PlanError, RuleIds, SetEntries, layout, list_entry, mapped};
 use limiter_common::{
-    Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, PortKey, PortRules,
-    RuleConfig, RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS,
-    ipv4_mapped, names, reason,
+    Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, PortKey, PortRules, RuleConfig,
+    RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
 };
 use log::{info, warn};
 
@@ -245,10 +240,11 @@ impl Dataplane {
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
         let program = self.program()?;
         let try_mode = |program: &mut Xdp, m: XdpMode, label: &'static str| {
-            program
-                .attach(iface, m)
-                .map(|_| label)
-                .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), mode: label, source })
+            program.attach(iface, m).map(|_| label).map_err(|source| DataplaneError::Attach {
+                iface: iface.to_owned(),
+                mode: label,
+                source,
+            })
         };
         match mode {
             AttachMode::Native => try_mode(program, XdpMode::Driver, "native"),
@@ -256,7 +252,9 @@ impl Dataplane {
             AttachMode::Auto => match try_mode(program, XdpMode::Driver, "native") {
                 Ok(m) => Ok(m),
                 Err(e) => {
-                    warn!("{e}; falling back to generic (skb) mode, which runs after the kernel allocates an skb and costs more per packet");
+                    warn!(
+                        "{e}; falling back to generic (skb) mode, which runs after the kernel allocates an skb and costs more per packet"
+                    );
                     try_mode(program, XdpMode::Skb, "generic")
                 }
             },
@@ -346,21 +344,13 @@ impl Dataplane {
         if retired.is_empty() {
             return Ok(());
         }
-        let shared: Vec<SharedBucketKey> = self
-            .shared_buckets
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| retired.contains(&k.rule_id))
-            .collect();
+        let shared: Vec<SharedBucketKey> =
+            self.shared_buckets.keys().filter_map(|k| k.ok()).filter(|k| retired.contains(&k.rule_id)).collect();
         for k in shared {
             ignore_missing(self.shared_buckets.remove(&k)).map_err(map_err(names::SHARED_BUCKETS, "removing"))?;
         }
-        let sources: Vec<SourceBucketKey> = self
-            .source_buckets
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| retired.contains(&k.rule_id))
-            .collect();
+        let sources: Vec<SourceBucketKey> =
+            self.source_buckets.keys().filter_map(|k| k.ok()).filter(|k| retired.contains(&k.rule_id)).collect();
         for k in sources {
             ignore_missing(self.source_buckets.remove(&k)).map_err(map_err(names::SOURCE_BUCKETS, "removing"))?;
         }
@@ -493,7 +483,10 @@ impl Dataplane {
         if let Ok(stats) = self.stats() {
             let p = stats.passed();
             let d = stats.dropped();
-            info!("totals: passed {} packets ({} bytes), dropped {} packets ({} bytes)", p.packets, p.bytes, d.packets, d.bytes);
+            info!(
+                "totals: passed {} packets ({} bytes), dropped {} packets ({} bytes)",
+                p.packets, p.bytes, d.packets, d.bytes
+            );
         }
     }
 }

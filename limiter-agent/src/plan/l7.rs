@@ -100,7 +100,10 @@ pub enum Attribute {
     /// does NOT carry the header (`invert: true`); its value is the `Exact` string.
     HeaderAbsent(String),
     /// `header_value_match`: present when the header has exactly this value.
-    HeaderEquals { name: String, value: String },
+    HeaderEquals {
+        name: String,
+        value: String,
+    },
     Path,
     Method,
     /// Only in descriptor lists sent over RLS (envoyproxy/ratelimit configs): no HTTP source.

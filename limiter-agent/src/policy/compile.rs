@@ -79,9 +79,13 @@ pub enum NoticeKind {
     L7 { rule: String, reason: &'static str, guard: Option<String> },
     #[error("rule {rule}: global limits are enforced per node only until Redis sync lands")]
     GlobalPerNode { rule: String },
-    #[error("rule {rule}: several sourceCIDR selectors in one rule are not enforceable in the kernel yet; not enforced")]
+    #[error(
+        "rule {rule}: several sourceCIDR selectors in one rule are not enforceable in the kernel yet; not enforced"
+    )]
     SeveralSourceSelectors { rule: String },
-    #[error("rule {rule}: the policy targets only HTTPRoute/Gateway, resolved by the listener map, not enforced in the kernel yet")]
+    #[error(
+        "rule {rule}: the policy targets only HTTPRoute/Gateway, resolved by the listener map, not enforced in the kernel yet"
+    )]
     RouteTargetedRule { rule: String },
     #[error("{kind} {name}: resolved by the listener map, not enforced in the kernel yet")]
     RouteTarget { kind: RouteKind, name: String },

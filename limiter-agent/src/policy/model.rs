@@ -79,7 +79,12 @@ pub struct Target {
 pub enum TargetKind {
     Port(PortTarget),
     /// A Gateway API `HTTPRoute` or `Gateway`, resolved to ports by the listener map.
-    Route { kind: RouteKind, name: String, namespace: Option<String>, section_name: Option<String> },
+    Route {
+        kind: RouteKind,
+        name: String,
+        namespace: Option<String>,
+        section_name: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

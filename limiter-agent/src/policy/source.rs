@@ -142,8 +142,7 @@ struct Split {
 
 /// Finds where each document starts (as whole lines) with the event parser.
 fn split_documents(text: &str) -> Split {
-    let line_starts: Vec<usize> =
-        std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+    let line_starts: Vec<usize> = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
     let byte_of_line = |line: usize| line_starts.get(line.saturating_sub(1)).copied().unwrap_or(text.len());
     let mut docs: Vec<DocSpan> = Vec::new();
     let mut syntax = None;
@@ -169,9 +168,7 @@ fn split_documents(text: &str) -> Split {
             // Positive list: other events (comments, with granit-parser's `comments` feature)
             // do not make a document non-empty.
             Ok((Event::Scalar(value, ..), _)) if !value.is_empty() => mark_content(&mut docs),
-            Ok((Event::MappingStart(..) | Event::SequenceStart(..) | Event::Alias(..), _)) => {
-                mark_content(&mut docs)
-            }
+            Ok((Event::MappingStart(..) | Event::SequenceStart(..) | Event::Alias(..), _)) => mark_content(&mut docs),
             Ok(_) => {}
             Err(e) => {
                 let m = e.marker();

@@ -111,7 +111,10 @@ fn unknown_fields() {
         "        - name: r\n          clientSelectors: [{sourceCIDR: {value: 10.0.0.0/8, typ: Exact}}]\n          limit: {requests: 1, unit: Second}\n",
     );
     let e = one_error(&text);
-    assert!(e.starts_with("p.yaml:9:62: spec.rateLimit.local.rules[0].clientSelectors[0].sourceCIDR.typ: unknown field"), "{e}");
+    assert!(
+        e.starts_with("p.yaml:9:62: spec.rateLimit.local.rules[0].clientSelectors[0].sourceCIDR.typ: unknown field"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -189,7 +192,10 @@ fn duplicate_policy_names_across_files() {
     let e = load_paths(std::slice::from_ref(&dir.0)).unwrap_err();
     let a = dir.0.join("a.yaml").display().to_string();
     let b = dir.0.join("b.yml").display().to_string();
-    assert_eq!(e.to_string(), format!("{b}:4:9: metadata.name: duplicate policy name \"same\" (first defined at {a}:3:18)"));
+    assert_eq!(
+        e.to_string(),
+        format!("{b}:4:9: metadata.name: duplicate policy name \"same\" (first defined at {a}:3:18)")
+    );
 }
 
 #[test]
@@ -231,7 +237,10 @@ fn bad_words() {
 #[test]
 fn unsupported_kind_and_api_version() {
     let text = "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {name: b}\nspec: {anything: 1}\n";
-    assert_eq!(one_error(text), "p.yaml:2:7: kind: kind BackendTrafficPolicy is not supported yet (supported: RateLimitPolicy)");
+    assert_eq!(
+        one_error(text),
+        "p.yaml:2:7: kind: kind BackendTrafficPolicy is not supported yet (supported: RateLimitPolicy)"
+    );
     let text = "apiVersion: limiter.dev/v9\nkind: RateLimitPolicy\nmetadata: {name: b}\nspec: {}\n";
     assert_eq!(
         one_error(text),
@@ -252,7 +261,8 @@ fn multi_document_errors_name_the_document_and_all_are_collected() {
             "p.yaml:19:11 (document 4): spec.allow[0]: invalid CIDR \"nope\": not an IPv4 or IPv6 address or CIDR",
         ]
     );
-    let ok = format!("{HEAD}metadata: {{name: one}}\nspec: {{}}\n---\n{HEAD}metadata: {{name: two}}\nspec: {{}}\n---\n");
+    let ok =
+        format!("{HEAD}metadata: {{name: one}}\nspec: {{}}\n---\n{HEAD}metadata: {{name: two}}\nspec: {{}}\n---\n");
     let set = load(&ok);
     let docs: Vec<_> = set.policies.iter().map(|p| (p.name.as_str(), p.source.document)).collect();
     assert_eq!(docs, [("one", Some(1)), ("two", Some(2))]);
@@ -336,10 +346,8 @@ fn every_invalid_example_fails_with_its_message() {
         ("zero-requests.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: must be at least 1, got 0"),
     ];
     let dir = examples().join("invalid");
-    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut on_disk: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     on_disk.sort();
     let listed: Vec<&str> = expected.iter().map(|(f, _)| *f).collect();
     assert_eq!(on_disk, listed, "every invalid example needs an expected message");
@@ -364,16 +372,23 @@ fn compile_kernel_rules_selectors_and_shadow() {
     let c = compile(&load(&text));
     assert!(c.notices.is_empty(), "{:?}", c.notices);
     assert_eq!(c.plan.rules.len(), 3);
-    let targets = vec![PortTarget { port: 53, protocol: Protocol::Udp }, PortTarget { port: 80, protocol: Protocol::Tcp }];
+    let targets =
+        vec![PortTarget { port: 53, protocol: Protocol::Udp }, PortTarget { port: 80, protocol: Protocol::Tcp }];
     let per_source = rule(&c, "p/per-source");
-    assert_eq!(per_source.source, SourceSelector { nets: vec!["0.0.0.0/0".parse().unwrap()], distinct: true, invert: false });
+    assert_eq!(
+        per_source.source,
+        SourceSelector { nets: vec!["0.0.0.0/0".parse().unwrap()], distinct: true, invert: false }
+    );
     assert!(per_source.per_source());
     assert_eq!(per_source.count, CountKind::Packets, "default count without headers");
     assert_eq!((per_source.limit.requests, per_source.limit.burst), (10, 5));
     assert_eq!(per_source.targets, targets);
     assert!(per_source.shadow);
     let shared = rule(&c, "p/shared-net");
-    assert_eq!(shared.source, SourceSelector { nets: vec!["198.51.100.0/24".parse().unwrap()], distinct: false, invert: true });
+    assert_eq!(
+        shared.source,
+        SourceSelector { nets: vec!["198.51.100.0/24".parse().unwrap()], distinct: false, invert: true }
+    );
     assert_eq!(shared.count, CountKind::Bytes);
     let ceiling = rule(&c, "p/ceiling");
     assert_eq!(ceiling.source, SourceSelector::everyone(false));

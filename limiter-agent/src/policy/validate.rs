@@ -62,19 +62,13 @@ impl Validator {
         let mut rules = Vec::new();
         let mut seen: HashMap<String, u64> = HashMap::new();
         if let Some(rl) = &spec.rate_limit {
-            for (scope, list, key) in [
-                (Scope::Local, &rl.local, "local"),
-                (Scope::Global, &rl.global, "global"),
-            ] {
+            for (scope, list, key) in [(Scope::Local, &rl.local, "local"), (Scope::Global, &rl.global, "global")] {
                 let Some(list) = list else { continue };
                 for (i, r) in list.rules.iter().enumerate() {
                     let field = format!("spec.rateLimit.{key}.rules[{i}]");
                     let rname = &r.value.name;
                     if let Some(first_line) = seen.get(&rname.value) {
-                        let kind = ErrorKind::DuplicateRule {
-                            name: rname.value.clone(),
-                            first_line: *first_line,
-                        };
+                        let kind = ErrorKind::DuplicateRule { name: rname.value.clone(), first_line: *first_line };
                         self.err(rname, format!("{field}.name"), kind);
                     } else {
                         seen.insert(rname.value.clone(), pos_of(rname).line);
@@ -156,7 +150,8 @@ impl Validator {
                 }
             }
             "httproute" | "gateway" => {
-                let route = if kind.eq_ignore_ascii_case("gateway") { RouteKind::Gateway } else { RouteKind::HttpRoute };
+                let route =
+                    if kind.eq_ignore_ascii_case("gateway") { RouteKind::Gateway } else { RouteKind::HttpRoute };
                 for (present, name) in [(spec.port.is_some(), "port"), (spec.protocol.is_some(), "protocol")] {
                     if present {
                         self.err(t, &field, ErrorKind::TargetRefExtra { kind: route.to_string(), field: name });
@@ -377,11 +372,7 @@ impl Validator {
             None => Some(0),
             Some(b) => self.int_in(b, format!("{field}.burst"), 0, i64::MAX),
         };
-        Some(Limit {
-            requests: u64::try_from(requests?).ok()?,
-            unit: unit?,
-            burst: u64::try_from(burst?).ok()?,
-        })
+        Some(Limit { requests: u64::try_from(requests?).ok()?, unit: unit?, burst: u64::try_from(burst?).ok()? })
     }
 }
 

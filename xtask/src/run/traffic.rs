@@ -27,10 +27,7 @@ pub struct Tally {
 
 impl Tally {
     pub fn get(&self) -> (u64, u64) {
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 
     fn record(&self, ok: bool) {
@@ -67,8 +64,7 @@ impl Workers {
                 match ready {
                     Ok(ready) => {
                         let _ = tx.send(Ok(()));
-                        let stopped =
-                            || stop_all.load(Ordering::Relaxed) || stop_me.load(Ordering::Relaxed);
+                        let stopped = || stop_all.load(Ordering::Relaxed) || stop_me.load(Ordering::Relaxed);
                         body.run(ready, &stopped);
                     }
                     Err(e) => {
@@ -113,8 +109,7 @@ pub trait Body: Send + 'static {
 /// Moves the calling thread into the network namespace `ip netns` calls `ns`.
 fn enter_netns(ns: &str) -> Result<()> {
     let path = format!("/run/netns/{ns}");
-    let file =
-        File::open(&path).with_context(|| format!("cannot open {path}: does netns {ns} exist?"))?;
+    let file = File::open(&path).with_context(|| format!("cannot open {path}: does netns {ns} exist?"))?;
     // SAFETY: a valid namespace fd; CLONE_NEWNET changes only this thread's network namespace.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {ns}"));
@@ -130,11 +125,8 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-        listener
-            .set_nonblocking(true)
-            .context("cannot make the listener non-blocking")?;
+        let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
         Ok(listener)
     }
 }
@@ -226,8 +218,7 @@ impl Body for Client {
         while !stopped() {
             if in_flight.load(Ordering::Relaxed) < self.max_in_flight {
                 in_flight.fetch_add(1, Ordering::Relaxed);
-                let (to, tally, in_flight) =
-                    (self.to, Arc::clone(&self.tally), Arc::clone(&in_flight));
+                let (to, tally, in_flight) = (self.to, Arc::clone(&self.tally), Arc::clone(&in_flight));
                 std::thread::spawn(move || {
                     tally.record(http_get(to));
                     in_flight.fetch_sub(1, Ordering::Relaxed);
