@@ -124,6 +124,10 @@ pub enum Unit {
     Minute,
     Hour,
     Day,
+    /// Any other period, e.g. kgateway's `fillInterval: 10s` (nanoseconds, > 0).
+    Interval {
+        ns: u64,
+    },
 }
 
 impl Unit {
@@ -134,6 +138,7 @@ impl Unit {
             Unit::Minute => NS_PER_MINUTE,
             Unit::Hour => NS_PER_HOUR,
             Unit::Day => NS_PER_DAY,
+            Unit::Interval { ns } => ns,
         }
     }
 }
@@ -145,6 +150,25 @@ impl fmt::Display for Unit {
             Unit::Minute => "Minute",
             Unit::Hour => "Hour",
             Unit::Day => "Day",
+            Unit::Interval { ns } => return write_interval(f, *ns),
         })
     }
+}
+
+/// `250ms`, `10s`, `90s`, `2h`: the shortest exact spelling of a period.
+fn write_interval(f: &mut fmt::Formatter<'_>, ns: u64) -> fmt::Result {
+    const STEPS: [(u64, &str); 6] = [
+        (3_600_000_000_000, "h"),
+        (60_000_000_000, "m"),
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+        (1_000, "us"),
+        (1, "ns"),
+    ];
+    for (step, suffix) in STEPS {
+        if ns >= step && ns % step == 0 {
+            return write!(f, "{}{suffix}", ns / step);
+        }
+    }
+    write!(f, "{ns}ns")
 }

@@ -18,12 +18,14 @@ use std::fmt;
 
 use super::error::Location;
 use super::model::*;
-use crate::plan::{CountKind, KernelPlan, KernelRule, ListEntry, PortTarget, SourceSelector};
+use crate::plan::{CountKind, KernelPlan, KernelRule, L7Plan, ListEntry, PortTarget, SourceSelector};
 
 /// The compiler's output.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     pub plan: KernelPlan,
+    /// Rules answered by the L7 engine / rate limit service.
+    pub l7: L7Plan,
     pub notices: Vec<Notice>,
     /// One per policy, in set order: what landed where (for `check` and logs).
     pub summaries: Vec<PolicySummary>,

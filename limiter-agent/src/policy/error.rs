@@ -88,7 +88,9 @@ pub enum ErrorKind {
     /// Wrong type, unknown field, missing field: what serde found.
     #[error("{message}")]
     Schema { message: String },
-    #[error("kind {kind} is not supported yet (supported: RateLimitPolicy)")]
+    #[error(
+        "kind {kind} is not supported (supported: RateLimitPolicy, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
+    )]
     UnsupportedKind { kind: String },
     #[error("unsupported apiVersion \"{api_version}\" for kind RateLimitPolicy (expected limiter.dev/v1alpha1)")]
     UnsupportedApiVersion { api_version: String },

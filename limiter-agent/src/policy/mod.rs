@@ -13,6 +13,7 @@
 
 pub mod compile;
 pub mod error;
+pub mod kinds;
 pub mod model;
 pub mod source;
 pub mod spec;
@@ -23,5 +24,5 @@ mod tests;
 
 pub use compile::{Compiled, Notice, NoticeKind, PolicySummary, compile};
 pub use error::{ErrorKind, Location, PolicyError, PolicyErrors, Pos, SourceRef};
-pub use model::{Policy, PolicySet};
-pub use source::{load_paths, load_str};
+pub use model::{Policy, PolicyKind, PolicySet};
+pub use source::{Document, load_file_str, load_paths, load_str};

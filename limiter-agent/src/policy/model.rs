@@ -29,10 +29,105 @@ impl At {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySet {
     pub policies: Vec<Policy>,
+    /// envoyproxy/ratelimit service configs (`domain` + `descriptors`), in load order.
+    pub ratelimit_configs: Vec<RatelimitConfig>,
+}
+
+/// Which gateway's resource a policy was written as. Every kind is normalised into the same
+/// [`Policy`]; the kind is kept for messages, `explain` and kind-specific semantics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    /// `limiter.dev/v1alpha1` (this project).
+    #[default]
+    RateLimitPolicy,
+    /// Envoy Gateway `gateway.envoyproxy.io/v1alpha1`.
+    BackendTrafficPolicy,
+    /// Tetrate Enterprise Gateway (Envoy Gateway 0.x) `gateway.envoyproxy.io/v1alpha1`.
+    RateLimitFilter,
+    /// kgateway `gateway.kgateway.dev/v1alpha1`.
+    TrafficPolicy,
+    /// agentgateway `agentgateway.dev/v1alpha1`.
+    AgentgatewayPolicy,
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PolicyKind::RateLimitPolicy => "RateLimitPolicy",
+            PolicyKind::BackendTrafficPolicy => "BackendTrafficPolicy",
+            PolicyKind::RateLimitFilter => "RateLimitFilter",
+            PolicyKind::TrafficPolicy => "TrafficPolicy",
+            PolicyKind::AgentgatewayPolicy => "AgentgatewayPolicy",
+        })
+    }
+}
+
+/// Descriptors a gateway sends to the rate limit service for a policy's routes, whose limits
+/// live in an envoyproxy/ratelimit config of the same domain (kgateway
+/// `rateLimit.global.descriptors[]`). One per descriptor, entries in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DescriptorActions {
+    /// RLS domain (kgateway: the referenced GatewayExtension's; `None`: not known here).
+    pub domain: Option<String>,
+    pub entries: Vec<ActionEntry>,
+    pub at: At,
+}
+
+/// Where one descriptor entry comes from, as Envoy's `rate_limits` actions produce it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActionEntry {
+    /// `remote_address`: key `remote_address`, the client address.
+    RemoteAddress,
+    /// `request_headers` on `:path`: key `path`.
+    Path,
+    /// `request_headers` on a header, sent under `descriptor_key`.
+    Header { name: String, descriptor_key: String },
+    /// `generic_key`: a constant `key` (default `generic_key`) and `value`.
+    Generic { key: String, value: String },
+}
+
+/// An envoyproxy/ratelimit service config file (`domain`, nested `descriptors`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RatelimitConfig {
+    pub domain: String,
+    /// File and document; set by the loader.
+    pub source: SourceRef,
+    /// Where `domain` was written.
+    pub at: At,
+    pub descriptors: Vec<ConfigDescriptor>,
+}
+
+/// One `descriptors[]` node of an envoyproxy/ratelimit config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigDescriptor {
+    pub key: String,
+    /// `None`: key-only (matches any value, a counter per value). May hold `*` wildcards.
+    pub value: Option<String>,
+    pub rate_limit: Option<ConfigRateLimit>,
+    /// `shadow_mode: true`: count, always answer OK.
+    pub shadow_mode: bool,
+    /// `detailed_metric: true` (accepted; metrics carry the full descriptor).
+    pub detailed_metric: bool,
+    pub descriptors: Vec<ConfigDescriptor>,
+    /// The node's entry (`descriptors[0].descriptors[1]`).
+    pub at: At,
+}
+
+/// `rate_limit:` of a config descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigRateLimit {
+    /// `unit` + `requests_per_unit` (burst 0); `None` with `unlimited: true`.
+    pub limit: Option<Limit>,
+    pub unlimited: bool,
+    /// `name`: reported in `x-ratelimit-limit` and used by `replaces`.
+    pub name: Option<String>,
+    /// `replaces: [{name}]`.
+    pub replaces: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
+    pub kind: PolicyKind,
     pub name: String,
     pub namespace: Option<String>,
     /// File and document; set by the loader.
@@ -47,6 +142,8 @@ pub struct Policy {
     pub penalty: Option<Penalty>,
     /// `local` rules first, then `global` ones, each in document order.
     pub rules: Vec<Rule>,
+    /// kgateway `rateLimit.global.descriptors`: what the gateway sends to the RLS.
+    pub descriptor_actions: Vec<DescriptorActions>,
 }
 
 impl Policy {

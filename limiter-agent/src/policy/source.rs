@@ -14,7 +14,8 @@ use serde_saphyr::granit_parser::{Event, Parser};
 use serde_saphyr::{MessageFormatter, UserMessageFormatter};
 
 use super::error::{ErrorKind, FieldError, Location, PolicyError, PolicyErrors, Pos, SourceRef};
-use super::model::{Policy, PolicySet};
+use super::kinds;
+use super::model::{Policy, PolicySet, RatelimitConfig};
 use super::spec::{API_VERSION, KIND, RateLimitPolicyDoc, TypeMeta, pos_of};
 
 /// Loads every policy under `paths` into one set, or returns every error found.
@@ -33,22 +34,51 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
             Err(e) => errors.push(*e),
         }
     }
-    let mut policies = Vec::new();
+    let mut set = PolicySet::default();
     for file in &files {
         match fs::read_to_string(file) {
-            Ok(text) => match load_str(file, &text) {
-                Ok(mut found) => policies.append(&mut found),
+            Ok(text) => match load_file_str(file, &text) {
+                Ok(found) => {
+                    for doc in found {
+                        match doc {
+                            Document::Policy(p) => set.policies.push(p),
+                            Document::RatelimitConfig(c) => set.ratelimit_configs.push(c),
+                        }
+                    }
+                }
                 Err(e) => errors.extend(e.0),
             },
             Err(e) => errors.push(io_error(file, &e)),
         }
     }
-    check_unique_names(&policies, &mut errors);
-    if errors.is_empty() { Ok(PolicySet { policies }) } else { Err(PolicyErrors(errors)) }
+    check_unique_names(&set.policies, &mut errors);
+    if errors.is_empty() { Ok(set) } else { Err(PolicyErrors(errors)) }
 }
 
-/// Loads the policies of one file's text; `file` only names it in errors.
+/// One loaded YAML document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Document {
+    /// A document with `kind:` (native or a gateway kind).
+    Policy(Policy),
+    /// An envoyproxy/ratelimit config: no `kind`, a `domain`.
+    RatelimitConfig(RatelimitConfig),
+}
+
+/// Loads the policies of one file's text; `file` only names it in errors. Ratelimit configs
+/// in the text are ignored here (see [`load_file_str`]).
 pub fn load_str(file: &Path, text: &str) -> Result<Vec<Policy>, PolicyErrors> {
+    let docs = load_file_str(file, text)?;
+    Ok(docs
+        .into_iter()
+        .filter_map(|d| match d {
+            Document::Policy(p) => Some(p),
+            Document::RatelimitConfig(_) => None,
+        })
+        .collect())
+}
+
+/// Loads every document of one file's text; `file` only names it in errors.
+pub fn load_file_str(file: &Path, text: &str) -> Result<Vec<Document>, PolicyErrors> {
     let split = split_documents(text);
     // The document a syntax error broke in is not counted as having content.
     let documents = split.docs.iter().filter(|d| d.has_content).count() + usize::from(split.syntax.is_some());
@@ -59,9 +89,13 @@ pub fn load_str(file: &Path, text: &str) -> Result<Vec<Policy>, PolicyErrors> {
         let source = SourceRef { file: file.to_owned(), document: multi.then_some(doc.index) };
         let padded = padded_document(text, doc.start_byte, doc.end_byte, doc.start_line);
         match load_document(&padded) {
-            Ok(Some(mut p)) => {
+            Ok(Some(Document::Policy(mut p))) => {
                 p.source = source;
-                policies.push(p);
+                policies.push(Document::Policy(p));
+            }
+            Ok(Some(Document::RatelimitConfig(mut c))) => {
+                c.source = source;
+                policies.push(Document::RatelimitConfig(c));
             }
             Ok(None) => {}
             Err(errs) => errors.extend(errs.into_iter().map(|e| e.located(&source))),
@@ -202,14 +236,27 @@ fn padded_document(text: &str, start: usize, end: usize, start_line: u64) -> Str
     s
 }
 
-/// One document: `Ok(None)` when it is empty.
-fn load_document(src: &str) -> Result<Option<Policy>, Vec<FieldError>> {
+/// One document: `Ok(None)` when it is empty. Dispatches on `kind` (and `apiVersion`); a
+/// document without `kind` but with `domain` is an envoyproxy/ratelimit config.
+fn load_document(src: &str) -> Result<Option<Document>, Vec<FieldError>> {
     let meta: Option<TypeMeta> = deserialize(src).map_err(|e| vec![e])?;
     let Some(meta) = meta else { return Ok(None) };
+    if meta.kind.is_none() && meta.domain.is_some() {
+        return kinds::ratelimit_config::load(src).map(|c| Some(Document::RatelimitConfig(c)));
+    }
     let kind = meta.kind.ok_or_else(|| vec![missing(src, "kind")])?;
     if kind.value != KIND {
-        let err = ErrorKind::UnsupportedKind { kind: kind.value.clone() };
-        return Err(vec![FieldError::new(pos_of(&kind), "kind", err)]);
+        let loaded = match kind.value.as_str() {
+            "BackendTrafficPolicy" => kinds::envoy_gateway::load(src),
+            "RateLimitFilter" => kinds::teg::load(src),
+            "TrafficPolicy" => kinds::kgateway::load(src),
+            "AgentgatewayPolicy" => kinds::agentgateway::load(src),
+            _ => {
+                let err = ErrorKind::UnsupportedKind { kind: kind.value.clone() };
+                return Err(vec![FieldError::new(pos_of(&kind), "kind", err)]);
+            }
+        };
+        return loaded.map(|p| Some(Document::Policy(p)));
     }
     let api = meta.api_version.ok_or_else(|| vec![missing(src, "apiVersion")])?;
     if api.value != API_VERSION {
@@ -217,17 +264,17 @@ fn load_document(src: &str) -> Result<Option<Policy>, Vec<FieldError>> {
         return Err(vec![FieldError::new(pos_of(&api), "apiVersion", err)]);
     }
     let doc: RateLimitPolicyDoc = deserialize(src).map_err(|e| vec![e])?;
-    Policy::try_from(doc).map(Some)
+    Policy::try_from(doc).map(|p| Some(Document::Policy(p)))
 }
 
 /// `kind` or `apiVersion` is absent: point at the document's first line.
-fn missing(src: &str, field: &str) -> FieldError {
+pub(super) fn missing(src: &str, field: &str) -> FieldError {
     let line = src.chars().take_while(|c| *c == '\n').count() as u64 + 1;
     FieldError::new(Pos::new(line, 1), "", ErrorKind::Schema { message: format!("missing field `{field}`") })
 }
 
 /// Deserialises with serde-saphyr, tracking the field path of the first error.
-fn deserialize<'de, T: Deserialize<'de>>(src: &'de str) -> Result<T, FieldError> {
+pub(super) fn deserialize<'de, T: Deserialize<'de>>(src: &'de str) -> Result<T, FieldError> {
     let mut track = serde_path_to_error::Track::new();
     let result = serde_saphyr::with_deserializer_from_str(src, |de| {
         T::deserialize(serde_path_to_error::Deserializer::new(de, &mut track))

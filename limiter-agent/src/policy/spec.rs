@@ -28,6 +28,8 @@ pub const KIND: &str = "RateLimitPolicy";
 pub struct TypeMeta {
     pub api_version: Option<S<String>>,
     pub kind: Option<S<String>>,
+    /// Only envoyproxy/ratelimit configs have a top-level `domain` (and no `kind`).
+    pub domain: Option<serde::de::IgnoredAny>,
 }
 
 /// A whole `RateLimitPolicy` document.

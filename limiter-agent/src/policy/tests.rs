@@ -23,7 +23,7 @@ fn one_error(text: &str) -> String {
 
 fn load(text: &str) -> PolicySet {
     match load_str(Path::new("p.yaml"), text) {
-        Ok(policies) => PolicySet { policies },
+        Ok(policies) => PolicySet { policies, ..Default::default() },
         Err(e) => panic!("{e}"),
     }
 }
@@ -236,10 +236,11 @@ fn bad_words() {
 
 #[test]
 fn unsupported_kind_and_api_version() {
-    let text = "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {name: b}\nspec: {anything: 1}\n";
+    let text =
+        "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: b}\nspec: {anything: 1}\n";
     assert_eq!(
         one_error(text),
-        "p.yaml:2:7: kind: kind BackendTrafficPolicy is not supported yet (supported: RateLimitPolicy)"
+        "p.yaml:2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
     );
     let text = "apiVersion: limiter.dev/v9\nkind: RateLimitPolicy\nmetadata: {name: b}\nspec: {}\n";
     assert_eq!(
@@ -339,9 +340,12 @@ fn every_invalid_example_fails_with_its_message() {
         ("bad-unit.yaml", "15:19: spec.rateLimit.local.rules[2].limit.unit: unknown unit \"Minuets\""),
         ("duplicate-rule.yaml", "12:17: spec.rateLimit.global.rules[0].name: duplicate rule name \"a\""),
         ("empty-selector.yaml", "10:15: spec.rateLimit.local.rules[0].clientSelectors[0]: empty client selector"),
-        ("foreign-kind.yaml", "2:7: kind: kind BackendTrafficPolicy is not supported yet (supported: RateLimitPolicy)"),
         ("syntax.yaml", "4:5: YAML syntax error: "),
         ("unknown-field.yaml", "10:11: spec.rateLimit.local.rules[0].burst: unknown field `burst`"),
+        (
+            "unknown-kind.yaml",
+            "2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)",
+        ),
         ("wrong-type.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: expected an integer"),
         ("zero-requests.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: must be at least 1, got 0"),
     ];

@@ -80,6 +80,7 @@ impl Validator {
             }
         }
         Policy {
+            kind: PolicyKind::RateLimitPolicy,
             name: name.value.clone(),
             namespace: doc.metadata.namespace.map(|n| n.value),
             source: SourceRef::default(),
@@ -90,6 +91,7 @@ impl Validator {
             deny,
             penalty,
             rules,
+            descriptor_actions: Vec::new(),
         }
     }
 
