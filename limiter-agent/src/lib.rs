@@ -4,10 +4,14 @@
 //!   compiles them into a [`plan::KernelPlan`].
 //! - [`dataplane`]: loads and attaches the XDP program and owns its maps.
 //! - [`plan`]: the compiled plan both of them speak.
+//! - [`l7`]: the L7 engine: token buckets and fixed windows for HTTP requests and descriptors.
+//! - [`rls`]: the Envoy rate limit service over gRPC, backed by [`l7`] (and Redis).
 
 pub mod cli;
 pub mod control;
 pub mod dataplane;
+pub mod l7;
 pub mod plan;
 pub mod policy;
+pub mod rls;
 pub mod watch;

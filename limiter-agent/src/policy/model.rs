@@ -95,6 +95,8 @@ pub struct RatelimitConfig {
     /// Where `domain` was written.
     pub at: At,
     pub descriptors: Vec<ConfigDescriptor>,
+    /// Unknown fields and the like: warnings naming the field.
+    pub not_enforced: Vec<Located<String>>,
 }
 
 /// One `descriptors[]` node of an envoyproxy/ratelimit config.
@@ -144,6 +146,9 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// kgateway `rateLimit.global.descriptors`: what the gateway sends to the RLS.
     pub descriptor_actions: Vec<DescriptorActions>,
+    /// Fields accepted but enforced by no layer (circuit breakers, retries, timeouts, unknown
+    /// fields of foreign kinds): each becomes a warning naming the field.
+    pub not_enforced: Vec<Located<String>>,
 }
 
 impl Policy {

@@ -92,6 +92,7 @@ impl Validator {
             penalty,
             rules,
             descriptor_actions: Vec::new(),
+            not_enforced: Vec::new(),
         }
     }
 

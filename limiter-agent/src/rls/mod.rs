@@ -1,0 +1,1 @@
+//! The Envoy rate limit service (`envoy.service.ratelimit.v3.RateLimitService`). (Being written.)
