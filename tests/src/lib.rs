@@ -9,6 +9,7 @@
 pub mod netns;
 pub mod packet;
 pub mod rawsock;
+pub mod redis;
 
 use std::path::Path;
 use std::process::Command;
