@@ -6,6 +6,7 @@
 //! panic with a message that says what is missing, so a run without privileges fails loudly
 //! instead of reporting green.
 
+pub mod envoy;
 pub mod netns;
 pub mod packet;
 pub mod rawsock;
