@@ -152,7 +152,7 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-fn filler_rule() -> KernelRule {
+pub fn filler_rule() -> KernelRule {
     KernelRule {
         name: "bench/filler".into(),
         targets: vec![PortTarget { port: FILLER_PORT, protocol: Protocol::Udp }],
