@@ -149,25 +149,26 @@ pub fn own_maps() -> Result<Vec<MapFdInfo>> {
     Ok(out)
 }
 
-/// Jiffies-based CPU times summed over all CPUs from `/proc/stat`, in seconds.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuTimes {
-    pub system: f64,
-    pub softirq: f64,
-    pub irq: f64,
-}
-
-pub fn cpu_times() -> Result<CpuTimes> {
-    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = text.lines().find(|l| l.starts_with("cpu ")).context("no `cpu` line in /proc/stat")?;
-    let f: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    if f.len() < 7 {
-        bail!("short `cpu` line in /proc/stat: {line}");
+/// Total run time of every `ksoftirqd/N` kernel thread, in nanoseconds, from
+/// `/proc/<pid>/schedstat` (the scheduler's exact count, not tick-sampled).
+pub fn ksoftirqd_ns() -> Result<u64> {
+    let mut total = 0;
+    let mut found = 0;
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let Ok(entry) = entry else { continue };
+        let path = entry.path();
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else { continue };
+        if !comm.starts_with("ksoftirqd/") {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("schedstat")) else { continue };
+        total += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        found += 1;
     }
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let hz = if hz > 0.0 { hz } else { 100.0 };
-    Ok(CpuTimes { system: f[2] / hz, irq: f[5] / hz, softirq: f[6] / hz })
+    if found == 0 {
+        bail!("no ksoftirqd threads in /proc (is /proc/<pid>/schedstat available?)");
+    }
+    Ok(total)
 }
 
 /// CPU time (user + system) the calling thread has used.
