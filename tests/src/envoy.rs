@@ -187,12 +187,17 @@ impl Envoy {
     pub fn start(config: &EnvoyConfig, backend: &HttpBackend) -> Result<Envoy> {
         let port = free_port()?;
         let admin_port = free_port()?;
+        let bootstrap = bootstrap(config, port, admin_port, backend.port());
+        Envoy::start_bootstrap(&serde_json::to_string_pretty(&bootstrap)?, "json", port, admin_port)
+    }
+
+    /// Starts Envoy on a bootstrap given as text (`ext`: `yaml` or `json`, how Envoy parses
+    /// it) whose listener is on `port` and admin on `admin_port`, and waits until it is ready.
+    pub fn start_bootstrap(text: &str, ext: &str, port: u16, admin_port: u16) -> Result<Envoy> {
         let dir = std::env::temp_dir().join(format!("limiter-envoy-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let bootstrap = bootstrap(config, port, admin_port, backend.port());
-        let path = dir.join("envoy.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&bootstrap)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let path = dir.join(format!("envoy.{ext}"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         let log = std::fs::File::create(dir.join("envoy.log"))?;
         let child = Command::new(envoy_binary())
             .arg("-c")

@@ -3,7 +3,7 @@
 //! killed on drop. [`RedisServer::command`] speaks RESP directly, so tests read back exactly
 //! what the backend wrote (`KEYS`, `TTL`, `INFO commandstats`) without another client library.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
