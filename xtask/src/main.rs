@@ -27,8 +27,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// Set up and build, then run the built-in sandbox demo, or the agent with the given args.
     Run(run::RunArgs),
-    /// Set up, build release, run the benchmark smoke test if present.
-    Bench,
+    /// Set up, build, measure (as root) and write bench/REPORT.md and bench/chart.png.
+    Bench(bench::BenchArgs),
     /// rustfmt check, clippy for the host crates and for the eBPF crate's target.
     Lint,
     /// Print `export PATH=...` with bpf-linker first: `eval "$(cargo xtask env)"`.
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         Cmd::Setup(args) => setup::cmd(args),
         Cmd::Test(args) => test::cmd(args),
         Cmd::Run(args) => run::cmd(args),
-        Cmd::Bench => bench::cmd(),
+        Cmd::Bench(args) => bench::cmd(args),
         Cmd::Lint => lint::cmd(),
         Cmd::Env => print_env(),
     };

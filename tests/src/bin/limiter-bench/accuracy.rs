@@ -61,11 +61,8 @@ fn one_run(topo: &Topology, senders: usize, seconds: f64) -> Result<Outcome> {
         }
         Ok(())
     })?;
-    let receivers: Vec<RawReceiver> = topo
-        .clients
-        .iter()
-        .map(|c| RawReceiver::open(&topo.server, &c.server.name))
-        .collect::<std::io::Result<_>>()?;
+    let receivers: Vec<RawReceiver> =
+        topo.clients.iter().map(|c| RawReceiver::open(&topo.server, &c.server.name)).collect::<std::io::Result<_>>()?;
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
     let per_ms = (RATE * OVERLOAD / 1000 / senders as u64) as usize;

@@ -81,10 +81,8 @@ pub fn run(cfg: &Config) -> Result<Value> {
     let mut rows = Vec::new();
     let max_rules = limiter_common::MAX_RULES as usize;
     for &n in &cfg.policy_sizes {
-        let shapes: [(&str, Option<(String, usize, usize)>); 2] = [
-            ("deny CIDRs", Some((cidr_policy(n), n, 1))),
-            ("rules", (n < max_rules).then(|| (rules_policy(n), 0, n))),
-        ];
+        let shapes: [(&str, Option<(String, usize, usize)>); 2] =
+            [("deny CIDRs", Some((cidr_policy(n), n, 1))), ("rules", (n < max_rules).then(|| (rules_policy(n), 0, n)))];
         for (shape, input) in shapes {
             let Some((text, cidrs, rules)) = input else { continue };
             let mut parse = Vec::new();

@@ -186,51 +186,52 @@ fn flood(topo: &Topology, frames: &[Vec<u8>], pps: u64, seconds: f64) -> Result<
     let mib_before = reached_udp(&topo.server)?;
     let ksoftirqd_before = ksoftirqd_ns()?;
     let start = Instant::now();
-    let ((offered, sender_cpu), (received, receiver_cpu)) = thread::scope(|s| -> Result<((u64, Duration), (u64, Duration))> {
-        let receiver = s.spawn(|| -> Result<(u64, Duration)> {
-            pin_to_cpu(1)?;
-            let cpu0 = thread_cpu_time();
-            let mut buf = [0u8; 2048];
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                match sock.recv(&mut buf) {
-                    Ok(len) => n += u64::from(&buf[..len] == MARKER),
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                    Err(e) => return Err(e.into()),
+    let ((offered, sender_cpu), (received, receiver_cpu)) =
+        thread::scope(|s| -> Result<((u64, Duration), (u64, Duration))> {
+            let receiver = s.spawn(|| -> Result<(u64, Duration)> {
+                pin_to_cpu(1)?;
+                let cpu0 = thread_cpu_time();
+                let mut buf = [0u8; 2048];
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    match sock.recv(&mut buf) {
+                        Ok(len) => n += u64::from(&buf[..len] == MARKER),
+                        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-            }
-            Ok((n, thread_cpu_time() - cpu0))
-        });
-        let sender = s.spawn(|| -> Result<(u64, Duration)> {
-            pin_to_cpu(0)?;
-            let cpu0 = thread_cpu_time();
-            let per_ms = (pps / 1000).max(1);
-            let end = start + Duration::from_secs_f64(seconds);
-            let mut step = Instant::now();
-            let mut sent = 0u64;
-            let mut i = 0usize;
-            // Bounded by time and by count.
-            let max = pps.saturating_mul(seconds.ceil() as u64 + 1);
-            while Instant::now() < end && sent < max {
-                for _ in 0..per_ms {
-                    tx.send(&frames[i % frames.len()])?;
-                    i += 1;
+                Ok((n, thread_cpu_time() - cpu0))
+            });
+            let sender = s.spawn(|| -> Result<(u64, Duration)> {
+                pin_to_cpu(0)?;
+                let cpu0 = thread_cpu_time();
+                let per_ms = (pps / 1000).max(1);
+                let end = start + Duration::from_secs_f64(seconds);
+                let mut step = Instant::now();
+                let mut sent = 0u64;
+                let mut i = 0usize;
+                // Bounded by time and by count.
+                let max = pps.saturating_mul(seconds.ceil() as u64 + 1);
+                while Instant::now() < end && sent < max {
+                    for _ in 0..per_ms {
+                        tx.send(&frames[i % frames.len()])?;
+                        i += 1;
+                    }
+                    sent += per_ms;
+                    step += Duration::from_millis(1);
+                    if let Some(wait) = step.checked_duration_since(Instant::now()) {
+                        thread::sleep(wait);
+                    }
                 }
-                sent += per_ms;
-                step += Duration::from_millis(1);
-                if let Some(wait) = step.checked_duration_since(Instant::now()) {
-                    thread::sleep(wait);
-                }
-            }
-            Ok((sent, thread_cpu_time() - cpu0))
-        });
-        let sent = sender.join().map_err(|_| anyhow::anyhow!("the sender thread panicked"))?;
-        // Let the last frames drain through the stack before stopping the receiver.
-        thread::sleep(Duration::from_millis(200));
-        stop.store(true, Ordering::Relaxed);
-        let received = receiver.join().map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
-        Ok((sent?, received?))
-    })?;
+                Ok((sent, thread_cpu_time() - cpu0))
+            });
+            let sent = sender.join().map_err(|_| anyhow::anyhow!("the sender thread panicked"))?;
+            // Let the last frames drain through the stack before stopping the receiver.
+            thread::sleep(Duration::from_millis(200));
+            stop.store(true, Ordering::Relaxed);
+            let received = receiver.join().map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
+            Ok((sent?, received?))
+        })?;
     let elapsed = start.elapsed().as_secs_f64();
     let ksoftirqd_after = ksoftirqd_ns()?;
     let mib_after = reached_udp(&topo.server)?;
@@ -311,7 +312,8 @@ pub fn run(cfg: &Config) -> Result<Value> {
         }));
     }
     let cpu_of = |f: Filter| per_filter.iter().find(|(x, _)| *x == f).map(|(_, c)| *c).unwrap_or(f64::NAN);
-    let expected_admitted = f64::from(SOURCES) * (RATE_PER_SOURCE as f64 * cfg.flood_seconds + (RATE_PER_SOURCE + BURST) as f64);
+    let expected_admitted =
+        f64::from(SOURCES) * (RATE_PER_SOURCE as f64 * cfg.flood_seconds + (RATE_PER_SOURCE + BURST) as f64);
     Ok(json!({
         "offered_pps": pps,
         "seconds": cfg.flood_seconds,

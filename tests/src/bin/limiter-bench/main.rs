@@ -52,7 +52,7 @@ impl Config {
             occupancies: vec![1, 10_000, 1_000_000],
             flood_seconds: 3.0,
             accuracy_seconds: 2.0,
-            memory_occupancies: vec![0, 10_000, 1_000_000],
+            memory_occupancies: vec![1, 10_000, 1_000_000],
             policy_sizes: vec![10, 1_000, 100_000],
         }
     }
@@ -65,7 +65,7 @@ impl Config {
             occupancies: vec![1, 100],
             flood_seconds: 0.3,
             accuracy_seconds: 0.3,
-            memory_occupancies: vec![0, 1_000],
+            memory_occupancies: vec![1, 1_000],
             policy_sizes: vec![10, 100],
         }
     }

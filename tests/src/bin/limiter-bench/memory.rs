@@ -39,7 +39,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
                 let maps = own_maps()?;
                 let table = source_table(&maps)?;
                 memlock.push(table.memlock as f64);
-                if capacity == default_capacity && occupancy == 0 {
+                if capacity == default_capacity && occupancy == cfg.memory_occupancies[0] {
                     program_total.push(maps.iter().map(|m| m.memlock as f64).sum::<f64>());
                 }
                 drop(dp);

@@ -4,7 +4,7 @@
 //! calling thread's CPU time.
 
 use std::io;
-use std::os::fd::{FromRawFd as _, OwnedFd, AsRawFd as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
