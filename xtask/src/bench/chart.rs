@@ -147,7 +147,7 @@ fn flood(results: &Value, area: &Area<'_>) -> DrawResult {
         .x_labels(2 * rows.len())
         .x_label_formatter(&|x| {
             let i = *x as usize;
-            if i % 2 == 0 { labels.get(i / 2).cloned().unwrap_or_default() } else { String::new() }
+            if i.is_multiple_of(2) { labels.get(i / 2).cloned().unwrap_or_default() } else { String::new() }
         })
         .x_label_style(("sans-serif", 14))
         .y_label_formatter(&|y| format!("{y:.0}"))

@@ -124,15 +124,15 @@ fn headline(md: &mut String, r: &Value) {
             ));
         }
     }
-    if let Some(mem) = r.get("memory") {
-        if let Some(row) = rows(mem).iter().rev().find(|x| f(&x["capacity"]) == f(&mem["default_capacity"])) {
-            lines.push(format!(
-                "- Kernel memory: {:.0} bytes per tracked-source slot, preallocated ({} MiB for the default {} slots).",
-                f(&row["bytes_per_slot"]),
-                (f(&row["memlock_bytes"]) / 1048576.0).round(),
-                thousands(f(&row["capacity"]))
-            ));
-        }
+    if let Some(mem) = r.get("memory")
+        && let Some(row) = rows(mem).iter().rev().find(|x| f(&x["capacity"]) == f(&mem["default_capacity"]))
+    {
+        lines.push(format!(
+            "- Kernel memory: {:.0} bytes per tracked-source slot, preallocated ({} MiB for the default {} slots).",
+            f(&row["bytes_per_slot"]),
+            (f(&row["memlock_bytes"]) / 1048576.0).round(),
+            thousands(f(&row["capacity"]))
+        ));
     }
     if !lines.is_empty() {
         let _ = writeln!(md, "## Headline\n\n{}\n", lines.join("\n"));

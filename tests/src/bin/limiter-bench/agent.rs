@@ -48,6 +48,9 @@ pub fn rules_policy(n: usize) -> String {
     y
 }
 
+/// Generated YAML, the deny entries and the rules it must apply.
+type Workload = (String, usize, usize);
+
 struct Phases {
     parse: f64,
     compile: f64,
@@ -81,7 +84,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
     let mut rows = Vec::new();
     let max_rules = limiter_common::MAX_RULES as usize;
     for &n in &cfg.policy_sizes {
-        let shapes: [(&str, Option<(String, usize, usize)>); 2] =
+        let shapes: [(&str, Option<Workload>); 2] =
             [("deny CIDRs", Some((cidr_policy(n), n, 1))), ("rules", (n < max_rules).then(|| (rules_policy(n), 0, n)))];
         for (shape, input) in shapes {
             let Some((text, cidrs, rules)) = input else { continue };
