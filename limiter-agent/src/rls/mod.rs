@@ -1,1 +1,3 @@
 //! The Envoy rate limit service (`envoy.service.ratelimit.v3.RateLimitService`). (Being written.)
+
+pub mod redis;
