@@ -184,6 +184,36 @@ impl Meter {
     }
 }
 
+/// One token bucket shared by every request of a rule (no value splits it): its TAT lives in
+/// one atomic word, updated by compare-and-swap exactly as the XDP program updates its
+/// buckets, so the busiest counter of all (a gateway-wide limit) takes no lock. The CAS loop
+/// retries only when another thread changed the word in between: decisions stay
+/// linearizable, no update is lost.
+pub(super) fn decide_shared(tat: &AtomicU64, meter: &Meter, now: Now, hits: u64, charge: Charge) -> Outcome {
+    let mut current = tat.load(Ordering::Relaxed);
+    loop {
+        let mut state = CounterState { word: current, count: 0 };
+        let outcome = meter.decide(&mut state, now, hits, charge);
+        if state.word == current {
+            return outcome;
+        }
+        // Relaxed: the word is the whole state; nothing else is published with it.
+        match tat.compare_exchange_weak(current, state.word, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return outcome,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+/// [`Meter::refund`] for a [`decide_shared`] bucket.
+pub(super) fn refund_shared(tat: &AtomicU64, meter: &Meter, now: Now, hits: u64) {
+    let _ = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+        let mut state = CounterState { word, count: 0 };
+        meter.refund(&mut state, now, hits);
+        Some(state.word)
+    });
+}
+
 /// Number of shards for a capacity: enough to spread 2 cores' worth of contention and more,
 /// few enough that every shard holds a useful share (at least ~256 keys when possible).
 fn shard_count(max_keys: usize) -> usize {

@@ -47,6 +47,10 @@ pub(super) struct CompiledRule {
     pub meter: Option<Meter>,
     /// `None`: `unlimited`.
     pub reported: Option<ReportedLimit>,
+    /// A token bucket rule with a single bucket (no entry value splits it): its TAT, kept
+    /// here instead of in the keyed store (see [`super::counters::decide_shared`]). Carried
+    /// over to the next plan with the rule's id.
+    pub shared: Option<Arc<AtomicU64>>,
 }
 
 /// A plan compiled for decisions.
@@ -158,9 +162,14 @@ impl CompiledPlan {
         let mut routes_with_rules = HashSet::new();
         let mut http_replaces = false;
         for (index, rule) in plan.rules.iter().enumerate() {
-            let id = match old.get(rule.name.as_str()) {
-                Some(o) if same_counting(&o.rule, rule) => o.id,
-                _ => next_id.fetch_add(1, Ordering::Relaxed),
+            let kept = old.get(rule.name.as_str()).filter(|o| same_counting(&o.rule, rule));
+            let id = kept.map_or_else(|| next_id.fetch_add(1, Ordering::Relaxed), |o| o.id);
+            let meter = Meter::for_rule(rule);
+            let shared = match (&meter, kept) {
+                (Some(Meter::Bucket(_)), _) if rule.entries.iter().any(|e| splits(&e.value)) => None,
+                (Some(Meter::Bucket(_)), Some(CompiledRule { shared: Some(tat), .. })) => Some(tat.clone()),
+                (Some(Meter::Bucket(_)), _) => Some(Arc::new(AtomicU64::new(0))),
+                _ => None,
             };
             let http = !rule.entries.is_empty() && rule.entries.iter().all(|e| e.attribute != Attribute::Descriptor);
             if !rule.entries.is_empty() {
@@ -180,7 +189,7 @@ impl CompiledPlan {
                 requests_per_unit: u32::try_from(l.requests).unwrap_or(u32::MAX),
                 unit: l.unit,
             });
-            rules.push(CompiledRule { id, meter: Meter::for_rule(rule), reported, rule: Arc::new(rule.clone()) });
+            rules.push(CompiledRule { id, meter, reported, shared, rule: Arc::new(rule.clone()) });
         }
         Self { plan: Arc::new(plan), rules, domains, http_rules, routes_with_rules, http_replaces }
     }

@@ -42,10 +42,13 @@
 //! # Concurrency
 //!
 //! [`Engine`] is `Send + Sync`; decisions take `&self` from any number of threads. The plan
-//! sits behind an `RwLock<Arc<..>>` held only for the duration of one decision (a decision
-//! sees one plan, whole); the counters are sharded (see `counters`). One counter's decide and
-//! charge are atomic under its shard lock: no lost updates. Different counters of one request
-//! are updated one after another, not as one transaction.
+//! sits behind an `RwLock<Arc<..>>`; each thread keeps the `Arc` it used last and only
+//! re-reads it when a generation counter says it was replaced, so a decision sees one plan,
+//! whole, without writing to memory other threads read. Keyed counters are sharded, each
+//! shard behind a mutex; a rule with a single token bucket (no value splits it, e.g. a
+//! gateway-wide limit) keeps its state in one atomic word updated by compare-and-swap, like
+//! the kernel. Either way one counter's decide and charge are atomic: no lost updates.
+//! Different counters of one request are updated one after another, not as one transaction.
 //!
 //! # Memory
 //!
@@ -108,17 +111,18 @@ mod matching;
 #[cfg(test)]
 mod tests;
 
+use std::cell::RefCell;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use counters::CounterStats;
 pub use headers::ratelimit_headers;
 
-use self::counters::{Charge, Counters, Now};
-use self::matching::{CompiledPlan, Value, cache_key_prefix, http_value, key_rule_id, with_counter_key};
+use self::counters::{Charge, Counters, Meter, Now, Outcome, decide_shared, refund_shared};
+use self::matching::{CompiledPlan, CompiledRule, Value, cache_key_prefix, http_value, key_rule_id, with_counter_key};
 use crate::plan::Unit;
 use crate::plan::l7::{L7Plan, L7Rule};
 
@@ -138,13 +142,33 @@ impl Default for EngineConfig {
 
 /// Thread-safe (Send + Sync), shared as `Arc<Engine>`. Decisions take `&self`.
 pub struct Engine {
+    /// The plan in force. Decisions read it through a per-thread cache (see
+    /// [`Engine::with_plan`]); only a cache miss takes the read lock.
     plan: RwLock<Arc<CompiledPlan>>,
+    /// Bumped after every swap of `plan`: tells per-thread caches they are stale.
+    generation: AtomicU64,
+    /// Tells this engine's cache entries from other engines' (tests run several).
+    id: u64,
     /// Serialises plan replacements (compiling happens outside the `plan` lock).
     replacing: Mutex<()>,
     counters: Counters,
     clock: Clock,
     /// Source of rule ids (counter namespaces).
     next_rule_id: AtomicU64,
+}
+
+/// Source of [`Engine::id`].
+static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A thread's copy of the plan of the engine it used last.
+struct CachedPlan {
+    engine: u64,
+    generation: u64,
+    plan: Arc<CompiledPlan>,
+}
+
+thread_local! {
+    static PLAN_CACHE: RefCell<Option<CachedPlan>> = const { RefCell::new(None) };
 }
 
 /// The engine's two time bases, taken together once.
@@ -291,6 +315,8 @@ impl Engine {
         let compiled = CompiledPlan::new(plan, None, &next_rule_id);
         Engine {
             plan: RwLock::new(Arc::new(compiled)),
+            generation: AtomicU64::new(0),
+            id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
             replacing: Mutex::new(()),
             counters: Counters::new(config.max_keys),
             clock: Clock {
@@ -305,6 +331,66 @@ impl Engine {
         self.plan.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Runs `f` on the plan in force, whole.
+    ///
+    /// Each thread keeps the last plan it used with the generation it had; while the
+    /// generation has not moved, a decision only *reads* the shared generation word, so
+    /// threads deciding at once do not bounce a lock's or an `Arc` count's cache line between
+    /// cores. The cost: a superseded plan stays in memory until every thread that used it
+    /// decides once more (or exits). Ordering: the generation is bumped after the swap
+    /// (Release) and read before the plan (Acquire), so a cached plan is never older than
+    /// the generation it is filed under.
+    fn with_plan<R>(&self, f: impl FnOnce(&CompiledPlan) -> R) -> R {
+        let generation = self.generation.load(Ordering::Acquire);
+        PLAN_CACHE.with(|cell| {
+            // Decisions never nest; should one ever, it takes the lock instead of panicking.
+            let Ok(mut cache) = cell.try_borrow_mut() else { return f(&self.current()) };
+            let fresh = cache.as_ref().is_some_and(|c| c.engine == self.id && c.generation == generation);
+            if !fresh {
+                *cache = Some(CachedPlan { engine: self.id, generation, plan: self.current().clone() });
+            }
+            match cache.as_ref() {
+                Some(cached) => f(&cached.plan),
+                None => f(&self.current()),
+            }
+        })
+    }
+
+    /// Decides `hits` on the counter of `rule` for a descriptor with `values`.
+    fn charge<'v>(
+        &self,
+        rule: &CompiledRule,
+        meter: &Meter,
+        values: impl Iterator<Item = Value<'v>>,
+        now: Now,
+        hits: u64,
+        charge: Charge,
+    ) -> Outcome {
+        match &rule.shared {
+            Some(tat) => decide_shared(tat, meter, now, hits, charge),
+            None => with_counter_key(rule, values, |key| {
+                self.counters.update(key, |state| meter.decide(state, now, hits, charge))
+            }),
+        }
+    }
+
+    /// Gives back a charge made by [`Engine::charge`].
+    fn refund<'v>(
+        &self,
+        rule: &CompiledRule,
+        meter: &Meter,
+        values: impl Iterator<Item = Value<'v>>,
+        now: Now,
+        hits: u64,
+    ) {
+        match &rule.shared {
+            Some(tat) => refund_shared(tat, meter, now, hits),
+            None => with_counter_key(rule, values, |key| {
+                self.counters.update_existing(key, |state| meter.refund(state, now, hits))
+            }),
+        }
+    }
+
     /// Atomically swaps the rule set: a decision sees the old plan or the new one, never a
     /// mix. Counters of rules whose name AND parameters (entries, limit, algorithm, scope)
     /// are unchanged keep their state; others start fresh, and the counters of rules that
@@ -315,6 +401,7 @@ impl Engine {
         let compiled = Arc::new(CompiledPlan::new(plan, Some(&previous), &self.next_rule_id));
         let live: std::collections::HashSet<u64> = compiled.rules.iter().map(|r| r.id).collect();
         *self.plan.write().unwrap_or_else(PoisonError::into_inner) = compiled;
+        self.generation.fetch_add(1, Ordering::Release);
         // A decision still running on the old plan may re-create a counter of a dropped rule
         // after this sweep; it is unreachable and ages out through LRU eviction.
         self.counters.remove_where(|key| !live.contains(&key_rule_id(key)));
@@ -338,11 +425,14 @@ impl Engine {
     /// status reports 0 remaining. `overall` is OverLimit if any status is.
     pub fn should_rate_limit(&self, req: &RlsRequest, now: Instant) -> Result<RlsResponse, RequestError> {
         validate(req)?;
-        let plan = self.current();
         let now = self.clock.at(now);
+        Ok(self.with_plan(|plan| self.decide_descriptors(plan, req, now)))
+    }
+
+    fn decide_descriptors(&self, plan: &CompiledPlan, req: &RlsRequest, now: Now) -> RlsResponse {
         if !plan.has_domain(&req.domain) {
             let statuses = req.descriptors.iter().map(|_| no_limit(None, 0)).collect();
-            return Ok(RlsResponse { overall: Code::Ok, statuses });
+            return RlsResponse { overall: Code::Ok, statuses };
         }
         let mut matched: Vec<Option<usize>> =
             req.descriptors.iter().map(|d| plan.lookup(&req.domain, &d.entries)).collect();
@@ -373,9 +463,7 @@ impl Engine {
             };
             let hits = u64::from(descriptor.hits_addend.unwrap_or(request_hits));
             let values = descriptor.entries.iter().map(|e| Value::Str(&e.value));
-            let outcome = with_counter_key(rule, values, |key| {
-                self.counters.update(key, |state| meter.decide(state, now, hits, Charge::Always))
-            });
+            let outcome = self.charge(rule, meter, values, now, hits, Charge::Always);
             let over = !outcome.conforms;
             statuses.push(DescriptorStatus {
                 code: if over && !rule.rule.shadow { Code::OverLimit } else { Code::Ok },
@@ -387,16 +475,17 @@ impl Engine {
             });
         }
         let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) { Code::OverLimit } else { Code::Ok };
-        Ok(RlsResponse { overall, statuses })
+        RlsResponse { overall, statuses }
     }
 
     /// Which rule a descriptor hits (matching only, no counting): exact key+value, then
     /// wildcard values in config order, then key-only; depth must match; `replaces` is
     /// applied by the caller over all matches of one request. Used by the Redis backend.
     pub fn lookup(&self, domain: &str, entries: &[DescriptorEntry]) -> Option<Match> {
-        let plan = self.current();
-        let rule_index = plan.lookup(domain, entries)?;
-        let rule = plan.rules[rule_index].rule.clone();
+        let (rule_index, rule) = self.with_plan(|plan| {
+            let index = plan.lookup(domain, entries)?;
+            Some((index, plan.rules[index].rule.clone()))
+        })?;
         let cache_key_prefix = cache_key_prefix(domain, &rule, entries);
         Some(Match { rule, rule_index, cache_key_prefix })
     }
@@ -412,8 +501,11 @@ impl Engine {
     /// would refuse reports `code: OverLimit` with `shadow: true` and does not deny. After a
     /// denial, `remaining` of the rules whose charge was given back counts that refund.
     pub fn check_request(&self, req: &HttpRequest<'_>, now: Instant) -> Verdict {
-        let plan = self.current();
         let now = self.clock.at(now);
+        self.with_plan(|plan| self.decide_http(plan, req, now))
+    }
+
+    fn decide_http(&self, plan: &CompiledPlan, req: &HttpRequest<'_>, now: Now) -> Verdict {
         let produces =
             |rule: &L7Rule| plan.targets_select(rule, req) && rule.entries.iter().all(|e| http_value(e, req).is_some());
         // Names replaced by a rule that applies to this request (rarely any: skipped then).
@@ -438,9 +530,7 @@ impl Engine {
                 continue;
             }
             let values = rule.rule.entries.iter().map(|e| http_value(e, req).unwrap_or(Value::Str("")));
-            let outcome = with_counter_key(rule, values, |key| {
-                self.counters.update(key, |state| meter.decide(state, now, 1, Charge::IfConforms))
-            });
+            let outcome = self.charge(rule, meter, values, now, 1, Charge::IfConforms);
             allowed &= outcome.conforms || rule.rule.shadow;
             statuses.push(RuleStatus {
                 rule: rule.rule.name.clone(),
@@ -463,16 +553,16 @@ impl Engine {
                     continue;
                 }
                 let values = rule.rule.entries.iter().map(|e| http_value(e, req).unwrap_or(Value::Str("")));
-                with_counter_key(rule, values, |key| {
-                    self.counters.update_existing(key, |state| meter.refund(state, now, 1));
-                });
+                self.refund(rule, meter, values, now, 1);
                 status.remaining = status.remaining.saturating_add(1);
             }
         }
         Verdict { allowed, statuses }
     }
 
-    /// Number of tracked counters (for metrics and the bounded-memory test).
+    /// Number of tracked keyed counters (for metrics and the bounded-memory test): the ones
+    /// bounded by `max_keys`. Single-bucket rules hold one word each in the plan and are not
+    /// counted here.
     pub fn tracked_keys(&self) -> usize {
         self.counters.stats().tracked
     }

@@ -286,7 +286,8 @@ fn replacing_the_plan_keeps_unchanged_rules_counters() {
     let (engine, clock) = engine(vec![per_user(3), other.clone()]);
     let alice = [("x-user-id", "alice")];
     assert_eq!(allowed(&engine, &http(&alice), clock.at(0), 5), 3);
-    assert_eq!(engine.tracked_keys(), 2);
+    // Alice's counter; p/other is a single bucket, kept outside the keyed store.
+    assert_eq!(engine.tracked_keys(), 1);
 
     // Same rule, a new neighbour, shadow flag flipped elsewhere: alice's bucket is kept.
     let mut other_shadow = other.clone();
@@ -299,10 +300,15 @@ fn replacing_the_plan_keeps_unchanged_rules_counters() {
     let other_status = v.statuses.iter().find(|s| s.rule == "p/other").unwrap();
     assert_eq!(other_status.remaining, 47, "kept p/other's 3 charges; this denied one's is refunded");
 
-    // A changed limit starts fresh; the dropped rule's counter is freed.
-    engine.replace_plan(L7Plan { rules: vec![per_user(4)] });
+    // A changed limit starts fresh, for keyed and single buckets alike; the dropped rule's
+    // counters are freed.
+    let mut other_60 = other.clone();
+    other_60.limit = limit(60, Unit::Minute, 0);
+    engine.replace_plan(L7Plan { rules: vec![per_user(4), other_60] });
     assert_eq!(engine.tracked_keys(), 0);
-    assert_eq!(allowed(&engine, &http(&alice), clock.at(0), 6), 4);
+    let v = engine.check_request(&http(&alice), clock.at(0));
+    assert_eq!(v.statuses[1].remaining, 59);
+    assert_eq!(allowed(&engine, &http(&alice), clock.at(0), 6), 3);
 }
 
 #[test]
@@ -319,6 +325,28 @@ fn decisions_from_many_threads_lose_no_update() {
         .collect();
     let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(total, 2000);
+}
+
+#[test]
+fn keyed_counters_from_many_threads_lose_no_update() {
+    let rule =
+        gateway_rule("p/per-user", vec![generic("p/per-user"), per_header("x-user-id")], limit(1500, Unit::Minute, 0));
+    let (engine, clock) = engine(vec![rule]);
+    let engine = Arc::new(engine);
+    let now = clock.at(0);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                // Alice from every thread, bob from every thread: two contended counters.
+                let alice = allowed(&engine, &http(&[("x-user-id", "alice")]), now, 500);
+                let bob = allowed(&engine, &http(&[("x-user-id", "bob")]), now, 500);
+                (alice, bob)
+            })
+        })
+        .collect();
+    let (alice, bob) = threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+    assert_eq!((alice, bob), (1500, 1500));
 }
 
 #[test]
