@@ -59,7 +59,8 @@
 //!
 //! # Measuring
 //!
-//! Decisions per second, as the bench does it (the loop here is short; time a longer one):
+//! [`bench`] has a standard workload (`bench::run_http`, `bench::run_rls` over
+//! `bench::bench_engine()`). A minimal loop of your own looks like this (time a longer one):
 //!
 //! ```
 //! use std::net::{IpAddr, Ipv4Addr};
@@ -104,6 +105,7 @@
 //! assert!(allowed > 0 && per_second > 0.0);
 //! ```
 
+pub mod bench;
 mod counters;
 mod headers;
 mod matching;
