@@ -4,9 +4,23 @@
 //!
 //! Two entry points share the rules and the counters:
 //! - [`Engine::should_rate_limit`]: the Envoy rate limit service protocol, with
-//!   envoyproxy/ratelimit's matching (see [`matching`](self) docs below) — used by the RLS.
+//!   envoyproxy/ratelimit's matching — used by the RLS.
 //! - [`Engine::check_request`]: an HTTP request's attributes, judged by every gateway-kind
 //!   rule whose descriptor the request produces.
+//!
+//! # Matching descriptors
+//!
+//! A domain's rules form the tree envoyproxy/ratelimit builds from nested `descriptors`. Each
+//! request entry picks, at its level: the exact `key` + `value`, else the first value pattern
+//! for that key in config order (wildcards `foo*`, `/api/*/x`; address ranges of rules
+//! compiled from `sourceCIDR`, honouring `invert`), else the key alone. No backtracking; the
+//! rule must end exactly at the descriptor's last entry (depth rule). Gateway-kind rules
+//! match over RLS the descriptor Envoy's actions send for them, i.e. their own entries
+//! (`generic_key` = rule name, then `remote_address`, `header_match`, header values...), so
+//! the same counters serve an HTTP check and an RLS call for the same client.
+//!
+//! Counters are per rule and per value of every entry that splits buckets (wildcard,
+//! key-only, distinct address range); exact entries and shared ranges do not split.
 //!
 //! # Time
 //!
