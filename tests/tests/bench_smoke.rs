@@ -52,6 +52,12 @@ fn smoke_bench_produces_every_figure() {
     assert_eq!(rows("accuracy"), 2, "one and two senders");
     assert!(rows("memory") >= 2);
     assert!(results["agent"]["policy"].as_array().map(Vec::len).unwrap_or(0) >= 4);
+    let l7 = results["agent"]["l7"]["rows"].as_array().expect("L7 engine rows");
+    assert_eq!(l7.len(), 4, "HTTP and RLS on 1 and 2 threads");
+    for row in l7 {
+        let rate = row["per_second_per_core"].as_f64().unwrap_or(f64::NAN);
+        assert!(rate.is_finite() && rate > 0.0, "L7 decisions/s must be a positive number: {row}");
+    }
     for check in ["allow hit", "deny hit", "per-port bucket", "per-source bucket", "per-(source, port) bucket"] {
         assert!(
             results["per_packet"]["rows"].as_array().unwrap().iter().any(|r| r["check"] == check),

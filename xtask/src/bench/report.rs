@@ -384,15 +384,30 @@ fn agent(md: &mut String, ag: &Value, command: &str) {
         );
     }
     let _ = writeln!(md);
-    if let Some(l7) = ag.get("l7") {
-        let _ = writeln!(md, "### L7 engine decisions per second per core\n\n{}\n", l7["note"].as_str().unwrap_or(""));
-    } else {
+    let l7_rows = ag["l7"]["rows"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let _ = writeln!(
+        md,
+        "### L7 engine decisions per second\n\n`limiter_agent::l7::bench`: a per-user token bucket (1,000 users), a \
+         gateway-wide token bucket every request charges, and an envoyproxy/ratelimit fixed window; every request \
+         allowed, so this is the cost of a decision, not of a refusal. Each thread makes the given number of decisions \
+         against one shared engine; median of the runs. Repeat: `sudo -E cargo xtask bench --only agent`.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| API | threads | decisions/thread | decisions/s (all threads) | per core |\n|---|---:|---:|---:|---:|"
+    );
+    for row in l7_rows {
         let _ = writeln!(
             md,
-            "L7 engine decisions per second per core: not measured yet (the engine is landing separately); \
-             this section will gain it.\n"
+            "| {} | {} | {} | {} | **{}** |",
+            row["api"].as_str().unwrap_or("?"),
+            f(&row["threads"]),
+            thousands(f(&row["decisions_per_thread"])),
+            thousands(f(&row["per_second"])),
+            thousands(f(&row["per_second_per_core"]))
         );
     }
+    let _ = writeln!(md);
 }
 
 #[cfg(test)]

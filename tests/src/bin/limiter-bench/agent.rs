@@ -118,5 +118,41 @@ pub fn run(cfg: &Config) -> Result<Value> {
             rows.push(row);
         }
     }
-    Ok(json!({ "policy": rows, "max_rules": max_rules }))
+    Ok(json!({ "policy": rows, "max_rules": max_rules, "l7": l7_engine(cfg) }))
+}
+
+/// L7 engine decisions per second, with `limiter_agent::l7::bench`'s standard workload
+/// (a per-user bucket, a gateway-wide bucket, an envoyproxy/ratelimit fixed window; 1,000
+/// users, every request allowed), on 1 and 2 threads, for HTTP checks and RLS requests.
+fn l7_engine(cfg: &Config) -> Value {
+    use limiter_agent::l7::bench::{bench_engine, run_http, run_rls};
+    let per_thread: u64 = if cfg.smoke { 20_000 } else { 1_000_000 };
+    let users = 1_000;
+    let mut rows = Vec::new();
+    for api in ["check_request (HTTP)", "should_rate_limit (RLS)"] {
+        for threads in [1usize, 2] {
+            let mut rates = Vec::new();
+            for _ in 0..cfg.runs {
+                // A fresh engine per run, so no run starts with the previous one's counters.
+                let engine = bench_engine();
+                let run = if api.starts_with("check") {
+                    run_http(&engine, threads, per_thread, users)
+                } else {
+                    run_rls(&engine, threads, per_thread, users)
+                };
+                rates.push(run.per_second());
+            }
+            let total = median(&rates);
+            eprintln!("agent: L7 {api} on {threads} thread(s): {:.0} decisions/s", total);
+            rows.push(json!({
+                "api": api,
+                "threads": threads,
+                "decisions_per_thread": per_thread,
+                "per_second": total,
+                "per_second_per_core": total / threads as f64,
+                "per_second_runs": rates,
+            }));
+        }
+    }
+    json!({ "rows": rows, "users": users })
 }
