@@ -98,18 +98,8 @@ impl Validator {
 
     /// Policy and rule names become `policy/rule` and `policy/rule#guard` in metrics and logs.
     fn name(&mut self, name: &S<String>, field: &str) {
-        let n = &name.value;
-        let reason = if n.is_empty() {
-            Some("must not be empty")
-        } else if n.contains(['/', '#']) {
-            Some("must not contain '/' or '#' (they separate policy, rule and guard)")
-        } else if n.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            Some("must not contain whitespace")
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            self.err(name, field, ErrorKind::InvalidName { name: n.clone(), reason });
+        if let Some(reason) = name_problem(&name.value) {
+            self.err(name, field, ErrorKind::InvalidName { name: name.value.clone(), reason });
         }
     }
 
@@ -376,6 +366,20 @@ impl Validator {
             Some(b) => self.int_in(b, format!("{field}.burst"), 0, i64::MAX),
         };
         Some(Limit { requests: u64::try_from(requests?).ok()?, unit: unit?, burst: u64::try_from(burst?).ok()? })
+    }
+}
+
+/// Why a policy or rule name cannot be used, if it cannot: names become `policy/rule` and
+/// `policy/rule#guard` in metrics and logs.
+pub(super) fn name_problem(n: &str) -> Option<&'static str> {
+    if n.is_empty() {
+        Some("must not be empty")
+    } else if n.contains(['/', '#']) {
+        Some("must not contain '/' or '#' (they separate policy, rule and guard)")
+    } else if n.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("must not contain whitespace")
+    } else {
+        None
     }
 }
 

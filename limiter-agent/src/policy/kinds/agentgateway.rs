@@ -1,8 +1,132 @@
-//! `AgentgatewayPolicy`: not read yet.
+//! agentgateway `AgentgatewayPolicy` (`agentgateway.dev/v1alpha1`).
+//!
+//! What the agent takes:
+//! - `metadata.name` / `metadata.namespace`; `spec.targetRefs[]` as Envoy Gateway's
+//!   ([`super::envoy_gateway::Targets`]: `Gateway` or `HTTPRoute`, in the policy's namespace).
+//! - `spec.traffic.rateLimit.local[] {requests, unit, burst}`: entry `i` becomes rule
+//!   `local-i`, one bucket shared by every request to the targets (no selectors), counting
+//!   `Requests`, `requests` per `unit` with depth `requests + burst`. Units are agentgateway's
+//!   `Seconds | Minutes | Hours`, any case, singular accepted (and `Days`).
+//!
+//! Not enforced, with a warning naming the field: `local[]` entries limiting LLM `tokens`
+//! (the entry is dropped), `traffic.rateLimit.global`, every other `traffic` and `spec`
+//! field (`frontend`, `backend`, ...), and unknown fields.
 
-use super::super::error::{ErrorKind, FieldError, Pos};
-use super::super::model::Policy;
+use super::super::error::{ErrorKind, FieldError};
+use super::super::model::{At, Count, Policy, PolicyKind, Rule, Scope};
+use super::super::source::deserialize;
+use super::super::spec::{S, pos_of};
+use super::super::validate::parse_unit;
+use super::envoy_gateway::{Targets, finish, header};
+use super::ratelimit_config::{Node, Reader};
+use crate::plan::Limit;
 
-pub fn load(_src: &str) -> Result<Policy, Vec<FieldError>> {
-    Err(vec![FieldError::new(Pos::default(), "kind", ErrorKind::UnsupportedKind { kind: "AgentgatewayPolicy".into() })])
+pub const API_VERSION: &str = "agentgateway.dev/v1alpha1";
+
+pub fn load(src: &str) -> Result<Policy, Vec<FieldError>> {
+    let root: S<Node> = deserialize(src).map_err(|e| vec![e])?;
+    let mut r = Reader::default();
+    let policy = policy(&mut r, &root);
+    finish(r, policy)
+}
+
+fn policy(r: &mut Reader, root: &S<Node>) -> Option<Policy> {
+    let header = header(r, root, API_VERSION, PolicyKind::AgentgatewayPolicy);
+    let spec = header.spec?;
+    let entries = r.map(spec, "spec")?;
+    let mut policy = header.policy?;
+    let mut targets = Targets::default();
+    let mut rules = Vec::new();
+    for (k, v) in entries {
+        let f = format!("spec.{k}");
+        match k.as_str() {
+            "targetRefs" => targets.list(r, v, &f, policy.namespace.as_deref()),
+            "traffic" => traffic(r, v, &f, &mut rules),
+            "frontend" | "backend" => r.warn(v, &f, "not enforced by this agent (the gateway does it)"),
+            _ => r.unknown_field(v, &f),
+        }
+    }
+    policy.targets = targets.out;
+    policy.rules = rules;
+    Some(policy)
+}
+
+fn traffic(r: &mut Reader, n: &S<Node>, field: &str, rules: &mut Vec<Rule>) {
+    let Some(entries) = r.map(n, field) else { return };
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        if k != "rateLimit" {
+            r.warn(v, &f, "not enforced by this agent (the gateway does it)");
+            continue;
+        }
+        let Some(entries) = r.map(v, &f) else { continue };
+        for (k, v) in entries {
+            let f = format!("{f}.{k}");
+            match k.as_str() {
+                "local" => {
+                    let Some(items) = r.seq(v, &f) else { continue };
+                    for (i, item) in items.iter().enumerate() {
+                        if let Some(rule) = local(r, item, &format!("{f}[{i}]"), i) {
+                            rules.push(rule);
+                        }
+                    }
+                }
+                "global" => {
+                    r.warn(v, &f, "not enforced: agentgateway's global rate limits go to its own rate limit service")
+                }
+                _ => r.unknown_field(v, &f),
+            }
+        }
+    }
+}
+
+/// `{requests, unit, burst?}` → rule `local-{index}`.
+fn local(r: &mut Reader, n: &S<Node>, field: &str, index: usize) -> Option<Rule> {
+    let entries = r.map(n, field)?;
+    let before = r.errors.len();
+    let (mut requests, mut unit, mut burst, mut tokens) = (None, None, Some(0), false);
+    let (mut has_requests, mut has_unit) = (false, false);
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        match k.as_str() {
+            "requests" => {
+                has_requests = true;
+                requests = r.int_in(v, &f, 1, i64::MAX).and_then(|x| u64::try_from(x).ok());
+            }
+            "unit" => {
+                has_unit = true;
+                unit = r.string(v, &f).and_then(|s| match parse_unit(&s) {
+                    Some(u) => Some(u),
+                    None => {
+                        r.errors.push(FieldError::new(pos_of(v), f, ErrorKind::UnknownUnit { value: s }));
+                        None
+                    }
+                });
+            }
+            "burst" => burst = r.int_in(v, &f, 0, i64::MAX).and_then(|x| u64::try_from(x).ok()),
+            "tokens" => {
+                tokens = true;
+                r.warn(v, &f, "not enforced: LLM token limits are counted by agentgateway (the entry is dropped)");
+            }
+            _ => r.unknown_field(v, &f),
+        }
+    }
+    if !has_requests && !tokens {
+        r.missing(n, field, "requests");
+    }
+    if !has_unit {
+        r.missing(n, field, "unit");
+    }
+    if r.errors.len() > before || tokens {
+        return None;
+    }
+    Some(Rule {
+        name: format!("local-{index}"),
+        scope: Scope::Local,
+        selectors: Vec::new(),
+        count: Count::Requests,
+        limit: Limit { requests: requests?, unit: unit?, burst: burst? },
+        kernel_guard: true,
+        at: At::new(pos_of(n), field),
+    })
 }

@@ -1,0 +1,306 @@
+//! Envoy Gateway, TEG and agentgateway kinds: every example under `examples/gateways/`
+//! loads to exactly what it means, every invalid one fails with its `line:col field: message`
+//! errors, and the shapes the examples do not cover.
+
+use std::path::{Path, PathBuf};
+
+use super::super::model::*;
+use super::super::{PolicyKind, load_file_str, load_paths, load_str};
+
+fn dir(kind: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateways").join(kind)
+}
+
+/// `*.yaml` files of a directory, sorted.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// One line per rule: `name Scope requests/Unit+burst [selectors]`.
+fn rule_line(r: &Rule) -> String {
+    let mut sels = Vec::new();
+    for s in &r.selectors {
+        if let Some(c) = &s.source {
+            sels.push(format!("src {}{}", c.net, if c.distinct { " distinct" } else { "" }));
+        }
+        for h in &s.headers {
+            let m = match (&h.value, h.distinct) {
+                (_, true) => "distinct".to_owned(),
+                (Some(v), false) => format!("= {v}"),
+                (None, false) => "?".to_owned(),
+            };
+            sels.push(format!("hdr {} {m}{}", h.name, if h.invert { " invert" } else { "" }));
+        }
+    }
+    assert_eq!(r.count, Count::Requests, "{}", r.name);
+    assert!(r.kernel_guard, "{}", r.name);
+    format!("{} {:?} {}/{}+{} [{}]", r.name, r.scope, r.limit.requests, r.limit.unit, r.limit.burst, sels.join(", "))
+}
+
+fn target_line(t: &Target) -> String {
+    match &t.kind {
+        TargetKind::Route { kind, name, namespace, section_name } => {
+            format!("{kind} {}/{name}{}", namespace.as_deref().unwrap_or("-"), section_name.as_deref().unwrap_or(""))
+        }
+        TargetKind::Port(p) => format!("port {p:?}"),
+    }
+}
+
+/// `line field: message` of each warning.
+fn warning_lines(p: &Policy) -> Vec<String> {
+    p.not_enforced.iter().map(|w| format!("{} {}: {}", w.at.pos.line, w.at.field, w.value)).collect()
+}
+
+/// Loads one file that must hold exactly one policy.
+fn load_one(path: &Path) -> Policy {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut docs = load_str(path, &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(docs.len(), 1, "{}", path.display());
+    docs.remove(0)
+}
+
+/// `line:col field: message` of every error of one file.
+fn error_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    match load_file_str(path, &text) {
+        Ok(d) => panic!("{}: expected errors, loaded {d:?}", path.display()),
+        Err(e) => e
+            .iter()
+            .map(|e| {
+                assert_eq!(e.location.file, path);
+                format!("{}:{} {}: {}", e.location.pos.line, e.location.pos.column, e.field, e.kind)
+            })
+            .collect(),
+    }
+}
+
+struct Expect {
+    file: &'static str,
+    kind: PolicyKind,
+    name: &'static str,
+    targets: &'static [&'static str],
+    rules: &'static [&'static str],
+    warnings: &'static [&'static str],
+}
+
+fn check_dir(kind: &str, expected: &[Expect], invalid: &[(&str, &[&str])]) {
+    let files = yaml_files(&dir(kind));
+    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let mut want: Vec<&str> = expected.iter().map(|e| e.file).collect();
+    want.sort();
+    assert_eq!(names, want, "every example of {kind} has an expectation");
+    for e in expected {
+        let p = load_one(&dir(kind).join(e.file));
+        assert_eq!(p.kind, e.kind, "{}", e.file);
+        assert_eq!(p.name, e.name, "{}", e.file);
+        assert_eq!(p.mode, Mode::Enforce);
+        assert!(p.allow.is_empty() && p.deny.is_empty() && p.penalty.is_none() && p.descriptor_actions.is_empty());
+        assert_eq!(p.targets.iter().map(target_line).collect::<Vec<_>>(), e.targets, "{}", e.file);
+        assert_eq!(p.rules.iter().map(rule_line).collect::<Vec<_>>(), e.rules, "{}", e.file);
+        assert_eq!(warning_lines(&p), e.warnings, "{}", e.file);
+    }
+    // The whole directory is one valid set (names unique across it).
+    let set = load_paths(&[dir(kind)]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(set.policies.len(), expected.len());
+
+    let files = yaml_files(&dir(kind).join("invalid"));
+    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let mut want: Vec<&str> = invalid.iter().map(|e| e.0).collect();
+    want.sort();
+    assert_eq!(names, want, "every invalid example of {kind} has an expectation");
+    for (file, errors) in invalid {
+        assert_eq!(error_lines(&dir(kind).join("invalid").join(file)), *errors, "{file}");
+    }
+}
+
+#[test]
+fn envoy_gateway_examples() {
+    use PolicyKind::BackendTrafficPolicy as K;
+    let route: &[&str] = &["HTTPRoute default/http-ratelimit"];
+    check_dir(
+        "envoy-gateway",
+        &[
+            Expect {
+                file: "anonymous-users.yaml",
+                kind: K,
+                name: "eg-anonymous",
+                targets: route,
+                rules: &[
+                    "rule-0 Global 100/Minute+0 [hdr x-user-id distinct]",
+                    "rule-1 Global 10/Minute+0 [hdr x-user-id distinct invert]",
+                ],
+                warnings: &[
+                    "16 spec.timeout: not enforced by this agent (the gateway does it)",
+                    "19 spec.retry: not enforced by this agent (the gateway does it)",
+                ],
+            },
+            Expect {
+                file: "distinct-users.yaml",
+                kind: K,
+                name: "eg-distinct-users",
+                targets: route,
+                rules: &["rule-0 Global 3/Hour+0 [hdr x-user-id distinct]"],
+                warnings: &[],
+            },
+            Expect {
+                file: "global-all-requests.yaml",
+                kind: K,
+                name: "eg-all-requests",
+                targets: route,
+                rules: &["rule-0 Global 1000/Minute+0 []"],
+                warnings: &[],
+            },
+            Expect {
+                file: "regex-header.yaml",
+                kind: K,
+                name: "eg-regex-header",
+                targets: route,
+                rules: &["per-source Global 50/Second+0 [src 0.0.0.0/0 distinct]"],
+                warnings: &[
+                    "20 spec.rateLimit.global.rules[0].clientSelectors[0].headers[0].type: not enforced: RegularExpression header matches (the rule is dropped)",
+                    "17 spec.rateLimit.global.rules[0]: not enforced: rule rule-0 selects on a condition this agent cannot match",
+                ],
+            },
+            Expect {
+                file: "source-ip.yaml",
+                kind: K,
+                name: "eg-source-ip",
+                targets: &["Gateway default/eg"],
+                rules: &["rule-0 Local 20/Second+0 [src 192.168.0.0/16 distinct]"],
+                warnings: &[],
+            },
+            Expect {
+                file: "specific-user.yaml",
+                kind: K,
+                name: "eg-specific-user",
+                targets: route,
+                rules: &["rule-0 Global 3/Hour+0 [hdr x-user-id = one]"],
+                warnings: &[],
+            },
+        ],
+        &[
+            (
+                "bad-cidr.yaml",
+                &[
+                    "13:51 spec.rateLimit.local.rules[0].clientSelectors[0].sourceCIDR.value: invalid CIDR \"10.0.0.1/8\": host bits set (did you mean 10.0.0.0/8?)",
+                ],
+            ),
+            (
+                "bad-unit.yaml",
+                &[
+                    "14:19 spec.rateLimit.global.rules[0].limit.unit: unknown unit \"Minuets\" (expected Second, Minute, Hour or Day)",
+                ],
+            ),
+            (
+                "duplicate-rule.yaml",
+                &["12:17 spec.rateLimit.global.rules[1].name: duplicate rule name \"rule-0\" (first used on line 11)"],
+            ),
+            (
+                "empty-selector.yaml",
+                &[
+                    "11:29 spec.rateLimit.global.rules[0].clientSelectors[0]: empty client selector: give sourceCIDR and/or headers",
+                ],
+            ),
+            ("missing-limit.yaml", &["11:11 spec.rateLimit.global.rules[0]: missing field `limit`"]),
+            ("missing-name.yaml", &["4:3 metadata: missing field `name`"]),
+            (
+                "wrong-type.yaml",
+                &["11:29 spec.rateLimit.global.rules[0].limit.requests: expected an integer, found a string"],
+            ),
+            (
+                "zero-requests.yaml",
+                &[
+                    "11:29 spec.rateLimit.local.rules[0].limit.requests: must be at least 1, got 0",
+                    "12:29 spec.rateLimit.local.rules[1].limit.requests: must be at least 1, got -5",
+                ],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn teg_examples() {
+    use PolicyKind::RateLimitFilter as K;
+    check_dir(
+        "teg",
+        &[
+            Expect {
+                file: "per-user.yaml",
+                kind: K,
+                name: "ratelimit-per-user",
+                targets: &[],
+                rules: &[
+                    "rule-0 Global 5/Minute+0 [hdr x-user-id distinct]",
+                    "rule-1 Global 100/Second+0 [src 10.0.0.0/8]",
+                ],
+                warnings: &[],
+            },
+            Expect {
+                file: "ratelimitfilter.yaml",
+                kind: K,
+                name: "ratelimit-all-requests",
+                targets: &[],
+                rules: &["rule-0 Global 1/Second+0 []", "rule-1 Global 20/Minute+0 []"],
+                warnings: &[],
+            },
+        ],
+        &[
+            ("bad-type.yaml", &["6:9 spec.type: unknown type \"Globle\" (expected Global or Local)"]),
+            (
+                "bad-unit.yaml",
+                &[
+                    "9:36 spec.global.rules[0].limit.unit: unknown unit \"Fortnight\" (expected Second, Minute, Hour or Day)",
+                ],
+            ),
+            ("missing-global.yaml", &["6:3 spec: missing field `global`"]),
+        ],
+    );
+}
+
+#[test]
+fn agentgateway_examples() {
+    use PolicyKind::AgentgatewayPolicy as K;
+    check_dir(
+        "agentgateway",
+        &[
+            Expect {
+                file: "local-burst.yaml",
+                kind: K,
+                name: "agw-local-ratelimit",
+                targets: &["HTTPRoute default/mcp-route"],
+                rules: &["local-0 Local 10/Second+20 []"],
+                warnings: &[],
+            },
+            Expect {
+                file: "two-windows.yaml",
+                kind: K,
+                name: "agw-two-windows",
+                targets: &["Gateway default/agentgateway"],
+                rules: &["local-0 Local 100/Minute+0 []", "local-1 Local 1000/Hour+0 []"],
+                warnings: &["15 spec.traffic.timeouts: not enforced by this agent (the gateway does it)"],
+            },
+        ],
+        &[
+            (
+                "bad-unit.yaml",
+                &[
+                    "11:32 spec.traffic.rateLimit.local[0].unit: unknown unit \"Fortnights\" (expected Second, Minute, Hour or Day)",
+                ],
+            ),
+            (
+                "negative-burst.yaml",
+                &[
+                    "11:22 spec.traffic.rateLimit.local[0].requests: must be at least 1, got 0",
+                    "11:47 spec.traffic.rateLimit.local[0].burst: must be at least 0, got -1",
+                    "12:11 spec.traffic.rateLimit.local[1]: missing field `requests`",
+                ],
+            ),
+        ],
+    );
+}
