@@ -9,3 +9,6 @@ pub mod envoy_gateway;
 pub mod kgateway;
 pub mod ratelimit_config;
 pub mod teg;
+
+#[cfg(test)]
+mod tests_gateways;
