@@ -125,6 +125,14 @@ pub enum ErrorKind {
     TargetRefIncomplete { kind: String, needs: &'static str },
     #[error("field {field} does not apply to a {kind} target")]
     TargetRefExtra { kind: String, field: &'static str },
+    #[error("must not be empty")]
+    EmptyValue,
+    /// envoyproxy/ratelimit: two sibling descriptors with the same key and value.
+    #[error("duplicate descriptor key \"{key}\"{} (first on line {first_line})", .value.as_ref().map(|v| format!(" value \"{v}\"")).unwrap_or_default())]
+    DuplicateDescriptor { key: String, value: Option<String>, first_line: u64 },
+    /// Two fields that exclude each other were both given.
+    #[error("cannot be combined with {other}")]
+    Conflict { other: &'static str },
 }
 
 /// Every problem found in a policy set; its `Display` prints one error per line.

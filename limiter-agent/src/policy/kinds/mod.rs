@@ -11,4 +11,6 @@ pub mod ratelimit_config;
 pub mod teg;
 
 #[cfg(test)]
+mod tests_descriptors;
+#[cfg(test)]
 mod tests_gateways;

@@ -1,8 +1,569 @@
-//! envoyproxy/ratelimit configs: not read yet.
+//! envoyproxy/ratelimit service configs: `domain` plus nested `descriptors`, the file format
+//! of Envoy's reference rate limit service (the one kgateway's docs deploy next to the
+//! gateway).
+//!
+//! ```yaml
+//! domain: api
+//! descriptors:
+//!   - key: remote_address          # a counter per client address
+//!     rate_limit: {unit: minute, requests_per_unit: 60}
+//!   - key: path
+//!     value: /login
+//!     descriptors:
+//!       - key: remote_address
+//!         rate_limit: {name: login-per-client, unit: second, requests_per_unit: 1}
+//! ```
+//!
+//! Read as that service reads it:
+//! - `unit` is `second | minute | hour | day | week | month | year`, any case. The service
+//!   counts in fixed calendar-free windows; `week`, `month` and `year` become windows of 7,
+//!   30 and 365 days ([`Unit::Interval`]).
+//! - `unlimited: true` matches and answers OK without counting; it may not be combined with
+//!   `requests_per_unit`.
+//! - `value` may hold `*` wildcards; no `value` means "any value, a counter per value".
+//! - Two sibling descriptors with the same `key` and `value` are an error (the service
+//!   refuses such a config too).
+//! - Fields this agent does not know are warnings ([`RatelimitConfig::not_enforced`]), not
+//!   errors: the service's format grows faster than this agent.
+//!
+//! The document is read as a generic tree ([`Node`]) rather than through typed serde structs,
+//! so that every problem is reported (serde stops at the first), unknown fields can become
+//! warnings, and each report points at the line and column of the value. [`Reader`] is shared
+//! with the other snake/camel-case gateway kinds of this directory.
+//!
+//! [`compile`] turns a config into L7 rules: the reference service counts in Redis, so every
+//! rule is [`Scope::Global`].
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
 
 use super::super::error::{ErrorKind, FieldError, Pos};
-use super::super::model::RatelimitConfig;
+use super::super::model::{At, ConfigDescriptor, ConfigRateLimit, Located, RatelimitConfig};
+use super::super::source::deserialize;
+use super::super::spec::{S, pos_of};
+use crate::plan::{Algorithm, Attribute, EntryMatch, EntryValue, L7Rule, Limit, Scope, Unit};
 
-pub fn load(_src: &str) -> Result<RatelimitConfig, Vec<FieldError>> {
-    Err(vec![FieldError::new(Pos::default(), "domain", ErrorKind::UnsupportedKind { kind: "ratelimit config".into() })])
+const NS_PER_DAY: u64 = 86_400 * 1_000_000_000;
+
+/// Loads one envoyproxy/ratelimit config document (`src`: the document padded so that line
+/// numbers are the file's).
+pub fn load(src: &str) -> Result<RatelimitConfig, Vec<FieldError>> {
+    let root: S<Node> = deserialize(src).map_err(|e| vec![e])?;
+    let mut r = Reader::default();
+    let config = r.config(&root);
+    match config {
+        Some(c) if r.errors.is_empty() => Ok(RatelimitConfig { not_enforced: r.warnings, ..c }),
+        _ => Err(r.errors),
+    }
+}
+
+/// One L7 rule per descriptor node that has a `rate_limit`, in config order (the engine's
+/// matching precedence depends on it). The rule's descriptor is the path from the top-level
+/// descriptor down to the node.
+pub fn compile(config: &RatelimitConfig) -> Vec<L7Rule> {
+    let mut out = Vec::new();
+    let mut path = Vec::new();
+    compile_level(config, &config.descriptors, &mut path, &mut out);
+    out
+}
+
+fn compile_level<'a>(
+    config: &RatelimitConfig,
+    level: &'a [ConfigDescriptor],
+    path: &mut Vec<&'a ConfigDescriptor>,
+    out: &mut Vec<L7Rule>,
+) {
+    for d in level {
+        path.push(d);
+        if let Some(rl) = &d.rate_limit {
+            out.push(L7Rule {
+                name: rl.name.clone().unwrap_or_else(|| path_name(&config.domain, path)),
+                domain: config.domain.clone(),
+                entries: path.iter().map(|d| entry(d)).collect(),
+                limit: rl.limit,
+                algorithm: Algorithm::FixedWindow,
+                scope: Scope::Global,
+                shadow: d.shadow_mode,
+                replaces: rl.replaces.clone(),
+                targets: Vec::new(),
+            });
+        }
+        compile_level(config, &d.descriptors, path, out);
+        path.pop();
+    }
+}
+
+fn entry(d: &ConfigDescriptor) -> EntryMatch {
+    let value = match &d.value {
+        None => EntryValue::Distinct,
+        Some(v) if v.contains('*') => EntryValue::Wildcard(v.clone()),
+        Some(v) => EntryValue::Exact(v.clone()),
+    };
+    EntryMatch { key: d.key.clone(), attribute: Attribute::Descriptor, value }
+}
+
+/// `domain/key=value/key2`: the rule name when the config gives none.
+fn path_name(domain: &str, path: &[&ConfigDescriptor]) -> String {
+    let mut name = domain.to_owned();
+    for d in path {
+        name.push('/');
+        name.push_str(&d.key);
+        if let Some(v) = &d.value {
+            name.push('=');
+            name.push_str(v);
+        }
+    }
+    name
+}
+
+/// A descriptor's `(key, value)` if both read as text (errors are reported elsewhere).
+fn identity(n: &S<Node>) -> Option<(String, Option<String>)> {
+    let Node::Map(entries) = &n.value else { return None };
+    let text = |name: &str| {
+        entries.iter().find(|(k, _)| k == name).and_then(|(_, v)| match &v.value {
+            Node::Str(s) => Some(s.clone()),
+            Node::Int(i) => Some(i.to_string()),
+            Node::Bool(b) => Some(b.to_string()),
+            Node::Float(f) => Some(f.to_string()),
+            _ => None,
+        })
+    };
+    Some((text("key")?, text("value")))
+}
+
+/// `second | minute | hour | day | week | month | year`, any case (the service's own list).
+pub fn parse_config_unit(s: &str) -> Option<Unit> {
+    Some(match s.trim().to_ascii_lowercase().as_str() {
+        "second" => Unit::Second,
+        "minute" => Unit::Minute,
+        "hour" => Unit::Hour,
+        "day" => Unit::Day,
+        "week" => Unit::Interval { ns: 7 * NS_PER_DAY },
+        "month" => Unit::Interval { ns: 30 * NS_PER_DAY },
+        "year" => Unit::Interval { ns: 365 * NS_PER_DAY },
+        _ => return None,
+    })
+}
+
+impl Reader {
+    fn config(&mut self, root: &S<Node>) -> Option<RatelimitConfig> {
+        let entries = self.map(root, "")?;
+        let mut domain = None;
+        let mut descriptors = Vec::new();
+        for (k, v) in entries {
+            match k.as_str() {
+                "domain" => {
+                    domain = self.string(v, "domain").map(|d| (d, pos_of(v)));
+                }
+                "descriptors" => descriptors = self.descriptors(v, "descriptors"),
+                _ => self.unknown_field(v, k),
+            }
+        }
+        let (domain, pos) = domain?;
+        if domain.trim().is_empty() {
+            self.errors.push(FieldError::new(pos, "domain", ErrorKind::EmptyValue));
+        }
+        Some(RatelimitConfig {
+            domain,
+            source: Default::default(),
+            at: At::new(pos, "domain"),
+            descriptors,
+            not_enforced: Vec::new(),
+        })
+    }
+
+    fn descriptors(&mut self, n: &S<Node>, field: &str) -> Vec<ConfigDescriptor> {
+        let Some(items) = self.seq(n, field) else { return Vec::new() };
+        let mut out: Vec<ConfigDescriptor> = Vec::new();
+        // (key, value) → line of the first sibling with it.
+        let mut seen: HashMap<(String, Option<String>), u64> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let f = format!("{field}[{i}]");
+            // Checked on the raw key and value, so a sibling with other mistakes still counts.
+            if let Some(id) = identity(item) {
+                if let Some(first_line) = seen.get(&id) {
+                    let (key, value) = id;
+                    let kind = ErrorKind::DuplicateDescriptor { key, value, first_line: *first_line };
+                    self.errors.push(FieldError::new(pos_of(item), &f, kind));
+                } else {
+                    seen.insert(id, pos_of(item).line);
+                }
+            }
+            if let Some(d) = self.descriptor(item, &f) {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    fn descriptor(&mut self, n: &S<Node>, field: &str) -> Option<ConfigDescriptor> {
+        let entries = self.map(n, field)?;
+        let mut key = None;
+        let mut value = None;
+        let mut rate_limit = None;
+        let mut shadow_mode = false;
+        let mut detailed_metric = false;
+        let mut descriptors = Vec::new();
+        let mut ok = true;
+        for (k, v) in entries {
+            let f = format!("{field}.{k}");
+            match k.as_str() {
+                "key" => key = Some(v),
+                "value" => value = self.opt_string(v, &f),
+                "rate_limit" => {
+                    if !v.value.is_null() {
+                        rate_limit = self.rate_limit(v, &f);
+                        ok &= rate_limit.is_some();
+                    }
+                }
+                "shadow_mode" => shadow_mode = self.opt_bool(v, &f).unwrap_or(false),
+                "detailed_metric" => detailed_metric = self.opt_bool(v, &f).unwrap_or(false),
+                "descriptors" => descriptors = self.descriptors(v, &f),
+                _ => self.unknown_field(v, &f),
+            }
+        }
+        let key = match key {
+            Some(k) if !k.value.is_null() => {
+                let s = self.string(k, &format!("{field}.key"))?;
+                if s.is_empty() {
+                    self.errors.push(FieldError::new(pos_of(k), format!("{field}.key"), ErrorKind::EmptyValue));
+                }
+                s
+            }
+            _ => {
+                self.missing(n, field, "key");
+                return None;
+            }
+        };
+        ok.then_some(ConfigDescriptor {
+            key,
+            value,
+            rate_limit,
+            shadow_mode,
+            detailed_metric,
+            descriptors,
+            at: At::new(pos_of(n), field),
+        })
+    }
+
+    fn rate_limit(&mut self, n: &S<Node>, field: &str) -> Option<ConfigRateLimit> {
+        let entries = self.map(n, field)?;
+        let before = self.errors.len();
+        let mut unit = None;
+        let mut requests = None;
+        let mut unlimited = false;
+        let mut name = None;
+        let mut replaces = Vec::new();
+        for (k, v) in entries {
+            let f = format!("{field}.{k}");
+            match k.as_str() {
+                "unit" => {
+                    if let Some(s) = self.opt_string(v, &f) {
+                        match parse_config_unit(&s) {
+                            Some(u) => unit = Some(u),
+                            None => {
+                                let kind = ErrorKind::UnknownValue {
+                                    what: "unit",
+                                    value: s,
+                                    expected: "second, minute, hour, day, week, month or year",
+                                };
+                                self.errors.push(FieldError::new(pos_of(v), f, kind));
+                            }
+                        }
+                    }
+                }
+                "requests_per_unit" => {
+                    if !v.value.is_null() {
+                        requests = Some((self.int_in(v, &f, 1, u32::MAX.into()), v));
+                    }
+                }
+                "unlimited" => unlimited = self.opt_bool(v, &f).unwrap_or(false),
+                "name" => name = self.opt_string(v, &f),
+                "replaces" => replaces = self.replaces(v, &f),
+                _ => self.unknown_field(v, &f),
+            }
+        }
+        let limit = if unlimited {
+            if let Some((_, at)) = requests {
+                let kind = ErrorKind::Conflict { other: "unlimited: true" };
+                self.errors.push(FieldError::new(pos_of(at), format!("{field}.requests_per_unit"), kind));
+            }
+            None
+        } else {
+            let has_unit_field = entries.iter().any(|(k, v)| k == "unit" && !v.value.is_null());
+            if !has_unit_field {
+                self.missing(n, field, "unit");
+            }
+            if requests.is_none() {
+                self.missing(n, field, "requests_per_unit");
+            }
+            match (unit, requests) {
+                (Some(unit), Some((Some(r), _))) => Some(Limit { requests: r as u64, unit, burst: 0 }),
+                _ => None,
+            }
+        };
+        (self.errors.len() == before).then_some(ConfigRateLimit { limit, unlimited, name, replaces })
+    }
+
+    fn replaces(&mut self, n: &S<Node>, field: &str) -> Vec<String> {
+        if n.value.is_null() {
+            return Vec::new();
+        }
+        let Some(items) = self.seq(n, field) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let f = format!("{field}[{i}]");
+            let Some(entries) = self.map(item, &f) else { continue };
+            let mut name = None;
+            for (k, v) in entries {
+                let kf = format!("{f}.{k}");
+                match k.as_str() {
+                    "name" => name = self.opt_string(v, &kf),
+                    _ => self.unknown_field(v, &kf),
+                }
+            }
+            match name {
+                Some(n) => out.push(n),
+                None => self.missing(item, &f, "name"),
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A positioned YAML tree and a reader over it, shared by the kinds of this directory.
+
+/// Any YAML value, every child keeping its position.
+#[derive(Debug)]
+pub(crate) enum Node {
+    Null,
+    Bool(bool),
+    /// Wide enough for every `i64` and `u64` the YAML may hold.
+    Int(i128),
+    Float(f64),
+    Str(String),
+    Seq(Vec<S<Node>>),
+    /// Entries in document order; keys rendered as strings.
+    Map(Vec<(String, S<Node>)>),
+}
+
+impl Node {
+    pub(crate) fn is_null(&self) -> bool {
+        matches!(self, Node::Null)
+    }
+
+    fn type_name(&self) -> &'static str {
+        match self {
+            Node::Null => "null",
+            Node::Bool(_) => "a boolean",
+            Node::Int(_) => "an integer",
+            Node::Float(_) => "a number",
+            Node::Str(_) => "a string",
+            Node::Seq(_) => "a list",
+            Node::Map(_) => "a mapping",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NodeVisitor)
+    }
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Node, E> {
+        Ok(Node::Null)
+    }
+    fn visit_none<E>(self) -> Result<Node, E> {
+        Ok(Node::Null)
+    }
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+        Node::deserialize(d)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Node, E> {
+        Ok(Node::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Node, E> {
+        Ok(Node::Int(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Node, E> {
+        Ok(Node::Int(v.into()))
+    }
+    fn visit_i128<E>(self, v: i128) -> Result<Node, E> {
+        Ok(Node::Int(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Node, E> {
+        Ok(Node::Float(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Node, E> {
+        Ok(Node::Str(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Node, E> {
+        Ok(Node::Str(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<S<Node>>()? {
+            items.push(item);
+        }
+        Ok(Node::Seq(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(Key(k)) = map.next_key::<Key>()? {
+            entries.push((k, map.next_value::<S<Node>>()?));
+        }
+        Ok(Node::Map(entries))
+    }
+}
+
+/// A mapping key: any scalar, as text.
+struct Key(String);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Node::deserialize(d)? {
+            Node::Str(s) => Ok(Key(s)),
+            Node::Int(i) => Ok(Key(i.to_string())),
+            Node::Bool(b) => Ok(Key(b.to_string())),
+            Node::Float(f) => Ok(Key(f.to_string())),
+            Node::Null => Ok(Key("null".into())),
+            other => Err(de::Error::custom(format!("a mapping key must be a scalar, found {}", other.type_name()))),
+        }
+    }
+}
+
+/// Reads [`Node`]s into model values, collecting errors and warnings instead of stopping.
+#[derive(Default)]
+pub(crate) struct Reader {
+    pub(crate) errors: Vec<FieldError>,
+    /// Unknown or not enforced fields: warnings naming the field.
+    pub(crate) warnings: Vec<Located<String>>,
+}
+
+impl Reader {
+    pub(crate) fn schema(&mut self, pos: Pos, field: &str, message: String) {
+        self.errors.push(FieldError::new(pos, field, ErrorKind::Schema { message }));
+    }
+
+    fn wrong_type(&mut self, n: &S<Node>, field: &str, expected: &str) {
+        self.schema(pos_of(n), field, format!("expected {expected}, found {}", n.value.type_name()));
+    }
+
+    /// `field` of the mapping `n` (written at `parent`) is absent.
+    pub(crate) fn missing(&mut self, n: &S<Node>, parent: &str, field: &str) {
+        self.schema(pos_of(n), parent, format!("missing field `{field}`"));
+    }
+
+    /// A field this agent does not read: a warning, not an error.
+    pub(crate) fn unknown_field(&mut self, n: &S<Node>, field: &str) {
+        self.warn(n, field, "unknown field, ignored");
+    }
+
+    pub(crate) fn warn(&mut self, n: &S<Node>, field: &str, what: &str) {
+        self.warnings.push(Located { value: what.to_owned(), at: At::new(pos_of(n), field) });
+    }
+
+    pub(crate) fn map<'a>(&mut self, n: &'a S<Node>, field: &str) -> Option<&'a [(String, S<Node>)]> {
+        match &n.value {
+            Node::Map(entries) => Some(entries),
+            _ => {
+                self.wrong_type(n, field, "a mapping");
+                None
+            }
+        }
+    }
+
+    /// A list; `null` reads as an empty one.
+    pub(crate) fn seq<'a>(&mut self, n: &'a S<Node>, field: &str) -> Option<&'a [S<Node>]> {
+        match &n.value {
+            Node::Seq(items) => Some(items),
+            Node::Null => Some(&[]),
+            _ => {
+                self.wrong_type(n, field, "a list");
+                None
+            }
+        }
+    }
+
+    /// A scalar as text (YAML `value: 42` is the string `42`, as Go's YAML reads it into a
+    /// string field).
+    pub(crate) fn string(&mut self, n: &S<Node>, field: &str) -> Option<String> {
+        match &n.value {
+            Node::Str(s) => Some(s.clone()),
+            Node::Int(i) => Some(i.to_string()),
+            Node::Bool(b) => Some(b.to_string()),
+            Node::Float(f) => Some(f.to_string()),
+            _ => {
+                self.wrong_type(n, field, "a string");
+                None
+            }
+        }
+    }
+
+    /// Like [`Self::string`], but `null` is absent rather than an error.
+    pub(crate) fn opt_string(&mut self, n: &S<Node>, field: &str) -> Option<String> {
+        if n.value.is_null() { None } else { self.string(n, field) }
+    }
+
+    /// `null` is absent.
+    pub(crate) fn opt_bool(&mut self, n: &S<Node>, field: &str) -> Option<bool> {
+        match &n.value {
+            Node::Bool(b) => Some(*b),
+            Node::Null => None,
+            _ => {
+                self.wrong_type(n, field, "a boolean");
+                None
+            }
+        }
+    }
+
+    /// An integer in `min..=max`.
+    pub(crate) fn int_in(&mut self, n: &S<Node>, field: &str, min: i64, max: i64) -> Option<i64> {
+        let Node::Int(v) = &n.value else {
+            self.wrong_type(n, field, "an integer");
+            return None;
+        };
+        let kind = if *v < i128::from(min) {
+            ErrorKind::TooSmall { value: i64::try_from(*v).unwrap_or(i64::MIN), min }
+        } else if *v > i128::from(max) {
+            ErrorKind::TooLarge { value: i64::try_from(*v).unwrap_or(i64::MAX), max }
+        } else {
+            return i64::try_from(*v).ok();
+        };
+        self.errors.push(FieldError::new(pos_of(n), field, kind));
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_units() {
+        assert_eq!(parse_config_unit("SECOND"), Some(Unit::Second));
+        assert_eq!(parse_config_unit("minute"), Some(Unit::Minute));
+        assert_eq!(parse_config_unit("Hour"), Some(Unit::Hour));
+        assert_eq!(parse_config_unit("day"), Some(Unit::Day));
+        assert_eq!(parse_config_unit("week"), Some(Unit::Interval { ns: 604_800_000_000_000 }));
+        assert_eq!(parse_config_unit("MONTH"), Some(Unit::Interval { ns: 30 * 86_400_000_000_000 }));
+        assert_eq!(parse_config_unit("year"), Some(Unit::Interval { ns: 365 * 86_400_000_000_000 }));
+        for bad in ["seconds", "", "ms", "fortnight"] {
+            assert_eq!(parse_config_unit(bad), None, "{bad}");
+        }
+    }
 }
