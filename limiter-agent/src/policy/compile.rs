@@ -93,6 +93,9 @@ pub enum NoticeKind {
     RouteTarget { kind: RouteKind, name: String },
     #[error("penalty escalation is parsed but not enforced yet")]
     Penalty,
+    /// A field of a gateway kind accepted but enforced by no layer ([`Policy::not_enforced`]).
+    #[error("{what}")]
+    NotEnforced { what: String },
 }
 
 fn guard_text(guard: &Option<String>) -> String {
@@ -122,6 +125,9 @@ fn compile_policy(p: &Policy, out: &mut Compiled) {
     };
     for (list, entries) in [(&mut out.plan.allow, &p.allow), (&mut out.plan.deny, &p.deny)] {
         list.extend(entries.iter().map(|e| ListEntry { net: e.value, policy: p.name.clone() }));
+    }
+    for w in &p.not_enforced {
+        out.notices.push(notice(&w.at, None, NoticeKind::NotEnforced { what: w.value.clone() }));
     }
     if let Some(pen) = &p.penalty {
         out.notices.push(notice(&pen.at, None, NoticeKind::Penalty));

@@ -304,3 +304,22 @@ fn agentgateway_examples() {
         ],
     );
 }
+
+#[test]
+fn not_enforced_fields_become_compiler_notices() {
+    let set = load_paths(&[dir("envoy-gateway").join("regex-header.yaml")]).unwrap_or_else(|e| panic!("{e}"));
+    let c = super::super::compile(&set);
+    let lines: Vec<String> = c
+        .notices
+        .iter()
+        .filter(|n| matches!(n.kind, super::super::NoticeKind::NotEnforced { .. }))
+        .map(|n| format!("{}:{} {}", n.location.pos.line, n.location.pos.column, n.kind))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "20:25 not enforced: RegularExpression header matches (the rule is dropped)",
+            "17:11 not enforced: rule rule-0 selects on a condition this agent cannot match"
+        ]
+    );
+}
