@@ -15,7 +15,8 @@
 //!   live in an envoyproxy/ratelimit config. The RLS domain is set on the referenced
 //!   `GatewayExtension`, which this agent does not read, so `domain` stays `None`.
 //!   Entry types: `RemoteAddress`, `Path`, `Header` (`header: NAME`, sent under the header's
-//!   name) and `Generic` (`generic: {key, value}`, key defaulting to `generic_key`).
+//!   name as written; descriptor keys are case-sensitive) and `Generic` (`generic: {key,
+//!   value}`, both required).
 //!
 //! Every other `spec` field (`timeouts`, `retry`, `cors`, `extAuth`, ...) and every unknown
 //! field is accepted and reported as not enforced, naming the field.
@@ -442,11 +443,13 @@ fn action_entry(r: &mut Reader, n: &S<Node>, field: &str) -> Option<ActionEntry>
                     _ => r.unknown_field(v, &kf),
                 }
             }
-            let Some(value) = value else {
-                r.missing(g, &f, "value");
-                return None;
-            };
-            Some(ActionEntry::Generic { key: key.unwrap_or_else(|| "generic_key".into()), value })
+            for field in ["key", "value"] {
+                if !entries.iter().any(|(k, v)| k == field && !v.value.is_null()) {
+                    r.missing(g, &f, field);
+                }
+            }
+            let (Some(key), Some(value)) = (key, value) else { return None };
+            Some(ActionEntry::Generic { key, value })
         }
         _ => {
             let kind = ErrorKind::UnknownValue {

@@ -364,20 +364,20 @@ fn kgateway_global_descriptors_and_matching_config() {
             ),
             rule(
                 "api-gateway",
-                "api-gateway/x-user-id/path",
-                vec![any("x-user-id"), any("path")],
+                "api-gateway/X-User-ID/path",
+                vec![any("X-User-ID"), any("path")],
                 Some((10, Unit::Second)),
             ),
         ]
     );
-    // Keys line up entry by entry with what the policy sends.
+    // Keys line up entry by entry (case-sensitively) with what the policy sends.
     let sent_keys = |entries: &[ActionEntry]| -> Vec<String> {
         entries
             .iter()
             .map(|e| match e {
                 ActionEntry::RemoteAddress => "remote_address".to_owned(),
                 ActionEntry::Path => "path".to_owned(),
-                ActionEntry::Header { descriptor_key, .. } => descriptor_key.to_ascii_lowercase(),
+                ActionEntry::Header { descriptor_key, .. } => descriptor_key.clone(),
                 ActionEntry::Generic { key, .. } => key.clone(),
             })
             .collect()
@@ -447,4 +447,29 @@ fn kgateway_schema_errors_and_warnings() {
     let e = policy_str("apiVersion: gateway.kgateway.dev/v1\nkind: TrafficPolicy\nmetadata: {name: a/b}\nspec: {}\n")
         .expect_err("invalid");
     assert_eq!(e.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["apiVersion", "metadata.name"]);
+}
+
+#[test]
+fn deep_nesting_is_an_error_not_a_crash() {
+    // The generic tree recurses per level; the YAML reader's depth limit must stop it first.
+    let deep = format!("domain: d\ndescriptors: {}", "[".repeat(100_000));
+    assert!(config_str(&deep).is_err());
+    let mut nested = String::from("domain: d\ndescriptors:\n");
+    for depth in 0..2_000 {
+        let pad = "  ".repeat(depth * 2);
+        nested.push_str(&format!("{pad}  - key: k{depth}\n{pad}    descriptors:\n"));
+    }
+    // Either loads whole or is refused for its depth; never overflows the stack.
+    match config_str(&nested) {
+        Ok(c) => {
+            let mut depth = 0;
+            let mut level = &c.descriptors;
+            while let [d] = level.as_slice() {
+                depth += 1;
+                level = &d.descriptors;
+            }
+            assert_eq!(depth, 2_000);
+        }
+        Err(e) => assert!(!e.is_empty()),
+    }
 }
