@@ -323,3 +323,102 @@ fn not_enforced_fields_become_compiler_notices() {
         ]
     );
 }
+
+const EG: &str =
+    "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {name: p, namespace: ns}\n";
+
+fn load_text(text: &str) -> Policy {
+    let mut p = load_str(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.len(), 1);
+    p.remove(0)
+}
+
+fn errors_of(text: &str) -> Vec<String> {
+    match load_str(Path::new("p.yaml"), text) {
+        Ok(p) => panic!("expected errors, loaded {p:?}"),
+        Err(e) => e
+            .iter()
+            .map(|e| format!("{}:{} {}: {}", e.location.pos.line, e.location.pos.column, e.field, e.kind))
+            .collect(),
+    }
+}
+
+#[test]
+fn envoy_gateway_shapes() {
+    // Old shape: `type` picks the block; the other one is reported, not read.
+    let p = load_text(&format!(
+        "{EG}spec:\n  targetRefs: [{{kind: HTTPRoute, name: r}}]\n  rateLimit:\n    type: Local\n    local:\n      rules:\n        - limit: {{requests: 1, unit: Month}}\n    global:\n      rules:\n        - limit: {{requests: 2, unit: years}}\n"
+    ));
+    assert_eq!(p.rules.iter().map(rule_line).collect::<Vec<_>>(), ["rule-0 Local 1/720h+0 []"]);
+    assert_eq!(
+        warning_lines(&p),
+        ["12 spec.rateLimit.global: not enforced: ignored because `type` selects the other block"]
+    );
+    // New shape: both blocks, numbered across them; `value: "*"` is Distinct.
+    let p = load_text(&format!(
+        "{EG}spec:\n  targetRefs: [{{kind: Gateway, name: g, sectionName: http}}]\n  rateLimit:\n    local:\n      rules:\n        - clientSelectors: [{{headers: [{{name: x-k, value: \"*\"}}]}}]\n          limit: {{requests: 1, unit: Second}}\n    global:\n      rules:\n        - limit: {{requests: 2, unit: years}}\n"
+    ));
+    assert_eq!(
+        p.rules.iter().map(rule_line).collect::<Vec<_>>(),
+        ["rule-0 Local 1/Second+0 [hdr x-k distinct]", "rule-1 Global 2/8760h+0 []"]
+    );
+    assert_eq!(p.targets.iter().map(target_line).collect::<Vec<_>>(), ["Gateway ns/ghttp"]);
+    // A path selector drops its rule with warnings; cost is reported, the rule kept.
+    let p = load_text(&format!(
+        "{EG}spec:\n  targetRefs: [{{kind: HTTPRoute, name: r}}]\n  rateLimit:\n    global:\n      rules:\n        - clientSelectors: [{{path: {{value: /x}}}}]\n          limit: {{requests: 1, unit: Second}}\n        - limit: {{requests: 2, unit: Second}}\n          cost: {{request: {{from: Number, number: 1}}}}\n"
+    ));
+    assert_eq!(p.rules.iter().map(rule_line).collect::<Vec<_>>(), ["rule-1 Global 2/Second+0 []"]);
+    assert_eq!(
+        warning_lines(&p),
+        [
+            "9 spec.rateLimit.global.rules[0].clientSelectors[0].path: not enforced: this agent does not match on it (the rule is dropped)",
+            "9 spec.rateLimit.global.rules[0]: not enforced: rule rule-0 selects on a condition this agent cannot match",
+            "12 spec.rateLimit.global.rules[1].cost: not enforced: every request counts once, per node or shared as scoped",
+        ]
+    );
+}
+
+#[test]
+fn envoy_gateway_errors() {
+    assert_eq!(
+        errors_of(
+            "apiVersion: gateway.envoyproxy.io/v1\nkind: BackendTrafficPolicy\nmetadata: {name: a/b}\nspec:\n  targetSelectors: [{matchLabels: {a: b}}]\n  targetRefs: [{kind: TCPRoute, name: t}]\n"
+        ),
+        [
+            "1:13 apiVersion: unknown apiVersion \"gateway.envoyproxy.io/v1\" (expected gateway.envoyproxy.io/v1alpha1)",
+            "3:18 metadata.name: invalid name \"a/b\": must not contain '/' or '#' (they separate policy, rule and guard)",
+            "6:23 spec.targetRefs[0].kind: unknown targetRef kind \"TCPRoute\" (expected Gateway or HTTPRoute)",
+            "5:20 spec: needs targetRefs: targetSelectors alone are not resolved by this agent",
+        ]
+    );
+    assert_eq!(errors_of(&format!("{EG}")), ["1:1 : missing field `spec`"]);
+    assert_eq!(
+        errors_of(&format!(
+            "{EG}spec:\n  rateLimit:\n    global:\n      rules:\n        - clientSelectors: [{{headers: [], sourceCIDR: {{type: Some, value: x}}}}, {{headers: [{{name: a}}]}}]\n          limit: 5\n"
+        )),
+        [
+            "8:39 spec.rateLimit.global.rules[0].clientSelectors[0].headers: empty headers list: give at least one header match",
+            "8:62 spec.rateLimit.global.rules[0].clientSelectors[0].sourceCIDR.type: unknown type \"Some\" (expected Exact or Distinct)",
+            "8:75 spec.rateLimit.global.rules[0].clientSelectors[0].sourceCIDR.value: invalid CIDR \"x\": not an IPv4 or IPv6 address or CIDR",
+            "8:91 spec.rateLimit.global.rules[0].clientSelectors[1].headers[0]: header match with type Exact needs a value",
+            "9:18 spec.rateLimit.global.rules[0].limit: expected a mapping, found an integer",
+        ]
+    );
+}
+
+#[test]
+fn agentgateway_tokens_and_global_are_reported() {
+    let p = load_text(
+        "apiVersion: agentgateway.dev/v1alpha1\nkind: AgentgatewayPolicy\nmetadata: {name: a}\nspec:\n  traffic:\n    rateLimit:\n      local:\n        - {tokens: 100, unit: Minutes}\n        - {requests: 5, unit: second}\n      global: {}\n  backend: {}\n",
+    );
+    assert!(p.targets.is_empty());
+    assert_eq!(p.rules.iter().map(rule_line).collect::<Vec<_>>(), ["local-1 Local 5/Second+0 []"]);
+    assert_eq!(
+        warning_lines(&p),
+        [
+            "8 spec.traffic.rateLimit.local[0].tokens: not enforced: LLM token limits are counted by agentgateway (the entry is dropped)",
+            "10 spec.traffic.rateLimit.global: not enforced: agentgateway's global rate limits go to its own rate limit service",
+            "11 spec.backend: not enforced by this agent (the gateway does it)",
+        ]
+    );
+}
