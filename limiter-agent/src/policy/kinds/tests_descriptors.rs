@@ -473,3 +473,23 @@ fn deep_nesting_is_an_error_not_a_crash() {
         Err(e) => assert!(!e.is_empty()),
     }
 }
+
+#[test]
+fn policy_and_its_config_in_one_file() {
+    let text = "apiVersion: gateway.kgateway.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  rateLimit:\n    global:\n      descriptors: [{entries: [{type: RemoteAddress}]}]\n      extensionRef: {name: rl}\n---\ndomain: d\ndescriptors:\n  - key: remote_address\n    rate_limit: {unit: second, requests_per_unit: 2}\n";
+    let docs = load_file_str(Path::new("both.yaml"), text).expect("loads");
+    let [Document::Policy(p), Document::RatelimitConfig(c)] = docs.as_slice() else { panic!("{docs:?}") };
+    assert_eq!(p.descriptor_actions[0].entries, [ActionEntry::RemoteAddress]);
+    assert_eq!((c.source.document, c.at.pos), (Some(2), Pos::new(10, 9)));
+    assert_eq!(compile(c)[0].entries, [any("remote_address")]);
+
+    // An error in the second document names it, with the file's line.
+    let bad = text.replace("unit: second", "unit: fortnight");
+    let e = load_file_str(Path::new("both.yaml"), &bad).expect_err("invalid").0;
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].to_string().starts_with("both.yaml:13:24 (document 2): descriptors[0].rate_limit.unit: unknown unit"),
+        "{}",
+        e[0]
+    );
+}
