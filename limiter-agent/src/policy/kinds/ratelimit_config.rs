@@ -131,7 +131,7 @@ fn identity(n: &S<Node>) -> Option<(String, Option<String>)> {
             _ => None,
         })
     };
-    Some((text("key")?, text("value")))
+    Some((text("key")?, text("value").filter(|v| !v.is_empty())))
 }
 
 /// `second | minute | hour | day | week | month | year`, any case (the service's own list).
@@ -212,7 +212,8 @@ impl Reader {
             let f = format!("{field}.{k}");
             match k.as_str() {
                 "key" => key = Some(v),
-                "value" => value = self.opt_string(v, &f),
+                // `value: ""` is the service's key-only descriptor.
+                "value" => value = self.opt_string(v, &f).filter(|s| !s.is_empty()),
                 "rate_limit" => {
                     if !v.value.is_null() {
                         rate_limit = self.rate_limit(v, &f);

@@ -257,7 +257,8 @@ fn ratelimit_same_key_different_values_are_not_duplicates() {
     .expect("loads");
     let names: Vec<String> = compile(&c).into_iter().map(|r| r.name).collect();
     assert_eq!(names, ["d/k", "d/k/k", "d/k=v"]);
-    let e = config_str("domain: d\ndescriptors:\n  - key: k\n  - key: k\n").expect_err("dup");
+    // `value: ""` is key-only, as the service reads it.
+    let e = config_str("domain: d\ndescriptors:\n  - key: k\n  - key: k\n    value: \"\"\n").expect_err("dup");
     assert_eq!(
         errs(&e),
         [(4, "descriptors[1]", &ErrorKind::DuplicateDescriptor { key: "k".into(), value: None, first_line: 3 })]
