@@ -46,8 +46,26 @@ pub const API_VERSION: &str = "gateway.envoyproxy.io/v1alpha1";
 const NS_PER_DAY: u64 = 86_400 * 1_000_000_000;
 
 /// `spec` fields that configure the gateway's traffic handling, not rate limits.
-const GATEWAY_FEATURES: &[&str] =
-    &["circuitBreaker", "retry", "timeout", "loadBalancer", "healthCheck", "faultInjection"];
+const GATEWAY_FEATURES: &[&str] = &[
+    "circuitBreaker",
+    "retry",
+    "timeout",
+    "loadBalancer",
+    "healthCheck",
+    "faultInjection",
+    "connection",
+    "compression",
+    "dns",
+    "http2",
+    "httpUpgrade",
+    "mergeType",
+    "proxyProtocol",
+    "requestBuffer",
+    "responseOverride",
+    "tcpKeepalive",
+    "telemetry",
+    "useClientProtocol",
+];
 
 pub fn load(src: &str) -> Result<Policy, Vec<FieldError>> {
     let root: S<Node> = deserialize(src).map_err(|e| vec![e])?;

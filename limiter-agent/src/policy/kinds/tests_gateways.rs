@@ -391,7 +391,7 @@ fn envoy_gateway_errors() {
             "5:20 spec: needs targetRefs: targetSelectors alone are not resolved by this agent",
         ]
     );
-    assert_eq!(errors_of(&format!("{EG}")), ["1:1 : missing field `spec`"]);
+    assert_eq!(errors_of(EG), ["1:1 : missing field `spec`"]);
     assert_eq!(
         errors_of(&format!(
             "{EG}spec:\n  rateLimit:\n    global:\n      rules:\n        - clientSelectors: [{{headers: [], sourceCIDR: {{type: Some, value: x}}}}, {{headers: [{{name: a}}]}}]\n          limit: 5\n"
