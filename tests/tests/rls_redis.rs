@@ -397,3 +397,61 @@ fn a_backend_started_while_redis_is_down_answers_by_its_failure_mode_then_connec
         assert!(bad.is_err(), "an invalid URL is an error at start");
     });
 }
+
+/// The shipped `examples/envoy/ratelimit.yaml`, loaded and compiled by the policy code, counted in
+/// Redis with the descriptors `examples/envoy/envoy.yaml` makes Envoy send: the gateway docs'
+/// curl-loop sequences, per scenario (the same ones tests/tests/envoy.rs runs through Envoy).
+#[test]
+fn the_envoy_example_scenarios_over_redis() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/envoy/ratelimit.yaml");
+    let set = limiter_agent::policy::load_paths(&[path]).expect("examples/envoy/ratelimit.yaml loads");
+    let rules =
+        set.ratelimit_configs.iter().flat_map(limiter_agent::policy::kinds::ratelimit_config::compile).collect();
+    let engine = engine(rules);
+    let server = RedisServer::start().expect("redis-server");
+    runtime().block_on(async {
+        let redis = backend(&server, FailureMode::FailClosed).await;
+        let one = |key: &str, value: &str| request("envoy-docs", vec![descriptor(&[(key, value)])]);
+
+        // 120 requests at 100/min.
+        let mut expected = repeat(Code::Ok, 100);
+        expected.extend(repeat(Code::OverLimit, 20));
+        assert_eq!(codes(&redis, &engine, &one("generic_key", "total"), at(T), 120).await, expected);
+
+        // alice and bob, 3 a minute each.
+        for user in ["alice", "bob"] {
+            let got = codes(&redis, &engine, &one("x-user-id", user), at(T), 5).await;
+            assert_eq!(got, [Code::Ok, Code::Ok, Code::Ok, Code::OverLimit, Code::OverLimit], "{user}");
+        }
+
+        // Anonymous share 10; an identified user still has 100.
+        let mut expected = repeat(Code::Ok, 10);
+        expected.extend(repeat(Code::OverLimit, 2));
+        assert_eq!(codes(&redis, &engine, &one("header_match", "anonymous"), at(T), 12).await, expected);
+        assert_eq!(codes(&redis, &engine, &one("identified-user", "carol"), at(T), 12).await, repeat(Code::Ok, 12));
+
+        // Two rules on one request: 1/s and 20/min, every descriptor counted.
+        let two = request(
+            "envoy-docs",
+            vec![descriptor(&[("generic_key", "two-per-second")]), descriptor(&[("generic_key", "two-per-minute")])],
+        );
+        let mut seen = codes(&redis, &engine, &two, at(T), 2).await;
+        for s in 1..=19 {
+            seen.push(decide(&redis, &engine, &two, at(T + s)).await.overall);
+        }
+        let mut expected = vec![Code::Ok, Code::OverLimit];
+        expected.extend(repeat(Code::Ok, 18));
+        expected.push(Code::OverLimit);
+        assert_eq!(seen, expected);
+
+        // Shadow: never denied, but known to be over.
+        let shadow = one("generic_key", "shadow");
+        assert_eq!(codes(&redis, &engine, &shadow, at(T), 10).await, repeat(Code::Ok, 10));
+        assert!(decide(&redis, &engine, &shadow, at(T)).await.statuses[0].shadow_over_limit);
+
+        // The counters carry the reference service's names.
+        let window = T / 60 * 60;
+        assert_eq!(server.get_int(&format!("envoy-docs_x-user-id_alice_{window}")).unwrap(), Some(4));
+        assert_eq!(server.get_int(&format!("envoy-docs_generic_key_total_{window}")).unwrap(), Some(101));
+    });
+}
