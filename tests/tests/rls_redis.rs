@@ -120,7 +120,7 @@ fn keys_ttls_and_statuses_are_the_reference_services() {
             assert_eq!((limit.requests_per_unit, limit.unit), (5, Unit::Minute));
         }
         let minute_key = format!("rl_database_users_{}", T / 60 * 60);
-        assert_eq!(server.keys("*").unwrap(), [minute_key.clone()]);
+        assert_eq!(server.keys("*").unwrap(), std::slice::from_ref(&minute_key));
         assert_eq!(server.get_int(&minute_key).unwrap(), Some(3));
         let ttl = server.ttl(&minute_key).unwrap();
         assert!((1..=60).contains(&ttl), "EXPIRE is the unit (60 s), TTL is {ttl}");
