@@ -431,6 +431,10 @@ pub(super) fn http_value<'a>(entry: &'a EntryMatch, req: &HttpRequest<'a>) -> Op
             Some(v) if v == value => constant(),
             _ => return None,
         },
+        Attribute::HeaderNotEquals { name, value } => match header(req, name) {
+            Some(v) if v == value => return None,
+            _ => constant(),
+        },
         Attribute::Path => Value::Str(req.path),
         Attribute::Method => Value::Str(req.method),
         Attribute::Descriptor => return None,

@@ -104,6 +104,13 @@ pub enum Attribute {
         name: String,
         value: String,
     },
+    /// `header_value_match` with `expect_match: false` on an exact value: present when the
+    /// header is absent or has another value (`type: Exact`, `invert: true`); its value is
+    /// the `Exact` string.
+    HeaderNotEquals {
+        name: String,
+        value: String,
+    },
     Path,
     Method,
     /// Only in descriptor lists sent over RLS (envoyproxy/ratelimit configs): no HTTP source.
