@@ -113,6 +113,9 @@ pub enum ErrorKind {
     DuplicateRule { name: String, first_line: u64 },
     #[error("duplicate policy name \"{name}\" (first defined at {first})")]
     DuplicatePolicy { name: String, first: String },
+    /// Two envoyproxy/ratelimit configs for one domain (the service refuses that too).
+    #[error("duplicate ratelimit config domain \"{domain}\" (first defined at {first})")]
+    DuplicateDomain { domain: String, first: String },
     #[error("empty client selector: give sourceCIDR and/or headers")]
     EmptySelector,
     #[error("empty headers list: give at least one header match")]

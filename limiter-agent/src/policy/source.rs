@@ -52,6 +52,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
         }
     }
     check_unique_names(&set.policies, &mut errors);
+    check_unique_domains(&set.ratelimit_configs, &mut errors);
     if errors.is_empty() { Ok(set) } else { Err(PolicyErrors(errors)) }
 }
 
@@ -121,6 +122,24 @@ fn check_unique_names(policies: &[Policy], errors: &mut Vec<PolicyError>) {
             });
         } else {
             first.insert(&p.name, here);
+        }
+    }
+}
+
+/// One config per domain, as envoyproxy/ratelimit loads them (without its merge option): two
+/// would give one descriptor two limits.
+fn check_unique_domains(configs: &[RatelimitConfig], errors: &mut Vec<PolicyError>) {
+    let mut first: HashMap<&str, Location> = HashMap::new();
+    for c in configs {
+        let here = c.source.at(c.at.pos);
+        if let Some(prev) = first.get(c.domain.as_str()) {
+            errors.push(PolicyError {
+                location: here,
+                field: "domain".into(),
+                kind: ErrorKind::DuplicateDomain { domain: c.domain.clone(), first: prev.to_string() },
+            });
+        } else {
+            first.insert(&c.domain, here);
         }
     }
 }

@@ -13,4 +13,6 @@ pub mod teg;
 #[cfg(test)]
 mod tests_descriptors;
 #[cfg(test)]
+mod tests_errors;
+#[cfg(test)]
 mod tests_gateways;

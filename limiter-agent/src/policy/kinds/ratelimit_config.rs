@@ -18,8 +18,10 @@
 //! - `unit` is `second | minute | hour | day | week | month | year`, any case. The service
 //!   counts in fixed calendar-free windows; `week`, `month` and `year` become windows of 7,
 //!   30 and 365 days ([`Unit::Interval`]).
-//! - `unlimited: true` matches and answers OK without counting; it may not be combined with
-//!   `requests_per_unit`.
+//! - `unlimited: true` matches and answers OK without counting; a `unit` beside it is an
+//!   error and a `requests_per_unit` a warning (the service refuses the one, ignores the other).
+//! - `replaces[].name` must be non-empty and not the limit's own `name`; one config per
+//!   `domain` in a policy set (checked by the loader).
 //! - `value` may hold `*` wildcards; no `value` means "any value, a counter per value".
 //! - Two sibling descriptors with the same `key` and `value` are an error (the service
 //!   refuses such a config too).
@@ -288,9 +290,13 @@ impl Reader {
             }
         }
         let limit = if unlimited {
-            if let Some((_, at)) = requests {
+            // As the service: a unit beside `unlimited` is refused, a count is ignored.
+            if let Some((_, at)) = entries.iter().find(|(k, v)| k == "unit" && !v.value.is_null()) {
                 let kind = ErrorKind::Conflict { other: "unlimited: true" };
-                self.errors.push(FieldError::new(pos_of(at), format!("{field}.requests_per_unit"), kind));
+                self.errors.push(FieldError::new(pos_of(at), format!("{field}.unit"), kind));
+            }
+            if let Some((_, at)) = requests {
+                self.warn(at, &format!("{field}.requests_per_unit"), "ignored: the limit is `unlimited: true`");
             }
             None
         } else {
@@ -306,10 +312,24 @@ impl Reader {
                 _ => None,
             }
         };
+        for (i, replaced, at) in &replaces {
+            let f = format!("{field}.replaces[{i}].name");
+            if replaced.is_empty() {
+                self.errors.push(FieldError::new(pos_of(at), f, ErrorKind::EmptyValue));
+            } else if name.as_deref() == Some(replaced.as_str()) {
+                self.schema(
+                    pos_of(at),
+                    &f,
+                    format!("a limit cannot replace itself (`{replaced}` is this limit's name)"),
+                );
+            }
+        }
+        let replaces = replaces.into_iter().map(|(_, r, _)| r).collect();
         (self.errors.len() == before).then_some(ConfigRateLimit { limit, unlimited, name, replaces })
     }
 
-    fn replaces(&mut self, n: &S<Node>, field: &str) -> Vec<String> {
+    /// `[{name}]`: each name with its index in the list and where it is written.
+    fn replaces<'a>(&mut self, n: &'a S<Node>, field: &str) -> Vec<(usize, String, &'a S<Node>)> {
         if n.value.is_null() {
             return Vec::new();
         }
@@ -322,7 +342,7 @@ impl Reader {
             for (k, v) in entries {
                 let kf = format!("{f}.{k}");
                 match k.as_str() {
-                    "name" => name = self.opt_string(v, &kf),
+                    "name" => name = self.opt_string(v, &kf).map(|s| (i, s, v)),
                     _ => self.unknown_field(v, &kf),
                 }
             }

@@ -200,11 +200,7 @@ fn ratelimit_invalid_example_reports_every_mistake() {
                 "descriptors[2].descriptors[1]",
                 &ErrorKind::DuplicateDescriptor { key: "method".into(), value: Some("GET".into()), first_line: 12 }
             ),
-            (
-                19,
-                "descriptors[2].descriptors[2].rate_limit.requests_per_unit",
-                &ErrorKind::Conflict { other: "unlimited: true" }
-            ),
+            (19, "descriptors[2].descriptors[2].rate_limit.unit", &ErrorKind::Conflict { other: "unlimited: true" }),
             (
                 21,
                 "descriptors[2].descriptors[3].rate_limit.requests_per_unit",
