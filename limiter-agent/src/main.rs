@@ -19,6 +19,9 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Validate policy files: every error with file, line, column and field.
     Check(cli::check::CheckArgs),
+    /// Show the compiled plan: each rule's layer (kernel, kernel guard, L7), key, rate, burst,
+    /// scope and mode, and the Envoy `rate_limits` actions a gateway needs for the L7 rules.
+    Explain(cli::explain::ExplainArgs),
     /// Live view of a running agent (rates passed and dropped, by reason, rule and source),
     /// read from its control socket.
     Top(cli::top::TopArgs),
@@ -29,6 +32,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(args) => cli::check::run(args),
+        Command::Explain(args) => cli::explain::run(args),
         Command::Top(args) => cli::top::run(args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run_agent(args).map(|()| ExitCode::SUCCESS),
     };

@@ -1,60 +1,74 @@
-//! `limiter-agent check PATH...`: validate policies and show what the kernel would enforce.
+//! `limiter-agent check PATH...`: validate policies and show where each rule would be enforced.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::policy;
+use crate::policy::{self, Compiled, PolicyErrors};
 
 /// Validate policy files or directories without loading anything.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CheckArgs {
-    /// Policy files, or directories of `*.yaml` / `*.yml` files.
+    /// Policy files, or directories of `*.yaml` / `*.yml` files; all of them form one set.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
 }
 
 /// Prints every error (stderr), every notice (stderr, as warnings) and one summary line per
-/// policy (stdout). Exit code 1 when any error was found, 0 otherwise.
+/// policy and ratelimit config (stdout). Exit code 1 when any error was found, 0 otherwise.
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     report(&args.paths, &mut stdout.lock(), &mut stderr.lock())
 }
 
-/// [`run`] with the output streams given, for tests.
-pub fn report(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    match policy::load_paths(paths) {
-        Err(errors) => {
-            for e in &errors {
-                writeln!(err, "error: {e}")?;
-            }
-            writeln!(err, "{} error(s); policy set rejected", errors.len())?;
-            Ok(ExitCode::FAILURE)
-        }
-        Ok(set) => {
-            let compiled = policy::compile(&set);
-            for n in &compiled.notices {
+/// Loads and compiles `paths` as one set, printing what [`run`] prints; the compiled plan
+/// when there were no errors. Shared with `explain`.
+pub(crate) fn load(paths: &[PathBuf], err: &mut dyn Write) -> anyhow::Result<Option<Compiled>> {
+    let compiled = policy::load_paths(paths).map(|set| policy::compile(&set));
+    let errors = match compiled {
+        Ok(c) if c.errors.is_empty() => {
+            for n in &c.notices {
                 writeln!(err, "warning: {n}")?;
             }
-            if set.policies.is_empty() {
-                writeln!(out, "no policies found")?;
-            }
-            for s in &compiled.summaries {
-                writeln!(out, "{s}")?;
-            }
-            let plan = &compiled.plan;
-            writeln!(
-                out,
-                "ok: {} policies, {} kernel rules, {} allow and {} deny entries",
-                set.policies.len(),
-                plan.rules.len(),
-                plan.allow.len(),
-                plan.deny.len()
-            )?;
-            Ok(ExitCode::SUCCESS)
+            return Ok(Some(c));
         }
+        Ok(c) => {
+            for n in &c.notices {
+                writeln!(err, "warning: {n}")?;
+            }
+            PolicyErrors(c.errors)
+        }
+        Err(errors) => errors,
+    };
+    for e in &errors {
+        writeln!(err, "error: {e}")?;
     }
+    writeln!(err, "{} error(s); policy set rejected", errors.len())?;
+    Ok(None)
+}
+
+/// [`run`] with the output streams given, for tests.
+pub fn report(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let Some(compiled) = load(paths, err)? else { return Ok(ExitCode::FAILURE) };
+    if compiled.summaries.is_empty() {
+        writeln!(out, "no policies found")?;
+    }
+    for s in &compiled.summaries {
+        writeln!(out, "{s}")?;
+    }
+    let plan = &compiled.plan;
+    writeln!(
+        out,
+        "ok: {} policies and configs, {} kernel rules, {} L7 rules, {} allow and {} deny entries, {} warning(s)",
+        compiled.summaries.len(),
+        plan.rules.len(),
+        compiled.l7.rules.len(),
+        plan.allow.len(),
+        plan.deny.len(),
+        compiled.notices.len()
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -77,9 +91,9 @@ mod tests {
     fn valid_examples_pass_with_summaries_and_warnings() {
         let (code, out, err) = run_check(&[examples()]);
         assert_eq!(code, ExitCode::SUCCESS, "{err}");
-        assert!(out.contains("demo: 2 rule(s) in the kernel, 0 not enforced\n"), "{out}");
-        assert!(out.contains("task-api: 3 rule(s) in the kernel, 4 not enforced\n"), "{out}");
-        assert!(out.contains("ok: 4 policies, 9 kernel rules"), "{out}");
+        assert!(out.contains("demo: 2 rule(s) in the kernel, 0 L7, 0 not enforced\n"), "{out}");
+        assert!(out.contains("task-api: 3 rule(s) in the kernel, 4 L7, 0 not enforced\n"), "{out}");
+        assert!(out.contains("ok: 4 policies and configs, 9 kernel rules, 4 L7 rules"), "{out}");
         assert!(err.lines().all(|l| l.starts_with("warning: ")), "{err}");
         assert!(err.contains("task-api.yaml:14:12 (document 1): spec.penalty: penalty escalation"), "{err}");
     }

@@ -22,7 +22,7 @@ pub mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use compile::{Compiled, Notice, NoticeKind, PolicySummary, compile};
+pub use compile::{Compiled, Notice, NoticeKind, PolicySummary, compile, load_and_compile};
 pub use error::{ErrorKind, Location, PolicyError, PolicyErrors, Pos, SourceRef};
 pub use model::{Policy, PolicyKind, PolicySet};
 pub use source::{Document, load_file_str, load_paths, load_str};

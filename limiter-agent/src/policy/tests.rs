@@ -400,7 +400,7 @@ fn compile_kernel_rules_selectors_and_shadow() {
     assert_eq!(ceiling.limit.unit, Unit::Minute);
     assert_eq!(c.plan.allow.len(), 1);
     assert_eq!(c.plan.deny[0].policy, "p");
-    assert_eq!(c.summaries[0].to_string(), "p: 3 rule(s) in the kernel, 0 not enforced");
+    assert_eq!(c.summaries[0].to_string(), "p: 3 rule(s) in the kernel, 0 L7, 0 not enforced");
 }
 
 #[test]
@@ -423,15 +423,16 @@ fn compile_l7_rules_guards_and_notices() {
         notices,
         [
             "p.yaml:5:12: spec.penalty: penalty escalation is parsed but not enforced yet",
-            "p.yaml:9:11: spec.rateLimit.local.rules[0]: rule p/per-user is L7 (selects on headers): enforced by the rate limit service, not available yet",
-            "p.yaml:12:11: spec.rateLimit.local.rules[1]: rule p/per-client is L7 (counts Requests): enforced by the rate limit service, not available yet; the kernel guard p/per-client#guard limits new connections at the same rate",
-            "p.yaml:16:11: spec.rateLimit.local.rules[2]: rule p/everyone is L7 (counts Requests): enforced by the rate limit service, not available yet",
-            "p.yaml:22:11: spec.rateLimit.global.rules[0]: rule p/budget: global limits are enforced per node only until Redis sync lands",
-            "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests is L7 (counts Requests): enforced by the rate limit service, not available yet; the kernel guard p/all-requests#guard limits new connections at the same rate",
-            "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests: global limits are enforced per node only until Redis sync lands",
+            "p.yaml:9:11: spec.rateLimit.local.rules[0]: rule p/per-user is L7 (selects on headers): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`",
+            "p.yaml:12:11: spec.rateLimit.local.rules[1]: rule p/per-client is L7 (counts Requests): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/per-client#guard limits new connections at the same rate",
+            "p.yaml:16:11: spec.rateLimit.local.rules[2]: rule p/everyone is L7 (counts Requests): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: kernelGuard is Off",
+            "p.yaml:22:11: spec.rateLimit.global.rules[0]: rule p/budget: global scope, but the kernel counts on this node only",
+            "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests is L7 (counts Requests): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/all-requests#guard limits new connections at the same rate",
+            "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests: global: shared through Redis when the agent runs with --rls-backend redis, else per node",
         ]
     );
-    assert_eq!(c.summaries[0].not_enforced, ["per-user", "per-client", "everyone", "all-requests"]);
+    assert_eq!(c.summaries[0].l7_rules, ["p/per-user", "p/per-client", "p/everyone", "p/all-requests"]);
+    assert!(c.summaries[0].not_enforced.is_empty());
 }
 
 #[test]
@@ -445,8 +446,8 @@ fn compile_route_targets_and_several_source_selectors() {
     assert_eq!(
         notices,
         [
-            "p.yaml:5:16 (document 1): spec.targetRefs[0]: HTTPRoute api: resolved by the listener map, not enforced in the kernel yet",
-            "p.yaml:5:46 (document 1): spec.targetRefs[1]: Gateway gw: resolved by the listener map, not enforced in the kernel yet",
+            "p.yaml:5:16 (document 1): spec.targetRefs[0]: HTTPRoute api: not resolved to ports (no listener map yet), so kernel rules do not cover it; L7 rules apply to its requests",
+            "p.yaml:5:46 (document 1): spec.targetRefs[1]: Gateway gw: not resolved to ports (no listener map yet), so kernel rules do not cover it; L7 rules apply to its requests",
             "p.yaml:9:11 (document 1): spec.rateLimit.local.rules[0]: rule r/c: the policy targets only HTTPRoute/Gateway, resolved by the listener map, not enforced in the kernel yet",
             "p.yaml:19:11 (document 2): spec.rateLimit.local.rules[0]: rule s/two: several sourceCIDR selectors in one rule are not enforceable in the kernel yet; not enforced",
         ]

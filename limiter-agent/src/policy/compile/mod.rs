@@ -1,24 +1,53 @@
-//! Validated policies → [`KernelPlan`] plus [`Notice`]s for what the kernel does not enforce.
+//! Validated policies → one compiled plan: the [`KernelPlan`] the XDP program enforces, the
+//! [`L7Plan`] the L7 engine / rate limit service answers, and [`Notice`]s for everything
+//! accepted but not (fully) enforced.
 //!
-//! No rule is dropped silently: each rule lands in the plan, or yields a notice naming it, or
-//! both (a `global` rule enforced per node; an L7 rule with a derived connection guard).
+//! No rule is dropped silently: each rule lands in the kernel, in the L7 plan, or both (an L7
+//! rule with a derived connection guard), or yields a notice naming it.
+//!
+//! # Kernel
 //!
 //! - Kernel rule: selectors are source CIDRs only (at most one) or none, counting `Packets`,
 //!   `Bytes` or `Connections`. `sourceCIDR.type: Distinct` → one bucket per source;
 //!   `Exact` → one bucket shared by the CIDR; no selector → one bucket for everyone (a port
 //!   ceiling). Named `policy/rule`.
-//! - L7 rule (header selectors, or `count: Requests`): a notice. If it is keyed by the source
-//!   address or by nothing and `kernelGuard` is not `Off`, it also yields a kernel
-//!   `Connections` rule `policy/rule#guard` at the same rate and burst.
 //! - Targets: the policy's `Port` targetRefs; none at all means every port. A policy whose
 //!   targetRefs are all `HTTPRoute`/`Gateway` puts no rule in the kernel (until the listener
 //!   map resolves them, the only kernel scope would be "every port", wider than asked).
+//! - Kernel guard: an L7 rule keyed by the source address (one `sourceCIDR` selector) or by
+//!   nothing also yields a kernel `Connections` rule `policy/rule#guard` at the same rate and
+//!   burst, unless `kernelGuard: Off`, the rule selects on headers, or the policy gives the
+//!   kernel no ports: it targets only routes, or it is a gateway kind without targets (a TEG
+//!   `RateLimitFilter` applies where routes reference it, not to every port of the host).
+//!
+//! # L7
+//!
+//! Every rule counting `Requests` (rules selecting on headers always do) becomes an
+//! [`L7Rule`] in domain [`DEFAULT_DOMAIN`] (mapping in [`l7`]); envoyproxy/ratelimit configs
+//! become fixed-window rules of their own domain, and kgateway descriptor actions tell the
+//! engine where each entry of those rules comes from in an HTTP request.
+//!
+//! # Set-level checks
+//!
+//! L7 rule names are unique in a plan (they key counters, metrics and `x-ratelimit-limit`
+//! names): a clash, e.g. two configs naming a limit alike, is an error at the second rule
+//! naming the first. Two envoyproxy/ratelimit configs for one domain are an error too. Errors
+//! are in [`Compiled::errors`]; [`load_and_compile`] returns them with the loader's.
 
+mod l7;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 
-use super::error::Location;
+pub use self::l7::{entry_key_text, gateway_rule};
+use super::error::{ErrorKind, Location, PolicyError, PolicyErrors};
+use super::kinds::ratelimit_config;
 use super::model::*;
-use crate::plan::{CountKind, KernelPlan, KernelRule, L7Plan, ListEntry, PortTarget, SourceSelector};
+use crate::plan::l7::DEFAULT_DOMAIN;
+use crate::plan::{CountKind, KernelPlan, KernelRule, L7Plan, L7Target, ListEntry, PortTarget, SourceSelector};
 
 /// The compiler's output.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -27,16 +56,36 @@ pub struct Compiled {
     /// Rules answered by the L7 engine / rate limit service.
     pub l7: L7Plan,
     pub notices: Vec<Notice>,
-    /// One per policy, in set order: what landed where (for `check` and logs).
+    /// One per policy, then one per envoyproxy/ratelimit config, in set order: what landed
+    /// where (for `check` and logs).
     pub summaries: Vec<PolicySummary>,
+    /// Set-level problems (duplicate L7 rule names, one domain in two configs). A plan with
+    /// errors must not be applied.
+    pub errors: Vec<PolicyError>,
+}
+
+impl Compiled {
+    /// The compiled plan, or its set-level errors.
+    pub fn into_result(self) -> Result<Compiled, PolicyErrors> {
+        if self.errors.is_empty() { Ok(self) } else { Err(PolicyErrors(self.errors)) }
+    }
+}
+
+/// Loads `paths` ([`super::load_paths`]) and compiles the set: every error of either step,
+/// or a plan that can be applied whole.
+pub fn load_and_compile(paths: &[PathBuf]) -> Result<Compiled, PolicyErrors> {
+    compile(&super::load_paths(paths)?).into_result()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySummary {
+    /// The policy's name, or `ratelimit config DOMAIN`.
     pub policy: String,
     /// Kernel rule names, derived guards included.
     pub kernel_rules: Vec<String>,
-    /// Rules of the policy (by rule name) that no part of this agent enforces yet.
+    /// L7 rule names.
+    pub l7_rules: Vec<String>,
+    /// Rules of the policy (by rule name) that no part of this agent enforces.
     pub not_enforced: Vec<String>,
 }
 
@@ -44,20 +93,22 @@ impl fmt::Display for PolicySummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} rule(s) in the kernel, {} not enforced",
+            "{}: {} rule(s) in the kernel, {} L7, {} not enforced",
             self.policy,
             self.kernel_rules.len(),
+            self.l7_rules.len(),
             self.not_enforced.len()
         )
     }
 }
 
-/// A warning: something accepted that is not (fully) enforced. Displayed like errors:
-/// `FILE:LINE:COL[ (document N)]: FIELD.PATH: text`.
+/// A warning: something accepted that is not (fully) enforced, or that needs the gateway's
+/// cooperation. Displayed like errors: `FILE:LINE:COL[ (document N)]: FIELD.PATH: text`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notice {
     pub location: Location,
     pub field: String,
+    /// The policy's name, or `ratelimit config DOMAIN`.
     pub policy: String,
     /// The rule concerned, if any.
     pub rule: Option<String>,
@@ -74,13 +125,45 @@ impl fmt::Display for Notice {
     }
 }
 
+/// Why a derived kernel guard was not made for an L7 rule keyed by source or by nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoGuard {
+    /// `kernelGuard: Off`.
+    Off,
+    /// The policy targets only HTTPRoutes/Gateways (no ports known).
+    RoutesOnly,
+    /// A gateway kind without targets: it applies where routes reference it.
+    NoPorts,
+    /// Several `sourceCIDR` selectors: the kernel matches one.
+    SeveralSources,
+}
+
+impl fmt::Display for NoGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NoGuard::Off => "kernelGuard is Off",
+            NoGuard::RoutesOnly => "the policy targets only HTTPRoute/Gateway, not resolved to ports yet",
+            NoGuard::NoPorts => "the policy names no ports",
+            NoGuard::SeveralSources => "the kernel matches one sourceCIDR selector per rule",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NoticeKind {
-    /// Header selectors or `count: Requests`; `guard` names the derived kernel rule, if any.
-    #[error("rule {rule} is L7 ({reason}): enforced by the rate limit service, not available yet{}", guard_text(guard))]
-    L7 { rule: String, reason: &'static str, guard: Option<String> },
-    #[error("rule {rule}: global limits are enforced per node only until Redis sync lands")]
+    /// A rule in the L7 plan: it is only enforced for requests whose gateway sends its
+    /// descriptor to the rate limit service. `guard` names the derived kernel rule, if any.
+    #[error(
+        "rule {rule} is L7 ({reason}): answered by the rate limit service (domain {domain}) when the gateway sends its descriptor, see `limiter-agent explain`{}",
+        guard_text(guard, no_guard)
+    )]
+    L7 { rule: String, reason: &'static str, domain: String, guard: Option<String>, no_guard: Option<NoGuard> },
+    /// A kernel-counted rule under `rateLimit.global`.
+    #[error("rule {rule}: global scope, but the kernel counts on this node only")]
     GlobalPerNode { rule: String },
+    /// An L7 rule (or a config's rules) with global scope.
+    #[error("{what}: global: shared through Redis when the agent runs with --rls-backend redis, else per node")]
+    GlobalL7 { what: String },
     #[error(
         "rule {rule}: several sourceCIDR selectors in one rule are not enforceable in the kernel yet; not enforced"
     )]
@@ -89,32 +172,55 @@ pub enum NoticeKind {
         "rule {rule}: the policy targets only HTTPRoute/Gateway, resolved by the listener map, not enforced in the kernel yet"
     )]
     RouteTargetedRule { rule: String },
-    #[error("{kind} {name}: resolved by the listener map, not enforced in the kernel yet")]
+    #[error(
+        "{kind} {name}: not resolved to ports (no listener map yet), so kernel rules do not cover it; L7 rules apply to its requests"
+    )]
     RouteTarget { kind: RouteKind, name: String },
     #[error("penalty escalation is parsed but not enforced yet")]
     Penalty,
-    /// A field of a gateway kind accepted but enforced by no layer ([`Policy::not_enforced`]).
+    /// A field of a gateway kind accepted but enforced by no layer ([`Policy::not_enforced`],
+    /// [`RatelimitConfig::not_enforced`]); the notice's `field` names it.
     #[error("{what}")]
     NotEnforced { what: String },
+    /// A kgateway descriptor no envoyproxy/ratelimit config of the set answers.
+    #[error(
+        "descriptor {descriptor} matches no rule of {domain}: the rate limit service answers it OK without a limit"
+    )]
+    UnmatchedDescriptor { descriptor: String, domain: String },
 }
 
-fn guard_text(guard: &Option<String>) -> String {
-    match guard {
-        Some(g) => format!("; the kernel guard {g} limits new connections at the same rate"),
-        None => String::new(),
+fn guard_text(guard: &Option<String>, no_guard: &Option<NoGuard>) -> String {
+    match (guard, no_guard) {
+        (Some(g), _) => format!("; the kernel guard {g} limits new connections at the same rate"),
+        (None, Some(why)) => format!("; no kernel guard: {why}"),
+        (None, None) => String::new(),
     }
 }
 
-/// Compiles a validated set.
+/// Compiles a validated set. Set-level errors land in [`Compiled::errors`].
 pub fn compile(set: &PolicySet) -> Compiled {
     let mut out = Compiled::default();
+    // Where each L7 rule was written, parallel to `out.l7.rules` (for set-level errors).
+    let mut origins: Vec<Location> = Vec::new();
+    let mut fields: Vec<String> = Vec::new();
     for p in &set.policies {
-        compile_policy(p, &mut out);
+        compile_policy(p, &mut out, &mut origins, &mut fields);
     }
+    let mut config_rules: Vec<std::ops::Range<usize>> = Vec::new();
+    for c in &set.ratelimit_configs {
+        let start = out.l7.rules.len();
+        compile_config(c, &mut out, &mut origins, &mut fields);
+        config_rules.push(start..out.l7.rules.len());
+    }
+    for p in &set.policies {
+        l7::link_descriptor_actions(p, set, &config_rules, &mut out);
+    }
+    check_domains(set, &mut out.errors);
+    check_l7_names(&out.l7, &origins, &fields, &mut out.errors);
     out
 }
 
-fn compile_policy(p: &Policy, out: &mut Compiled) {
+fn compile_policy(p: &Policy, out: &mut Compiled, origins: &mut Vec<Location>, fields: &mut Vec<String>) {
     let mut summary = PolicySummary { policy: p.name.clone(), ..Default::default() };
     let notice = |at: &At, rule: Option<&str>, kind: NoticeKind| Notice {
         location: p.location(at),
@@ -133,7 +239,7 @@ fn compile_policy(p: &Policy, out: &mut Compiled) {
         out.notices.push(notice(&pen.at, None, NoticeKind::Penalty));
     }
     let mut ports: Vec<PortTarget> = Vec::new();
-    let mut routes = 0;
+    let mut l7_targets: Vec<L7Target> = Vec::new();
     for t in &p.targets {
         match &t.kind {
             TargetKind::Port(pt) => {
@@ -142,28 +248,27 @@ fn compile_policy(p: &Policy, out: &mut Compiled) {
                 }
             }
             TargetKind::Route { kind, name, .. } => {
-                routes += 1;
+                let target = match kind {
+                    RouteKind::HttpRoute => L7Target::Route(name.clone()),
+                    RouteKind::Gateway => L7Target::Gateway(name.clone()),
+                };
+                if !l7_targets.contains(&target) {
+                    l7_targets.push(target);
+                }
                 let kind = NoticeKind::RouteTarget { kind: *kind, name: name.clone() };
                 out.notices.push(notice(&t.at, None, kind));
             }
         }
     }
-    let routes_only = routes > 0 && ports.is_empty();
+    let routes_only = !l7_targets.is_empty() && ports.is_empty();
+    // A gateway kind without targets applies where routes reference it (TEG's ExtensionRef),
+    // not to every port: no kernel scope for its guards.
+    let no_ports = p.targets.is_empty() && p.kind != PolicyKind::RateLimitPolicy;
     let shadow = p.mode == Mode::Shadow;
     for r in &p.rules {
         let full = format!("{}/{}", p.name, r.name);
         let rule_notice = |kind| notice(&r.at, Some(&r.name), kind);
-        if routes_only {
-            out.notices.push(rule_notice(NoticeKind::RouteTargetedRule { rule: full }));
-            summary.not_enforced.push(r.name.clone());
-            continue;
-        }
         let sources: Vec<&SourceCidr> = r.source_selectors().collect();
-        if sources.len() > 1 && !r.has_headers() {
-            out.notices.push(rule_notice(NoticeKind::SeveralSourceSelectors { rule: full }));
-            summary.not_enforced.push(r.name.clone());
-            continue;
-        }
         let source = match sources.first() {
             Some(s) => SourceSelector { nets: vec![s.net], distinct: s.distinct, invert: s.invert },
             None => SourceSelector::everyone(false),
@@ -176,28 +281,149 @@ fn compile_policy(p: &Policy, out: &mut Compiled) {
             limit: r.limit,
             shadow,
         };
-        let landed = match r.count {
+        match r.count {
             Count::Kernel(count) => {
+                if routes_only {
+                    out.notices.push(rule_notice(NoticeKind::RouteTargetedRule { rule: full }));
+                    summary.not_enforced.push(r.name.clone());
+                    continue;
+                }
+                if sources.len() > 1 {
+                    out.notices.push(rule_notice(NoticeKind::SeveralSourceSelectors { rule: full }));
+                    summary.not_enforced.push(r.name.clone());
+                    continue;
+                }
                 out.plan.rules.push(kernel_rule(full.clone(), count));
                 summary.kernel_rules.push(full.clone());
-                true
+                if r.scope == Scope::Global {
+                    out.notices.push(rule_notice(NoticeKind::GlobalPerNode { rule: full }));
+                }
             }
             Count::Requests => {
+                out.l7.rules.push(gateway_rule(&full, r, shadow, &l7_targets));
+                origins.push(p.location(&r.at));
+                fields.push(r.at.field.clone());
+                summary.l7_rules.push(full.clone());
                 let reason = if r.has_headers() { "selects on headers" } else { "counts Requests" };
-                let guard = (r.kernel_guard && !r.has_headers()).then(|| format!("{full}#guard"));
+                let no_guard = if r.has_headers() {
+                    None
+                } else if !r.kernel_guard {
+                    Some(NoGuard::Off)
+                } else if routes_only {
+                    Some(NoGuard::RoutesOnly)
+                } else if no_ports {
+                    Some(NoGuard::NoPorts)
+                } else if sources.len() > 1 {
+                    Some(NoGuard::SeveralSources)
+                } else {
+                    None
+                };
+                let guard = (!r.has_headers() && no_guard.is_none()).then(|| format!("{full}#guard"));
                 if let Some(g) = &guard {
                     out.plan.rules.push(kernel_rule(g.clone(), CountKind::Connections));
                     summary.kernel_rules.push(g.clone());
                 }
-                let kind = NoticeKind::L7 { rule: full.clone(), reason, guard: guard.clone() };
-                out.notices.push(rule_notice(kind));
-                summary.not_enforced.push(r.name.clone());
-                guard.is_some()
+                let domain = DEFAULT_DOMAIN.to_owned();
+                out.notices.push(rule_notice(NoticeKind::L7 { rule: full.clone(), reason, domain, guard, no_guard }));
+                if r.scope == Scope::Global {
+                    out.notices.push(rule_notice(NoticeKind::GlobalL7 { what: format!("rule {full}") }));
+                }
             }
-        };
-        if landed && r.scope == Scope::Global {
-            out.notices.push(rule_notice(NoticeKind::GlobalPerNode { rule: full }));
         }
     }
     out.summaries.push(summary);
+}
+
+/// An envoyproxy/ratelimit config: its rules (as [`ratelimit_config::compile`] makes them,
+/// fixed windows of the config's domain), its warnings, and one notice on global counting.
+fn compile_config(c: &RatelimitConfig, out: &mut Compiled, origins: &mut Vec<Location>, fields: &mut Vec<String>) {
+    let policy = format!("ratelimit config {}", c.domain);
+    let notice = |at: &At, kind| Notice {
+        location: c.source.at(at.pos),
+        field: at.field.clone(),
+        policy: policy.clone(),
+        rule: None,
+        kind,
+    };
+    for w in &c.not_enforced {
+        out.notices.push(notice(&w.at, NoticeKind::NotEnforced { what: w.value.clone() }));
+    }
+    let rules = ratelimit_config::compile(c);
+    // The nodes with a `rate_limit`, in the same (depth-first, config) order as the rules.
+    let mut nodes = Vec::new();
+    limited_nodes(&c.descriptors, &mut nodes);
+    let mut summary = PolicySummary { policy: policy.clone(), ..Default::default() };
+    for (i, rule) in rules.into_iter().enumerate() {
+        let node = nodes.get(i).copied();
+        let (location, field) = match node {
+            Some(d) if d.rate_limit.as_ref().is_some_and(|rl| rl.name.is_some()) => {
+                (c.source.at(d.at.pos), format!("{}.rate_limit.name", d.at.field))
+            }
+            Some(d) => (c.source.at(d.at.pos), d.at.field.clone()),
+            None => (c.source.at(c.at.pos), c.at.field.clone()),
+        };
+        origins.push(location);
+        fields.push(field);
+        summary.l7_rules.push(rule.name.clone());
+        out.l7.rules.push(rule);
+    }
+    if !summary.l7_rules.is_empty() {
+        let what = format!("the rules of domain {}", c.domain);
+        out.notices.push(notice(&c.at, NoticeKind::GlobalL7 { what }));
+    }
+    out.summaries.push(summary);
+}
+
+fn limited_nodes<'a>(level: &'a [ConfigDescriptor], out: &mut Vec<&'a ConfigDescriptor>) {
+    for d in level {
+        if d.rate_limit.is_some() {
+            out.push(d);
+        }
+        limited_nodes(&d.descriptors, out);
+    }
+}
+
+/// One config per domain (the loader checks this too; a set built in code gets it here).
+fn check_domains(set: &PolicySet, errors: &mut Vec<PolicyError>) {
+    let mut first: HashMap<&str, Location> = HashMap::new();
+    for c in &set.ratelimit_configs {
+        let here = c.source.at(c.at.pos);
+        match first.get(c.domain.as_str()) {
+            Some(prev) => errors.push(PolicyError {
+                location: here,
+                field: "domain".into(),
+                kind: ErrorKind::Schema {
+                    message: format!(
+                        "domain \"{}\" is already configured at {prev}: one envoyproxy/ratelimit config per domain",
+                        c.domain
+                    ),
+                },
+            }),
+            None => {
+                first.insert(&c.domain, here);
+            }
+        }
+    }
+}
+
+fn check_l7_names(plan: &L7Plan, origins: &[Location], fields: &[String], errors: &mut Vec<PolicyError>) {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, rule) in plan.rules.iter().enumerate() {
+        match first.get(rule.name.as_str()) {
+            Some(&j) => errors.push(PolicyError {
+                location: origins.get(i).cloned().unwrap_or_default(),
+                field: fields.get(i).cloned().unwrap_or_default(),
+                kind: ErrorKind::Schema {
+                    message: format!(
+                        "duplicate L7 rule name \"{}\" (first at {}): rule names key counters, metrics and x-ratelimit-limit",
+                        rule.name,
+                        origins.get(j).map(ToString::to_string).unwrap_or_default()
+                    ),
+                },
+            }),
+            None => {
+                first.insert(&rule.name, i);
+            }
+        }
+    }
 }

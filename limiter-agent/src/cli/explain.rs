@@ -1,0 +1,393 @@
+//! `limiter-agent explain PATH...`: the compiled plan as a table, and the Envoy `rate_limits`
+//! actions a gateway needs so that the descriptors it sends match the L7 rules.
+//!
+//! The table has one row per kernel rule, derived kernel guard and L7 rule: name, layer
+//! (`kernel`, `kernel guard`, `L7`), key (how counters are split: per source, per header,
+//! shared, per descriptor entry), what is counted, rate, burst, scope, mode, RLS domain and
+//! targets. Then, per RLS domain and targets, a YAML document with the route's `rate_limits`
+//! (see `policy::compile` for the descriptor each gateway-kind rule expects). Entries of an
+//! envoyproxy/ratelimit config that no policy says the origin of are printed with the action
+//! most gateways use for that key and a comment saying it is assumed.
+//!
+//! `--json` prints the same as one JSON object: `{"rules": [...], "rate_limits": [...],
+//! "warnings": [...]}`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde_json::{Map, Value, json};
+
+use super::check;
+use crate::plan::l7::keys;
+use crate::plan::{Algorithm, Attribute, EntryValue, KernelRule, L7Rule, L7Target};
+use crate::policy::Compiled;
+use crate::policy::compile::entry_key_text;
+
+/// Show what each rule becomes, where it is enforced, and the gateway config it needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExplainArgs {
+    /// Policy files, or directories of `*.yaml` / `*.yml` files; all of them form one set.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// One JSON object on stdout instead of the table and YAML.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    report(&args.paths, args.json, &mut stdout.lock(), &mut stderr.lock())
+}
+
+/// [`run`] with the output streams given, for tests. Errors and warnings go to `err` as
+/// `check` prints them; exit code 1 on any error.
+pub fn report(paths: &[PathBuf], json: bool, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    // In JSON mode the warnings are part of the object; stderr stays for errors.
+    let mut sink = Vec::new();
+    let warnings_to: &mut dyn Write = if json { &mut sink } else { err };
+    let Some(compiled) = check::load(paths, warnings_to)? else {
+        if json {
+            err.write_all(&sink)?;
+        }
+        return Ok(ExitCode::FAILURE);
+    };
+    let rows = rows(&compiled);
+    let groups = action_groups(&compiled.l7.rules);
+    if json {
+        let object = json!({
+            "rules": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+            "rate_limits": groups.iter().map(Group::to_json).collect::<Vec<_>>(),
+            "warnings": compiled.notices.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&object)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    write_table(out, &rows)?;
+    if compiled.plan.rules.iter().any(|r| r.source.distinct) {
+        writeln!(out, "\nIPv6 sources are counted per --ipv6-source-prefix (default /64).")?;
+    }
+    if !groups.is_empty() {
+        writeln!(
+            out,
+            "\n# Envoy rate_limits for the L7 rules: put each list in the route (or virtual host) named,\n\
+             # with the HTTP filter envoy.filters.http.ratelimit pointed at this agent in the domain named."
+        )?;
+        for g in &groups {
+            g.write_yaml(out)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line of the table.
+#[derive(Debug)]
+struct Row {
+    rule: String,
+    layer: &'static str,
+    key: String,
+    counts: String,
+    rate: String,
+    burst: String,
+    scope: String,
+    mode: &'static str,
+    domain: String,
+    targets: String,
+}
+
+const HEADER: [&str; 10] = ["RULE", "LAYER", "KEY", "COUNTS", "RATE", "BURST", "SCOPE", "MODE", "DOMAIN", "TARGETS"];
+
+impl Row {
+    fn cells(&self) -> [&str; 10] {
+        [
+            &self.rule,
+            self.layer,
+            &self.key,
+            &self.counts,
+            &self.rate,
+            &self.burst,
+            &self.scope,
+            self.mode,
+            &self.domain,
+            &self.targets,
+        ]
+    }
+
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        for (name, cell) in HEADER.iter().zip(self.cells()) {
+            m.insert(name.to_ascii_lowercase(), Value::String(cell.to_owned()));
+        }
+        Value::Object(m)
+    }
+}
+
+fn rows(c: &Compiled) -> Vec<Row> {
+    let mut rows: Vec<Row> = c.plan.rules.iter().map(kernel_row).collect();
+    rows.extend(c.l7.rules.iter().map(l7_row));
+    rows
+}
+
+fn mode(shadow: bool) -> &'static str {
+    if shadow { "shadow" } else { "enforce" }
+}
+
+fn kernel_row(r: &KernelRule) -> Row {
+    let nets: Vec<String> = r.source.nets.iter().map(ToString::to_string).collect();
+    let range = match (nets.is_empty(), r.source.invert) {
+        (true, _) => String::new(),
+        (false, false) => format!(" in {}", nets.join(",")),
+        (false, true) => format!(" outside {}", nets.join(",")),
+    };
+    let key = match (r.source.distinct, range.is_empty()) {
+        (true, _) => format!("per source{range}"),
+        (false, true) => "shared".to_owned(),
+        (false, false) => format!("shared by sources{range}"),
+    };
+    let targets = if r.targets.is_empty() {
+        "all ports".to_owned()
+    } else {
+        r.targets.iter().map(|t| format!("{}/{}", t.port, t.protocol)).collect::<Vec<_>>().join(",")
+    };
+    Row {
+        rule: r.name.clone(),
+        layer: if r.name.ends_with("#guard") { "kernel guard" } else { "kernel" },
+        key,
+        counts: r.count.to_string().to_ascii_lowercase(),
+        rate: format!("{}/{}", r.limit.requests, r.limit.unit),
+        burst: r.limit.burst.to_string(),
+        // Kernel buckets live on this node whatever the rule's block.
+        scope: "local".to_owned(),
+        mode: mode(r.shadow),
+        domain: "-".to_owned(),
+        targets,
+    }
+}
+
+fn l7_row(r: &L7Rule) -> Row {
+    let (counts, burst) = match (r.algorithm, r.limit) {
+        (Algorithm::TokenBucket, Some(l)) => ("requests, token bucket", l.burst.to_string()),
+        (Algorithm::TokenBucket, None) => ("requests, token bucket", "-".to_owned()),
+        (Algorithm::FixedWindow, _) => ("requests, fixed window", "-".to_owned()),
+    };
+    Row {
+        rule: r.name.clone(),
+        layer: "L7",
+        key: entry_key_text(r),
+        counts: counts.to_owned(),
+        rate: r.limit.map_or_else(|| "unlimited".to_owned(), |l| format!("{}/{}", l.requests, l.unit)),
+        burst,
+        scope: r.scope.to_string(),
+        mode: mode(r.shadow),
+        domain: r.domain.clone(),
+        targets: targets_text(&r.targets),
+    }
+}
+
+fn targets_text(targets: &[L7Target]) -> String {
+    if targets.is_empty() {
+        return "all requests".to_owned();
+    }
+    let t: Vec<String> = targets
+        .iter()
+        .map(|t| match t {
+            L7Target::Route(n) => format!("HTTPRoute {n}"),
+            L7Target::Gateway(n) => format!("Gateway {n}"),
+        })
+        .collect();
+    t.join(",")
+}
+
+fn write_table(out: &mut dyn Write, rows: &[Row]) -> std::io::Result<()> {
+    if rows.is_empty() {
+        return writeln!(out, "no rules");
+    }
+    let mut widths = HEADER.map(str::len);
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r.cells()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut dyn Write, cells: [&str; 10]| -> std::io::Result<()> {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        writeln!(out, "{}", text.trim_end())
+    };
+    line(out, HEADER)?;
+    for r in rows {
+        line(out, r.cells())?;
+    }
+    Ok(())
+}
+
+/// One Envoy action producing one descriptor entry, with a note when its source is assumed.
+#[derive(Debug, Clone, PartialEq)]
+struct Action {
+    action: Value,
+    note: Option<String>,
+}
+
+/// The `rate_limits` entry for one descriptor: its actions and the rules it serves.
+#[derive(Debug)]
+struct Descriptor {
+    actions: Vec<Action>,
+    rules: Vec<String>,
+}
+
+/// The `rate_limits` of one domain and set of targets.
+#[derive(Debug)]
+struct Group {
+    domain: String,
+    targets: Vec<L7Target>,
+    descriptors: Vec<Descriptor>,
+}
+
+fn action_groups(rules: &[L7Rule]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for r in rules {
+        let actions: Vec<Action> = r.entries.iter().map(entry_action).collect();
+        if actions.is_empty() {
+            continue;
+        }
+        let pos = groups.iter().position(|g| g.domain == r.domain && g.targets == r.targets);
+        let group = match pos {
+            Some(i) => &mut groups[i],
+            None => {
+                groups.push(Group { domain: r.domain.clone(), targets: r.targets.clone(), descriptors: Vec::new() });
+                let last = groups.len() - 1;
+                &mut groups[last]
+            }
+        };
+        // Rules reached by the same descriptor (e.g. a key-only limit and an exact override)
+        // share one `rate_limits` entry.
+        match group.descriptors.iter_mut().find(|d| d.actions == actions) {
+            Some(d) => d.rules.push(r.name.clone()),
+            None => group.descriptors.push(Descriptor { actions, rules: vec![r.name.clone()] }),
+        }
+    }
+    groups
+}
+
+fn entry_action(e: &crate::plan::EntryMatch) -> Action {
+    let exact = match &e.value {
+        EntryValue::Exact(v) => Some(v.as_str()),
+        _ => None,
+    };
+    let known = |action: Value| Action { action, note: None };
+    let key_if = |m: &mut Map<String, Value>, default: &str| {
+        if e.key != default {
+            m.insert("descriptor_key".into(), json!(e.key));
+        }
+    };
+    match &e.attribute {
+        Attribute::Fixed => {
+            let mut m = Map::new();
+            key_if(&mut m, keys::GENERIC_KEY);
+            match exact {
+                Some(v) => {
+                    m.insert("descriptor_value".into(), json!(v));
+                    known(json!({ "generic_key": m }))
+                }
+                None => {
+                    m.insert("descriptor_value".into(), json!("..."));
+                    Action {
+                        action: json!({ "generic_key": m }),
+                        note: Some(format!("any constant value of {}", e.key)),
+                    }
+                }
+            }
+        }
+        Attribute::RemoteAddress => known(json!({ "remote_address": {} })),
+        Attribute::Header(name) => {
+            known(json!({ "request_headers": { "header_name": name, "descriptor_key": e.key } }))
+        }
+        Attribute::Path => known(json!({ "request_headers": { "header_name": ":path", "descriptor_key": e.key } })),
+        Attribute::Method => known(json!({ "request_headers": { "header_name": ":method", "descriptor_key": e.key } })),
+        Attribute::HeaderEquals { name, value } | Attribute::HeaderNotEquals { name, value } => {
+            let mut m = Map::new();
+            key_if(&mut m, keys::HEADER_MATCH);
+            m.insert("descriptor_value".into(), json!(exact.unwrap_or_default()));
+            if matches!(e.attribute, Attribute::HeaderNotEquals { .. }) {
+                m.insert("expect_match".into(), json!(false));
+            }
+            m.insert("headers".into(), json!([{ "name": name, "string_match": { "exact": value } }]));
+            known(json!({ "header_value_match": m }))
+        }
+        Attribute::HeaderAbsent(name) => {
+            let mut m = Map::new();
+            key_if(&mut m, keys::HEADER_MATCH);
+            m.insert("descriptor_value".into(), json!(exact.unwrap_or_default()));
+            m.insert("expect_match".into(), json!(false));
+            m.insert("headers".into(), json!([{ "name": name, "present_match": true }]));
+            known(json!({ "header_value_match": m }))
+        }
+        // An envoyproxy/ratelimit config entry whose origin no policy gave: the usual action
+        // for its key.
+        Attribute::Descriptor => match (e.key.as_str(), exact) {
+            (keys::REMOTE_ADDRESS, _) => known(json!({ "remote_address": {} })),
+            (_, Some(v)) => {
+                let mut m = Map::new();
+                key_if(&mut m, keys::GENERIC_KEY);
+                m.insert("descriptor_value".into(), json!(v));
+                known(json!({ "generic_key": m }))
+            }
+            (keys::PATH, None) => Action {
+                action: json!({ "request_headers": { "header_name": ":path", "descriptor_key": e.key } }),
+                note: Some("assumed: the request path".into()),
+            },
+            (key, None) => Action {
+                action: json!({ "request_headers": { "header_name": key, "descriptor_key": key } }),
+                note: Some(format!("assumed: the value of header {key}; any action sending key {key} will do")),
+            },
+        },
+    }
+}
+
+impl Group {
+    fn to_json(&self) -> Value {
+        json!({
+            "domain": self.domain,
+            "targets": targets_text(&self.targets),
+            "rate_limits": self.descriptors.iter().map(|d| json!({
+                "rules": d.rules,
+                "actions": d.actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    fn write_yaml(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "---")?;
+        writeln!(out, "# domain: {}; {}", self.domain, targets_text(&self.targets))?;
+        writeln!(out, "rate_limits:")?;
+        for d in &self.descriptors {
+            writeln!(out, "  # {}", d.rules.join(", "))?;
+            writeln!(out, "  - actions:")?;
+            for a in &d.actions {
+                let note = a.note.as_ref().map(|n| format!("  # {n}")).unwrap_or_default();
+                writeln!(out, "      - {}{note}", flow(&a.action))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A JSON value as a YAML flow node: keys bare (they are Envoy field names), strings
+/// double-quoted (JSON's escapes are YAML's), so the output is valid YAML whatever a value
+/// holds.
+fn flow(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let items: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {}", flow(v))).collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        Value::Array(a) => format!("[{}]", a.iter().map(flow).collect::<Vec<_>>().join(", ")),
+        other => other.to_string(),
+    }
+}
