@@ -6,7 +6,10 @@
 //! - `spec.traffic.rateLimit.local[] {requests, unit, burst}`: entry `i` becomes rule
 //!   `local-i`, one bucket shared by every request to the targets (no selectors), counting
 //!   `Requests`, `requests` per `unit` with depth `requests + burst`. Units are agentgateway's
-//!   `Seconds | Minutes | Hours`, any case, singular accepted (and `Days`).
+//!   `Seconds | Minutes | Hours`, any case, singular accepted (and `Days`). `requests` and
+//!   `tokens` exclude each other, as in agentgateway.
+//! - Targets other than `Gateway` / `HTTPRoute` (`XListenerSet`, `Service`, ...) and
+//!   `targetSelectors` are reported and skipped; with no target left, the rules are dropped.
 //!
 //! Not enforced, with a warning naming the field: `local[]` entries limiting LLM `tokens`
 //! (the entry is dropped), `traffic.rateLimit.global`, every other `traffic` and `spec`
@@ -17,7 +20,7 @@ use super::super::model::{At, Count, Policy, PolicyKind, Rule, Scope};
 use super::super::source::deserialize;
 use super::super::spec::{S, pos_of};
 use super::super::validate::parse_unit;
-use super::envoy_gateway::{Targets, finish, header};
+use super::envoy_gateway::{Targets, drop_rules_without_targets, finish, header};
 use super::ratelimit_config::{Node, Reader};
 use crate::plan::Limit;
 
@@ -41,10 +44,17 @@ fn policy(r: &mut Reader, root: &S<Node>) -> Option<Policy> {
         let f = format!("spec.{k}");
         match k.as_str() {
             "targetRefs" => targets.list(r, v, &f, policy.namespace.as_deref()),
+            "targetSelectors" => {
+                r.warn(v, &f, "not enforced: label selectors are not resolved by this agent; use targetRefs");
+                targets.dropped = true;
+            }
             "traffic" => traffic(r, v, &f, &mut rules),
             "frontend" | "backend" => r.warn(v, &f, "not enforced by this agent (the gateway does it)"),
             _ => r.unknown_field(v, &f),
         }
+    }
+    if targets.out.is_empty() && targets.dropped {
+        drop_rules_without_targets(r, spec, &mut rules);
     }
     policy.targets = targets.out;
     policy.rules = rules;
@@ -84,7 +94,7 @@ fn traffic(r: &mut Reader, n: &S<Node>, field: &str, rules: &mut Vec<Rule>) {
 fn local(r: &mut Reader, n: &S<Node>, field: &str, index: usize) -> Option<Rule> {
     let entries = r.map(n, field)?;
     let before = r.errors.len();
-    let (mut requests, mut unit, mut burst, mut tokens) = (None, None, Some(0), false);
+    let (mut requests, mut unit, mut burst, mut tokens) = (None, None, Some(0), None);
     let (mut has_requests, mut has_unit) = (false, false);
     for (k, v) in entries {
         let f = format!("{field}.{k}");
@@ -104,20 +114,26 @@ fn local(r: &mut Reader, n: &S<Node>, field: &str, index: usize) -> Option<Rule>
                 });
             }
             "burst" => burst = r.int_in(v, &f, 0, i64::MAX).and_then(|x| u64::try_from(x).ok()),
-            "tokens" => {
-                tokens = true;
-                r.warn(v, &f, "not enforced: LLM token limits are counted by agentgateway (the entry is dropped)");
-            }
+            "tokens" => tokens = Some((v, f)),
             _ => r.unknown_field(v, &f),
         }
     }
-    if !has_requests && !tokens {
-        r.missing(n, field, "requests");
+    match (&tokens, has_requests) {
+        // agentgateway takes exactly one of the two.
+        (Some((v, f)), true) => {
+            let err = ErrorKind::Conflict { other: "requests" };
+            r.errors.push(FieldError::new(pos_of(v), f, err));
+        }
+        (Some((v, f)), false) => {
+            r.warn(v, f, "not enforced: LLM token limits are counted by agentgateway (the entry is dropped)")
+        }
+        (None, false) => r.missing(n, field, "requests"),
+        (None, true) => {}
     }
     if !has_unit {
         r.missing(n, field, "unit");
     }
-    if r.errors.len() > before || tokens {
+    if r.errors.len() > before || tokens.is_some() {
         return None;
     }
     Some(Rule {

@@ -6,7 +6,9 @@
 //! - `metadata.name` / `metadata.namespace` (other metadata, and `status`, are ignored).
 //! - `spec.targetRefs[]` (or the older single `spec.targetRef`) `{group?, kind: Gateway |
 //!   HTTPRoute, name, sectionName?}`: local references, so a target lives in the policy's
-//!   namespace. `targetSelectors` are not resolved here (warning); a policy needs a reference.
+//!   namespace. Other target kinds Envoy Gateway accepts (`GRPCRoute`, `TCPRoute`, ...) and
+//!   `targetSelectors` are not resolved here: reported and skipped; a policy left with no
+//!   target has its rules dropped with a warning (applying them everywhere would be wider).
 //! - `spec.rateLimit` in both shapes: `type: Local | Global` with `local.rules` /
 //!   `global.rules` (the block `type` names is read, the other one is ignored with a
 //!   warning), or `local` and/or `global` without `type` (both read).
@@ -97,7 +99,7 @@ fn policy(r: &mut Reader, root: &S<Node>) -> Option<Policy> {
             "targetRef" => targets.one(r, v, &f, policy.namespace.as_deref()),
             "targetSelectors" => {
                 r.warn(v, &f, "not enforced: label selectors are not resolved by this agent; use targetRefs");
-                selectors_only = Some(v);
+                selectors_only = Some(());
             }
             "rateLimit" => rate_limit(r, v, &f, &mut rules),
             _ if GATEWAY_FEATURES.contains(&k.as_str()) => {
@@ -106,14 +108,12 @@ fn policy(r: &mut Reader, root: &S<Node>) -> Option<Policy> {
             _ => r.unknown_field(v, &f),
         }
     }
-    if targets.out.is_empty()
-        && let Some(v) = selectors_only
-    {
-        // With no reference the policy would apply everywhere: wider than written.
-        r.schema(pos_of(v), "spec", "needs targetRefs: targetSelectors alone are not resolved by this agent".into());
+    let mut rules = rules.out;
+    if targets.out.is_empty() && (targets.dropped || selectors_only.is_some()) {
+        drop_rules_without_targets(r, spec, &mut rules);
     }
     policy.targets = targets.out;
-    policy.rules = rules.out;
+    policy.rules = rules;
     Some(policy)
 }
 
@@ -197,6 +197,29 @@ pub(super) fn header<'a>(r: &mut Reader, root: &'a S<Node>, api_version: &'stati
 #[derive(Default)]
 pub(super) struct Targets {
     pub out: Vec<Target>,
+    /// A reference to a kind the gateway accepts but this agent does not resolve was skipped.
+    pub dropped: bool,
+}
+
+/// Gateway API kinds the gateways accept as policy targets that this agent cannot map to
+/// ports. A reference to one is reported and skipped, not an error: the policy is valid for
+/// its gateway, and rejecting it would reject every other policy of the set with it.
+pub(super) const UNRESOLVED_TARGET_KINDS: &[&str] =
+    &["GRPCRoute", "TCPRoute", "UDPRoute", "TLSRoute", "ListenerSet", "XListenerSet", "Service", "AgentgatewayBackend"];
+
+/// A policy whose every target was skipped (or that only has `targetSelectors`) would,
+/// without targets, apply everywhere: wider than written. Its rules are reported and dropped.
+pub(super) fn drop_rules_without_targets(r: &mut Reader, spec: &S<Node>, rules: &mut Vec<Rule>) {
+    if rules.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = rules.iter().map(|rule| rule.name.as_str()).collect();
+    let what = format!(
+        "not enforced: no target this agent can resolve (Gateway or HTTPRoute), so rules {} are dropped",
+        names.join(", ")
+    );
+    r.warn(spec, "spec", &what);
+    rules.clear();
 }
 
 impl Targets {
@@ -231,6 +254,15 @@ impl Targets {
             }
             Some((k, _)) if k.eq_ignore_ascii_case("httproute") => Some(RouteKind::HttpRoute),
             Some((k, _)) if k.eq_ignore_ascii_case("gateway") => Some(RouteKind::Gateway),
+            Some((k, v)) if UNRESOLVED_TARGET_KINDS.iter().any(|u| u.eq_ignore_ascii_case(k)) => {
+                r.warn(
+                    v,
+                    &format!("{field}.kind"),
+                    &format!("not enforced: {k} targets are not resolved by this agent"),
+                );
+                self.dropped = true;
+                return;
+            }
             Some((k, v)) => {
                 let err = ErrorKind::UnknownValue {
                     what: "targetRef kind",

@@ -4,12 +4,15 @@
 //! - `metadata.name` / `metadata.namespace`.
 //! - `spec.targetRefs[] {group?, kind: HTTPRoute | Gateway, name, sectionName?}`: local
 //!   references (no `namespace` field in kgateway), so a target lives in the policy's
-//!   namespace.
+//!   namespace. `GRPCRoute` / `ListenerSet` targets and `targetSelectors` are reported and
+//!   skipped; a policy left with no target has its local rule dropped with a warning.
 //! - `spec.rateLimit.local.tokenBucket {maxTokens, tokensPerFill (default 1), fillInterval}`:
 //!   Envoy's local rate limit token bucket. It becomes one rule named `local` (scope local,
 //!   every request, counted as `Requests`): `tokensPerFill` tokens per `fillInterval`, depth
 //!   `maxTokens`, i.e. burst `maxTokens - tokensPerFill`. A `fillInterval` of exactly one
-//!   second, minute, hour or day uses that unit; any other is kept as an interval.
+//!   second, minute, hour or day uses that unit; any other is kept as an interval (at least
+//!   50ms, as kgateway requires). `percentEnabled` / `percentEnforced` are not enforced
+//!   (warning); a `local` block without `tokenBucket` limits nothing (warning).
 //! - `spec.rateLimit.global {descriptors[].entries[], extensionRef {name}}`: the descriptors
 //!   the gateway sends to the rate limit service (kept as [`DescriptorActions`]); their limits
 //!   live in an envoyproxy/ratelimit config. The RLS domain is set on the referenced
@@ -30,10 +33,13 @@ use super::super::model::{
 use super::super::source::deserialize;
 use super::super::spec::{S, pos_of};
 use super::super::validate::parse_duration;
+use super::envoy_gateway::{UNRESOLVED_TARGET_KINDS, drop_rules_without_targets};
 use super::ratelimit_config::{Node, Reader};
 use crate::plan::{Limit, Unit};
 
 pub const API_VERSION: &str = "gateway.kgateway.dev/v1alpha1";
+
+const MIN_FILL_INTERVAL: Duration = Duration::from_millis(50);
 
 pub fn load(src: &str) -> Result<Policy, Vec<FieldError>> {
     let root: S<Node> = deserialize(src).map_err(|e| vec![e])?;
@@ -134,26 +140,46 @@ fn meta(r: &mut Reader, n: &S<Node>) -> Option<(String, Option<String>, At)> {
 
 fn read_spec(r: &mut Reader, n: &S<Node>, policy: &mut Policy) {
     let Some(entries) = r.map(n, "spec") else { return };
+    // A target was named that this agent does not resolve (see `drop_rules_without_targets`).
+    let mut dropped = false;
     for (k, v) in entries {
         let f = format!("spec.{k}");
         match k.as_str() {
             "targetRefs" => {
                 let Some(items) = r.seq(v, &f) else { continue };
                 for (i, t) in items.iter().enumerate() {
-                    if let Some(t) = target(r, t, &format!("{f}[{i}]"), policy.namespace.as_deref()) {
-                        policy.targets.push(t);
+                    match target(r, t, &format!("{f}[{i}]"), policy.namespace.as_deref()) {
+                        TargetRead::Resolved(t) => policy.targets.push(t),
+                        TargetRead::Unresolved => dropped = true,
+                        TargetRead::Invalid => {}
                     }
                 }
+            }
+            "targetSelectors" => {
+                r.warn(v, &f, "not enforced: label selectors are not resolved by this agent; use targetRefs");
+                dropped = true;
             }
             "rateLimit" => rate_limit(r, v, &f, policy),
             // Known kgateway features that no layer of this agent enforces.
             _ => r.warn(v, &f, "not enforced by limiter"),
         }
     }
+    if policy.targets.is_empty() && dropped {
+        drop_rules_without_targets(r, n, &mut policy.rules);
+    }
 }
 
-fn target(r: &mut Reader, n: &S<Node>, field: &str, namespace: Option<&str>) -> Option<Target> {
-    let entries = r.map(n, field)?;
+/// One `targetRefs[]` entry, read.
+enum TargetRead {
+    Resolved(Target),
+    /// A kind kgateway accepts that this agent does not resolve (warned about).
+    Unresolved,
+    /// Errors were reported.
+    Invalid,
+}
+
+fn target(r: &mut Reader, n: &S<Node>, field: &str, namespace: Option<&str>) -> TargetRead {
+    let Some(entries) = r.map(n, field) else { return TargetRead::Invalid };
     let mut kind = None;
     let mut name = None;
     let mut section_name = None;
@@ -170,26 +196,31 @@ fn target(r: &mut Reader, n: &S<Node>, field: &str, namespace: Option<&str>) -> 
     }
     let Some((kind, kind_node)) = kind else {
         r.missing(n, field, "kind");
-        return None;
+        return TargetRead::Invalid;
     };
     let route = match kind.to_ascii_lowercase().as_str() {
         "httproute" => RouteKind::HttpRoute,
         "gateway" => RouteKind::Gateway,
+        _ if UNRESOLVED_TARGET_KINDS.iter().any(|u| u.eq_ignore_ascii_case(&kind)) => {
+            let what = format!("not enforced: {kind} targets are not resolved by this agent");
+            r.warn(kind_node, &format!("{field}.kind"), &what);
+            return TargetRead::Unresolved;
+        }
         _ => {
             let err = ErrorKind::UnknownValue { what: "target kind", value: kind, expected: "HTTPRoute or Gateway" };
             r.errors.push(FieldError::new(pos_of(kind_node), format!("{field}.kind"), err));
-            return None;
+            return TargetRead::Invalid;
         }
     };
     match name {
-        Some(name) if !name.is_empty() => Some(Target {
+        Some(name) if !name.is_empty() => TargetRead::Resolved(Target {
             kind: TargetKind::Route { kind: route, name, namespace: namespace.map(str::to_owned), section_name },
             at: At::new(pos_of(n), field),
         }),
         _ => {
             let err = ErrorKind::TargetRefIncomplete { kind: route.to_string(), needs: "a name" };
             r.errors.push(FieldError::new(pos_of(n), field, err));
-            None
+            TargetRead::Invalid
         }
     }
 }
@@ -220,11 +251,16 @@ fn local(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Rule> {
         let f = format!("{field}.{k}");
         match k.as_str() {
             "tokenBucket" => bucket = Some(v),
+            // Envoy's runtime fractions: this agent limits every request or none.
+            "percentEnabled" | "percentEnforced" => {
+                r.warn(v, &f, "not enforced: the bucket applies to every request (100%)")
+            }
             _ => r.unknown_field(v, &f),
         }
     }
-    let Some(bucket) = bucket else {
-        r.missing(n, field, "tokenBucket");
+    let Some(bucket) = bucket.filter(|b| !b.value.is_null()) else {
+        // kgateway accepts a local block without a bucket; it limits nothing.
+        r.warn(n, field, "no tokenBucket: nothing to enforce");
         return None;
     };
     let limit = token_bucket(r, bucket, &format!("{field}.tokenBucket"))?;
@@ -295,6 +331,13 @@ fn token_bucket(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Limit> {
     };
     let fill_interval = fill_interval?;
     if !ok {
+        return None;
+    }
+    if fill_interval < MIN_FILL_INTERVAL {
+        // kgateway's schema and Envoy's local rate limit filter both refuse shorter ones.
+        let at = entries.iter().find(|(k, _)| k == "fillInterval").map_or(n, |(_, v)| v);
+        let message = format!("must be at least 50ms, got {}ms", fill_interval.as_millis());
+        r.schema(pos_of(at), &format!("{field}.fillInterval"), message);
         return None;
     }
     // Both are in 1..=u32::MAX here.
@@ -449,7 +492,15 @@ fn action_entry(r: &mut Reader, n: &S<Node>, field: &str) -> Option<ActionEntry>
                 }
             }
             let (Some(key), Some(value)) = (key, value) else { return None };
-            Some(ActionEntry::Generic { key, value })
+            let mut ok = true;
+            for (name, text) in [("key", &key), ("value", &value)] {
+                if text.is_empty() {
+                    let at = entries.iter().find(|(k, _)| k == name).map_or(g, |(_, v)| v);
+                    r.errors.push(FieldError::new(pos_of(at), format!("{f}.{name}"), ErrorKind::EmptyValue));
+                    ok = false;
+                }
+            }
+            ok.then_some(ActionEntry::Generic { key, value })
         }
         _ => {
             let kind = ErrorKind::UnknownValue {

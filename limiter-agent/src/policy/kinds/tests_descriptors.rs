@@ -317,8 +317,8 @@ fn kgateway_gateway_wide_with_not_enforced_fields() {
             section_name: Some("https".into())
         }]
     );
-    // tokensPerFill defaults to 1: one token per 10 ms, depth 100.
-    assert_eq!(p.rules[0].limit, Limit { requests: 1, unit: Unit::Interval { ns: 10_000_000 }, burst: 99 });
+    // 10 tokens per 100 ms, depth 100.
+    assert_eq!(p.rules[0].limit, Limit { requests: 10, unit: Unit::Interval { ns: 100_000_000 }, burst: 90 });
     assert_eq!(warnings(&p.not_enforced), [(18, "spec.timeouts"), (20, "spec.cors")]);
 }
 
@@ -410,7 +410,7 @@ fn kgateway_invalid_example_reports_every_mistake() {
 fn kgateway_schema_errors_and_warnings() {
     let head = "apiVersion: gateway.kgateway.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n";
     let e = policy_str(&format!(
-        "{head}  targetRefs: [{{kind: Service, name: s}}, {{kind: HTTPRoute}}]\n  rateLimit:\n    local: {{tokenBucket: {{maxTokens: 0, fillInterval: 1s}}}}\n    global:\n      descriptors: [{{entries: [{{type: Header}}, {{type: Generic, generic: {{key: k}}}}]}}]\n"
+        "{head}  targetRefs: [{{kind: Pod, name: s}}, {{kind: HTTPRoute}}]\n  rateLimit:\n    local: {{tokenBucket: {{maxTokens: 0, fillInterval: 1s}}}}\n    global:\n      descriptors: [{{entries: [{{type: Header}}, {{type: Generic, generic: {{key: k}}}}]}}]\n"
     ))
     .expect_err("invalid");
     let schema = |m: &str| ErrorKind::Schema { message: m.into() };
@@ -422,7 +422,7 @@ fn kgateway_schema_errors_and_warnings() {
                 "spec.targetRefs[0].kind",
                 &ErrorKind::UnknownValue {
                     what: "target kind",
-                    value: "Service".into(),
+                    value: "Pod".into(),
                     expected: "HTTPRoute or Gateway"
                 }
             ),

@@ -324,3 +324,103 @@ fn unknown_fields_are_errors_only_in_the_native_kind() {
         ["2:16 futureFeature: unknown field, ignored"]
     );
 }
+
+/// Rules of the one policy in `text` as `name requests/unit`, and its warnings.
+fn rules_and_warnings(text: &str) -> (Vec<String>, Vec<String>) {
+    let docs = load_file_str(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+    let [Document::Policy(p)] = docs.as_slice() else { panic!("{docs:?}") };
+    let rules = p.rules.iter().map(|r| format!("{} {}/{}", r.name, r.limit.requests, r.limit.unit)).collect();
+    (rules, warnings(text))
+}
+
+#[test]
+fn targets_this_agent_cannot_resolve_are_skipped_not_fatal() {
+    let rule = "  rateLimit:\n    global:\n      rules:\n        - limit: {requests: 5, unit: Second}\n";
+    // Alone, an unresolved target would leave the policy applying everywhere: rules dropped.
+    let (rules, w) = rules_and_warnings(&format!("{EG}  targetRefs: [{{kind: TCPRoute, name: t}}]\n{rule}"));
+    assert!(rules.is_empty());
+    assert_eq!(
+        w,
+        [
+            "5:23 spec.targetRefs[0].kind: not enforced: TCPRoute targets are not resolved by this agent",
+            "5:3 spec: not enforced: no target this agent can resolve (Gateway or HTTPRoute), so rules rule-0 are dropped",
+        ]
+    );
+    // Beside a resolvable target, only the reference is skipped.
+    let (rules, w) = rules_and_warnings(&format!(
+        "{EG}  targetRefs: [{{kind: GRPCRoute, name: g}}, {{kind: HTTPRoute, name: h}}]\n{rule}"
+    ));
+    assert_eq!(rules, ["rule-0 5/Second"]);
+    assert_eq!(w, ["5:23 spec.targetRefs[0].kind: not enforced: GRPCRoute targets are not resolved by this agent"]);
+    // Label selectors alone: the same.
+    let (rules, w) =
+        rules_and_warnings(&format!("{EG}  targetSelectors: [{{kind: HTTPRoute, matchLabels: {{a: b}}}}]\n{rule}"));
+    assert!(rules.is_empty());
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[0].starts_with("5:20 spec.targetSelectors: not enforced"), "{}", w[0]);
+    // agentgateway and kgateway read targets the same way.
+    let (rules, w) = rules_and_warnings(&format!(
+        "{AGW}  targetRefs: [{{group: gateway.networking.x-k8s.io, kind: XListenerSet, name: l}}]\n  traffic:\n    rateLimit:\n      local: [{{requests: 1, unit: Seconds}}]\n"
+    ));
+    assert!(rules.is_empty());
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[1].ends_with("so rules local-0 are dropped"), "{}", w[1]);
+    let (rules, w) = rules_and_warnings(&format!(
+        "{KGW}  targetRefs: [{{kind: GRPCRoute, name: g}}]\n  rateLimit:\n    local:\n      tokenBucket: {{maxTokens: 5, fillInterval: 1s}}\n"
+    ));
+    assert!(rules.is_empty());
+    assert_eq!(
+        w,
+        [
+            "5:23 spec.targetRefs[0].kind: not enforced: GRPCRoute targets are not resolved by this agent",
+            "5:3 spec: not enforced: no target this agent can resolve (Gateway or HTTPRoute), so rules local are dropped",
+        ]
+    );
+}
+
+#[test]
+fn kgateway_reads_its_schema_limits() {
+    let bucket = |b: &str| format!("{KGW}  rateLimit:\n    local:\n{b}");
+    // Envoy's local rate limit refuses fill intervals under 50ms, and so does kgateway.
+    assert_eq!(
+        errors(&bucket("      tokenBucket: {maxTokens: 10, fillInterval: 10ms}\n")),
+        ["p.yaml:7:50: spec.rateLimit.local.tokenBucket.fillInterval: must be at least 50ms, got 10ms"]
+    );
+    let (rules, _) = rules_and_warnings(&bucket("      tokenBucket: {maxTokens: 10, fillInterval: 50ms}\n"));
+    assert_eq!(rules, ["local 1/50ms"]);
+    // Runtime fractions are reported; a block without a bucket limits nothing.
+    let (rules, w) = rules_and_warnings(&bucket(
+        "      percentEnforced: 0\n      tokenBucket: {maxTokens: 10, tokensPerFill: 10, fillInterval: 1s}\n",
+    ));
+    assert_eq!(rules, ["local 10/Second"]);
+    assert_eq!(
+        w,
+        ["7:24 spec.rateLimit.local.percentEnforced: not enforced: the bucket applies to every request (100%)"]
+    );
+    let (rules, w) = rules_and_warnings(&bucket("      percentEnabled: 50\n"));
+    assert!(rules.is_empty());
+    assert_eq!(
+        w,
+        [
+            "7:23 spec.rateLimit.local.percentEnabled: not enforced: the bucket applies to every request (100%)",
+            "7:7 spec.rateLimit.local: no tokenBucket: nothing to enforce",
+        ]
+    );
+    // Generic entries need a key and a value, both non-empty.
+    assert_eq!(
+        errors(&format!(
+            "{KGW}  rateLimit:\n    global:\n      descriptors: [{{entries: [{{type: Generic, generic: {{key: \"\", value: v}}}}]}}]\n      extensionRef: {{name: rl}}\n"
+        )),
+        ["p.yaml:7:63: spec.rateLimit.global.descriptors[0].entries[0].generic.key: must not be empty"]
+    );
+}
+
+#[test]
+fn agentgateway_requests_and_tokens_exclude_each_other() {
+    assert_eq!(
+        errors(&format!(
+            "{AGW}  traffic:\n    rateLimit:\n      local:\n        - {{requests: 5, tokens: 100, unit: Minutes}}\n"
+        )),
+        ["p.yaml:8:33: spec.traffic.rateLimit.local[0].tokens: cannot be combined with requests"]
+    );
+}

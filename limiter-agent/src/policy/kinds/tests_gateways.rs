@@ -382,13 +382,12 @@ fn envoy_gateway_shapes() {
 fn envoy_gateway_errors() {
     assert_eq!(
         errors_of(
-            "apiVersion: gateway.envoyproxy.io/v1\nkind: BackendTrafficPolicy\nmetadata: {name: a/b}\nspec:\n  targetSelectors: [{matchLabels: {a: b}}]\n  targetRefs: [{kind: TCPRoute, name: t}]\n"
+            "apiVersion: gateway.envoyproxy.io/v1\nkind: BackendTrafficPolicy\nmetadata: {name: a/b}\nspec:\n  targetSelectors: [{matchLabels: {a: b}}]\n  targetRefs: [{kind: Pod, name: t}]\n"
         ),
         [
             "1:13 apiVersion: unknown apiVersion \"gateway.envoyproxy.io/v1\" (expected gateway.envoyproxy.io/v1alpha1)",
             "3:18 metadata.name: invalid name \"a/b\": must not contain '/' or '#' (they separate policy, rule and guard)",
-            "6:23 spec.targetRefs[0].kind: unknown targetRef kind \"TCPRoute\" (expected Gateway or HTTPRoute)",
-            "5:20 spec: needs targetRefs: targetSelectors alone are not resolved by this agent",
+            "6:23 spec.targetRefs[0].kind: unknown targetRef kind \"Pod\" (expected Gateway or HTTPRoute)",
         ]
     );
     assert_eq!(errors_of(EG), ["1:1 : missing field `spec`"]);
