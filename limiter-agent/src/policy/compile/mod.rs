@@ -356,9 +356,6 @@ fn compile_config(c: &RatelimitConfig, out: &mut Compiled, origins: &mut Vec<Loc
     for (i, rule) in rules.into_iter().enumerate() {
         let node = nodes.get(i).copied();
         let (location, field) = match node {
-            Some(d) if d.rate_limit.as_ref().is_some_and(|rl| rl.name.is_some()) => {
-                (c.source.at(d.at.pos), format!("{}.rate_limit.name", d.at.field))
-            }
             Some(d) => (c.source.at(d.at.pos), d.at.field.clone()),
             None => (c.source.at(c.at.pos), c.at.field.clone()),
         };
