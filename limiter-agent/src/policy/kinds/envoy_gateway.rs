@@ -27,6 +27,10 @@
 //!   `methods`, `queryParams`, unknown selector fields): the whole rule is dropped, since
 //!   enforcing it without that condition would limit more traffic than written;
 //! - `cost` and `shared` of a rule (the rule is enforced, one request costs one);
+//! - `shadowMode: true` on some rules but not all (those rules are dropped; when every rule
+//!   has it, the policy runs in `Shadow` mode instead, which is what it means);
+//! - `invert: true` on a `Distinct` header is read, as this agent's contract says, as
+//!   "requests without the header", with a warning: Envoy Gateway itself refuses it;
 //! - `circuitBreaker`, `retry`, `timeout`, `loadBalancer`, `healthCheck`, `faultInjection`
 //!   and every other `spec` field, and unknown fields anywhere (this API grows).
 
@@ -34,8 +38,8 @@ use std::collections::HashMap;
 
 use super::super::error::{ErrorKind, FieldError};
 use super::super::model::{
-    At, ClientSelector, Count, HeaderMatch, Mode, Policy, PolicyKind, RouteKind, Rule, Scope, SourceCidr, Target,
-    TargetKind,
+    At, ClientSelector, Count, HeaderMatch, Located, Mode, Policy, PolicyKind, RouteKind, Rule, Scope, SourceCidr,
+    Target, TargetKind,
 };
 use super::super::source::deserialize;
 use super::super::spec::{S, pos_of};
@@ -108,6 +112,7 @@ fn policy(r: &mut Reader, root: &S<Node>) -> Option<Policy> {
             _ => r.unknown_field(v, &f),
         }
     }
+    rules.apply_shadow_mode(r, &mut policy.mode);
     let mut rules = rules.out;
     if targets.out.is_empty() && (targets.dropped || selectors_only.is_some()) {
         drop_rules_without_targets(r, spec, &mut rules);
@@ -295,6 +300,8 @@ impl Targets {
 #[derive(Default)]
 pub(super) struct Rules {
     pub out: Vec<Rule>,
+    /// Rules read with `shadowMode: true`, and where that was written.
+    shadow: Vec<(String, At)>,
     /// Rule name → line it was first used on.
     seen: HashMap<String, u64>,
     /// Rules read so far, kept or not: the next unnamed rule is `rule-{next}`.
@@ -302,6 +309,27 @@ pub(super) struct Rules {
 }
 
 impl Rules {
+    /// Envoy Gateway's per-rule `shadowMode` (count, never deny). When every rule has it the
+    /// policy runs in `Shadow` mode, which means exactly that; otherwise the shadow rules are
+    /// dropped with a warning, since enforcing them would deny what the gateway only counts.
+    pub fn apply_shadow_mode(&mut self, r: &mut Reader, mode: &mut Mode) {
+        if self.shadow.is_empty() {
+            return;
+        }
+        if self.shadow.len() == self.out.len() {
+            *mode = Mode::Shadow;
+            return;
+        }
+        for (name, at) in self.shadow.drain(..) {
+            let value = format!(
+                "not enforced: rule {name} is in shadow mode beside enforced rules; this agent shadows whole \
+                 policies only (the rule is dropped)"
+            );
+            self.out.retain(|rule| rule.name != name);
+            r.warnings.push(Located { value, at });
+        }
+    }
+
     /// Claims `name` for the rule at `n`; false (and an error) when it is already taken.
     pub fn claim(&mut self, r: &mut Reader, name: &str, n: &S<Node>, field: &str) -> bool {
         if let Some(first_line) = self.seen.get(name) {
@@ -376,6 +404,7 @@ fn rule(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rule
     let Some(entries) = r.map(n, field) else { return };
     let before = r.errors.len();
     let (mut name, mut limit, mut has_limit) = (None, None, false);
+    let mut shadow = None;
     let mut selectors = Vec::new();
     let mut enforceable = true;
     for (k, v) in entries {
@@ -405,6 +434,11 @@ fn rule(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rule
                 limit = read_limit(r, v, &f);
             }
             "cost" | "shared" => r.warn(v, &f, "not enforced: every request counts once, per node or shared as scoped"),
+            "shadowMode" => {
+                if r.opt_bool(v, &f) == Some(true) {
+                    shadow = Some(At::new(pos_of(v), &f));
+                }
+            }
             _ => r.unknown_field(v, &f),
         }
     }
@@ -425,6 +459,9 @@ fn rule(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rule
     if !enforceable {
         r.warn(n, field, &format!("not enforced: rule {name} selects on a condition this agent cannot match"));
         return;
+    }
+    if let Some(at) = shadow {
+        rules.shadow.push((name.clone(), at));
     }
     rules.out.push(Rule {
         name,
@@ -533,6 +570,13 @@ fn header_match(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Option<Heade
     }
     if r.errors.len() > before {
         return None;
+    }
+    if distinct && invert {
+        // This agent's contract (POLICY.md): `invert` on a Distinct match selects requests
+        // without the header. Envoy Gateway's translator refuses the combination, so say so.
+        let at = entries.iter().find(|(k, _)| k == "invert").map_or(n, |(_, v)| v);
+        let what = "read as: requests without this header (Envoy Gateway itself refuses invert with type Distinct)";
+        r.warn(at, &format!("{field}.invert"), what);
     }
     let (name, _) = name?;
     let value = if distinct { None } else { value };

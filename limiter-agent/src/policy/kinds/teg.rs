@@ -32,6 +32,9 @@ pub fn load(src: &str) -> Result<Policy, Vec<FieldError>> {
     if let Some(spec) = header.spec {
         rate_limit(&mut r, spec, "spec", &mut rules);
     }
-    let policy = header.policy.map(|p| Policy { rules: rules.out, ..p });
+    let policy = header.policy.map(|mut p| {
+        rules.apply_shadow_mode(&mut r, &mut p.mode);
+        Policy { rules: rules.out, ..p }
+    });
     finish(r, policy)
 }

@@ -420,11 +420,7 @@ fn kgateway_schema_errors_and_warnings() {
             (
                 5,
                 "spec.targetRefs[0].kind",
-                &ErrorKind::UnknownValue {
-                    what: "target kind",
-                    value: "Pod".into(),
-                    expected: "HTTPRoute or Gateway"
-                }
+                &ErrorKind::UnknownValue { what: "target kind", value: "Pod".into(), expected: "HTTPRoute or Gateway" }
             ),
             (5, "spec.targetRefs[1]", &ErrorKind::TargetRefIncomplete { kind: "HTTPRoute".into(), needs: "a name" }),
             (7, "spec.rateLimit.local.tokenBucket.maxTokens", &ErrorKind::TooSmall { value: 0, min: 1 }),

@@ -424,3 +424,32 @@ fn agentgateway_requests_and_tokens_exclude_each_other() {
         ["p.yaml:8:33: spec.traffic.rateLimit.local[0].tokens: cannot be combined with requests"]
     );
 }
+
+#[test]
+fn envoy_gateway_shadow_mode() {
+    use super::super::model::Mode;
+    let policy = |rules: &str| {
+        let text = format!(
+            "{EG}  targetRefs: [{{kind: HTTPRoute, name: r}}]\n  rateLimit:\n    global:\n      rules:\n{rules}"
+        );
+        let docs = load_file_str(Path::new("p.yaml"), &text).unwrap_or_else(|e| panic!("{e}"));
+        let [Document::Policy(p)] = docs.as_slice() else { panic!("{docs:?}") };
+        (p.mode, p.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), warnings(&text))
+    };
+    // Every rule shadowed: the policy counts and never denies, i.e. Shadow mode.
+    let (mode, rules, w) = policy(
+        "        - limit: {requests: 1, unit: Second}\n          shadowMode: true\n        - limit: {requests: 9, unit: Hour}\n          shadowMode: true\n",
+    );
+    assert_eq!((mode, rules, w), (Mode::Shadow, vec!["rule-0".to_owned(), "rule-1".to_owned()], vec![]));
+    // Mixed: the enforced rule stays enforced; the shadow one is dropped, never enforced.
+    let (mode, rules, w) = policy(
+        "        - limit: {requests: 1, unit: Second}\n          shadowMode: true\n        - limit: {requests: 9, unit: Hour}\n          shadowMode: false\n",
+    );
+    assert_eq!((mode, rules), (Mode::Enforce, vec!["rule-1".to_owned()]));
+    assert_eq!(
+        w,
+        [
+            "10:23 spec.rateLimit.global.rules[0].shadowMode: not enforced: rule rule-0 is in shadow mode beside enforced rules; this agent shadows whole policies only (the rule is dropped)"
+        ]
+    );
+}

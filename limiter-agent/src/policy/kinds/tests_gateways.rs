@@ -136,8 +136,9 @@ fn envoy_gateway_examples() {
                     "rule-1 Global 10/Minute+0 [hdr x-user-id distinct invert]",
                 ],
                 warnings: &[
-                    "16 spec.timeout: not enforced by this agent (the gateway does it)",
-                    "19 spec.retry: not enforced by this agent (the gateway does it)",
+                    "17 spec.timeout: not enforced by this agent (the gateway does it)",
+                    "20 spec.retry: not enforced by this agent (the gateway does it)",
+                    "36 spec.rateLimit.global.rules[1].clientSelectors[0].headers[0].invert: read as: requests without this header (Envoy Gateway itself refuses invert with type Distinct)",
                 ],
             },
             Expect {
