@@ -532,12 +532,16 @@ fn header_match(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Option<Heade
     let entries = r.map(n, field)?;
     let before = r.errors.len();
     let (mut name, mut kind, mut value, mut invert) = (None, None, None, false);
+    let mut value_at = None;
     for (k, v) in entries {
         let f = format!("{field}.{k}");
         match k.as_str() {
             "name" => name = r.string(v, &f).map(|s| (s, v)),
             "type" => kind = r.opt_string(v, &f).map(|s| (s, v)),
-            "value" => value = r.opt_string(v, &f),
+            "value" => {
+                value = r.opt_string(v, &f);
+                value_at = Some(v);
+            }
             "invert" => invert = r.opt_bool(v, &f).unwrap_or(false),
             _ => r.unknown_field(v, &f),
         }
@@ -553,7 +557,18 @@ fn header_match(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Option<Heade
     let distinct = match &kind {
         None => value.as_deref() == Some("*"),
         Some((t, _)) if t.eq_ignore_ascii_case("exact") => value.as_deref() == Some("*"),
-        Some((t, _)) if t.eq_ignore_ascii_case("distinct") => true,
+        Some((t, _)) if t.eq_ignore_ascii_case("distinct") => {
+            // Each value gets its own bucket, so a value would narrow nothing; ignoring it would
+            // limit more than written. Envoy Gateway refuses it too. `*` means "any" here.
+            if let (Some(v), Some(at)) = (value.as_deref(), value_at)
+                && v != "*"
+            {
+                let message =
+                    "a Distinct match takes no value (every value gets its own bucket); use type Exact".into();
+                r.schema(pos_of(at), &format!("{field}.value"), message);
+            }
+            true
+        }
         Some((t, v)) if t.eq_ignore_ascii_case("regularexpression") => {
             r.warn(v, &format!("{field}.type"), "not enforced: RegularExpression header matches (the rule is dropped)");
             return (r.errors.len() == before).then_some(None);

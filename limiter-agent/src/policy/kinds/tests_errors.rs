@@ -453,3 +453,21 @@ fn envoy_gateway_shadow_mode() {
         ]
     );
 }
+
+#[test]
+fn envoy_gateway_distinct_takes_no_value() {
+    let text = |value: &str| {
+        format!(
+            "{EG}  targetRefs: [{{kind: HTTPRoute, name: r}}]\n  rateLimit:\n    global:\n      rules:\n        - clientSelectors: [{{headers: [{{name: x-user-id, type: Distinct, value: {value}}}]}}]\n          limit: {{requests: 1, unit: Second}}\n"
+        )
+    };
+    assert_eq!(
+        errors(&text("alice")),
+        [
+            "p.yaml:9:81: spec.rateLimit.global.rules[0].clientSelectors[0].headers[0].value: a Distinct match takes no value (every value gets its own bucket); use type Exact",
+        ]
+    );
+    // `*` is "any value" (POLICY.md), the same as no value.
+    let (rules, w) = rules_and_warnings(&text("\"*\""));
+    assert_eq!((rules, w), (vec!["rule-0 1/Second".to_owned()], vec![]));
+}
