@@ -112,12 +112,7 @@ pub fn entry_key_text(rule: &L7Rule) -> String {
     for e in rule.entries.iter().skip(skip) {
         let part = match (&e.attribute, &e.value) {
             (Attribute::RemoteAddress, EntryValue::Cidr { nets, distinct, invert }) => {
-                let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
-                let range = match (nets.is_empty(), invert) {
-                    (true, _) => String::new(),
-                    (false, false) => format!(" in {}", nets.join(",")),
-                    (false, true) => format!(" outside {}", nets.join(",")),
-                };
+                let range = range_text(nets, *invert);
                 if *distinct { format!("per source{range}") } else { format!("shared by sources{range}") }
             }
             (Attribute::Header(name), EntryValue::Distinct) => format!("per header {name}"),
@@ -143,6 +138,19 @@ pub fn entry_key_text(rule: &L7Rule) -> String {
         (true, _) => "shared".to_owned(),
         (false, true) => parts.join(", "),
         (false, false) => format!("shared, {}", parts.join(", ")),
+    }
+}
+
+/// ` in 10.0.0.0/8`, ` outside 192.0.2.0/24`, ` (IPv4)` for `0.0.0.0/0`, `` for no range.
+pub fn range_text(nets: &[ipnet::IpNet], invert: bool) -> String {
+    let all = |n: &ipnet::IpNet| n.prefix_len() == 0;
+    match nets {
+        [] => String::new(),
+        [n] if all(n) && !invert => format!(" ({})", if n.addr().is_ipv4() { "IPv4" } else { "IPv6" }),
+        _ => {
+            let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
+            format!(" {} {}", if invert { "outside" } else { "in" }, list.join(","))
+        }
     }
 }
 

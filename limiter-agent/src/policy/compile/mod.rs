@@ -42,7 +42,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use self::l7::{entry_key_text, gateway_rule};
+pub use self::l7::{entry_key_text, gateway_rule, range_text};
 use super::error::{ErrorKind, Location, PolicyError, PolicyErrors};
 use super::kinds::ratelimit_config;
 use super::model::*;
