@@ -4,8 +4,10 @@
 //!   `POLICY.md`) from files and directories and validates them into a [`PolicySet`], or
 //!   returns [`PolicyErrors`]: every error found, each naming file, document, line, column
 //!   and field path (format in [`error`]).
-//! - [`compile`] turns a set into the [`crate::plan::KernelPlan`] the data path enforces, plus
-//!   [`Notice`]s for everything accepted but not enforced in the kernel.
+//! - [`compile`] turns a set into one plan: the [`crate::plan::KernelPlan`] the XDP program
+//!   enforces and the [`crate::plan::L7Plan`] the L7 engine / rate limit service answers,
+//!   plus [`Notice`]s for everything accepted but not (fully) enforced and set-level errors;
+//!   [`load_and_compile`] does both steps and returns every error of either.
 //!
 //! YAML is read with `serde-saphyr` (maintained, panic-free, YAML 1.2): its `Spanned<T>`
 //! keeps the line and column of values, so errors found after deserialisation (a bad CIDR,

@@ -389,12 +389,7 @@ fn check_domains(set: &PolicySet, errors: &mut Vec<PolicyError>) {
             Some(prev) => errors.push(PolicyError {
                 location: here,
                 field: "domain".into(),
-                kind: ErrorKind::Schema {
-                    message: format!(
-                        "domain \"{}\" is already configured at {prev}: one envoyproxy/ratelimit config per domain",
-                        c.domain
-                    ),
-                },
+                kind: ErrorKind::DuplicateDomain { domain: c.domain.clone(), first: prev.to_string() },
             }),
             None => {
                 first.insert(&c.domain, here);
