@@ -137,6 +137,7 @@ pub fn entry_key_text(rule: &L7Rule) -> String {
     match (parts.is_empty(), splits) {
         (true, _) => "shared".to_owned(),
         (false, true) => parts.join(", "),
+        (false, false) if parts[0].starts_with("shared") => parts.join(", "),
         (false, false) => format!("shared, {}", parts.join(", ")),
     }
 }
