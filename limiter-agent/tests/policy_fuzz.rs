@@ -285,6 +285,10 @@ fn valid_examples_load_and_invalid_ones_fail() {
     let mut loaded = 0;
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
+        // Envoy bootstraps (examples/envoy) sit beside the policies they query; not policies.
+        if text.lines().any(|l| l.starts_with("static_resources:")) {
+            continue;
+        }
         let invalid = f.components().any(|c| c.as_os_str() == "invalid");
         let ok = check_load(&text);
         assert_eq!(ok, !invalid, "{}: loaded = {ok}", f.display());

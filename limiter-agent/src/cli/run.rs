@@ -78,7 +78,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Loads and compiles the policy set; logs every notice. Errors carry file/line/field.
 pub fn load_plan(paths: &[PathBuf]) -> anyhow::Result<KernelPlan> {
     let set = policy::load_paths(paths).map_err(|errors| anyhow::anyhow!("{errors}"))?;
-    let compiled = policy::compile(&set);
+    // Set-level errors (e.g. duplicate L7 rule names) reject the set like load errors.
+    let compiled = policy::compile(&set).into_result().map_err(|errors| anyhow::anyhow!("{errors}"))?;
     for notice in &compiled.notices {
         warn!("{notice}");
     }

@@ -423,11 +423,11 @@ fn compile_l7_rules_guards_and_notices() {
         notices,
         [
             "p.yaml:5:12: spec.penalty: penalty escalation is parsed but not enforced yet",
-            "p.yaml:9:11: spec.rateLimit.local.rules[0]: rule p/per-user is L7 (selects on headers): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`",
-            "p.yaml:12:11: spec.rateLimit.local.rules[1]: rule p/per-client is L7 (counts Requests): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/per-client#guard limits new connections at the same rate",
-            "p.yaml:16:11: spec.rateLimit.local.rules[2]: rule p/everyone is L7 (counts Requests): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: kernelGuard is Off",
+            "p.yaml:9:11: spec.rateLimit.local.rules[0]: rule p/per-user is L7 (selects on headers): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`",
+            "p.yaml:12:11: spec.rateLimit.local.rules[1]: rule p/per-client is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/per-client#guard limits new connections at the same rate",
+            "p.yaml:16:11: spec.rateLimit.local.rules[2]: rule p/everyone is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: kernelGuard is Off",
             "p.yaml:22:11: spec.rateLimit.global.rules[0]: rule p/budget: global scope, but the kernel counts on this node only",
-            "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests is L7 (counts Requests): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/all-requests#guard limits new connections at the same rate",
+            "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/all-requests#guard limits new connections at the same rate",
             "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests: global: shared through Redis when the agent runs with --rls-backend redis, else per node",
         ]
     );

@@ -154,7 +154,7 @@ pub enum NoticeKind {
     /// A rule in the L7 plan: it is only enforced for requests whose gateway sends its
     /// descriptor to the rate limit service. `guard` names the derived kernel rule, if any.
     #[error(
-        "rule {rule} is L7 ({reason}): answered by the rate limit service (domain {domain}) when the gateway sends its descriptor, see `limiter-agent explain`{}",
+        "rule {rule} is L7 ({reason}): answered by the rate limit service (`limiter-agent run --rls-listen`, domain {domain}) when the gateway sends its descriptor, see `limiter-agent explain`{}",
         guard_text(guard, no_guard)
     )]
     L7 { rule: String, reason: &'static str, domain: String, guard: Option<String>, no_guard: Option<NoGuard> },

@@ -154,7 +154,7 @@ fn native_l7_rules_map_every_selector_to_descriptor_entries() {
         "{n:#?}"
     );
     assert!(
-        n.contains(&"p.yaml:25:11: spec.rateLimit.global.rules[0]: rule p/budget is L7 (counts Requests): answered by the rate limit service (domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: the policy targets only HTTPRoute/Gateway, not resolved to ports yet".to_owned()),
+        n.contains(&"p.yaml:25:11: spec.rateLimit.global.rules[0]: rule p/budget is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: the policy targets only HTTPRoute/Gateway, not resolved to ports yet".to_owned()),
         "{n:#?}"
     );
     assert_eq!(n.len(), 8, "two targets, five L7 rules, one global: {n:#?}");
@@ -421,6 +421,16 @@ fn duplicate_l7_rule_names_are_errors_naming_both_places() {
         errors[0].starts_with("c.yaml:3:5: descriptors[0]: duplicate L7 rule name \"api/x\" (first at p.yaml:8:11)"),
         "{errors:#?}"
     );
+
+    // `run` refuses such a set before attaching anything, like a load error.
+    let dir = std::env::temp_dir().join(format!("limiter-compile-dup-names-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), &native).unwrap();
+    std::fs::write(dir.join("c.yaml"), config).unwrap();
+    let result = crate::cli::run::load_plan(std::slice::from_ref(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let text = result.expect_err("duplicate L7 rule names").to_string();
+    assert!(text.contains("duplicate L7 rule name \"api/x\""), "{text}");
 }
 
 #[test]
