@@ -236,7 +236,7 @@ fn check_load(text: &str) -> bool {
             true
         }
         Err(errors) => {
-            assert!(errors.len() > 0, "an Err must carry at least one error");
+            assert!(!errors.is_empty(), "an Err must carry at least one error");
             // Errors count lines from 1; a file of N lines can end on line N + 1.
             let lines = text.lines().count() as u64 + 1;
             for e in errors.iter() {
