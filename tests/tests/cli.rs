@@ -107,6 +107,11 @@ fn check_accepts_every_kind_at_once_and_lists_warnings_from_each() {
         ("teg/ratelimitfilter.yaml", "spec.global.rules[0]", "rule ratelimit-all-requests/rule-0 is L7"),
         ("policies/task-api.yaml", "spec.penalty", "penalty escalation is parsed but not enforced yet"),
         ("ratelimit/nested.yaml", "domain", "the rules of domain shop: global: shared through Redis"),
+        (
+            "policies/task-api.yaml",
+            "spec.rateLimit.local.rules[2]",
+            "rule task-api/per-user is L7 (selects on headers): answered by the rate limit service (`limiter-agent run --rls-listen`",
+        ),
     ] {
         let found = run.stderr.lines().any(|l| {
             l.split_once(&format!("{file}:")).and_then(|(_, rest)| rest.split_once(": ")).is_some_and(|(pos, rest)| {
