@@ -11,6 +11,7 @@ pub mod cli;
 pub mod control;
 pub mod dataplane;
 pub mod l7;
+pub mod metrics;
 pub mod plan;
 pub mod policy;
 pub mod rls;

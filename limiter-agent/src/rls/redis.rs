@@ -191,6 +191,15 @@ struct Inner {
     stats: RedisStats,
 }
 
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("url", &self.inner.url)
+            .field("connected", &self.inner.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // The reconnect task holds only a Weak; waking it lets it see the backend is gone.
