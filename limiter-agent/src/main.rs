@@ -14,9 +14,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program, apply the policy and shield the interfaces until SIGINT/SIGTERM
-    /// (SIGHUP reloads the policy).
-    Run(cli::run::RunArgs),
+    /// Load the XDP program, apply the policy and shield the interfaces, and serve the Envoy
+    /// rate limit service and metrics, until SIGINT/SIGTERM (SIGHUP reloads the policy).
+    Run(Box<cli::run::RunArgs>),
     /// Validate policy files: every error with file, line, column and field.
     Check(cli::check::CheckArgs),
     /// Show the compiled plan: each rule's layer (kernel, kernel guard, L7), key, rate, burst,
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         Command::Check(args) => cli::check::run(args),
         Command::Explain(args) => cli::explain::run(args),
         Command::Top(args) => cli::top::run(args).map(|()| ExitCode::SUCCESS),
-        Command::Run(args) => run_agent(args).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => run_agent(*args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -46,8 +46,13 @@ fn main() -> ExitCode {
 }
 
 fn run_agent(args: cli::run::RunArgs) -> anyhow::Result<()> {
-    cli::run::require_root()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    if !args.ifaces.is_empty() {
+        cli::run::require_root()?;
+    }
+    // Several workers: rate limit service calls are decided on every core. The run loop (the
+    // kernel maps, reloads, signals) stays on the thread that blocks on it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("limiter-agent")
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("starting the tokio runtime: {e}"))?;

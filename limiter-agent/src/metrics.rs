@@ -193,11 +193,7 @@ impl Collector for Sources {
         let redis = self.redis.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(RedisBackend::stats);
         let redis = redis.unwrap_or_default();
         let counters = [
-            (
-                "limiter_rls_redis_errors",
-                "Failed Redis round trips and connection attempts",
-                redis.errors,
-            ),
+            ("limiter_rls_redis_errors", "Failed Redis round trips and connection attempts", redis.errors),
             (
                 "limiter_rls_redis_failure_mode_answers",
                 "Descriptors answered by failureMode because Redis was unreachable",
@@ -277,8 +273,13 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > MAX_REQUEST_HEAD {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "request head too large\n")
-                .await;
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head too large\n",
+            )
+            .await;
         }
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();

@@ -95,7 +95,7 @@ mod tests {
         assert!(out.contains("task-api: 3 rule(s) in the kernel, 4 L7, 0 not enforced\n"), "{out}");
         assert!(out.contains("ok: 4 policies and configs, 9 kernel rules, 4 L7 rules"), "{out}");
         assert!(err.lines().all(|l| l.starts_with("warning: ")), "{err}");
-        assert!(err.contains("task-api.yaml:14:12 (document 1): spec.penalty: penalty escalation"), "{err}");
+        assert!(err.contains("task-api.yaml:14:12 (document 1): spec.penalty: escalation: a source the rate limit service denies 20 times"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,15 @@
-//! `limiter-agent run`: load the XDP program, apply the policy, attach, report, detach.
+//! `limiter-agent run`: load the XDP program, apply the policy, attach; serve the Envoy rate
+//! limit service and the metrics endpoint; reload on change; report; detach.
+//!
+//! Start-up order is chosen so that a failure leaves nothing behind: the policy is compiled
+//! first, then the rate limit service and metrics bind their ports (the usual failure: a port
+//! in use), and only then is XDP loaded and attached. Shutdown (SIGINT/SIGTERM) reverses it:
+//! the servers stop accepting and finish calls in flight, then XDP is detached.
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -9,19 +17,28 @@ use anyhow::{Context as _, bail};
 use limiter_common::{Counter, reason};
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     control::{self, Control},
     dataplane::{AttachMode, Dataplane, LoadOptions, Stats},
-    plan::KernelPlan,
-    policy,
+    l7::{Engine, EngineConfig},
+    metrics::{self, Metrics, PolicyLabels},
+    plan::{KernelPlan, L7Plan},
+    policy::{self, Compiled},
+    rls::{
+        self, Backend, RateLimiter, RlsConfig,
+        escalation::{BlockOrder, ClientAddress, EscalationConfig, Escalator, Penalties},
+        redis::{FailureMode, RedisBackend, RedisConfig},
+    },
     watch::PolicyWatcher,
 };
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Interface to shield (repeatable). XDP is attached to each one.
-    #[arg(long = "iface", required = true, value_name = "IF")]
+    /// Interface to shield (repeatable). XDP is attached to each one. Without any, only the
+    /// rate limit service and metrics run (no kernel program, no root needed).
+    #[arg(long = "iface", value_name = "IF")]
     pub ifaces: Vec<String>,
     /// Policy file or directory (repeatable).
     #[arg(long = "policy", required = true, value_name = "FILE_OR_DIR")]
@@ -54,6 +71,70 @@ pub struct RunArgs {
     /// Local control socket `limiter-agent top` reads (created 0600, removed on exit).
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
     pub control_socket: PathBuf,
+    #[command(flatten)]
+    pub rls: RlsArgs,
+}
+
+/// The rate limit service, its backend, escalation and metrics.
+#[derive(Debug, clap::Args)]
+pub struct RlsArgs {
+    /// Address of the Envoy rate limit service (gRPC `envoy.service.ratelimit.v3` and
+    /// `grpc.health.v1`). Loopback by default: expose it beyond the node on purpose only.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
+    pub rls_listen: SocketAddr,
+    /// Do not serve the rate limit service (kernel rules only).
+    #[arg(long)]
+    pub no_rls: bool,
+    /// Where the counts of `global` L7 rules and envoyproxy/ratelimit configs live: `local`
+    /// (this process, per node) or `redis` (shared by every node, the reference service's
+    /// keys). `local` L7 rules are always counted in this process.
+    #[arg(long, value_enum, default_value_t = BackendKind::Local)]
+    pub rls_backend: BackendKind,
+    /// Redis for `--rls-backend redis`.
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Answer for descriptors that need Redis while it is unreachable: failOpen (OK, no
+    /// limit) or failClosed (OVER_LIMIT).
+    #[arg(long, value_name = "MODE", default_value = "failOpen", value_parser = parse_failure_mode)]
+    pub redis_failure_mode: FailureMode,
+    /// Prefix of every Redis key (the reference service's CACHE_KEY_PREFIX).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub redis_key_prefix: String,
+    /// Longest wait for one Redis round trip before the failure mode answers.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+    /// Most keyed L7 counters held in this process (per distinct header value, client...);
+    /// beyond it the least recently used idle ones are evicted.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub l7_max_keys: usize,
+    /// Most `ShouldRateLimit` calls decided at once; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, value_name = "N", default_value_t = RlsConfig::default().max_in_flight)]
+    pub rls_max_in_flight: usize,
+    /// Escalation takes the client address from this descriptor entry (a `request_headers`
+    /// action of the same name, e.g. x-forwarded-for) instead of `remote_address`.
+    #[arg(long, value_name = "HEADER")]
+    pub client_ip_header: Option<String>,
+    /// With --client-ip-header: proxies that appended their own address after the client's.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "client_ip_header")]
+    pub trusted_hops: u32,
+    /// Prometheus metrics endpoint (`GET /metrics`).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9091")]
+    pub metrics_listen: SocketAddr,
+    /// Do not serve metrics.
+    #[arg(long)]
+    pub no_metrics: bool,
+}
+
+/// `--rls-backend`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    #[default]
+    Local,
+    Redis,
+}
+
+fn parse_failure_mode(s: &str) -> Result<FailureMode, String> {
+    s.parse()
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h`.
@@ -76,18 +157,184 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Loads and compiles the policy set; logs every notice. Errors carry file/line/field.
-pub fn load_plan(paths: &[PathBuf]) -> anyhow::Result<KernelPlan> {
+pub fn load_compiled(paths: &[PathBuf]) -> anyhow::Result<Compiled> {
     let set = policy::load_paths(paths).map_err(|errors| anyhow::anyhow!("{errors}"))?;
     // Set-level errors (e.g. duplicate L7 rule names) reject the set like load errors.
     let compiled = policy::compile(&set).into_result().map_err(|errors| anyhow::anyhow!("{errors}"))?;
     for notice in &compiled.notices {
         warn!("{notice}");
     }
-    Ok(compiled.plan)
+    Ok(compiled)
+}
+
+/// The kernel half of [`load_compiled`].
+pub fn load_plan(paths: &[PathBuf]) -> anyhow::Result<KernelPlan> {
+    load_compiled(paths).map(|c| c.plan)
+}
+
+/// What is in force, to tell a changed policy set from an unchanged one.
+#[derive(Debug)]
+struct InForce {
+    l7: L7Plan,
+    penalties: Penalties,
+}
+
+/// The XDP half of a running agent.
+struct Kernel {
+    dp: Dataplane,
+    control: Control,
+    last: Stats,
+    last_at: Instant,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let plan = load_plan(&args.policies).context("the policy has errors; nothing was attached")?;
+    if args.ifaces.is_empty() && args.rls.no_rls {
+        bail!("nothing to run: give --iface to shield interfaces, or drop --no-rls to serve the rate limit service");
+    }
+    let compiled = load_compiled(&args.policies).context("the policy has errors; nothing was started")?;
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // The rate limit service first: binding its ports is what usually fails, and nothing is
+    // attached yet when it does.
+    let engine = Arc::new(Engine::new(compiled.l7.clone(), EngineConfig { max_keys: args.rls.l7_max_keys }));
+    metrics.watch_engine(Arc::clone(&engine));
+    let backend = match args.rls.rls_backend {
+        BackendKind::Local => Backend::Local,
+        BackendKind::Redis => {
+            let config = RedisConfig {
+                failure_mode: args.rls.redis_failure_mode,
+                key_prefix: args.rls.redis_key_prefix.clone(),
+                response_timeout: args.rls.redis_timeout,
+                ..RedisConfig::default()
+            };
+            let redis = RedisBackend::connect(&args.rls.redis_url, config).await.context("--redis-url")?;
+            metrics.watch_redis(redis.clone());
+            Backend::Redis(redis)
+        }
+    };
+    // Escalation needs the kernel's block list: with no interface there is none.
+    let (orders_tx, mut orders_rx) = mpsc::channel::<BlockOrder>(1024);
+    let penalties = Penalties::of(&compiled);
+    let escalation = if args.ifaces.is_empty() {
+        if !penalties.policies.is_empty() {
+            warn!("escalation is off: penalties need the XDP block list, and no --iface was given");
+        }
+        None
+    } else {
+        let client_address = match &args.rls.client_ip_header {
+            Some(name) => ClientAddress::Header { name: name.clone(), trusted_hops: args.rls.trusted_hops },
+            None => ClientAddress::RemoteAddress,
+        };
+        let config =
+            EscalationConfig { client_address, ipv6_prefix: args.ipv6_source_prefix, ..EscalationConfig::default() };
+        Some(Arc::new(Escalator::new(config, penalties.clone(), orders_tx)))
+    };
+    let limiter = Arc::new(RateLimiter::new(
+        engine,
+        backend.clone(),
+        Arc::clone(&metrics),
+        escalation,
+        args.rls.rls_max_in_flight,
+    ));
+    let mut servers: Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    if !args.rls.no_rls {
+        let config = RlsConfig {
+            listen: args.rls.rls_listen,
+            max_in_flight: args.rls.rls_max_in_flight,
+            ..RlsConfig::default()
+        };
+        let running = rls::serve(&config, Arc::clone(&limiter), shutdown_rx.clone())
+            .await
+            .context("starting the rate limit service: pick another --rls-listen, or --no-rls")?;
+        info!("rate limit service: {} L7 rules, backend {backend:?}, on {}", compiled.l7.rules.len(), running.addr);
+        let task = running.task;
+        servers.push(("rate limit service", tokio::spawn(async move { Ok(task.await??) })));
+    }
+    if !args.rls.no_metrics {
+        let (_, task) = metrics::serve(args.rls.metrics_listen, Arc::clone(&metrics), shutdown_rx.clone())
+            .await
+            .context("starting the metrics endpoint: pick another --metrics-listen, or --no-metrics")?;
+        servers.push(("metrics", tokio::spawn(async move { Ok(task.await?) })));
+    }
+
+    let mut kernel = if args.ifaces.is_empty() {
+        info!("no --iface: no XDP program; serving the rate limit service only");
+        None
+    } else {
+        Some(start_kernel(&args, &compiled.plan)?)
+    };
+    let mut in_force = InForce { l7: compiled.l7, penalties };
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut watcher = PolicyWatcher::new(&args.policies);
+    let mut watch_tick = tokio::time::interval(args.watch_interval);
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reloads = ReloadCounts::default();
+    let mut tick = tokio::time::interval(args.stats_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut control_tick = tokio::time::interval(Duration::from_secs(1));
+    control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sighup.recv() => {
+                watcher.mark_applied();
+                let outcome = reload(kernel.as_mut().map(|k| &mut k.dp), &limiter, &mut in_force, &args.policies, "SIGHUP");
+                reloads.record(outcome, &metrics);
+            }
+            _ = watch_tick.tick(), if !args.no_watch => {
+                if watcher.poll() {
+                    let why = "policy files changed";
+                    let outcome = reload(kernel.as_mut().map(|k| &mut k.dp), &limiter, &mut in_force, &args.policies, why);
+                    reloads.record(outcome, &metrics);
+                }
+            }
+            Some(order) = orders_rx.recv() => {
+                if let Some(k) = kernel.as_mut() {
+                    escalate(&mut k.dp, &order, &metrics);
+                }
+            }
+            _ = control_tick.tick(), if kernel.is_some() => {
+                if let Some(k) = kernel.as_mut() {
+                    k.control.refresh(&k.dp, reloads.control());
+                }
+            }
+            _ = tick.tick() => {
+                if let Some(escalator) = limiter.escalation() {
+                    escalator.sweep(Instant::now());
+                }
+                if let Some(k) = kernel.as_mut() {
+                    k.stats_tick(&reloads);
+                }
+            }
+        }
+    }
+
+    // Stop serving first (calls in flight finish), then detach.
+    let _ = shutdown_tx.send(true);
+    for (name, task) in servers {
+        match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+            Ok(Ok(Ok(()))) => info!("{name} stopped"),
+            Ok(Ok(Err(e))) => warn!("{name} ended with an error: {e:#}"),
+            Ok(Err(e)) => warn!("{name} task failed: {e}"),
+            Err(_) => warn!("{name} did not stop within {SHUTDOWN_GRACE:?}; leaving it"),
+        }
+    }
+    if let Some(k) = kernel {
+        k.detach(&args.ifaces);
+    }
+    Ok(())
+}
+
+/// How long the servers get to finish the calls in flight at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Loads the XDP program, applies the kernel plan and attaches to every interface.
+fn start_kernel(args: &RunArgs, plan: &KernelPlan) -> anyhow::Result<Kernel> {
     let mut control =
         Control::bind(&args.control_socket).context("opening the control socket; nothing was attached")?;
     let options = LoadOptions {
@@ -97,7 +344,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         debug_log: args.debug_log,
     };
     let mut dp = Dataplane::load(options).context("loading the XDP program")?;
-    let applied = dp.apply(&plan).context("applying the policy to the kernel maps")?;
+    let applied = dp.apply(plan).context("applying the policy to the kernel maps")?;
     info!(
         "policy applied: {} kernel rules ({} slots, {} port lists), {} allow and {} deny entries",
         applied.rules, applied.rule_slots, applied.port_lists, applied.allow, applied.deny
@@ -109,66 +356,57 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("attached to {iface} in {mode} mode");
         control.attached(iface, mode);
     }
+    let last = dp.stats().context("reading counters")?;
+    Ok(Kernel { dp, control, last, last_at: Instant::now() })
+}
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut watcher = PolicyWatcher::new(&args.policies);
-    let mut watch_tick = tokio::time::interval(args.watch_interval);
-    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reloads = ReloadCounts::default();
-    let mut tick = tokio::time::interval(args.stats_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = dp.stats().context("reading counters")?;
-    let mut last_at = Instant::now();
-    let mut control_tick = tokio::time::interval(Duration::from_secs(1));
-    control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
-            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = sighup.recv() => {
-                watcher.mark_applied();
-                reloads.record(reload(&mut dp, &args.policies, "SIGHUP"));
+impl Kernel {
+    fn stats_tick(&mut self, reloads: &ReloadCounts) {
+        self.control.refresh(&self.dp, reloads.control());
+        self.dp.flush_log();
+        if let Err(e) = self.dp.expire_blocks() {
+            warn!("expiring block-list entries: {e}");
+        }
+        match self.dp.stats() {
+            Ok(now) => {
+                info!("{}", stats_line(&self.last, &now, self.last_at.elapsed()));
+                self.last = now;
+                self.last_at = Instant::now();
             }
-            _ = watch_tick.tick(), if !args.no_watch => {
-                if watcher.poll() {
-                    reloads.record(reload(&mut dp, &args.policies, "policy files changed"));
-                }
-            }
-            _ = control_tick.tick() => control.refresh(&dp, reloads.control()),
-            _ = tick.tick() => {
-                control.refresh(&dp, reloads.control());
-                dp.flush_log();
-                if let Err(e) = dp.expire_blocks() {
-                    warn!("expiring block-list entries: {e}");
-                }
-                match dp.stats() {
-                    Ok(now) => {
-                        let elapsed = last_at.elapsed();
-                        info!("{}", stats_line(&last, &now, elapsed));
-                        last = now;
-                        last_at = Instant::now();
-                    }
-                    Err(e) => warn!("reading counters: {e}"),
-                }
+            Err(e) => warn!("reading counters: {e}"),
+        }
+    }
+
+    fn detach(self, ifaces: &[String]) {
+        let Kernel { dp, control, .. } = self;
+        dp.log_summary();
+        let stats = dp.stats().ok();
+        drop(dp);
+        drop(control);
+        info!("detached from {}", ifaces.join(", "));
+        if let Some(stats) = stats {
+            for (name, c) in &stats.rules {
+                info!(
+                    "rule {name}: passed {} dropped {} shadow-dropped {} packets",
+                    c.passed.packets, c.dropped.packets, c.shadow_dropped.packets
+                );
             }
         }
     }
-    dp.log_summary();
-    let stats = dp.stats().ok();
-    drop(dp);
-    drop(control);
-    info!("detached from {}", args.ifaces.join(", "));
-    if let Some(stats) = stats {
-        for (name, c) in &stats.rules {
-            info!(
-                "rule {name}: passed {} dropped {} shadow-dropped {} packets",
-                c.passed.packets, c.dropped.packets, c.shadow_dropped.packets
+}
+
+/// Puts an escalated source in the XDP block list.
+fn escalate(dp: &mut Dataplane, order: &BlockOrder, metrics: &Metrics) {
+    match dp.block(order.addr, order.duration) {
+        Ok(()) => {
+            warn!(
+                "escalation: {} blocked in XDP for {:?}: {} denials within {:?} (policy {})",
+                order.addr, order.duration, order.denials, order.within, order.policy
             );
+            metrics.escalations.get_or_create(&PolicyLabels { policy: order.policy.clone() }).inc();
         }
+        Err(e) => error!("escalation: blocking {} (policy {}) failed: {e:#}", order.addr, order.policy),
     }
-    Ok(())
 }
 
 /// Reloads that succeeded and that were rejected since start (logged with each reload).
@@ -180,7 +418,10 @@ struct ReloadCounts {
 }
 
 impl ReloadCounts {
-    fn record(&mut self, outcome: Option<bool>) {
+    fn record(&mut self, outcome: Option<bool>, metrics: &Metrics) {
+        if let Some(applied) = outcome {
+            metrics.reload(applied);
+        }
         match outcome {
             Some(true) => {
                 self.applied += 1;
@@ -203,28 +444,52 @@ impl ReloadCounts {
 }
 
 /// Re-reads the policy; a policy with any error is rejected whole and the running one stays.
-/// `Some(true)`: applied; `Some(false)`: rejected; `None`: nothing changed.
-fn reload(dp: &mut Dataplane, paths: &[PathBuf], why: &str) -> Option<bool> {
-    match load_plan(paths) {
-        Ok(plan) if dp.current_plan() == Some(&plan) => {
-            info!("{why}: policy unchanged");
-            None
-        }
-        Ok(plan) => match dp.apply(&plan) {
-            Ok(a) => {
-                info!("{why}: policy reloaded: {} kernel rules, {} kept their bucket state", a.rules, a.kept);
-                Some(true)
-            }
-            Err(e) => {
-                error!("{why}: reload rejected, the previous policy stays in force: {e}");
-                Some(false)
-            }
-        },
+/// The kernel plan is applied first (one atomic switch in the kernel); only if that succeeds
+/// are the L7 rules replaced (one atomic swap in the engine), so a rejected set changes
+/// neither. `Some(true)`: applied; `Some(false)`: rejected; `None`: nothing changed.
+fn reload(
+    dp: Option<&mut Dataplane>,
+    limiter: &RateLimiter,
+    in_force: &mut InForce,
+    paths: &[PathBuf],
+    why: &str,
+) -> Option<bool> {
+    let compiled = match load_compiled(paths) {
+        Ok(c) => c,
         Err(e) => {
             error!("{why}: reload rejected, the previous policy stays in force:\n{e:#}");
-            Some(false)
+            return Some(false);
+        }
+    };
+    let penalties = Penalties::of(&compiled);
+    let kernel_changed = dp.as_ref().is_some_and(|dp| dp.current_plan() != Some(&compiled.plan));
+    let l7_changed = in_force.l7 != compiled.l7 || in_force.penalties != penalties;
+    if !kernel_changed && !l7_changed {
+        info!("{why}: policy unchanged");
+        return None;
+    }
+    let mut kernel_note = String::new();
+    if let Some(dp) = dp.filter(|_| kernel_changed) {
+        match dp.apply(&compiled.plan) {
+            Ok(a) => kernel_note = format!("{} kernel rules, {} kept their bucket state", a.rules, a.kept),
+            Err(e) => {
+                error!("{why}: reload rejected, the previous policy stays in force: {e:#}");
+                return Some(false);
+            }
         }
     }
+    if l7_changed {
+        let rules = compiled.l7.rules.len();
+        limiter.replace(compiled.l7.clone(), penalties.clone());
+        in_force.l7 = compiled.l7;
+        in_force.penalties = penalties;
+        if !kernel_note.is_empty() {
+            kernel_note.push_str("; ");
+        }
+        kernel_note.push_str(&format!("{rules} L7 rules (unchanged ones keep their counters)"));
+    }
+    info!("{why}: policy reloaded: {kernel_note}");
+    Some(true)
 }
 
 fn delta(a: Counter, b: Counter) -> Counter {

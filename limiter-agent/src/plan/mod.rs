@@ -6,6 +6,7 @@
 pub mod l7;
 
 use std::fmt;
+use std::time::Duration;
 
 use ipnet::IpNet;
 pub use l7::{Algorithm, Attribute, EntryMatch, EntryValue, L7Plan, L7Rule, L7Target, Scope};
@@ -19,6 +20,19 @@ pub struct KernelPlan {
     pub deny: Vec<ListEntry>,
     /// Rate-limit rules, in policy order.
     pub rules: Vec<KernelRule>,
+}
+
+/// A policy's `penalty`: a source the rate limit service denies `over_limit_events` times
+/// `within` the window, in any of `rules`, goes into the kernel block list for `block`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyPenalty {
+    /// The policy's name (the `policy` label of `limiter_escalations_total`).
+    pub policy: String,
+    pub over_limit_events: u32,
+    pub within: Duration,
+    pub block: Duration,
+    /// Full names of the policy's L7 rules (`policy/rule`) whose denials count.
+    pub rules: Vec<String>,
 }
 
 /// An allow or deny list entry and the policy it came from.
@@ -166,7 +180,7 @@ fn write_interval(f: &mut fmt::Formatter<'_>, ns: u64) -> fmt::Result {
         (1, "ns"),
     ];
     for (step, suffix) in STEPS {
-        if ns >= step && ns % step == 0 {
+        if ns >= step && ns.is_multiple_of(step) {
             return write!(f, "{}{suffix}", ns / step);
         }
     }

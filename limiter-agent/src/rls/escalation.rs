@@ -46,7 +46,9 @@ use log::{debug, warn};
 use tokio::sync::mpsc;
 
 use crate::l7::{Code, DescriptorEntry, RlsRequest, RlsResponse};
+pub use crate::plan::PolicyPenalty;
 use crate::plan::l7::keys;
+use crate::policy::Compiled;
 
 /// Where the client's address comes from in a `ShouldRateLimit` call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,24 +88,19 @@ fn parse_addr(text: &str) -> Option<IpAddr> {
     text.parse::<IpAddr>().ok().map(|a| a.to_canonical())
 }
 
-/// One policy's penalty.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PolicyPenalty {
-    /// The policy's name (the `policy` label of `limiter_escalations_total`).
-    pub policy: String,
-    pub over_limit_events: u32,
-    pub within: Duration,
-    pub block: Duration,
-    /// Full names of the policy's L7 rules (`policy/rule`) whose denials count.
-    pub rules: Vec<String>,
-}
-
 /// Everything escalation needs from a policy set; replaced on every reload.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Penalties {
     pub policies: Vec<PolicyPenalty>,
     /// The set's allow list: never blocked.
     pub allow: Vec<IpNet>,
+}
+
+impl Penalties {
+    /// The penalties of a compiled policy set and its allow list.
+    pub fn of(compiled: &Compiled) -> Penalties {
+        Penalties { policies: compiled.penalties.clone(), allow: compiled.plan.allow.iter().map(|e| e.net).collect() }
+    }
 }
 
 /// Penalties indexed for lookups by rule name.
@@ -215,8 +212,12 @@ impl Escalator {
         &self.config
     }
 
-    /// Takes the penalties of a new policy set. Counts start again (policy indexes change).
+    /// Takes the penalties of a new policy set. Counts start again when they changed (policy
+    /// indexes change); an unchanged set keeps them.
     pub fn replace(&self, penalties: Penalties) {
+        if self.rules.read().unwrap_or_else(PoisonError::into_inner).penalties == penalties {
+            return;
+        }
         let indexed = Arc::new(Indexed::new(penalties));
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = indexed;
         self.tracker.lock().unwrap_or_else(PoisonError::into_inner).counts.clear();

@@ -322,7 +322,8 @@ mod tests {
 
     #[test]
     fn intervals_are_reported_as_the_same_rate_in_a_protocol_unit() {
-        let limit = |rpu, ns| ReportedLimit { name: String::new(), requests_per_unit: rpu, unit: Unit::Interval { ns } };
+        let limit =
+            |rpu, ns| ReportedLimit { name: String::new(), requests_per_unit: rpu, unit: Unit::Interval { ns } };
         assert_eq!(proto_limit(&limit(5, 10_000_000_000)), (ProtoUnit::Minute, 30));
         assert_eq!(proto_limit(&limit(10, 250_000_000)), (ProtoUnit::Second, 40));
         assert_eq!(proto_limit(&limit(3, 90_000_000_000)), (ProtoUnit::Hour, 120));

@@ -47,7 +47,9 @@ use super::error::{ErrorKind, Location, PolicyError, PolicyErrors};
 use super::kinds::ratelimit_config;
 use super::model::*;
 use crate::plan::l7::DEFAULT_DOMAIN;
-use crate::plan::{CountKind, KernelPlan, KernelRule, L7Plan, L7Target, ListEntry, PortTarget, SourceSelector};
+use crate::plan::{
+    CountKind, KernelPlan, KernelRule, L7Plan, L7Target, ListEntry, PolicyPenalty, PortTarget, SourceSelector,
+};
 
 /// The compiler's output.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,6 +64,8 @@ pub struct Compiled {
     /// Set-level problems (duplicate L7 rule names, one domain in two configs). A plan with
     /// errors must not be applied.
     pub errors: Vec<PolicyError>,
+    /// Policies' `penalty` settings, for escalation from the rate limit service to XDP.
+    pub penalties: Vec<PolicyPenalty>,
 }
 
 impl Compiled {
@@ -176,8 +180,12 @@ pub enum NoticeKind {
         "{kind} {name}: not resolved to ports (no listener map yet), so kernel rules do not cover it; L7 rules apply to its requests"
     )]
     RouteTarget { kind: RouteKind, name: String },
-    #[error("penalty escalation is parsed but not enforced yet")]
-    Penalty,
+    #[error(
+        "escalation: a source the rate limit service denies {events} times within {within:?} (rules {rules}) is put in the XDP block list for {block:?} (`limiter-agent run --iface`)"
+    )]
+    Penalty { events: u32, within: std::time::Duration, block: std::time::Duration, rules: String },
+    #[error("escalation: the policy has no L7 rules whose denials could count, so its penalty escalates nothing")]
+    PenaltyWithoutL7Rules,
     /// A field of a gateway kind accepted but enforced by no layer ([`Policy::not_enforced`],
     /// [`RatelimitConfig::not_enforced`]); the notice's `field` names it.
     #[error("{what}")]
@@ -234,9 +242,6 @@ fn compile_policy(p: &Policy, out: &mut Compiled, origins: &mut Vec<Location>, f
     }
     for w in &p.not_enforced {
         out.notices.push(notice(&w.at, None, NoticeKind::NotEnforced { what: w.value.clone() }));
-    }
-    if let Some(pen) = &p.penalty {
-        out.notices.push(notice(&pen.at, None, NoticeKind::Penalty));
     }
     let mut ports: Vec<PortTarget> = Vec::new();
     let mut l7_targets: Vec<L7Target> = Vec::new();
@@ -329,6 +334,24 @@ fn compile_policy(p: &Policy, out: &mut Compiled, origins: &mut Vec<Location>, f
                     out.notices.push(rule_notice(NoticeKind::GlobalL7 { what: format!("rule {full}") }));
                 }
             }
+        }
+    }
+    if let Some(pen) = &p.penalty {
+        // Only L7 denials escalate: a kernel drop is already as cheap as a block-list drop.
+        if summary.l7_rules.is_empty() {
+            out.notices.push(notice(&pen.at, None, NoticeKind::PenaltyWithoutL7Rules));
+        } else {
+            let rules = summary.l7_rules.join(", ");
+            let kind =
+                NoticeKind::Penalty { events: pen.over_limit_events, within: pen.within, block: pen.block, rules };
+            out.notices.push(notice(&pen.at, None, kind));
+            out.penalties.push(PolicyPenalty {
+                policy: p.name.clone(),
+                over_limit_events: pen.over_limit_events,
+                within: pen.within,
+                block: pen.block,
+                rules: summary.l7_rules.clone(),
+            });
         }
     }
     out.summaries.push(summary);
