@@ -455,3 +455,41 @@ fn the_envoy_example_scenarios_over_redis() {
         assert_eq!(server.get_int(&format!("envoy-docs_generic_key_total_{window}")).unwrap(), Some(101));
     });
 }
+
+/// A gateway kind's `rateLimit.local` rule stays on this node even with the Redis backend: the
+/// in-process token bucket (burst included) decides it and Redis never sees it, while the
+/// global rule beside it in the same request is counted in Redis.
+#[test]
+fn local_rules_are_decided_in_process_and_global_ones_in_redis() {
+    let server = RedisServer::start().expect("redis-server");
+    let rt = runtime();
+    let mut local = rule("limiter", "p/local", &[("generic_key", Some("p/local"))], Some((3, Unit::Hour)));
+    local.scope = Scope::Local;
+    local.algorithm = Algorithm::TokenBucket;
+    local.limit = Some(Limit { requests: 3, unit: Unit::Hour, burst: 3 });
+    let global = rule("limiter", "p/global", &[("generic_key", Some("p/global"))], Some((100, Unit::Hour)));
+    let engine = engine(vec![local, global]);
+    rt.block_on(async {
+        let backend = backend(&server, FailureMode::FailOpen).await;
+        let req = request("limiter", vec![descriptor(&[("generic_key", "p/local")])]);
+        // 3 per hour with a burst of 3: six at once, then denied (a token takes 20 minutes).
+        let mut expected = repeat(Code::Ok, 6);
+        expected.push(Code::OverLimit);
+        assert_eq!(codes(&backend, &engine, &req, at(T), 7).await, expected);
+        assert_eq!(server.keys("*").expect("KEYS"), Vec::<String>::new(), "a local rule wrote to Redis");
+        assert_eq!(server.command_calls("incrby").expect("INFO"), 0);
+
+        let both = request(
+            "limiter",
+            vec![descriptor(&[("generic_key", "p/global")]), descriptor(&[("generic_key", "p/local")])],
+        );
+        let resp = decide(&backend, &engine, &both, at(T)).await;
+        assert_eq!(resp.statuses[0].code, Code::Ok);
+        assert_eq!(resp.statuses[0].limit_remaining, 99);
+        assert_eq!(resp.statuses[1].code, Code::OverLimit, "the local bucket is still empty");
+        assert_eq!(resp.overall, Code::OverLimit);
+        let keys = server.keys("*").expect("KEYS");
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(keys[0].starts_with("limiter_generic_key_p/global_"), "{keys:?}");
+    });
+}

@@ -147,7 +147,7 @@ pub enum Algorithm {
 pub enum Scope {
     /// This node alone.
     Local,
-    /// Shared by every node (through Redis once sync lands; per node until then).
+    /// Shared by every node: counted in Redis with `run --rls-backend redis`, else per node.
     Global,
 }
 

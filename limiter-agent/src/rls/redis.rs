@@ -20,7 +20,13 @@
 //! `duration_until_reset` is the whole seconds left in the window (`unit - now % unit`), the
 //! same arithmetic as the reference, so Envoy's `x-ratelimit-*` headers agree across services.
 //!
-//! Every rule is counted as a fixed window here, also those written as token buckets: Redis
+//! Only rules shared by every node go to Redis: envoyproxy/ratelimit configs and the gateway
+//! kinds' `rateLimit.global` rules (scope global). A gateway kind's `rateLimit.local` rule
+//! means "this node alone" and is decided by the in-process engine with its own algorithm
+//! (token bucket and burst) even with this backend, as Envoy Gateway keeps local limits in each
+//! proxy while only global ones reach the rate limit service's Redis.
+//!
+//! Every Redis rule is counted as a fixed window, also those written as token buckets: Redis
 //! counts `requests` per unit window; `burst` does not apply (as with Envoy Gateway's global
 //! limits, which run on the reference service). A unit that is not a whole number of seconds
 //! (kgateway's `fillInterval: 250ms`) is rounded up to a whole second, the resolution of the
@@ -63,8 +69,10 @@ use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
 
+use crate::l7::RequestDescriptor;
 use crate::l7::{Code, DescriptorStatus, Engine, Match, ReportedLimit, RequestError, RlsRequest, RlsResponse};
 use crate::plan::Unit;
+use crate::plan::l7::Scope;
 
 /// What the backend answers for a descriptor it cannot count because Redis is unreachable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -340,6 +348,10 @@ impl RedisBackend {
                 steps.push(Step::Done(no_limit_status(None, 0)));
                 continue;
             }
+            if rule.scope == Scope::Local {
+                steps.push(Step::Done(decide_locally(engine, req, descriptor)));
+                continue;
+            }
             let Some(limit) = rule.limit else {
                 // `unlimited`: OK, no limit, remaining reported as the reference does.
                 steps.push(Step::Done(no_limit_status(Some(rule.name.clone()), u32::MAX)));
@@ -364,6 +376,18 @@ impl RedisBackend {
             steps.push(Step::Count { key, hits, limit: reported, shadow: rule.shadow, window_end, reset });
         }
         steps
+    }
+}
+
+/// A node-local rule's answer from the in-process engine: the descriptor alone, as a request of
+/// its own (`replaces` across the request was applied by the caller already).
+fn decide_locally(engine: &Engine, req: &RlsRequest, descriptor: &RequestDescriptor) -> DescriptorStatus {
+    let single =
+        RlsRequest { domain: req.domain.clone(), descriptors: vec![descriptor.clone()], hits_addend: req.hits_addend };
+    match engine.should_rate_limit(&single, std::time::Instant::now()) {
+        Ok(mut resp) if !resp.statuses.is_empty() => resp.statuses.swap_remove(0),
+        // The whole request was validated before planning; a descriptor of it cannot fail.
+        _ => no_limit_status(None, 0),
     }
 }
 
