@@ -105,7 +105,7 @@ fn check_accepts_every_kind_at_once_and_lists_warnings_from_each() {
         ("kgateway/gateway-wide.yaml", "spec.timeouts", "not enforced"),
         ("agentgateway/two-windows.yaml", "spec.traffic.timeouts", "not enforced"),
         ("teg/ratelimitfilter.yaml", "spec.global.rules[0]", "rule ratelimit-all-requests/rule-0 is L7"),
-        ("policies/task-api.yaml", "spec.penalty", "is put in the XDP block list for 60s"),
+        ("policies/task-api.yaml", "spec.penalty", "escalation: a source the rate limit service denies 20 times"),
         ("ratelimit/nested.yaml", "domain", "the rules of domain shop: global: shared through Redis"),
         (
             "policies/task-api.yaml",
