@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{setup, test, util};
-use traffic::{Client, HttpServer, Tally, Workers};
+use traffic::{Client, Counts, HttpServer, Tally, Workers};
 
 const SRV_NS: &str = "ld-srv";
 const POLITE_NS: &str = "ld-polite";
@@ -35,7 +35,14 @@ const OLD_NAMESPACES: [&str; 1] = ["ld-cli"];
 /// prefix). The server is `.1`, the client `.2`.
 const LINKS: [(&str, &str, &str, &str); 2] =
     [(POLITE_NS, "ld-srv-p", "ld-polite0", "10.200.1"), (GREEDY_NS, "ld-srv-g", "ld-greedy0", "10.200.2")];
+/// Envoy listens here on every address of ld-srv: the port the demo policy shields in XDP.
 const HTTP_PORT: u16 = 8080;
+/// The demo HTTP service behind Envoy, on ld-srv's loopback (examples/envoy/demo-envoy.yaml).
+const SERVICE_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 8081);
+/// The agent's rate limit service, on ld-srv's loopback, which Envoy asks about every request.
+const RLS_LISTEN: &str = "127.0.0.1:8089";
+const ENVOY_CONFIG: &str = "examples/envoy/demo-envoy.yaml";
+const DEMO_RATELIMIT: &str = "examples/envoy/demo-ratelimit.yaml";
 const CONTROL_SOCKET: &str = "/run/limiter/demo.sock";
 
 const POLITE_PER_S: u32 = 5;
@@ -124,9 +131,14 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     for iface in &ifaces {
         agent_cmd.args(["--iface", iface]);
     }
+    let ratelimit = util::workspace_root()?.join(DEMO_RATELIMIT);
     agent_cmd
         .arg("--policy")
         .arg(policy)
+        // The HTTP limit Envoy asks the agent's rate limit service about.
+        .arg("--policy")
+        .arg(&ratelimit)
+        .args(["--rls-listen", RLS_LISTEN])
         // `top` shows the live numbers; the agent's own stats line would repeat them.
         .args(["--stats-interval", "30s", "--control-socket", CONTROL_SOCKET]);
     if std::env::var_os("RUST_LOG").is_none() {
@@ -145,9 +157,24 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
 
     let mut workers = Workers::default();
     let served = Arc::new(AtomicU64::new(0));
-    let listen: SocketAddr = ([0, 0, 0, 0], HTTP_PORT).into();
+    let listen: SocketAddr = SERVICE_ADDR.into();
     workers.spawn("http", SRV_NS, move || HttpServer::bind(listen), HttpServer { served: Arc::clone(&served) })?;
-    println!("demo: HTTP service listening on port {HTTP_PORT} in {SRV_NS}");
+    println!("demo: HTTP service listening on {listen} in {SRV_NS}");
+    let envoy_config = util::workspace_root()?.join(ENVOY_CONFIG);
+    let mut envoy_cmd = Command::new("ip");
+    envoy_cmd
+        .args(["netns", "exec", SRV_NS])
+        .arg(setup::envoy_bin()?)
+        .args(["--disable-hot-restart", "--log-level", "warn", "--component-log-level", "main:info", "-c"])
+        .arg(&envoy_config);
+    let mut envoy = Spawned::start(envoy_cmd, "envoy")?;
+    envoy
+        .wait_for_line("starting main dispatch loop", |l| l.contains("starting main dispatch loop"), ATTACH_TIMEOUT)
+        .context("Envoy did not start: its output is above (is it installed? `cargo xtask setup`)")?;
+    println!(
+        "demo: Envoy listening on port {HTTP_PORT} in {SRV_NS}, in front of the service; its rate limit filter asks \
+         the agent ({RLS_LISTEN}, {DEMO_RATELIMIT}: 10 requests a second per client) about every request"
+    );
 
     wait_for_snapshot()?;
     println!("demo: live view: `limiter-agent top --socket {CONTROL_SOCKET}`, every second");
@@ -198,17 +225,26 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     workers.stop_one("polite");
     phase.report("phase 3/3: spoofed-source flood", &polite, &greedy)?;
 
-    let (p_ok, p_failed) = polite.get();
-    let (g_ok, g_failed) = greedy.get();
+    let (p_ok, p_limited, p_failed) = polite.get();
+    let (g_ok, g_limited, g_failed) = greedy.get();
     println!("demo: ━━ outcome");
-    println!("demo:   polite client: {p_ok} of {} requests answered", p_ok + p_failed);
     println!(
-        "demo:   greedy client: {g_ok} of {} requests answered (the rest were cut by its connection limit)",
-        g_ok + g_failed
+        "demo:   polite client: {} requests: {p_ok} answered 200, {p_limited} answered 429, {p_failed} cut",
+        p_ok + p_limited + p_failed
     );
+    println!(
+        "demo:   greedy client: {} requests: {g_ok} answered 200, {g_limited} answered 429 by Envoy (over 10/s at \
+         the rate limit service), {g_failed} cut in XDP (over its connection limit)",
+        g_ok + g_limited + g_failed
+    );
+    let (_, limited_headers) = greedy.headers();
+    if !limited_headers.is_empty() {
+        println!("demo:   a 429 the greedy client got: {limited_headers}");
+    }
     println!("demo:   the service answered {} requests in all", served.load(std::sync::atomic::Ordering::Relaxed));
     drop(top);
     drop(workers);
+    drop(envoy);
     println!("demo: stopping the agent (SIGINT)");
     let status = agent.stop(STOP_GRACE)?;
     println!(
@@ -250,8 +286,8 @@ struct Phase {
     reasons: Vec<(String, String, u64)>,
     /// rule -> (passed, dropped) packets.
     rules: Vec<(String, u64, u64)>,
-    polite: (u64, u64),
-    greedy: (u64, u64),
+    polite: Counts,
+    greedy: Counts,
 }
 
 impl Phase {
@@ -300,15 +336,27 @@ impl Phase {
             let (bp, bd) = self.rules.iter().find(|r| &r.0 == name).map_or((0, 0), |r| (r.1, r.2));
             println!("demo:   rule {name}: passed {} dropped {}", p.saturating_sub(bp), d.saturating_sub(bd));
         }
-        let client = |label: &str, after: (u64, u64), before: (u64, u64)| {
+        let client = |label: &str, tally: &Tally, after: Counts, before: Counts| {
             let ok = after.0 - before.0;
-            let failed = after.1 - before.1;
-            if ok + failed > 0 {
-                println!("demo:   {label} client: {ok} of {} requests answered", ok + failed);
+            let limited = after.1 - before.1;
+            let failed = after.2 - before.2;
+            if ok + limited + failed > 0 {
+                println!(
+                    "demo:   {label} client: {} requests: {ok} × 200, {limited} × 429 (Envoy, from the rate limit \
+                     service), {failed} cut (connection dropped in XDP)",
+                    ok + limited + failed
+                );
+                let (ok_headers, limited_headers) = tally.headers();
+                if ok > 0 && !ok_headers.is_empty() {
+                    println!("demo:     latest 200: {ok_headers}");
+                }
+                if limited > 0 && !limited_headers.is_empty() {
+                    println!("demo:     latest 429: {limited_headers}");
+                }
             }
         };
-        client("polite", now.polite, self.polite);
-        client("greedy", now.greedy, self.greedy);
+        client("polite", polite, now.polite, self.polite);
+        client("greedy", greedy, now.greedy, self.greedy);
         Ok(now)
     }
 }

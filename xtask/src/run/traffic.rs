@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,21 +18,54 @@ use anyhow::{Context as _, Result, bail};
 /// retransmitted only after a second, so a limited connection fails).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Requests answered and failed, for one client.
+/// What one request got.
+pub enum Outcome {
+    /// `200`, with the `x-ratelimit-*` headers Envoy added.
+    Ok(String),
+    /// `429` from Envoy's rate limit filter, with its `x-ratelimit-*` headers.
+    Limited(String),
+    /// No answer in time: the connection was cut (its SYNs dropped in XDP) or it failed.
+    Failed,
+}
+
+/// Requests answered 200, answered 429, and failed, for one client; and the rate-limit
+/// headers of the latest 200 and 429.
 #[derive(Default)]
 pub struct Tally {
     pub ok: AtomicU64,
+    pub limited: AtomicU64,
     pub failed: AtomicU64,
+    last_ok_headers: Mutex<String>,
+    last_limited_headers: Mutex<String>,
 }
 
+/// (200s, 429s, failed).
+pub type Counts = (u64, u64, u64);
+
 impl Tally {
-    pub fn get(&self) -> (u64, u64) {
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    pub fn get(&self) -> Counts {
+        (self.ok.load(Ordering::Relaxed), self.limited.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 
-    fn record(&self, ok: bool) {
-        let counter = if ok { &self.ok } else { &self.failed };
+    /// The `x-ratelimit-*` headers of the latest 200 and of the latest 429 (empty if none).
+    pub fn headers(&self) -> (String, String) {
+        let read = |m: &Mutex<String>| m.lock().map(|s| s.clone()).unwrap_or_default();
+        (read(&self.last_ok_headers), read(&self.last_limited_headers))
+    }
+
+    fn record(&self, outcome: Outcome) {
+        let (counter, headers) = match outcome {
+            Outcome::Ok(h) => (&self.ok, Some((&self.last_ok_headers, h))),
+            Outcome::Limited(h) => (&self.limited, Some((&self.last_limited_headers, h))),
+            Outcome::Failed => (&self.failed, None),
+        };
         counter.fetch_add(1, Ordering::Relaxed);
+        if let Some((slot, h)) = headers
+            && !h.is_empty()
+            && let Ok(mut slot) = slot.lock()
+        {
+            *slot = h;
+        }
     }
 }
 
@@ -174,15 +207,15 @@ fn serve_one(mut stream: TcpStream) -> std::io::Result<()> {
     stream.write_all(reply.as_bytes())
 }
 
-/// One `GET /`; true if a `200` came back within [`REQUEST_TIMEOUT`].
-fn http_get(to: SocketAddr) -> bool {
+/// One `GET /` within [`REQUEST_TIMEOUT`]: its status and rate-limit headers.
+fn http_get(to: SocketAddr) -> Outcome {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let Ok(mut stream) = TcpStream::connect_timeout(&to, REQUEST_TIMEOUT) else {
-        return false;
+        return Outcome::Failed;
     };
     let mut reply = Vec::new();
     let result = (|| -> std::io::Result<()> {
-        stream.write_all(b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n")?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")?;
         let mut buf = [0u8; 512];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -197,7 +230,22 @@ fn http_get(to: SocketAddr) -> bool {
             }
         }
     })();
-    result.is_ok() && reply.starts_with(b"HTTP/1.") && reply.windows(5).any(|w| w == b" 200 ")
+    if result.is_err() {
+        return Outcome::Failed;
+    }
+    let text = String::from_utf8_lossy(&reply);
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    let headers: Vec<&str> = lines
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.get(..12).is_some_and(|p| p.eq_ignore_ascii_case("x-ratelimit-")))
+        .collect();
+    let headers = headers.join("; ");
+    match status.split(' ').nth(1) {
+        Some("200") => Outcome::Ok(headers),
+        Some("429") => Outcome::Limited(headers),
+        _ => Outcome::Failed,
+    }
 }
 
 /// A client sending `per_second` requests a second to `to`, each in its own thread so a
