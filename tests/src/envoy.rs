@@ -8,6 +8,10 @@
 //!   `$HOME/.cache/limiter-envoy/bin/envoy`); waits until its admin `/ready` says LIVE; kills it
 //!   on drop. The filter sends `enable_x_ratelimit_headers: DRAFT_VERSION_03`, so responses
 //!   carry `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset`.
+//! - [`example_bootstrap`]: a shipped Envoy bootstrap (YAML) with only its listener, admin and
+//!   cluster addresses moved to the test's ports; routes and filters stay as shipped.
+//! - [`RateLimitService`]: the agent's rate limit service (`limiter_agent::rls::serve`) in its
+//!   own tokio runtime on loopback, counting locally or in Redis; stopped on demand or on drop.
 //! - [`get`]: one request on its own connection (`connection: close`), like one `curl` call.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -18,7 +22,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+use limiter_agent::l7::Engine;
+use limiter_agent::metrics::Metrics;
+use limiter_agent::rls::redis::{RedisBackend, RedisConfig};
+use limiter_agent::rls::{Backend, RateLimiter, RlsConfig, Running};
 use serde_json::{Value, json};
 
 use crate::redis::free_port;
@@ -355,6 +363,136 @@ fn cluster(name: &str, address: Value, http2: bool) -> Value {
         });
     }
     cluster
+}
+
+/// A shipped bootstrap (`text`, YAML) moved onto the test's ports: the first listener on
+/// `port`, admin on `admin_port`, and each named STATIC cluster's single endpoint on the given
+/// address. Nothing else changes, so the routes and filters tested are the shipped ones. Errors
+/// if the bootstrap does not have that shape (a named cluster missing, or with several
+/// endpoints).
+pub fn example_bootstrap(text: &str, port: u16, admin_port: u16, clusters: &[(&str, SocketAddr)]) -> Result<Value> {
+    let mut bootstrap: Value = serde_saphyr::from_str(text).context("parsing the Envoy bootstrap as YAML")?;
+    let listener = bootstrap
+        .pointer_mut("/static_resources/listeners/0/address/socket_address")
+        .context("the bootstrap has no listener with a socket address")?;
+    listener["port_value"] = json!(port);
+    let admin = bootstrap.pointer_mut("/admin/address/socket_address").context("the bootstrap has no admin address")?;
+    admin["port_value"] = json!(admin_port);
+    for (name, addr) in clusters {
+        let cluster = bootstrap
+            .pointer_mut("/static_resources/clusters")
+            .and_then(Value::as_array_mut)
+            .and_then(|cs| cs.iter_mut().find(|c| c["name"] == *name))
+            .with_context(|| format!("the bootstrap has no cluster {name}"))?;
+        let endpoints = cluster
+            .pointer_mut("/load_assignment/endpoints/0/lb_endpoints")
+            .and_then(Value::as_array_mut)
+            .with_context(|| format!("cluster {name} has no lb_endpoints"))?;
+        ensure!(endpoints.len() == 1, "cluster {name} has {} endpoints, expected one", endpoints.len());
+        endpoints[0]["endpoint"]["address"] = socket(addr.ip(), addr.port());
+    }
+    Ok(bootstrap)
+}
+
+/// How the [`RateLimitService`] counts.
+#[derive(Clone, Debug)]
+pub enum Counting {
+    /// In the engine ([`Backend::Local`]), on the engine's clock.
+    Local,
+    /// In the Redis server at this URL ([`Backend::Redis`], failing closed so that a broken
+    /// connection shows as denials instead of passing requests), on the wall clock.
+    Redis(String),
+}
+
+/// The agent's rate limit service on `127.0.0.1`, in a runtime of its own (so a test's
+/// blocking HTTP client never starves it). Stopped by [`RateLimitService::stop`] or on drop.
+pub struct RateLimitService {
+    runtime: Option<tokio::runtime::Runtime>,
+    running: Option<Running>,
+    addr: SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+}
+
+impl RateLimitService {
+    /// Serves `engine`'s plan on `listen` (port 0 picks a free one) and waits until it is bound.
+    pub fn start(listen: SocketAddr, engine: Engine, counting: Counting) -> Result<RateLimitService> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("rls")
+            .enable_all()
+            .build()
+            .context("building the rate limit service's runtime")?;
+        let metrics = Arc::new(Metrics::new());
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let config = RlsConfig { listen, ..RlsConfig::default() };
+        let running = runtime.block_on(async {
+            let backend = match &counting {
+                Counting::Local => Backend::Local,
+                Counting::Redis(url) => {
+                    let config = RedisConfig {
+                        failure_mode: limiter_agent::rls::redis::FailureMode::FailClosed,
+                        ..Default::default()
+                    };
+                    let redis = RedisBackend::connect(url, config).await.context("connecting to Redis")?;
+                    let deadline = Instant::now() + START_TIMEOUT;
+                    while !redis.is_connected() {
+                        ensure!(Instant::now() < deadline, "no Redis connection to {url} within {START_TIMEOUT:?}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Backend::Redis(redis)
+                }
+            };
+            let limiter = RateLimiter::new(Arc::new(engine), backend, Arc::clone(&metrics), None, config.max_in_flight);
+            limiter_agent::rls::serve(&config, Arc::new(limiter), shutdown_rx)
+                .await
+                .context("starting the rate limit service")
+        })?;
+        let addr = running.addr;
+        Ok(RateLimitService { runtime: Some(runtime), running: Some(running), addr, shutdown, metrics })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The agent's metrics (what its `/metrics` endpoint would serve), in Prometheus text.
+    pub fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// A counter from [`RateLimitService::metrics`]: the sample of `name` whose labels include
+    /// every `label="value"` given; 0 when there is none yet.
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let text = self.metrics();
+        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        text.lines()
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let rest = series.strip_prefix(name)?;
+                let labels = rest.strip_prefix('{')?.strip_suffix('}')?;
+                let have: Vec<&str> = labels.split(',').collect();
+                wanted.iter().all(|w| have.contains(&w.as_str())).then(|| value.parse::<u64>().ok())?
+            })
+            .sum()
+    }
+
+    /// Stops the service: the graceful shutdown [`limiter_agent::rls::serve`] offers (bounded),
+    /// then the runtime goes, and every socket with it. Nothing listens on [`Self::addr`] after.
+    pub fn stop(&mut self) {
+        let Some(runtime) = self.runtime.take() else { return };
+        let _ = self.shutdown.send(true);
+        if let Some(running) = self.running.take() {
+            let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), running.task).await });
+        }
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+impl Drop for RateLimitService {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// An HTTP response: status, lower-cased headers, body.
