@@ -201,6 +201,7 @@ struct Options {
     max_in_flight: usize,
     max_request_bytes: usize,
     timeout: Duration,
+    drain_timeout: Duration,
 }
 
 impl Default for Options {
@@ -212,6 +213,7 @@ impl Default for Options {
             max_in_flight: defaults.max_in_flight,
             max_request_bytes: defaults.max_request_bytes,
             timeout: defaults.timeout,
+            drain_timeout: defaults.drain_timeout,
         }
     }
 }
@@ -235,6 +237,7 @@ async fn start_with(engine: Arc<Engine>, options: Options) -> Server {
         max_request_bytes: options.max_request_bytes,
         max_in_flight: options.max_in_flight,
         timeout: options.timeout,
+        drain_timeout: options.drain_timeout,
         ..RlsConfig::default()
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -814,6 +817,24 @@ async fn health_serves_until_shutdown_then_the_server_ends() {
 
     // Nothing listens any more.
     assert!(TcpStream::connect(rls.addr).await.is_err(), "{} still accepts", rls.addr);
+}
+
+/// A client that keeps a health `Watch` open does not keep the server alive past the drain
+/// timeout: its connection is closed and the serve task ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_watch_stream_does_not_hold_shutdown_past_the_drain_timeout() {
+    let options = Options { drain_timeout: Duration::from_millis(200), ..Options::default() };
+    let rls = start_with(frozen_engine(shop_and_api("drain")), options).await;
+    let mut health = HealthClient::new(channel(rls.addr).await);
+    let mut watch =
+        within(health.watch(HealthCheckRequest { service: SERVICE.into() })).await.expect("watch").into_inner();
+    let first = within(watch.message()).await.expect("watch stream").expect("a first status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    rls.shutdown.send(true).expect("server task holds the receiver");
+    // The watch stays open on this side; the server must end anyway.
+    within(rls.task).await.expect("server task panicked").expect("server ended cleanly");
+    assert!(TcpStream::connect(rls.addr).await.is_err(), "{} still accepts", rls.addr);
+    drop(watch);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -71,7 +71,8 @@
 //! # Shutdown
 //!
 //! [`serve`] stops accepting when its shutdown signal fires, marks the health service
-//! `NOT_SERVING`, and lets calls in flight finish.
+//! `NOT_SERVING`, and lets calls in flight finish for at most [`RlsConfig::drain_timeout`];
+//! connections still open then (a health `Watch` stream never ends by itself) are closed.
 
 pub mod escalation;
 pub mod redis;
@@ -121,6 +122,9 @@ pub struct RlsConfig {
     pub max_streams_per_connection: u32,
     /// Longest a call may take.
     pub timeout: Duration,
+    /// After shutdown fires, how long open calls get to finish before their connections are
+    /// closed. Needed because a health `Watch` stream never ends on its own.
+    pub drain_timeout: Duration,
 }
 
 impl Default for RlsConfig {
@@ -131,6 +135,7 @@ impl Default for RlsConfig {
             max_in_flight: 1024,
             max_streams_per_connection: 256,
             timeout: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -171,13 +176,33 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(service);
     info!("rate limit service listening on {bound} (gRPC envoy.service.ratelimit.v3 and grpc.health.v1)");
+    let drain = config.drain_timeout;
     let task = tokio::spawn(async move {
+        let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
         let stop = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
             health.set_not_serving::<RateLimitServiceServer<RateLimiter>>().await;
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            let _ = fired_tx.send(());
         };
-        server.serve_with_incoming_shutdown(incoming, stop).await
+        let serving = server.serve_with_incoming_shutdown(incoming, stop);
+        tokio::pin!(serving);
+        // Graceful shutdown waits for every open call; bound it, so that a client holding a
+        // stream open (a health Watch) cannot keep the agent from exiting.
+        let drained = async move {
+            if fired_rx.await.is_ok() {
+                tokio::time::sleep(drain).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = &mut serving => result,
+            () = drained => {
+                log::warn!("rate limit service: calls still open {drain:?} after shutdown; closing their connections");
+                Ok(())
+            }
+        }
     });
     Ok(Running { addr: bound, task })
 }
