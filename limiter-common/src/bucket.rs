@@ -115,6 +115,23 @@ pub const fn gcra(tat_ns: u64, now_ns: u64, cost_ns: u64, burst_ns: u64) -> Opti
     if new_tat - now_ns <= burst_ns { Some(new_tat) } else { None }
 }
 
+/// Gives back a charge of `cost_ns` (a later bucket dropped the packet this one admitted):
+/// the TAT the bucket should hold instead of `tat_ns`.
+///
+/// A refund never moves the TAT below `now_ns`, which is where a full bucket stands ([`gcra`]
+/// treats any TAT at or before now alike), and never wraps. So a refund cannot hand out
+/// credit beyond the bucket's depth, and a refund applied to a bucket that was recreated
+/// (TAT 0) or has gone idle since the charge leaves it as it is. A plain subtraction would
+/// wrap a TAT of 0 to nearly `u64::MAX`, a bucket [`gcra`] refuses forever.
+#[inline(always)]
+pub const fn refund(tat_ns: u64, now_ns: u64, cost_ns: u64) -> u64 {
+    if tat_ns <= now_ns {
+        return tat_ns;
+    }
+    let back = tat_ns.saturating_sub(cost_ns);
+    if back > now_ns { back } else { now_ns }
+}
+
 /// Tokens still available at `now_ns` in a bucket whose TAT is `tat_ns` (for reporting, e.g.
 /// `x-ratelimit-remaining`).
 pub const fn remaining_tokens(params: &BucketParams, tat_ns: u64, now_ns: u64) -> u64 {
@@ -259,6 +276,41 @@ mod tests {
         let p = BucketParams::for_packets(7, NS_PER_SECOND, 13).unwrap();
         let mut tat = 0;
         assert_eq!(admit(&mut tat, &p, T0, 1, 100), 20);
+    }
+
+    #[test]
+    fn a_refund_gives_back_exactly_the_charge() {
+        let p = BucketParams::for_packets(3, NS_PER_SECOND, 0).unwrap();
+        let mut tat = 0;
+        assert_eq!(admit(&mut tat, &p, T0, 1, 3), 3);
+        let full = tat;
+        tat = refund(tat, T0, p.cost_ns(1));
+        assert_eq!(tat, full - p.cost_ns(1));
+        assert_eq!(admit(&mut tat, &p, T0, 1, 5), 1, "one token back, no more");
+    }
+
+    #[test]
+    fn refunding_a_recreated_or_idle_bucket_never_poisons_it() {
+        let p = BucketParams::for_packets(1, NS_PER_HOUR, 0).unwrap();
+        let cost = p.cost_ns(1);
+        // The entry vanished after the charge and was recreated empty (TAT 0): the refund
+        // leaves a full bucket, not a TAT near u64::MAX.
+        assert_eq!(refund(0, T0, cost), 0);
+        let mut tat = refund(0, T0, cost);
+        assert_eq!(admit(&mut tat, &p, T0, 1, 3), 1);
+        // A bucket that went idle (TAT in the past) stays as it is.
+        assert_eq!(refund(T0 - 1, T0, cost), T0 - 1);
+        // Reset and recharged by another CPU at `now`: the refund stops at now (full).
+        assert_eq!(refund(T0 + 10, T0, cost), T0);
+        // A cost larger than the TAT saturates instead of wrapping.
+        assert_eq!(refund(T0 + 10, T0, u64::MAX), T0);
+        assert_eq!(refund(5, 0, u64::MAX), 0);
+        // Whatever the inputs, the result stays between now and the old TAT: never huge.
+        for &(tat, now, cost) in &[(0, 0, 1), (1, 0, 2), (u64::MAX, 0, 1), (T0, T0, cost), (3, 2, u64::MAX)] {
+            let back = refund(tat, now, cost);
+            assert!(back <= tat, "refund({tat}, {now}, {cost}) = {back} moved the TAT forward");
+            assert!(back >= now.min(tat), "refund({tat}, {now}, {cost}) = {back} went below now");
+        }
     }
 
     #[test]

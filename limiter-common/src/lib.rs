@@ -9,6 +9,6 @@ pub mod bucket;
 pub mod maps;
 pub mod stats;
 
-pub use bucket::{BucketParams, gcra};
+pub use bucket::{BucketParams, gcra, refund};
 pub use maps::*;
 pub use stats::*;

@@ -12,12 +12,17 @@
 //! under-admit rather than over-admit, and losing four races in a row means other CPUs
 //! admitted four packets in that window, so the bucket is being drained anyway.
 //!
-//! Refunds (when a later bucket drops a packet an earlier one admitted) are a plain atomic
-//! add of the negative cost, which needs no retry.
+//! Refunds (when a later bucket drops a packet an earlier one admitted) go through the same
+//! compare-and-swap, with the pure [`limiter_common::refund`] step: it never moves the TAT
+//! below now (a full bucket) and never wraps. A blind atomic add of the negative cost would be
+//! simpler, but if the entry was recreated between the charge and the refund (LRU eviction, or
+//! the agent purging a retired rule's buckets), it would wrap a TAT of 0 to nearly `u64::MAX`:
+//! a bucket that refuses everything, forever. A refund that loses every race is skipped: the
+//! bucket keeps the charge, which under-admits (the safe side), like a contended charge.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
-use limiter_common::gcra;
+use limiter_common::{gcra, refund as refund_step};
 
 /// Compare-and-swap attempts before a contended charge gives up.
 pub const CAS_ATTEMPTS: u32 = 4;
@@ -53,14 +58,25 @@ pub unsafe fn charge(tat: *mut u64, now_ns: u64, cost_ns: u64, burst_ns: u64) ->
     Charge::Contended
 }
 
-/// Gives back a charge of `cost_ns` (the packet was dropped by a later bucket).
+/// Gives back a charge of `cost_ns` (the packet was dropped by a later bucket) made at
+/// `now_ns`.
 ///
 /// # Safety
 /// As for [`charge`].
 #[inline(always)]
-pub unsafe fn refund(tat: *mut u64, cost_ns: u64) {
-    // SAFETY: as above. Wrapping add of the two's complement subtracts.
-    unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(tat, cost_ns.wrapping_neg());
+pub unsafe fn refund(tat: *mut u64, now_ns: u64, cost_ns: u64) {
+    for _ in 0..CAS_ATTEMPTS {
+        // SAFETY: as in `charge`.
+        let seen = unsafe { core::ptr::read_volatile(tat) };
+        let next = refund_step(seen, now_ns, cost_ns);
+        if next == seen {
+            return;
+        }
+        // SAFETY: as above.
+        let (_, swapped) =
+            unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(tat, seen, next) };
+        if swapped {
+            return;
+        }
     }
 }

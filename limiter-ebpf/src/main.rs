@@ -291,9 +291,12 @@ extern "C" fn refund_rule(index: u64, _ctx: *mut c_void) -> i64 {
     }
     let Some(rule) = RULES.get(s.set * MAX_RULES + (s.slots[i] % MAX_RULES)) else { return 0 };
     let Some(tokens) = tokens(s, rule) else { return 0 };
-    if let Some(tat) = bucket(s, rule) {
+    // Look up only: if the entry vanished since the charge (evicted from the LRU by another
+    // CPU, or purged by the agent with a retired rule), there is nothing to give back, and
+    // creating it here would only make a bucket nobody charged.
+    if let Some(tat) = existing_bucket(s, rule) {
         // SAFETY: pointer from a successful map lookup.
-        unsafe { refund(tat, rule.bucket.cost_ns(tokens)) };
+        unsafe { refund(tat, s.now, rule.bucket.cost_ns(tokens)) };
     }
     0
 }
@@ -318,14 +321,39 @@ fn tokens(s: &Scratch, rule: &RuleConfig) -> Option<u64> {
 /// The bucket `rule` charges for this packet, created full on first use.
 #[inline(always)]
 fn bucket(s: &Scratch, rule: &RuleConfig) -> Option<*mut u64> {
-    let (port, protocol) = if rule.key_flags & KEY_BY_PORT != 0 { (s.port, s.port_protocol) } else { (0, 0) };
     if rule.key_flags & KEY_BY_SOURCE == 0 {
-        let key = SharedBucketKey { rule_id: rule.rule_id, port, protocol, _pad: 0 };
-        lookup_or_create(&SHARED_BUCKETS, &key)
+        lookup_or_create(&SHARED_BUCKETS, &shared_key(s, rule))
     } else {
-        let key = SourceBucketKey { rule_id: rule.rule_id, port, protocol, _pad: 0, addr: s.source };
-        lookup_or_create_lru(&SOURCE_BUCKETS, &key)
+        lookup_or_create_lru(&SOURCE_BUCKETS, &source_key(s, rule))
     }
+}
+
+/// The bucket `rule` charged for this packet, if it still exists; never creates one.
+#[inline(always)]
+fn existing_bucket(s: &Scratch, rule: &RuleConfig) -> Option<*mut u64> {
+    if rule.key_flags & KEY_BY_SOURCE == 0 {
+        SHARED_BUCKETS.get_ptr_mut(shared_key(s, rule)).map(|b| b as *mut u64)
+    } else {
+        SOURCE_BUCKETS.get_ptr_mut(source_key(s, rule)).map(|b| b as *mut u64)
+    }
+}
+
+/// Port and protocol in the bucket key: the packet's when the rule keys by port, else 0.
+#[inline(always)]
+fn key_port(s: &Scratch, rule: &RuleConfig) -> (u16, u8) {
+    if rule.key_flags & KEY_BY_PORT != 0 { (s.port, s.port_protocol) } else { (0, 0) }
+}
+
+#[inline(always)]
+fn shared_key(s: &Scratch, rule: &RuleConfig) -> SharedBucketKey {
+    let (port, protocol) = key_port(s, rule);
+    SharedBucketKey { rule_id: rule.rule_id, port, protocol, _pad: 0 }
+}
+
+#[inline(always)]
+fn source_key(s: &Scratch, rule: &RuleConfig) -> SourceBucketKey {
+    let (port, protocol) = key_port(s, rule);
+    SourceBucketKey { rule_id: rule.rule_id, port, protocol, _pad: 0, addr: s.source }
 }
 
 #[inline(always)]

@@ -37,6 +37,7 @@ pub const ETH_P_EXPERIMENTAL: u16 = 0x88b5;
 pub const NEXTHDR_HOP: u8 = 0;
 pub const NEXTHDR_ROUTING: u8 = 43;
 pub const NEXTHDR_FRAGMENT: u8 = 44;
+pub const NEXTHDR_AUTH: u8 = 51;
 pub const NEXTHDR_NONE: u8 = 59;
 pub const NEXTHDR_DEST: u8 = 60;
 
@@ -76,6 +77,11 @@ pub enum Ipv6Ext {
     DestOpts { len: u8 },
     /// Fragment header (44): `offset` in 8-byte units (13 bits), M flag, identification.
     Fragment { offset: u16, more: bool, id: u32 },
+    /// Authentication header (51, RFC 4302). Unlike the others its length counts 4-byte
+    /// units minus 2: the header is `4 * (len + 2)` bytes (24 for `len: 4`, i.e. a 96-bit
+    /// ICV). IPv6 wants a multiple of 8, so `len` should be even. SPI and sequence number are
+    /// fixed, the ICV is zeros (nothing here verifies it).
+    Auth { len: u8 },
     /// Any header in the generic `next, len, data` layout, with next-header value `code`.
     Generic { code: u8, len: u8 },
 }
@@ -88,6 +94,7 @@ impl Ipv6Ext {
             Ipv6Ext::Routing { .. } => NEXTHDR_ROUTING,
             Ipv6Ext::DestOpts { .. } => NEXTHDR_DEST,
             Ipv6Ext::Fragment { .. } => NEXTHDR_FRAGMENT,
+            Ipv6Ext::Auth { .. } => NEXTHDR_AUTH,
             Ipv6Ext::Generic { code, .. } => *code,
         }
     }
@@ -107,6 +114,13 @@ impl Ipv6Ext {
                 out.extend_from_slice(&[next, 0]);
                 out.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
                 out.extend_from_slice(&id.to_be_bytes());
+            }
+            Ipv6Ext::Auth { len } => {
+                assert!(len >= 1, "an AH of len {len} is shorter than its 12 fixed bytes");
+                out.extend_from_slice(&[next, len, 0, 0]);
+                out.extend_from_slice(&0x0000_1000u32.to_be_bytes()); // SPI
+                out.extend_from_slice(&1u32.to_be_bytes()); // sequence number
+                out.resize(out.len() + 4 * (usize::from(len) + 2) - 12, 0);
             }
             Ipv6Ext::Generic { len, .. } => {
                 out.extend_from_slice(&[next, len]);
@@ -429,6 +443,11 @@ impl Packet {
     /// Appends an IPv6 fragment header: `offset` in 8-byte units, M flag, identification.
     pub fn fragment6(self, offset: u16, more: bool, id: u32) -> Self {
         self.ext(Ipv6Ext::Fragment { offset, more, id })
+    }
+
+    /// Appends an authentication header of `4 * (len + 2)` bytes (see [`Ipv6Ext::Auth`]).
+    pub fn ah(self, len: u8) -> Self {
+        self.ext(Ipv6Ext::Auth { len })
     }
 
     /// A TCP header (seq 1, window 64240, no flags yet: add [`Packet::syn`] etc.).
@@ -787,13 +806,15 @@ pub fn parse(frame: &[u8]) -> Option<Parsed<'_>> {
             p.dst = Some(IpAddr::from(<[u8; 16]>::try_from(&h[24..40]).ok()?));
             let mut next = h[6];
             let mut at = l3 + 40;
-            while matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT) {
+            while matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT | NEXTHDR_AUTH) {
                 p.ext_chain.push(next);
                 let e = frame.get(at..at + 8)?;
                 if next == NEXTHDR_FRAGMENT {
                     let fo = u16::from_be_bytes([e[2], e[3]]);
                     p.fragment = Some((fo >> 3, fo & 1 != 0));
                     at += 8;
+                } else if next == NEXTHDR_AUTH {
+                    at += 4 * (usize::from(e[1]) + 2);
                 } else {
                     at += 8 * (usize::from(e[1]) + 1);
                 }
@@ -884,6 +905,17 @@ mod tests {
         // RFC 1071 section 3 example: sum 0xddf2, checksum !0xddf2.
         let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(checksum(&[&data]), !0xddf2);
+    }
+
+    #[test]
+    fn authentication_headers_count_four_byte_units() {
+        let b = Packet::eth().ipv6(Ipv6Addr::LOCALHOST, Ipv6Addr::LOCALHOST).ah(4).udp(1, 9).build_with_offsets();
+        assert_eq!(b.l4 - b.l3, 40 + 24);
+        assert_eq!(b.bytes[b.l3 + 6], NEXTHDR_AUTH);
+        assert_eq!(b.bytes[b.l3 + 40], IPPROTO_UDP);
+        let p = parse(&b.bytes).unwrap();
+        assert_eq!(p.ext_chain, vec![NEXTHDR_AUTH]);
+        assert_eq!((p.l4, p.dport), (Some(b.l4), Some(9)));
     }
 
     #[test]

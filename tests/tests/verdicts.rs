@@ -12,6 +12,7 @@
 //! the source address and the destination port through whatever headers the frame carries.
 
 use std::{
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
@@ -20,7 +21,7 @@ use limiter_agent::{
     dataplane::{Dataplane, LoadOptions},
     plan::{CountKind, KernelPlan, KernelRule, Limit, ListEntry, PortTarget, Protocol, SourceSelector, Unit},
 };
-use limiter_common::{XDP_DROP, XDP_PASS, reason};
+use limiter_common::{Addr, XDP_DROP, XDP_PASS, ipv4_mapped, reason};
 use limiter_tests::{
     packet::{Packet, garbage_frames},
     require_root,
@@ -72,8 +73,29 @@ fn probe() -> Dataplane {
     with_rules(vec![probe])
 }
 
+/// The strict any-port rule: one packet per hour per source, whatever the protocol or port.
+fn strict_any_port() -> KernelRule {
+    per_source(rule("strict", CountKind::Packets, 1, Unit::Hour, 0))
+}
+
 fn verdict(dp: &mut Dataplane, frame: &[u8]) -> u32 {
     dp.test_run(frame).expect("BPF_PROG_TEST_RUN")
+}
+
+/// Runs `frame` once; returns its verdict and the one verdict reason it was counted under,
+/// found by comparing the counters before and after.
+fn judged(dp: &mut Dataplane, frame: &[u8]) -> (u32, u32) {
+    let before = dp.stats().expect("read counters");
+    let v = verdict(dp, frame);
+    let after = dp.stats().expect("read counters");
+    let counted: Vec<u32> =
+        (0..reason::VERDICT_REASONS).filter(|&r| after.reason(r).packets != before.reason(r).packets).collect();
+    let names: Vec<&str> = counted.iter().map(|&r| reason::name(r)).collect();
+    assert_eq!(counted.len(), 1, "a frame is counted under exactly one verdict reason, not {names:?}");
+    let why = counted[0];
+    assert_eq!(after.reason(why).packets, before.reason(why).packets + 1, "{}", reason::name(why));
+    assert_eq!(reason::is_drop(why), v == XDP_DROP, "verdict {v} but counted as {}", reason::name(why));
+    (v, why)
 }
 
 /// Runs `frame` twice against a fresh probe and returns both verdicts.
@@ -160,6 +182,13 @@ fn every_ipv6_extension_header_is_walked() {
     assert_parsed_to_probe(&udp6().fragment6(0, true, 7).build(), "fragment header, first fragment");
     let chain = udp6().hop_by_hop(0).routing(0, 0).dest_opts(0).fragment6(0, true, 9).build();
     assert_parsed_to_probe(&chain, "chain of all four");
+    // AH counts its length in 4-byte units (RFC 4302): a 24-byte AH read with the 8-byte
+    // rule of the others would put the UDP header past the end of this frame.
+    assert_parsed_to_probe(&udp6().ah(4).build(), "authentication header");
+    let chain = udp6().hop_by_hop(0).ah(4).routing(0, 0).ah(6).dest_opts(1).build();
+    assert_parsed_to_probe(&chain, "chain with two authentication headers");
+    let tcp_ah = Packet::eth().ipv6(CLIENT6, SERVER6).ah(4).tcp(40000, PROBE_PORT).syn().build();
+    assert_parsed_to_probe(&tcp_ah, "IPv6/AH/TCP");
     let tcp6 = Packet::eth().ipv6(CLIENT6, SERVER6).dest_opts(1).tcp(40000, PROBE_PORT).syn().build();
     assert_parsed_to_probe(&tcp6, "IPv6/dest-opts/TCP");
 }
@@ -207,11 +236,44 @@ fn later_fragments_have_no_ports_and_are_judged_by_any_port_rules_only() {
 }
 
 #[test]
+fn icmp_and_icmpv6_echoes_are_judged_by_any_port_rules() {
+    let icmp = Packet::eth().ipv4(CLIENT, SERVER).icmp_echo(7, 1).build();
+    let icmp6 = Packet::eth().ipv6(CLIENT6, SERVER6).icmpv6_echo(7, 1).build();
+    let cases = [(&icmp, "ICMP echo"), (&icmp6, "ICMPv6 echo")];
+    // They carry no ports, so a port rule never sees them...
+    for (frame, what) in cases {
+        let mut dp = probe();
+        assert_eq!(judged(&mut dp, frame), (XDP_PASS, reason::PASS_NO_RULE), "{what} against a port rule");
+        assert_eq!(judged(&mut dp, frame), (XDP_PASS, reason::PASS_NO_RULE), "{what} against a port rule");
+    }
+    // ...and the any-port rule judges each: its first echo passes, its second is dropped.
+    let mut dp = with_rules(vec![strict_any_port()]);
+    for (frame, what) in cases {
+        assert_eq!(judged(&mut dp, frame), (XDP_PASS, reason::PASS_CONFORMING), "{what}: first");
+        assert_eq!(judged(&mut dp, frame), (XDP_DROP, reason::DROP_SOURCE_BUCKET), "{what}: second");
+    }
+    let stats = dp.stats().unwrap();
+    assert_eq!(stats.rules["test/strict"].passed.packets, 2);
+    assert_eq!(stats.rules["test/strict"].dropped.packets, 2);
+    // An ICMPv6 header cut short is unparsed even where that rule would judge it: another
+    // source, so its bucket is still full, and both copies pass uncharged.
+    let other6 = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2);
+    let cut = Packet::eth().ipv6(other6, SERVER6).icmpv6_echo(7, 1).build_with_offsets();
+    let cut = &cut.bytes[..cut.l4 + 3];
+    assert_eq!(judged(&mut dp, cut), (XDP_PASS, reason::PASS_UNPARSED));
+    assert_eq!(judged(&mut dp, cut), (XDP_PASS, reason::PASS_UNPARSED));
+    let whole = Packet::eth().ipv6(other6, SERVER6).icmpv6_echo(7, 1).build();
+    assert_eq!(judged(&mut dp, &whole), (XDP_PASS, reason::PASS_CONFORMING), "the cut copies took no token");
+}
+
+#[test]
 fn truncated_headers_at_each_layer_are_unparsed() {
     let v4 = udp4().build_with_offsets();
     let v6 = udp6().hop_by_hop(1).build_with_offsets();
     let tcp = Packet::eth().ipv4(CLIENT, SERVER).tcp(40000, PROBE_PORT).syn().build_with_offsets();
     let icmp = Packet::eth().ipv4(CLIENT, SERVER).icmp_echo(1, 1).build_with_offsets();
+    let icmp6 = Packet::eth().ipv6(CLIENT6, SERVER6).icmpv6_echo(1, 1).build_with_offsets();
+    let ah = udp6().ah(4).build_with_offsets();
     let vlan = udp4().vlan(10).build();
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (vlan[..16].to_vec(), "inside the VLAN tag"),
@@ -219,6 +281,10 @@ fn truncated_headers_at_each_layer_are_unparsed() {
         (v4.bytes[..v4.l4 + 4].to_vec(), "inside the UDP header"),
         (tcp.bytes[..tcp.l4 + 12].to_vec(), "inside the TCP header"),
         (icmp.bytes[..icmp.l4 + 2].to_vec(), "inside the ICMP header"),
+        (icmp6.bytes[..icmp6.l4 + 3].to_vec(), "inside the ICMPv6 header"),
+        (ah.bytes[..ah.l3 + 41].to_vec(), "inside the AH's next-header and length bytes"),
+        (ah.bytes[..ah.l3 + 40 + 20].to_vec(), "inside the AH's ICV"),
+        (ah.bytes[..ah.l4 + 6].to_vec(), "inside the UDP header after an AH"),
         (v6.bytes[..v6.l3 + 30].to_vec(), "inside the IPv6 header"),
         (v6.bytes[..v6.l3 + 44].to_vec(), "inside an IPv6 extension header"),
         (v6.bytes[..v6.l4 + 6].to_vec(), "inside the UDP header after IPv6 extensions"),
@@ -233,24 +299,143 @@ fn truncated_headers_at_each_layer_are_unparsed() {
 
 #[test]
 fn header_only_and_garbage_frames_get_the_documented_verdict() {
+    // A strict any-port rule judges every frame the parser follows, so the reason each frame
+    // is counted under shows what the parser made of it.
+    let mut dp = with_rules(vec![strict_any_port()]);
     // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (the kernel never
     // delivers those to XDP either); the shortest frame is a bare Ethernet header.
-    let mut dp = load(LoadOptions::default());
     assert!(dp.test_run(&[]).is_err(), "the kernel rejects a zero-length test frame");
     let bare_ip = Packet::eth().ethertype(0x0800).build();
     assert_eq!(bare_ip.len(), 14);
-    assert_eq!(verdict(&mut dp, &bare_ip), XDP_PASS);
-    assert_eq!(dp.stats().unwrap().reason(reason::PASS_UNPARSED).packets, 1);
-    // Non-IP (ARP) is never limited and is not "unparsed".
+    assert_eq!(judged(&mut dp, &bare_ip), (XDP_PASS, reason::PASS_UNPARSED));
+    // Non-IP (ARP) is never limited and is not "unparsed", however often it comes.
     let arp = Packet::eth().ethertype(0x0806).payload(&[0; 28]).build();
-    assert_eq!(verdict(&mut dp, &arp), XDP_PASS);
-    assert_eq!(dp.stats().unwrap().reason(reason::PASS_NOT_IP).packets, 1);
-    // Random garbage never crashes, never reads out of bounds (the verifier proved that), and
-    // always gets a pass verdict under the default configuration.
-    for frame in garbage_frames(7, 500) {
-        if frame.len() >= 14 {
-            assert_eq!(verdict(&mut dp, &frame), XDP_PASS);
+    for _ in 0..3 {
+        assert_eq!(judged(&mut dp, &arp), (XDP_PASS, reason::PASS_NOT_IP));
+    }
+    // The rule is live: a well-formed packet passes once, then its source is over the limit.
+    let mut charged: HashSet<Addr> = HashSet::new();
+    assert_eq!(judged(&mut dp, &udp4().build()), (XDP_PASS, reason::PASS_CONFORMING));
+    assert_eq!(judged(&mut dp, &udp4().build()), (XDP_DROP, reason::DROP_SOURCE_BUCKET));
+    charged.insert(ipv4_mapped(CLIENT.octets()));
+
+    // Random garbage never crashes and never reads out of bounds (the verifier proved that);
+    // each frame gets the verdict the README's table gives for what it is.
+    let mut seen = [0usize; 3];
+    for (i, frame) in garbage_frames(7, 500).iter().enumerate() {
+        assert!(frame.len() >= 14, "garbage frame {i} is shorter than an Ethernet header");
+        let (_, why) = judged(&mut dp, frame);
+        let what = format!("garbage frame {i} ({} bytes) counted as {}", frame.len(), reason::name(why));
+        match expected(frame) {
+            Expected::NotIp => {
+                seen[0] += 1;
+                assert_eq!(why, reason::PASS_NOT_IP, "{what}: not IP");
+            }
+            Expected::Unparsed => {
+                seen[1] += 1;
+                assert_eq!(why, reason::PASS_UNPARSED, "{what}: the parser cannot follow it");
+            }
+            Expected::Judged(source) => {
+                seen[2] += 1;
+                // First packet of its source passes, any later one is dropped (1 per hour).
+                let first = charged.insert(source);
+                let rule_verdict = if first { reason::PASS_CONFORMING } else { reason::DROP_SOURCE_BUCKET };
+                assert_eq!(why, rule_verdict, "{what}: judged by the rule (first of its source: {first})");
+            }
         }
+    }
+    // The seed exercises all three outcomes, so none of the arms above is vacuous.
+    assert!(seen.iter().all(|&n| n > 0), "not IP / unparsed / judged: {seen:?}");
+}
+
+/// What the README's data path says the program makes of a frame.
+#[derive(Debug)]
+enum Expected {
+    NotIp,
+    Unparsed,
+    /// Parsed; the rules judge it by this source key (IPv4-mapped, or the IPv6 /64).
+    Judged(Addr),
+}
+
+/// An independent reading of the README's parse step and verdict table: up to two VLAN tags,
+/// IPv4 with options, IPv6 with up to 8 extension headers (hop-by-hop, routing, destination
+/// options, fragment, AH), then the fixed TCP/UDP/ICMP/ICMPv6 header. Anything cut short,
+/// of the wrong IP version or with an IPv4-mapped IPv6 source is unparsed; a fragment other
+/// than the first stops at the IP layer.
+fn expected(frame: &[u8]) -> Expected {
+    classify(frame).unwrap_or(Expected::Unparsed)
+}
+
+fn classify(frame: &[u8]) -> Option<Expected> {
+    let bytes = |at: usize, n: usize| frame.get(at..at + n);
+    let be16 = |at: usize| bytes(at, 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let is_tag = |t: u16| t == 0x8100 || t == 0x88a8;
+    let mut l3 = 14;
+    let mut ether_type = be16(12)?;
+    for _ in 0..2 {
+        if is_tag(ether_type) {
+            ether_type = be16(l3 + 2)?;
+            l3 += 4;
+        }
+    }
+    let transport_ok = |protocol: u8, l4: usize| {
+        let need = match protocol {
+            6 => 20,
+            17 => 8,
+            1 | 58 => 4,
+            _ => 0,
+        };
+        frame.len() >= l4 + need
+    };
+    match ether_type {
+        0x0800 => {
+            let h = bytes(l3, 20)?;
+            let header_len = usize::from(h[0] & 0x0f) * 4;
+            if h[0] >> 4 != 4 || header_len < 20 || frame.len() < l3 + header_len {
+                return None;
+            }
+            let later_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0;
+            if !later_fragment && !transport_ok(h[9], l3 + header_len) {
+                return None;
+            }
+            Some(Expected::Judged(ipv4_mapped([h[12], h[13], h[14], h[15]])))
+        }
+        0x86dd => {
+            let h = bytes(l3, 40)?;
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&h[8..24]);
+            if h[0] >> 4 != 6 || src[..12] == ipv4_mapped([0; 4])[..12] {
+                return None;
+            }
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&src[..8]);
+            let (mut next, mut at) = (h[6], l3 + 40);
+            for _ in 0..limiter_common::MAX_IPV6_EXT_HEADERS {
+                match next {
+                    0 | 43 | 60 => {
+                        let e = bytes(at, 2)?;
+                        (next, at) = (e[0], at + 8 * (usize::from(e[1]) + 1));
+                    }
+                    51 => {
+                        let e = bytes(at, 2)?;
+                        (next, at) = (e[0], at + 4 * (usize::from(e[1]) + 2));
+                    }
+                    44 => {
+                        let e = bytes(at, 8)?;
+                        if u16::from_be_bytes([e[2], e[3]]) >> 3 != 0 {
+                            return Some(Expected::Judged(key));
+                        }
+                        (next, at) = (e[0], at + 8);
+                    }
+                    _ => return transport_ok(next, at).then_some(Expected::Judged(key)),
+                }
+            }
+            // More extension headers than the walk allows.
+            None
+        }
+        // A third VLAN tag is unparsed, anything else is not IP.
+        t if is_tag(t) => None,
+        _ => Some(Expected::NotIp),
     }
 }
 
@@ -493,6 +678,46 @@ fn a_source_over_its_own_limit_does_not_drain_the_shared_port_bucket() {
     assert_eq!(others, 8, "the ceiling still had room for everyone else");
     assert_eq!(verdict(&mut dp, &from(Ipv4Addr::new(10, 7, 1, 1))), XDP_DROP, "now the ceiling is full");
     assert_eq!(dp.stats().unwrap().reason(reason::DROP_SHARED_BUCKET).packets, 1);
+}
+
+#[test]
+fn a_refund_to_a_bucket_evicted_since_its_charge_does_not_poison_it() {
+    // A per-source table of one entry makes an eviction between charge and refund
+    // deterministic: creating the packet's per-(source, port) bucket evicts the per-source
+    // bucket it was charged to a moment earlier, and that rule (10 bytes per hour, less than
+    // one frame) refuses, so the refund finds the per-source entry gone. Refunding a bucket
+    // created anew for the purpose would leave its TAT near u64::MAX: the source refused by
+    // the per-source rule forever.
+    let mut dp = load(LoadOptions { source_entries: 1, ..Default::default() });
+    let per_src = per_source(rule("per-source", CountKind::Packets, 100, Unit::Hour, 0));
+    let tiny = on_port(per_source(rule("tiny", CountKind::Bytes, 10, Unit::Hour, 0)), 80, Protocol::Udp);
+    dp.apply(&KernelPlan { rules: vec![per_src, tiny], ..Default::default() }).unwrap();
+    let to = |port| Packet::eth().ipv4(CLIENT, SERVER).udp(1, port).build();
+    assert_eq!(judged(&mut dp, &to(80)), (XDP_DROP, reason::DROP_SOURCE_PORT_BUCKET));
+    let stats = dp.stats().unwrap();
+    assert_eq!(stats.rules["test/per-source"].passed.packets, 1, "the per-source bucket was charged");
+    assert_eq!(stats.reason(reason::EVENT_SOURCE_INSERT_FAILED).packets, 0, "both buckets were created");
+    assert_eq!(dp.tracked_sources(), 1, "a one-entry table");
+    // Only the per-source rule applies on port 81: the source still has 100 an hour there.
+    for i in 0..3 {
+        assert_eq!(judged(&mut dp, &to(81)), (XDP_PASS, reason::PASS_CONFORMING), "packet {i} to port 81");
+    }
+}
+
+#[test]
+fn a_refund_gives_a_per_source_bucket_its_token_back() {
+    // 2 per hour per source on every port, 1 per hour per (source, port 80): the packets
+    // refused on port 80 are refunded to the per-source bucket, so one is left for port 81.
+    let per_src = per_source(rule("per-source", CountKind::Packets, 2, Unit::Hour, 0));
+    let per_port = on_port(per_source(rule("per-port", CountKind::Packets, 1, Unit::Hour, 0)), 80, Protocol::Udp);
+    let mut dp = with_rules(vec![per_port, per_src]);
+    let to = |port| Packet::eth().ipv4(CLIENT, SERVER).udp(1, port).build();
+    assert_eq!(judged(&mut dp, &to(80)), (XDP_PASS, reason::PASS_CONFORMING));
+    for _ in 0..5 {
+        assert_eq!(judged(&mut dp, &to(80)), (XDP_DROP, reason::DROP_SOURCE_PORT_BUCKET));
+    }
+    assert_eq!(judged(&mut dp, &to(81)), (XDP_PASS, reason::PASS_CONFORMING));
+    assert_eq!(judged(&mut dp, &to(81)), (XDP_DROP, reason::DROP_SOURCE_BUCKET), "and no more than one");
 }
 
 #[test]

@@ -62,12 +62,15 @@ impl RuleIdentity {
 
 /// Stable rule ids. An id keys a rule's buckets and stats, so a rule that is unchanged by a
 /// reload keeps its id (and its bucket state); a retired id is only reused after its buckets
-/// were purged.
+/// were purged twice: by the apply that retired it and again by the next one (see
+/// [`RuleIds::release`]).
 #[derive(Clone, Debug, Default)]
 pub struct RuleIds {
     live: HashMap<RuleIdentity, u32>,
     /// Ids whose buckets were purged and can be handed out again.
     free: Vec<u32>,
+    /// Ids retired by the last apply: purged once, not yet free.
+    held: Vec<u32>,
     next: u32,
 }
 
@@ -92,9 +95,23 @@ impl RuleIds {
         Ok((ids, retired))
     }
 
-    /// Marks `ids` (previously retired) as purged: their buckets are gone.
-    pub fn release(&mut self, ids: &[u32]) {
-        self.free.extend_from_slice(ids);
+    /// Ids retired by the previous apply that are still held back: the next apply purges
+    /// their buckets again before [`RuleIds::release`] frees them.
+    pub fn held(&self) -> &[u32] {
+        &self.held
+    }
+
+    /// Called once the buckets of `retired` (and of [`RuleIds::held`]) were purged: frees the
+    /// held ids and holds `retired` until the next apply.
+    ///
+    /// Why one more apply: a packet that read the old active set just before the flip is
+    /// still judged by the retired rules, so its charge can recreate a bucket right after the
+    /// purge. Handing the id to a new rule at once would let that rule inherit the old rule's
+    /// state. Such a packet finishes within one program run (microseconds, with preemption
+    /// off), long before the agent's next apply, whose purge removes whatever it left.
+    pub fn release(&mut self, retired: &[u32]) {
+        let ready = std::mem::replace(&mut self.held, retired.to_vec());
+        self.free.extend(ready);
     }
 
     fn allocate(&mut self, retiring: &[u32]) -> Result<u32, PlanError> {
@@ -335,11 +352,15 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_reused_only_after_release() {
-        let mut ids = RuleIds { next: MAX_RULES, free: vec![], live: HashMap::new() };
+    fn ids_are_reused_only_one_apply_after_release() {
+        let mut ids = RuleIds { next: MAX_RULES, ..Default::default() };
         let plan = KernelPlan { rules: vec![rule("p/a", true, &[])], ..Default::default() };
         assert_eq!(ids.assign(&plan), Err(PlanError::OutOfRuleIds));
         ids.release(&[7]);
+        assert_eq!(ids.held(), &[7]);
+        assert_eq!(ids.assign(&plan), Err(PlanError::OutOfRuleIds), "held for one more apply");
+        ids.release(&[]);
+        assert!(ids.held().is_empty());
         assert_eq!(ids.assign(&plan).unwrap().0, vec![7]);
     }
 

@@ -318,8 +318,11 @@ impl Dataplane {
         self.names = entries.names;
         self.current = Some(plan.clone());
         self.ids = ids;
-        // Retired rules: purge their buckets, then allow their ids to be reused.
-        self.purge_buckets(&retired)?;
+        // Retired rules: purge their buckets, and again those of the ids the previous apply
+        // retired, which only then become reusable (`RuleIds::release` says why).
+        let mut purge = retired.clone();
+        purge.extend_from_slice(self.ids.held());
+        self.purge_buckets(&purge)?;
         self.ids.release(&retired);
         Ok(applied)
     }
