@@ -199,12 +199,18 @@ fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_s
     assert!(line.contains("previous policy stays in force"), "{line}");
     agent.wait_for(&[file.to_str().unwrap(), "Minuets"], Duration::from_secs(5));
     assert_eq!(send_and_count(&topo, &server, 20), 0, "the old rule (and its empty bucket) still apply");
+    let metrics: SocketAddr = ([127, 0, 0, 1], 9091).into();
+    let text = scrape(&topo, metrics);
+    assert!(text.contains("limiter_policy_reloads_total{outcome=\"rejected\"} 1"), "{text}");
+    assert!(!text.contains("outcome=\"applied\""), "{text}");
 
     // A good policy with a new limit takes effect.
     dir.write("policy.yaml", &policy(50, "Hour"));
     agent.signal(libc::SIGHUP);
     agent.wait_for(&["policy reloaded"], Duration::from_secs(5));
     assert_eq!(send_and_count(&topo, &server, 20), 20);
+    let text = scrape(&topo, metrics);
+    assert!(text.contains("limiter_policy_reloads_total{outcome=\"applied\"} 1"), "{text}");
 
     agent.signal(libc::SIGTERM);
     let status = agent.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
@@ -493,4 +499,76 @@ fn sources_denied_at_l7_are_blocked_in_xdp_for_the_penalty_then_admitted() {
     agent.signal(libc::SIGTERM);
     let status = agent.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
     assert!(status.success(), "agent exit status {status}");
+}
+
+/// One policy with a kernel rule (UDP packets) and an L7 rule (requests per client).
+fn two_layer_policy(udp_per_hour: u32, requests_per_hour: u32, unit: &str) -> String {
+    format!(
+        "apiVersion: limiter.dev/v1alpha1
+kind: RateLimitPolicy
+metadata:
+  name: esc
+spec:
+  targetRefs:
+    - {{kind: Port, port: {UDP_PORT}, protocol: UDP}}
+  rateLimit:
+    local:
+      rules:
+        - name: udp-limit
+          clientSelectors: [{{sourceCIDR: {{type: Distinct, value: 0.0.0.0/0}}}}]
+          count: Packets
+          limit: {{requests: {udp_per_hour}, unit: Hour}}
+        - name: per-client
+          clientSelectors: [{{sourceCIDR: {{type: Distinct, value: 0.0.0.0/0}}}}]
+          count: Requests
+          kernelGuard: Off
+          limit: {{requests: {requests_per_hour}, unit: {unit}}}
+"
+    )
+}
+
+/// A reload replaces the kernel rules and the rate limit service's rules together; a broken
+/// policy changes neither; a rewrite that only touches the L7 rule keeps the kernel buckets.
+#[test]
+fn reload_replaces_kernel_and_l7_rules_together_and_a_broken_set_changes_neither() {
+    const OK: i32 = 1;
+    const OVER_LIMIT: i32 = 2;
+    require_root();
+    let topo = Topology::new("reload2", 1).unwrap();
+    let dir = PolicyDir::new("two-layers");
+    let file = dir.write("policy.yaml", &two_layer_policy(5, 2, "Hour"));
+    let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
+    let rls: SocketAddr = ([127, 0, 0, 1], 18081).into();
+    let mut agent = Agent::start(&topo, &file, &["--rls-listen", "127.0.0.1:18081", "--no-watch"]);
+    agent.wait_for(&["attached to s0"], Duration::from_secs(30));
+    let client = topo.client(0).client.ipv4().unwrap();
+    assert_eq!(send_and_count(&topo, &server, 20), 5);
+    assert_eq!(should_rate_limit(&topo, rls, client, 3), [OK, OK, OVER_LIMIT]);
+
+    // Broken: rejected whole; both layers keep their rules and their state.
+    dir.write("policy.yaml", &two_layer_policy(50, 50, "Minuets"));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for(&["reload rejected"], Duration::from_secs(5));
+    assert_eq!(send_and_count(&topo, &server, 20), 0, "the kernel rule and its empty bucket stay");
+    assert_eq!(should_rate_limit(&topo, rls, client, 1), [OVER_LIMIT], "the L7 rule and its counter stay");
+
+    // Both layers change at once.
+    dir.write("policy.yaml", &two_layer_policy(50, 4, "Hour"));
+    agent.signal(libc::SIGHUP);
+    let line = agent.wait_for(&["policy reloaded"], Duration::from_secs(5));
+    assert!(line.contains("kernel rules") && line.contains("L7 rules"), "{line}");
+    assert_eq!(send_and_count(&topo, &server, 20), 20, "the new kernel limit");
+    // A changed rule starts with a fresh counter: 4 more.
+    assert_eq!(should_rate_limit(&topo, rls, client, 5), [OK, OK, OK, OK, OVER_LIMIT]);
+
+    // Only the L7 rule changes: the kernel plan is untouched (its buckets keep their state).
+    dir.write("policy.yaml", &two_layer_policy(50, 6, "Hour"));
+    agent.signal(libc::SIGHUP);
+    let line = agent.wait_for(&["policy reloaded"], Duration::from_secs(5));
+    assert!(!line.contains("kernel rules") && line.contains("1 L7 rules"), "{line}");
+    assert_eq!(send_and_count(&topo, &server, 40), 30, "the kernel bucket kept its 20 spent tokens");
+    assert_eq!(should_rate_limit(&topo, rls, client, 7), [OK, OK, OK, OK, OK, OK, OVER_LIMIT]);
+
+    agent.signal(libc::SIGTERM);
+    assert!(agent.child.wait_timeout(Duration::from_secs(10)).unwrap().is_some_and(|s| s.success()));
 }
