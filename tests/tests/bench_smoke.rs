@@ -7,9 +7,21 @@ use std::process::Command;
 use limiter_tests::require_root;
 use serde_json::Value;
 
-/// Keys whose values are labels, settings, signed per-run errors, or a component that is
-/// legitimately zero (deferred softirq work), rather than figures.
-const NOT_FIGURES: [&str; 5] = ["machine", "config", "signed_error_pct_runs", "nft_ruleset", "ksoftirqd_s"];
+/// Keys whose values are labels, settings, signed per-run errors, a component that is
+/// legitimately zero (deferred softirq work), health counters that are zero in a good run (the
+/// RLS section's `checks`: Redis errors, failure-mode answers), or RLS shares of over-limit
+/// traffic, which a toy-sized run on a busy machine may not reach (checked as finite and >= 0
+/// below), rather than figures.
+const NOT_FIGURES: [&str; 8] = [
+    "machine",
+    "config",
+    "signed_error_pct_runs",
+    "nft_ruleset",
+    "ksoftirqd_s",
+    "checks",
+    "over_limit_share",
+    "negative_cache_hits_per_call",
+];
 
 /// Every number under `v`, with its path, skipping [`NOT_FIGURES`].
 fn numbers<'a>(v: &'a Value, path: String, out: &mut Vec<(String, &'a Value)>) {
@@ -58,6 +70,26 @@ fn smoke_bench_produces_every_figure() {
         let rate = row["per_second_per_core"].as_f64().unwrap_or(f64::NAN);
         assert!(rate.is_finite() && rate > 0.0, "L7 decisions/s must be a positive number: {row}");
     }
+    let rls = results["rls"]["rows"].as_array().expect("RLS rows");
+    let backends: Vec<&str> = rls.iter().filter_map(|r| r["backend"].as_str()).collect();
+    assert_eq!(backends, ["local", "redis"], "the RLS section measures both backends");
+    for row in rls {
+        for figure in ["calls_per_second", "decisions_per_cpu_second", "p50_us", "p99_us", "p999_us"] {
+            let x = row[figure].as_f64().unwrap_or(f64::NAN);
+            assert!(x.is_finite() && x > 0.0, "RLS {figure} must be a positive number: {row}");
+        }
+        let share = row["over_limit_share"].as_f64().unwrap_or(f64::NAN);
+        assert!((0.0..=1.0).contains(&share), "RLS over-limit share must be a fraction: {row}");
+        let runs = row["runs_detail"].as_array().map(Vec::len).unwrap_or(0);
+        assert_eq!(runs as u64, results["config"]["runs"].as_u64().unwrap(), "every RLS run is kept: {row}");
+    }
+    let redis = &rls[1]["redis"];
+    for figure in ["round_trips_per_call", "redis_cpu_us_per_call"] {
+        let x = redis[figure].as_f64().unwrap_or(f64::NAN);
+        assert!(x.is_finite() && x > 0.0, "RLS redis {figure} must be a positive number: {redis}");
+    }
+    let hits = redis["negative_cache_hits_per_call"].as_f64().unwrap_or(f64::NAN);
+    assert!(hits.is_finite() && hits >= 0.0, "RLS negative cache hits per call: {redis}");
     for check in ["allow hit", "deny hit", "per-port bucket", "per-source bucket", "per-(source, port) bucket"] {
         assert!(
             results["per_packet"]["rows"].as_array().unwrap().iter().any(|r| r["check"] == check),

@@ -66,6 +66,7 @@ pub fn markdown(r: &Value, command: &str) -> String {
         m["cores"],
         f(&m["memory_kib"]) / 1024.0 / 1024.0
     );
+    kept_sections(&mut md, r, command);
     headline(&mut md, r);
     if r.get("per_packet").is_some() {
         per_packet(&mut md, &r["per_packet"], command);
@@ -82,7 +83,28 @@ pub fn markdown(r: &Value, command: &str) -> String {
     if r.get("agent").is_some() {
         agent(&mut md, &r["agent"], command);
     }
+    if r.get("rls").is_some() {
+        rls(&mut md, &r["rls"], command);
+    }
     md
+}
+
+/// After a partial run (`--only`) merged into earlier results: which sections are older.
+fn kept_sections(md: &mut String, r: &Value, command: &str) {
+    let Some(commands) = r["section_commands"].as_object() else { return };
+    let kept: Vec<String> = commands
+        .iter()
+        .filter(|(_, by)| by.as_str() != Some(command))
+        .map(|(section, by)| format!("`{section}` (by `{}`)", by.as_str().unwrap_or("?")))
+        .collect();
+    if !kept.is_empty() {
+        let _ = writeln!(
+            md,
+            "This run measured only some sections; these come unchanged from the earlier results.json it was \
+             merged into: {}.\n",
+            kept.join(", ")
+        );
+    }
 }
 
 /// The figures the README quotes.
@@ -121,6 +143,28 @@ fn headline(md: &mut String, r: &Value) {
                 thousands(f(&row["admitted"])),
                 thousands(f(&row["configured"])),
                 f(&row["abs_error_pct_median"])
+            ));
+        }
+    }
+    if let Some(rls) = r.get("rls") {
+        let figures: Vec<String> = rows(rls)
+            .iter()
+            .map(|row| {
+                format!(
+                    "`{}` {} calls/s ({} per server CPU-second), p50 {:.0} µs, p99 {:.0} µs",
+                    row["backend"].as_str().unwrap_or("?"),
+                    thousands(f(&row["calls_per_second"])),
+                    thousands(f(&row["decisions_per_cpu_second"])),
+                    f(&row["p50_us"]),
+                    f(&row["p99_us"])
+                )
+            })
+            .collect();
+        if !figures.is_empty() {
+            lines.push(format!(
+                "- Rate limit service over gRPC, one server core, {} calls in flight: {}.",
+                rls["config"]["concurrency"],
+                figures.join("; ")
             ));
         }
     }
@@ -408,6 +452,122 @@ fn agent(md: &mut String, ag: &Value, command: &str) {
         );
     }
     let _ = writeln!(md);
+}
+
+fn rls(md: &mut String, rls: &Value, command: &str) {
+    let _ = writeln!(md, "## Rate limit service over gRPC\n");
+    let _ = writeln!(
+        md,
+        "How: the agent's own gRPC server (`limiter_agent::rls::serve`, `envoy.service.ratelimit.v3.RateLimitService`) \
+         in a tokio runtime with one worker thread; every thread of that runtime is pinned to CPU {server_cpu}. The load \
+         client is a real tonic `RateLimitServiceClient` over {connections} HTTP/2 connections on loopback, in a \
+         single-threaded runtime pinned to CPU {client_cpu}: a closed loop of {concurrency} calls in flight, each task \
+         sending its next `ShouldRateLimit` as soon as the previous one is answered. Every run starts a fresh service \
+         (fresh engine; for `redis` a fresh backend and negative cache, and an emptied `redis-server`, which the \
+         harness starts on a free loopback port with its threads pinned to CPU {client_cpu}, so the service's core \
+         runs nothing else), warms up for {warmup} s, then measures for {seconds} s.\n",
+        server_cpu = rls["config"]["server_cpu"],
+        client_cpu = rls["config"]["client_cpu"],
+        connections = rls["config"]["connections"],
+        concurrency = rls["config"]["concurrency"],
+        warmup = rls["config"]["warmup_seconds"],
+        seconds = rls["config"]["seconds"],
+    );
+    let _ = writeln!(
+        md,
+        "Policy, through the agent's loader and compiler (`policy::load_file_str` + `policy::compile`):\n\n\
+         ```yaml\n{}```\n",
+        rls["policy_yaml"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        md,
+        "Call mix, as Envoy would send it, walked round-robin from a different offset by each task: of every 16 calls, \
+         12 in domain `limiter` with two descriptors, `[generic_key=bench-rls/per-user, x-user-id=U]` and \
+         `[generic_key=bench-rls/route-ceiling]` (11 of them from {users} regular users, each getting an even share; \
+         1 from one of {heavy} heavy users, each sending 1 in 64 calls, so over 50/s once the service passes 3,200 calls/s); 4 in \
+         domain `bench-api` with one descriptor `[client_id=C]` (over {clients} clients, one in 16 of them from \
+         `abuser`, over its 1-per-day limit after its first call: 1 in 64 calls). So most calls are OK and a few \
+         percent are OVER_LIMIT (the **over limit** column). On `redis`, an over-limit key costs one round trip per window; after that the backend's negative cache \
+         answers it without Redis. A call skips Redis only if all its descriptors are cached: the abuser's do, a \
+         heavy user's still sends its route-ceiling descriptor, so negative cache hits per call ≈ the over-limit \
+         share, and round trips per call ≈ 1 − 1/64.\n",
+        users = thousands(f(&rls["config"]["users"])),
+        heavy = rls["config"]["heavy_users"],
+        clients = rls["config"]["api_clients"],
+    );
+    let _ = writeln!(
+        md,
+        "- **calls/s**: calls answered inside the measured window / its length. One call is one decision \
+         (`ShouldRateLimit` with its descriptors); no call failed (a failed call aborts the bench).\n\
+         - **per server CPU-second**: calls / CPU time of the service's threads in the window (the scheduler's exact \
+         run time from `/proc/self/task/TID/schedstat`, user + system), so it does not depend on how busy the core \
+         was; **core busy** is that CPU time / wall time. Below ~100% busy, the client (one core for gRPC encode, \
+         HTTP/2 and decode, plus redis-server for `redis`) was the limit, and calls/s understates the server core.\n\
+         - **p50 / p99 / p99.9**: per-call latency seen by the client, from just before the call to the decoded \
+         response, over every call of the window (exact order statistics of the sorted samples), then the median \
+         over runs. With a closed loop, latency ≈ calls in flight / calls/s: it shows queueing at this load, not \
+         the latency of an idle service.\n\
+         - **redis-server CPU**: `used_cpu_sys + used_cpu_user` from `INFO cpu`, per call; it is not in the \
+         service's figure.\n\nRepeat: {}\n",
+        repeat_cmd(command, "rls")
+    );
+    let _ = writeln!(
+        md,
+        "| backend | calls/s | decisions per server CPU-second | core busy | p50 µs | p99 µs | p99.9 µs | over limit | runs |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in rows(rls) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | **{}** | {:.0}% | {:.0} | {:.0} | {:.0} | {:.1}% | {} |",
+            row["backend"].as_str().unwrap_or("?"),
+            thousands(f(&row["calls_per_second"])),
+            thousands(f(&row["decisions_per_cpu_second"])),
+            f(&row["server_core_busy"]) * 100.0,
+            f(&row["p50_us"]),
+            f(&row["p99_us"]),
+            f(&row["p999_us"]),
+            f(&row["over_limit_share"]) * 100.0,
+            row["runs"]
+        );
+    }
+    let _ = writeln!(md);
+    let redis_rows: Vec<&Value> = rows(rls).iter().filter(|r| r.get("redis").is_some()).collect();
+    if !redis_rows.is_empty() {
+        let _ = writeln!(
+            md,
+            "| backend | service CPU µs per call | client CPU µs per call | Redis round trips per call | negative cache hits per call | redis-server CPU µs per call |\n\
+             |---|---:|---:|---:|---:|---:|"
+        );
+        for row in rows(rls) {
+            let redis = &row["redis"];
+            let cell = |v: &Value, digits: usize| {
+                if v.is_null() { "–".to_owned() } else { format!("{:.*}", digits, f(v)) }
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {:.1} | {} | {} | {} |",
+                row["backend"].as_str().unwrap_or("?"),
+                f(&row["server_cpu_us_per_call"]),
+                f(&row["client_cpu_us_per_call"]),
+                cell(&redis["round_trips_per_call"], 3),
+                cell(&redis["negative_cache_hits_per_call"], 3),
+                cell(&redis["redis_cpu_us_per_call"], 1)
+            );
+        }
+        let _ = writeln!(md);
+    }
+    let runs: Vec<String> = rows(rls)
+        .iter()
+        .map(|row| {
+            let each: Vec<String> = row["runs_detail"]
+                .as_array()
+                .map(|a| a.iter().map(|r| thousands(f(&r["calls_per_second"]))).collect())
+                .unwrap_or_default();
+            format!("`{}` {}", row["backend"].as_str().unwrap_or("?"), each.join(", "))
+        })
+        .collect();
+    let _ = writeln!(md, "Calls/s of each run: {}.\n", runs.join("; "));
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! ```text
 //! limiter-bench [--smoke] [--only SECTION[,SECTION...]] --out FILE.json
 //! ```
-//! Sections: `per_packet`, `flood`, `accuracy`, `memory`, `agent`. `--smoke` runs every
+//! Sections: `per_packet`, `flood`, `accuracy`, `memory`, `agent`, `rls`. `--smoke` runs every
 //! section at toy sizes (a few iterations) so the test suite can check that the bench still
 //! produces every figure; its numbers mean nothing.
 //!
@@ -15,6 +15,7 @@ mod agent;
 mod flood;
 mod memory;
 mod per_packet;
+mod rls;
 mod sys;
 
 use std::path::PathBuf;
@@ -41,6 +42,16 @@ pub struct Config {
     pub memory_occupancies: Vec<u32>,
     /// Policy sizes (rules/CIDRs) for compile+apply.
     pub policy_sizes: Vec<usize>,
+    /// Measured length of one rate limit service run, seconds (after the warm-up).
+    pub rls_seconds: f64,
+    /// Warm-up of one rate limit service run, seconds.
+    pub rls_warmup_seconds: f64,
+    /// gRPC calls the load client keeps in flight.
+    pub rls_concurrency: usize,
+    /// HTTP/2 connections they are spread over.
+    pub rls_connections: usize,
+    /// Distinct regular `x-user-id` values.
+    pub rls_users: usize,
 }
 
 impl Config {
@@ -54,6 +65,11 @@ impl Config {
             accuracy_seconds: 2.0,
             memory_occupancies: vec![1, 10_000, 1_000_000],
             policy_sizes: vec![10, 1_000, 100_000],
+            rls_seconds: 3.0,
+            rls_warmup_seconds: 0.5,
+            rls_concurrency: 64,
+            rls_connections: 4,
+            rls_users: 4096,
         }
     }
 
@@ -67,11 +83,16 @@ impl Config {
             accuracy_seconds: 0.3,
             memory_occupancies: vec![1, 1_000],
             policy_sizes: vec![10, 100],
+            rls_seconds: 0.3,
+            rls_warmup_seconds: 0.1,
+            rls_concurrency: 8,
+            rls_connections: 2,
+            rls_users: 64,
         }
     }
 }
 
-pub const SECTIONS: [&str; 5] = ["per_packet", "flood", "accuracy", "memory", "agent"];
+pub const SECTIONS: [&str; 6] = ["per_packet", "flood", "accuracy", "memory", "agent", "rls"];
 
 /// Median of a non-empty sample (mean of the middle two for even sizes).
 pub fn median(xs: &[f64]) -> f64 {
@@ -141,9 +162,11 @@ fn main() -> Result<()> {
             "occupancies": cfg.occupancies,
             "flood_seconds": cfg.flood_seconds,
             "accuracy_seconds": cfg.accuracy_seconds,
+            "rls_seconds": cfg.rls_seconds,
         }),
     );
     let trivial = sys::TrivialXdp::load()?;
+    let mut section_seconds = serde_json::Map::new();
     for section in &args.only {
         let t = Instant::now();
         eprintln!("limiter-bench: {section}");
@@ -153,11 +176,14 @@ fn main() -> Result<()> {
             "accuracy" => accuracy::run(&cfg)?,
             "memory" => memory::run(&cfg)?,
             "agent" => agent::run(&cfg)?,
+            "rls" => rls::run(&cfg)?,
             other => bail!("unknown section {other}"),
         };
         eprintln!("limiter-bench: {section} took {:.1} s", t.elapsed().as_secs_f64());
+        section_seconds.insert(section.clone(), json!(t.elapsed().as_secs_f64()));
         results.insert(section.clone(), value);
     }
+    results.insert("section_seconds".into(), Value::Object(section_seconds));
     results.insert("elapsed_seconds".into(), json!(started.elapsed().as_secs_f64()));
     let text = serde_json::to_string_pretty(&Value::Object(results))?;
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {

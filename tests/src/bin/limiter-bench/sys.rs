@@ -1,7 +1,7 @@
 //! Thin wrappers over the few kernel interfaces the bench reads directly: the `bpf(2)`
 //! syscall (to load the trivial baseline program and run it through `BPF_PROG_TEST_RUN`),
-//! `/proc/<pid>/fdinfo` of BPF map fds (kernel memory), `/proc/stat` (softirq time) and the
-//! calling thread's CPU time.
+//! `/proc/<pid>/fdinfo` of BPF map fds (kernel memory), `/proc/stat` (softirq time), thread
+//! CPU time and CPU affinity.
 
 use std::io;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -181,16 +181,29 @@ pub fn thread_cpu_time() -> Duration {
 
 /// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    pin_thread_to_cpu(0, cpu)
+}
+
+/// Pins thread `tid` (0: the calling thread) to one CPU.
+pub fn pin_thread_to_cpu(tid: i32, cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes within it.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+        libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set)
     };
     if rc != 0 {
         bail!("cannot pin to CPU {cpu}: {}", io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Run time of thread `tid` of this process, in nanoseconds, from
+/// `/proc/self/task/TID/schedstat` (the scheduler's exact count, readable from any thread);
+/// `None` if the thread is gone.
+pub fn thread_run_ns(tid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    stat.split_whitespace().next()?.parse().ok()
 }
 
 /// Kernel release, CPU model and online CPUs, for the report header.
