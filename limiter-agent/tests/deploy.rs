@@ -46,4 +46,18 @@ fn daemonset_reads_the_mounted_policies() {
     let configmap = of_kind(&docs, "ConfigMap");
     assert_eq!(volume["configMap"]["name"], configmap["metadata"]["name"]);
     assert_eq!(args.first(), Some(&"run"));
+
+    // Every flag is one `run` accepts, and the probe checks the port the service listens on.
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: limiter_agent::cli::run::RunArgs,
+    }
+    let argv = std::iter::once("limiter-agent".to_owned())
+        .chain(args.iter().skip(1).map(|a| a.replace("$(HOST_IP)", "10.0.0.5")));
+    let run = <Run as clap::Parser>::try_parse_from(argv).unwrap_or_else(|e| panic!("the DaemonSet's args: {e}"));
+    assert_eq!(run.args.rls.rls_listen, "10.0.0.5:8081".parse().unwrap());
+    assert_eq!(agent["readinessProbe"]["grpc"]["port"], 8081);
+    let env = agent["env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e["name"] == "HOST_IP" && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"));
 }
