@@ -214,6 +214,78 @@ fn check_rejects_set_level_clashes_naming_both_places() {
     assert!(run.stderr.ends_with("1 error(s); policy set rejected\n"), "{}", run.stderr);
 }
 
+/// The gateway examples with their listener map: the Gateway/HTTPRoute targets resolve to
+/// ports, the guards of L7 rules keyed by source or by nothing appear in the kernel on them.
+#[test]
+fn a_listener_map_puts_gateway_kind_guards_in_the_kernel() {
+    let mut paths = vec![examples("gateways/listeners.yaml")];
+    paths.extend(GATEWAY_DIRS.iter().map(|d| examples(d)));
+    let run = agent(&["check"], &paths);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    for line in [
+        "eg-source-ip: 1 rule(s) in the kernel, 1 L7, 0 not enforced; Gateway eg on 80/TCP,443/TCP",
+        "eg-anonymous: 0 rule(s) in the kernel, 2 L7, 0 not enforced; HTTPRoute http-ratelimit on 80/TCP,443/TCP",
+        "edge-defaults: 1 rule(s) in the kernel, 1 L7, 0 not enforced; Gateway http on 8443/TCP",
+        "ListenerMap node-listeners: 3 gateway(s), 4 route(s), resolving 11 policy target(s)",
+    ] {
+        assert!(run.stdout.lines().any(|l| l == line), "missing {line:?} in\n{}", run.stdout);
+    }
+    let ok = run.stdout.lines().last().unwrap_or_default();
+    assert!(ok.starts_with("ok: 17 policies and configs, 1 listener map(s), 8 kernel rules, "), "{ok}");
+    assert!(!run.stderr.contains("not resolved to ports"), "{}", run.stderr);
+
+    let run = agent(&["explain"], &paths);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let row = run.stdout.lines().find(|l| l.starts_with("petstore-local/local#guard ")).unwrap_or_default();
+    let cells: Vec<&str> = row.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+    assert_eq!(
+        cells,
+        [
+            "petstore-local/local#guard",
+            "kernel guard",
+            "shared",
+            "connections",
+            "5/10s",
+            "15",
+            "local",
+            "enforce",
+            "-",
+            "8080/TCP,8443/TCP"
+        ],
+        "{}",
+        run.stdout
+    );
+    // Header-keyed rules stay L7 only: no guard row.
+    assert!(!run.stdout.contains("eg-distinct-users/rule-0#guard"), "{}", run.stdout);
+}
+
+#[test]
+fn check_rejects_listener_map_clashes_naming_both_places() {
+    let map = |name: &str, body: &str| {
+        format!("apiVersion: limiter.dev/v1alpha1\nkind: ListenerMap\nmetadata: {{name: {name}}}\nspec:\n{body}")
+    };
+    let eg = "  gateways:\n    - {name: eg, listeners: [{port: 443}]}\n";
+    let route = "  routes:\n    - {name: api, gateways: [edge]}\n";
+    let dir =
+        TempDir::new("listeners", &[("a.yaml", &map("node", eg)), ("b.yaml", &map("node", &format!("{eg}{route}")))]);
+    let run = agent(&["check"], std::slice::from_ref(&dir.0));
+    assert_eq!(run.code, Some(1), "{}", run.stdout);
+    let a = dir.path("a.yaml").display().to_string();
+    let b = dir.path("b.yaml").display().to_string();
+    for expected in [
+        format!("error: {b}:3:18: metadata.name: duplicate ListenerMap name \"node\" (first defined at {a}:3:18)"),
+        format!(
+            "error: {b}:6:7: spec.gateways[0]: gateway eg is listed twice in the policy set's ListenerMaps (first at {a}:6:7)"
+        ),
+        format!(
+            "error: {b}:8:30: spec.routes[0].gateways[0]: route api attaches to gateway edge, which no ListenerMap of the policy set lists"
+        ),
+    ] {
+        assert!(run.stderr.lines().any(|l| l == expected), "missing {expected:?} in\n{}", run.stderr);
+    }
+    assert!(run.stderr.ends_with("3 error(s); policy set rejected\n"), "{}", run.stderr);
+}
+
 #[test]
 fn explain_prints_the_plan_table() {
     let run = agent(&["explain"], &all_valid_examples());

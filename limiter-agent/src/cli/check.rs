@@ -14,8 +14,11 @@ pub struct CheckArgs {
     pub paths: Vec<PathBuf>,
 }
 
-/// Prints every error (stderr), every notice (stderr, as warnings) and one summary line per
-/// policy and ratelimit config (stdout). Exit code 1 when any error was found, 0 otherwise.
+/// Prints every error (stderr), every notice (stderr, as warnings; the ports each
+/// `Gateway`/`HTTPRoute` target resolved to among them) and one summary line per policy and
+/// ratelimit config, then one per `ListenerMap` (stdout). A policy's line ends with its
+/// resolved targets (`; Gateway eg on 443/TCP,80/TCP`). Exit code 1 when any error was found,
+/// 0 otherwise.
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
@@ -57,10 +60,18 @@ pub fn report(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> an
     for s in &compiled.summaries {
         writeln!(out, "{s}")?;
     }
+    for m in &compiled.listener_maps {
+        writeln!(out, "{m}")?;
+    }
     let plan = &compiled.plan;
+    // Only with maps, so the line of a set without them reads as it always did.
+    let maps = match compiled.listener_maps.len() {
+        0 => String::new(),
+        n => format!(", {n} listener map(s)"),
+    };
     writeln!(
         out,
-        "ok: {} policies and configs, {} kernel rules, {} L7 rules, {} allow and {} deny entries, {} warning(s)",
+        "ok: {} policies and configs{maps}, {} kernel rules, {} L7 rules, {} allow and {} deny entries, {} warning(s)",
         compiled.summaries.len(),
         plan.rules.len(),
         compiled.l7.rules.len(),
@@ -99,15 +110,40 @@ mod tests {
     }
 
     #[test]
+    fn a_listener_map_shows_resolved_ports_and_counts_the_guards() {
+        let gateways = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateways");
+        let dirs = ["envoy-gateway", "agentgateway"].map(|d| gateways.join(d));
+        let (code, out, err) = run_check(&dirs);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert!(out.contains("eg-source-ip: 0 rule(s) in the kernel, 1 L7, 0 not enforced\n"), "{out}");
+        assert!(out.contains("ok: 8 policies and configs, 0 kernel rules, "), "{out}");
+
+        let mut paths = vec![gateways.join("listeners.yaml")];
+        paths.extend(dirs);
+        let (code, out, err) = run_check(&paths);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert!(
+            out.contains("eg-source-ip: 1 rule(s) in the kernel, 1 L7, 0 not enforced; Gateway eg on 80/TCP,443/TCP\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ListenerMap node-listeners: 3 gateway(s), 4 route(s), resolving 8 policy target(s)\n"),
+            "{out}"
+        );
+        assert!(out.contains("ok: 8 policies and configs, 1 listener map(s), 3 kernel rules, "), "{out}");
+        assert!(err.contains("source-ip.yaml:10:7: spec.targetRefs[0]: Gateway eg: resolved to ports 80/TCP,443/TCP by ListenerMap node-listeners"), "{err}");
+    }
+
+    #[test]
     fn invalid_examples_fail_and_print_every_error() {
         let (code, out, err) = run_check(&[examples().join("invalid")]);
         assert_eq!(code, ExitCode::FAILURE);
         assert!(out.is_empty(), "{out}");
         let errors = err.lines().filter(|l| l.starts_with("error: ")).count();
-        assert_eq!(errors, 10, "{err}");
+        assert_eq!(errors, 12, "{err}");
         assert!(
             err.contains("bad-unit.yaml:15:19: spec.rateLimit.local.rules[2].limit.unit: unknown unit \"Minuets\"")
         );
-        assert!(err.ends_with("10 error(s); policy set rejected\n"), "{err}");
+        assert!(err.ends_with("12 error(s); policy set rejected\n"), "{err}");
     }
 }

@@ -9,8 +9,11 @@
 //! envoyproxy/ratelimit config that no policy says the origin of are printed with the action
 //! most gateways use for that key and a comment saying it is assumed.
 //!
+//! With a `ListenerMap` in the set, a list of the `Gateway` / `HTTPRoute` targets it resolved
+//! follows the table: policy, target, ports, and the map entries used.
+//!
 //! `--json` prints the same as one JSON object: `{"rules": [...], "rate_limits": [...],
-//! "warnings": [...]}`.
+//! "listeners": [...], "warnings": [...]}`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use crate::plan::l7::keys;
 use crate::plan::{Algorithm, Attribute, EntryValue, KernelRule, L7Rule, L7Target};
 use crate::policy::Compiled;
 use crate::policy::compile::{entry_key_text, range_text};
+use crate::policy::listeners::ports_text;
 
 /// Show what each rule becomes, where it is enforced, and the gateway config it needs.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,6 +63,7 @@ pub fn report(paths: &[PathBuf], json: bool, out: &mut dyn Write, err: &mut dyn 
         let object = json!({
             "rules": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
             "rate_limits": groups.iter().map(Group::to_json).collect::<Vec<_>>(),
+            "listeners": listener_rows(&compiled).iter().map(ListenerRow::to_json).collect::<Vec<_>>(),
             "warnings": compiled.notices.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&object)?)?;
@@ -68,6 +73,7 @@ pub fn report(paths: &[PathBuf], json: bool, out: &mut dyn Write, err: &mut dyn 
     if compiled.plan.rules.iter().any(|r| r.source.distinct) {
         writeln!(out, "\nIPv6 sources are counted per --ipv6-source-prefix (default /64).")?;
     }
+    write_listeners(out, &listener_rows(&compiled))?;
     if !groups.is_empty() {
         writeln!(
             out,
@@ -140,11 +146,7 @@ fn kernel_row(r: &KernelRule) -> Row {
         (false, true) => "shared".to_owned(),
         (false, false) => format!("shared by sources{range}"),
     };
-    let targets = if r.targets.is_empty() {
-        "all ports".to_owned()
-    } else {
-        r.targets.iter().map(|t| format!("{}/{}", t.port, t.protocol)).collect::<Vec<_>>().join(",")
-    };
+    let targets = if r.targets.is_empty() { "all ports".to_owned() } else { ports_text(&r.targets) };
     Row {
         rule: r.name.clone(),
         layer: if r.name.ends_with("#guard") { "kernel guard" } else { "kernel" },
@@ -218,6 +220,57 @@ fn write_table(out: &mut dyn Write, rows: &[Row]) -> std::io::Result<()> {
     line(out, HEADER)?;
     for r in rows {
         line(out, r.cells())?;
+    }
+    Ok(())
+}
+
+/// A policy's `Gateway` / `HTTPRoute` target that a `ListenerMap` resolved to ports.
+#[derive(Debug)]
+struct ListenerRow {
+    policy: String,
+    target: String,
+    ports: String,
+    via: String,
+}
+
+impl ListenerRow {
+    fn to_json(&self) -> Value {
+        json!({ "policy": self.policy, "target": self.target, "ports": self.ports, "via": self.via })
+    }
+}
+
+fn listener_rows(c: &Compiled) -> Vec<ListenerRow> {
+    c.summaries
+        .iter()
+        .flat_map(|s| {
+            s.resolved.iter().map(|r| ListenerRow {
+                policy: s.policy.clone(),
+                target: r.target.clone(),
+                ports: ports_text(&r.ports),
+                via: r.via.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The resolved targets, and why route-level rules count a whole port in the kernel.
+fn write_listeners(out: &mut dyn Write, rows: &[ListenerRow]) -> std::io::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "\nTargets resolved by the listener map (kernel rules and guards of the policy cover these ports):")?;
+    let width = |f: fn(&ListenerRow) -> &str| rows.iter().map(|r| f(r).chars().count()).max().unwrap_or(0);
+    let (wp, wt, wo) = (width(|r| &r.policy), width(|r| &r.target), width(|r| &r.ports));
+    for r in rows {
+        writeln!(out, "  {:<wp$}  {:<wt$}  {:<wo$}  via {}", r.policy, r.target, r.ports, r.via)?;
+    }
+    if rows.iter().any(|r| r.target.starts_with("HTTPRoute ")) {
+        writeln!(
+            out,
+            "The kernel cannot tell routes apart on a port: an HTTPRoute's kernel rules count all traffic to its\n\
+             gateway's ports, next to the gateway's own (every matching rule applies, the first exhausted drops);\n\
+             a route's rules win over its gateway's at L7 only."
+        )?;
     }
     Ok(())
 }
@@ -503,6 +556,34 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 15, "only {checked} rules checked");
+    }
+
+    #[test]
+    fn resolved_targets_follow_the_table_and_the_guards_cover_their_ports() {
+        let gateways = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateways");
+        let paths = [gateways.join("listeners.yaml"), gateways.join("envoy-gateway")];
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(report(&paths, false, &mut out, &mut err).unwrap(), ExitCode::SUCCESS);
+        let out = String::from_utf8(out).unwrap();
+        let guard =
+            out.lines().find(|l| l.starts_with("eg-source-ip/rule-0#guard ")).unwrap_or_else(|| panic!("{out}"));
+        assert!(guard.contains(" kernel guard ") && guard.ends_with(" 80/TCP,443/TCP"), "{guard}");
+        assert!(out.contains("\nTargets resolved by the listener map"), "{out}");
+        let listed =
+            out.lines().find(|l| l.trim_start().starts_with("eg-source-ip ")).unwrap_or_else(|| panic!("{out}"));
+        let cells: Vec<&str> = listed.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(cells, ["eg-source-ip", "Gateway eg", "80/TCP,443/TCP", "via ListenerMap node-listeners"]);
+        assert!(out.contains("The kernel cannot tell routes apart on a port"), "{out}");
+
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(report(&paths, true, &mut out, &mut err).unwrap(), ExitCode::SUCCESS);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let listeners = v["listeners"].as_array().unwrap();
+        assert_eq!(listeners.len(), 6, "{listeners:#?}");
+        assert_eq!(
+            listeners[0],
+            json!({"policy": "eg-anonymous", "target": "HTTPRoute http-ratelimit", "ports": "80/TCP,443/TCP", "via": "gateway default/eg of ListenerMap node-listeners"})
+        );
     }
 
     #[test]

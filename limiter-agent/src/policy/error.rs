@@ -89,11 +89,12 @@ pub enum ErrorKind {
     #[error("{message}")]
     Schema { message: String },
     #[error(
-        "kind {kind} is not supported (supported: RateLimitPolicy, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
+        "kind {kind} is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
     )]
     UnsupportedKind { kind: String },
-    #[error("unsupported apiVersion \"{api_version}\" for kind RateLimitPolicy (expected limiter.dev/v1alpha1)")]
-    UnsupportedApiVersion { api_version: String },
+    /// A native kind (`RateLimitPolicy`, `ListenerMap`) with another apiVersion.
+    #[error("unsupported apiVersion \"{api_version}\" for kind {kind} (expected limiter.dev/v1alpha1)")]
+    UnsupportedApiVersion { api_version: String, kind: &'static str },
     #[error("unknown unit \"{value}\" (expected Second, Minute, Hour or Day)")]
     UnknownUnit { value: String },
     /// A closed set of words (`mode`, `count`, `type`, `protocol`, ...) got another one.
@@ -133,6 +134,15 @@ pub enum ErrorKind {
     /// envoyproxy/ratelimit: two sibling descriptors with the same key and value.
     #[error("duplicate descriptor key \"{key}\"{} (first on line {first_line})", .value.as_ref().map(|v| format!(" value \"{v}\"")).unwrap_or_default())]
     DuplicateDescriptor { key: String, value: Option<String>, first_line: u64 },
+    /// Two `ListenerMap`s of a set with one `metadata.name`.
+    #[error("duplicate ListenerMap name \"{name}\" (first defined at {first})")]
+    DuplicateListenerMap { name: String, first: String },
+    /// A gateway or route listed twice across the set's `ListenerMap`s (`what` says which).
+    #[error("{what} {name} is listed twice in the policy set's ListenerMaps (first at {first})")]
+    DuplicateMapped { what: &'static str, name: String, first: String },
+    /// A `ListenerMap` route attached to a gateway that no `ListenerMap` of the set lists.
+    #[error("route {route} attaches to gateway {gateway}, which no ListenerMap of the policy set lists")]
+    UnknownGateway { route: String, gateway: String },
     /// Two fields that exclude each other were both given.
     #[error("cannot be combined with {other}")]
     Conflict { other: &'static str },

@@ -1,7 +1,9 @@
 //! Rate-limit policies: read, validate, compile.
 //!
 //! - [`load_paths`] reads native `RateLimitPolicy` documents (`limiter.dev/v1alpha1`, see
-//!   `POLICY.md`) from files and directories and validates them into a [`PolicySet`], or
+//!   `POLICY.md`), the gateway kinds ([`kinds`]) and [`ListenerMap`]s (where the node's
+//!   gateways listen, [`listeners`]) from files and directories and validates them into a
+//!   [`PolicySet`], or
 //!   returns [`PolicyErrors`]: every error found, each naming file, document, line, column
 //!   and field path (format in [`error`]).
 //! - [`compile`] turns a set into one plan: the [`crate::plan::KernelPlan`] the XDP program
@@ -16,6 +18,7 @@
 pub mod compile;
 pub mod error;
 pub mod kinds;
+pub mod listeners;
 pub mod model;
 pub mod source;
 pub mod spec;
@@ -23,8 +26,11 @@ pub mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_listeners;
 
 pub use compile::{Compiled, Notice, NoticeKind, PolicySummary, compile, load_and_compile};
 pub use error::{ErrorKind, Location, PolicyError, PolicyErrors, Pos, SourceRef};
+pub use listeners::ListenerMap;
 pub use model::{Policy, PolicyKind, PolicySet};
-pub use source::{Document, load_file_str, load_paths, load_str};
+pub use source::{Document, load_file_set, load_file_str, load_paths, load_str};

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::error::{Location, Pos, SourceRef};
+pub use super::listeners::ListenerMap;
 use crate::plan::{CountKind, Limit, PortTarget};
 
 /// A field path and the position of its value inside the document.
@@ -31,6 +32,17 @@ pub struct PolicySet {
     pub policies: Vec<Policy>,
     /// envoyproxy/ratelimit service configs (`domain` + `descriptors`), in load order.
     pub ratelimit_configs: Vec<RatelimitConfig>,
+    /// Where the node's gateways listen, for `Gateway` / `HTTPRoute` targets, in load order.
+    pub listener_maps: Vec<ListenerMap>,
+}
+
+impl PolicySet {
+    /// Appends `other`'s documents after this set's (each kind keeps its load order).
+    pub fn extend(&mut self, other: PolicySet) {
+        self.policies.extend(other.policies);
+        self.ratelimit_configs.extend(other.ratelimit_configs);
+        self.listener_maps.extend(other.listener_maps);
+    }
 }
 
 /// Which gateway's resource a policy was written as. Every kind is normalised into the same
@@ -180,7 +192,7 @@ pub struct Target {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetKind {
     Port(PortTarget),
-    /// A Gateway API `HTTPRoute` or `Gateway`, resolved to ports by the listener map.
+    /// A Gateway API `HTTPRoute` or `Gateway`, resolved to ports by the set's `ListenerMap`s.
     Route {
         kind: RouteKind,
         name: String,

@@ -15,6 +15,7 @@ use serde_saphyr::{MessageFormatter, UserMessageFormatter};
 
 use super::error::{ErrorKind, FieldError, Location, PolicyError, PolicyErrors, Pos, SourceRef};
 use super::kinds;
+use super::listeners::{self, ListenerMap, ListenerMapDoc};
 use super::model::{Policy, PolicySet, RatelimitConfig};
 use super::spec::{API_VERSION, KIND, RateLimitPolicyDoc, TypeMeta, pos_of};
 
@@ -24,7 +25,8 @@ use super::spec::{API_VERSION, KIND, RateLimitPolicyDoc, TypeMeta, pos_of};
 /// files are read in name order. Names starting with `.` are skipped, which covers dotfiles
 /// and the `..data` / `..2024_…` entries of a mounted Kubernetes ConfigMap; symbolic links are
 /// followed (the ConfigMap's visible files are links into `..data`). Subdirectories are not
-/// descended into. Policy names must be unique across the whole set.
+/// descended into. Policy names must be unique across the whole set, and so must the
+/// `ListenerMap`s' names and entries ([`listeners::check_set`]).
 pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
     let mut errors = Vec::new();
     let mut files = Vec::new();
@@ -37,15 +39,8 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
     let mut set = PolicySet::default();
     for file in &files {
         match fs::read_to_string(file) {
-            Ok(text) => match load_file_str(file, &text) {
-                Ok(found) => {
-                    for doc in found {
-                        match doc {
-                            Document::Policy(p) => set.policies.push(p),
-                            Document::RatelimitConfig(c) => set.ratelimit_configs.push(c),
-                        }
-                    }
-                }
+            Ok(text) => match load_file_set(file, &text) {
+                Ok(found) => set.extend(found),
                 Err(e) => errors.extend(e.0),
             },
             Err(e) => errors.push(io_error(file, &e)),
@@ -53,6 +48,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
     }
     check_unique_names(&set.policies, &mut errors);
     check_unique_domains(&set.ratelimit_configs, &mut errors);
+    errors.extend(listeners::check_set(&set.listener_maps));
     if errors.is_empty() { Ok(set) } else { Err(PolicyErrors(errors)) }
 }
 
@@ -79,8 +75,45 @@ pub fn load_str(file: &Path, text: &str) -> Result<Vec<Policy>, PolicyErrors> {
         .collect())
 }
 
-/// Loads every document of one file's text; `file` only names it in errors.
+/// Loads the policies and ratelimit configs of one file's text; `file` only names it in
+/// errors. `ListenerMap` documents are validated (their errors are returned) but left out:
+/// [`load_file_set`] returns every kind.
 pub fn load_file_str(file: &Path, text: &str) -> Result<Vec<Document>, PolicyErrors> {
+    let docs = load_documents(file, text)?;
+    Ok(docs
+        .into_iter()
+        .filter_map(|d| match d {
+            Loaded::Policy(p) => Some(Document::Policy(p)),
+            Loaded::RatelimitConfig(c) => Some(Document::RatelimitConfig(c)),
+            Loaded::ListenerMap(_) => None,
+        })
+        .collect())
+}
+
+/// Loads every document of one file's text as a set; `file` only names it in errors. The
+/// set-level checks of [`load_paths`] (unique names, listener map references) are not made.
+pub fn load_file_set(file: &Path, text: &str) -> Result<PolicySet, PolicyErrors> {
+    let mut set = PolicySet::default();
+    for doc in load_documents(file, text)? {
+        match doc {
+            Loaded::Policy(p) => set.policies.push(p),
+            Loaded::RatelimitConfig(c) => set.ratelimit_configs.push(c),
+            Loaded::ListenerMap(m) => set.listener_maps.push(m),
+        }
+    }
+    Ok(set)
+}
+
+/// One loaded document of any kind. [`Document`] predates listener maps and is matched
+/// exhaustively outside this crate, so the loader keeps its own enum.
+#[expect(clippy::large_enum_variant, reason = "a handful per file, moved once into the set; boxing buys nothing")]
+enum Loaded {
+    Policy(Policy),
+    RatelimitConfig(RatelimitConfig),
+    ListenerMap(ListenerMap),
+}
+
+fn load_documents(file: &Path, text: &str) -> Result<Vec<Loaded>, PolicyErrors> {
     let split = split_documents(text);
     // The document a syntax error broke in is not counted as having content.
     let documents = split.docs.iter().filter(|d| d.has_content).count() + usize::from(split.syntax.is_some());
@@ -91,13 +124,17 @@ pub fn load_file_str(file: &Path, text: &str) -> Result<Vec<Document>, PolicyErr
         let source = SourceRef { file: file.to_owned(), document: multi.then_some(doc.index) };
         let padded = padded_document(text, doc.start_byte, doc.end_byte, doc.start_line);
         match load_document(&padded) {
-            Ok(Some(Document::Policy(mut p))) => {
+            Ok(Some(Loaded::Policy(mut p))) => {
                 p.source = source;
-                policies.push(Document::Policy(p));
+                policies.push(Loaded::Policy(p));
             }
-            Ok(Some(Document::RatelimitConfig(mut c))) => {
+            Ok(Some(Loaded::RatelimitConfig(mut c))) => {
                 c.source = source;
-                policies.push(Document::RatelimitConfig(c));
+                policies.push(Loaded::RatelimitConfig(c));
+            }
+            Ok(Some(Loaded::ListenerMap(mut m))) => {
+                m.source = source;
+                policies.push(Loaded::ListenerMap(m));
             }
             Ok(None) => {}
             Err(errs) => errors.extend(errs.into_iter().map(|e| e.located(&source))),
@@ -258,14 +295,19 @@ fn padded_document(text: &str, start: usize, end: usize, start_line: u64) -> Str
 
 /// One document: `Ok(None)` when it is empty. Dispatches on `kind` (and `apiVersion`); a
 /// document without `kind` but with `domain` is an envoyproxy/ratelimit config.
-fn load_document(src: &str) -> Result<Option<Document>, Vec<FieldError>> {
+fn load_document(src: &str) -> Result<Option<Loaded>, Vec<FieldError>> {
     let meta: Option<TypeMeta> = deserialize(src).map_err(|e| vec![e])?;
     let Some(meta) = meta else { return Ok(None) };
     if meta.kind.is_none() && meta.domain.is_some() {
-        return kinds::ratelimit_config::load(src).map(|c| Some(Document::RatelimitConfig(c)));
+        return kinds::ratelimit_config::load(src).map(|c| Some(Loaded::RatelimitConfig(c)));
     }
     let kind = meta.kind.ok_or_else(|| vec![missing(src, "kind")])?;
-    if kind.value != KIND {
+    let native = match kind.value.as_str() {
+        KIND => KIND,
+        listeners::KIND => listeners::KIND,
+        _ => "",
+    };
+    if native.is_empty() {
         let loaded = match kind.value.as_str() {
             "BackendTrafficPolicy" => kinds::envoy_gateway::load(src),
             "RateLimitFilter" => kinds::teg::load(src),
@@ -276,15 +318,19 @@ fn load_document(src: &str) -> Result<Option<Document>, Vec<FieldError>> {
                 return Err(vec![FieldError::new(pos_of(&kind), "kind", err)]);
             }
         };
-        return loaded.map(|p| Some(Document::Policy(p)));
+        return loaded.map(|p| Some(Loaded::Policy(p)));
     }
     let api = meta.api_version.ok_or_else(|| vec![missing(src, "apiVersion")])?;
     if api.value != API_VERSION {
-        let err = ErrorKind::UnsupportedApiVersion { api_version: api.value.clone() };
+        let err = ErrorKind::UnsupportedApiVersion { api_version: api.value.clone(), kind: native };
         return Err(vec![FieldError::new(pos_of(&api), "apiVersion", err)]);
     }
+    if native == listeners::KIND {
+        let doc: ListenerMapDoc = deserialize(src).map_err(|e| vec![e])?;
+        return ListenerMap::try_from(doc).map(|m| Some(Loaded::ListenerMap(m)));
+    }
     let doc: RateLimitPolicyDoc = deserialize(src).map_err(|e| vec![e])?;
-    Policy::try_from(doc).map(|p| Some(Document::Policy(p)))
+    Policy::try_from(doc).map(|p| Some(Loaded::Policy(p)))
 }
 
 /// `kind` or `apiVersion` is absent: point at the document's first line.

@@ -240,7 +240,7 @@ fn unsupported_kind_and_api_version() {
         "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: b}\nspec: {anything: 1}\n";
     assert_eq!(
         one_error(text),
-        "p.yaml:2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
+        "p.yaml:2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
     );
     let text = "apiVersion: limiter.dev/v9\nkind: RateLimitPolicy\nmetadata: {name: b}\nspec: {}\n";
     assert_eq!(
@@ -340,11 +340,16 @@ fn every_invalid_example_fails_with_its_message() {
         ("bad-unit.yaml", "15:19: spec.rateLimit.local.rules[2].limit.unit: unknown unit \"Minuets\""),
         ("duplicate-rule.yaml", "12:17: spec.rateLimit.global.rules[0].name: duplicate rule name \"a\""),
         ("empty-selector.yaml", "10:15: spec.rateLimit.local.rules[0].clientSelectors[0]: empty client selector"),
+        ("listener-port.yaml", "8:56: spec.gateways[0].listeners[1].port: must be at least 1, got 0"),
+        (
+            "listener-protocol.yaml",
+            "9:42: spec.gateways[0].listeners[0].protocol: unknown protocol \"SCTP\" (expected TCP, UDP, HTTP, HTTPS or TLS)",
+        ),
         ("syntax.yaml", "4:5: YAML syntax error: "),
         ("unknown-field.yaml", "10:11: spec.rateLimit.local.rules[0].burst: unknown field `burst`"),
         (
             "unknown-kind.yaml",
-            "2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)",
+            "2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)",
         ),
         ("wrong-type.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: expected an integer"),
         ("zero-requests.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: must be at least 1, got 0"),
@@ -454,9 +459,9 @@ fn compile_route_targets_and_several_source_selectors() {
     assert_eq!(
         notices,
         [
-            "p.yaml:5:16 (document 1): spec.targetRefs[0]: HTTPRoute api: not resolved to ports (no listener map yet), so kernel rules do not cover it; L7 rules apply to its requests",
-            "p.yaml:5:46 (document 1): spec.targetRefs[1]: Gateway gw: not resolved to ports (no listener map yet), so kernel rules do not cover it; L7 rules apply to its requests",
-            "p.yaml:9:11 (document 1): spec.rateLimit.local.rules[0]: rule r/c: the policy targets only HTTPRoute/Gateway, resolved by the listener map, not enforced in the kernel yet",
+            "p.yaml:5:16 (document 1): spec.targetRefs[0]: HTTPRoute api: not resolved to ports (add it to a ListenerMap), so kernel rules do not cover it; L7 rules apply to its requests",
+            "p.yaml:5:46 (document 1): spec.targetRefs[1]: Gateway gw: not resolved to ports (add it to a ListenerMap), so kernel rules do not cover it; L7 rules apply to its requests",
+            "p.yaml:9:11 (document 1): spec.rateLimit.local.rules[0]: rule r/c: the policy's HTTPRoute/Gateway targets are not resolved to ports (add them to a ListenerMap), so it is not enforced in the kernel",
             "p.yaml:19:11 (document 2): spec.rateLimit.local.rules[0]: rule s/two: several sourceCIDR selectors in one rule are not enforceable in the kernel yet; not enforced",
         ]
     );

@@ -11,14 +11,24 @@
 //!   `Bytes` or `Connections`. `sourceCIDR.type: Distinct` → one bucket per source;
 //!   `Exact` → one bucket shared by the CIDR; no selector → one bucket for everyone (a port
 //!   ceiling). Named `policy/rule`.
-//! - Targets: the policy's `Port` targetRefs; none at all means every port. A policy whose
-//!   targetRefs are all `HTTPRoute`/`Gateway` puts no rule in the kernel (until the listener
-//!   map resolves them, the only kernel scope would be "every port", wider than asked).
+//! - Targets: the policy's `Port` targetRefs, plus the ports its `Gateway` / `HTTPRoute`
+//!   targetRefs resolve to through the set's `ListenerMap`s ([`super::listeners`]: a gateway's
+//!   listeners, a route's gateways' listeners); none at all means every port. A target no map
+//!   lists is a notice and adds no port; a policy whose targets resolve to no port at all puts
+//!   no rule in the kernel (the only kernel scope left, "every port", is wider than asked).
+//! - Routes share ports: the kernel cannot tell two routes of one gateway apart, so a
+//!   route-level policy's kernel rules count all traffic to its gateway's ports, next to the
+//!   gateway-level policies' (every matching rule applies, the first exhausted drops). The
+//!   POLICY.md precedence (a route's own rules win over its gateway's) holds at L7 only; the
+//!   resolution notice of each route target says so.
 //! - Kernel guard: an L7 rule keyed by the source address (one `sourceCIDR` selector) or by
 //!   nothing also yields a kernel `Connections` rule `policy/rule#guard` at the same rate and
 //!   burst, unless `kernelGuard: Off`, the rule selects on headers, or the policy gives the
-//!   kernel no ports: it targets only routes, or it is a gateway kind without targets (a TEG
-//!   `RateLimitFilter` applies where routes reference it, not to every port of the host).
+//!   kernel no ports: its route targets resolve to none, or it is a gateway kind without
+//!   targets (a TEG `RateLimitFilter` applies where routes reference it, not to every port).
+//!   The guard covers the ports whose every request the rule sees: `Port` and `Gateway`
+//!   targets. An `HTTPRoute` shares its gateway's ports with other routes, so a route's rule
+//!   yields no guard on them (one at its rate would cut the other routes' connections).
 //!
 //! # L7
 //!
@@ -31,8 +41,9 @@
 //!
 //! L7 rule names are unique in a plan (they key counters, metrics and `x-ratelimit-limit`
 //! names): a clash, e.g. two configs naming a limit alike, is an error at the second rule
-//! naming the first. Two envoyproxy/ratelimit configs for one domain are an error too. Errors
-//! are in [`Compiled::errors`]; [`load_and_compile`] returns them with the loader's.
+//! naming the first. Two envoyproxy/ratelimit configs for one domain are an error too, and so
+//! are clashes between `ListenerMap`s ([`super::listeners::check_set`]). Errors are in
+//! [`Compiled::errors`]; [`load_and_compile`] returns them with the loader's.
 
 mod l7;
 #[cfg(test)]
@@ -45,6 +56,7 @@ use std::path::PathBuf;
 pub use self::l7::{entry_key_text, gateway_rule, range_text};
 use super::error::{ErrorKind, Location, PolicyError, PolicyErrors};
 use super::kinds::ratelimit_config;
+use super::listeners::{self, ListenerIndex, Resolution, ports_text};
 use super::model::*;
 use crate::plan::l7::DEFAULT_DOMAIN;
 use crate::plan::{
@@ -66,6 +78,38 @@ pub struct Compiled {
     pub errors: Vec<PolicyError>,
     /// Policies' `penalty` settings, for escalation from the rate limit service to XDP.
     pub penalties: Vec<PolicyPenalty>,
+    /// One per `ListenerMap`, in set order.
+    pub listener_maps: Vec<ListenerMapSummary>,
+}
+
+/// What a `ListenerMap` lists (for `check`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenerMapSummary {
+    pub name: String,
+    pub gateways: usize,
+    pub routes: usize,
+    /// Policy targets it resolved to ports.
+    pub resolved: usize,
+}
+
+impl fmt::Display for ListenerMapSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ListenerMap {}: {} gateway(s), {} route(s), resolving {} policy target(s)",
+            self.name, self.gateways, self.routes, self.resolved
+        )
+    }
+}
+
+/// A policy's `Gateway` / `HTTPRoute` target and the ports it resolved to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResolvedTarget {
+    /// `Gateway eg`, `HTTPRoute api`.
+    pub target: String,
+    pub ports: Vec<PortTarget>,
+    /// The map entries used: `ListenerMap m`, `gateway default/eg of ListenerMap m`.
+    pub via: String,
 }
 
 impl Compiled {
@@ -91,6 +135,8 @@ pub struct PolicySummary {
     pub l7_rules: Vec<String>,
     /// Rules of the policy (by rule name) that no part of this agent enforces.
     pub not_enforced: Vec<String>,
+    /// Its `Gateway` / `HTTPRoute` targets that a `ListenerMap` resolved to ports.
+    pub resolved: Vec<ResolvedTarget>,
 }
 
 impl fmt::Display for PolicySummary {
@@ -102,7 +148,12 @@ impl fmt::Display for PolicySummary {
             self.kernel_rules.len(),
             self.l7_rules.len(),
             self.not_enforced.len()
-        )
+        )?;
+        for (i, r) in self.resolved.iter().enumerate() {
+            let sep = if i == 0 { "; " } else { ", " };
+            write!(f, "{sep}{} on {}", r.target, ports_text(&r.ports))?;
+        }
+        Ok(())
     }
 }
 
@@ -134,20 +185,28 @@ impl fmt::Display for Notice {
 pub enum NoGuard {
     /// `kernelGuard: Off`.
     Off,
-    /// The policy targets only HTTPRoutes/Gateways (no ports known).
+    /// The policy targets only HTTPRoutes/Gateways, and no `ListenerMap` gives their ports.
     RoutesOnly,
     /// A gateway kind without targets: it applies where routes reference it.
     NoPorts,
     /// Several `sourceCIDR` selectors: the kernel matches one.
     SeveralSources,
+    /// The policy targets an HTTPRoute: its gateway's ports carry other routes too, whose
+    /// connections a guard at this rule's rate would throttle.
+    RouteScoped,
 }
 
 impl fmt::Display for NoGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             NoGuard::Off => "kernelGuard is Off",
-            NoGuard::RoutesOnly => "the policy targets only HTTPRoute/Gateway, not resolved to ports yet",
+            NoGuard::RoutesOnly => {
+                "the policy's HTTPRoute/Gateway targets are not in a ListenerMap, so the kernel has no ports for them"
+            }
             NoGuard::NoPorts => "the policy names no ports",
+            NoGuard::RouteScoped => {
+                "the policy targets an HTTPRoute, and the kernel cannot tell its connections from other routes' on the gateway's ports"
+            }
             NoGuard::SeveralSources => "the kernel matches one sourceCIDR selector per rule",
         })
     }
@@ -173,13 +232,24 @@ pub enum NoticeKind {
     )]
     SeveralSourceSelectors { rule: String },
     #[error(
-        "rule {rule}: the policy targets only HTTPRoute/Gateway, resolved by the listener map, not enforced in the kernel yet"
+        "rule {rule}: the policy's HTTPRoute/Gateway targets are not resolved to ports (add them to a ListenerMap), so it is not enforced in the kernel"
     )]
     RouteTargetedRule { rule: String },
+    /// A `Gateway` / `HTTPRoute` target no `ListenerMap` lists.
     #[error(
-        "{kind} {name}: not resolved to ports (no listener map yet), so kernel rules do not cover it; L7 rules apply to its requests"
+        "{kind} {name}: not resolved to ports (add it to a ListenerMap), so kernel rules do not cover it; L7 rules apply to its requests"
     )]
     RouteTarget { kind: RouteKind, name: String },
+    /// A `Gateway` target whose `sectionName` names no listener of the mapped gateway: all of
+    /// the gateway's ports would be wider than asked.
+    #[error(
+        "Gateway {gateway}: no listener named {section} in ListenerMap {map} (name its listeners there), so kernel rules do not cover it; L7 rules apply to its requests"
+    )]
+    NoSuchListener { gateway: String, section: String, map: String },
+    /// A target a `ListenerMap` resolved: kernel rules and guards of the policy count all
+    /// traffic to these ports.
+    #[error("{kind} {name}: resolved to ports {} by {via}; {}", ports_text(ports), resolved_tail(*kind))]
+    RouteResolved { kind: RouteKind, name: String, ports: Vec<PortTarget>, via: String },
     #[error(
         "escalation: a source the rate limit service denies {events} times within {within:?} (rules {rules}) is put in the XDP block list for {block:?} (`limiter-agent run --iface`)"
     )]
@@ -197,6 +267,15 @@ pub enum NoticeKind {
     UnmatchedDescriptor { descriptor: String, domain: String },
 }
 
+fn resolved_tail(kind: RouteKind) -> &'static str {
+    match kind {
+        RouteKind::Gateway => "the policy's kernel rules and guards count all traffic to them",
+        RouteKind::HttpRoute => {
+            "the kernel cannot tell routes apart on a port, so the policy's kernel rules count all traffic to these ports and its L7 rules get no connection guard there, and the rules of policies targeting the gateway apply there too (every matching rule applies, the first exhausted drops); a route's rules win over its gateway's at L7 only"
+        }
+    }
+}
+
 fn guard_text(guard: &Option<String>, no_guard: &Option<NoGuard>) -> String {
     match (guard, no_guard) {
         (Some(g), _) => format!("; the kernel guard {g} limits new connections at the same rate"),
@@ -211,8 +290,25 @@ pub fn compile(set: &PolicySet) -> Compiled {
     // Where each L7 rule was written, parallel to `out.l7.rules` (for set-level errors).
     let mut origins: Vec<Location> = Vec::new();
     let mut fields: Vec<String> = Vec::new();
+    out.errors.extend(listeners::check_set(&set.listener_maps));
+    let index = ListenerIndex { maps: &set.listener_maps };
     for p in &set.policies {
-        compile_policy(p, &mut out, &mut origins, &mut fields);
+        compile_policy(p, index, &mut out, &mut origins, &mut fields);
+    }
+    for m in &set.listener_maps {
+        // Attributed by name: an unqualified target can match entries of several maps.
+        let resolved = out
+            .summaries
+            .iter()
+            .flat_map(|s| &s.resolved)
+            .filter(|r| r.via.split(", ").any(|v| v.ends_with(&format!("ListenerMap {}", m.name))))
+            .count();
+        out.listener_maps.push(ListenerMapSummary {
+            name: m.name.clone(),
+            gateways: m.gateways.len(),
+            routes: m.routes.len(),
+            resolved,
+        });
     }
     let mut config_rules: Vec<std::ops::Range<usize>> = Vec::new();
     for c in &set.ratelimit_configs {
@@ -228,7 +324,13 @@ pub fn compile(set: &PolicySet) -> Compiled {
     out
 }
 
-fn compile_policy(p: &Policy, out: &mut Compiled, origins: &mut Vec<Location>, fields: &mut Vec<String>) {
+fn compile_policy(
+    p: &Policy,
+    index: ListenerIndex<'_>,
+    out: &mut Compiled,
+    origins: &mut Vec<Location>,
+    fields: &mut Vec<String>,
+) {
     let mut summary = PolicySummary { policy: p.name.clone(), ..Default::default() };
     let notice = |at: &At, rule: Option<&str>, kind: NoticeKind| Notice {
         location: p.location(at),
@@ -244,6 +346,9 @@ fn compile_policy(p: &Policy, out: &mut Compiled, origins: &mut Vec<Location>, f
         out.notices.push(notice(&w.at, None, NoticeKind::NotEnforced { what: w.value.clone() }));
     }
     let mut ports: Vec<PortTarget> = Vec::new();
+    // The ports whose every request the policy sees (Port and Gateway targets): where
+    // derived guards go.
+    let mut guard_ports: Vec<PortTarget> = Vec::new();
     let mut l7_targets: Vec<L7Target> = Vec::new();
     for t in &p.targets {
         match &t.kind {
@@ -251,8 +356,11 @@ fn compile_policy(p: &Policy, out: &mut Compiled, origins: &mut Vec<Location>, f
                 if !ports.contains(pt) {
                     ports.push(*pt);
                 }
+                if !guard_ports.contains(pt) {
+                    guard_ports.push(*pt);
+                }
             }
-            TargetKind::Route { kind, name, .. } => {
+            TargetKind::Route { kind, name, namespace, section_name } => {
                 let target = match kind {
                     RouteKind::HttpRoute => L7Target::Route(name.clone()),
                     RouteKind::Gateway => L7Target::Gateway(name.clone()),
@@ -260,12 +368,43 @@ fn compile_policy(p: &Policy, out: &mut Compiled, origins: &mut Vec<Location>, f
                 if !l7_targets.contains(&target) {
                     l7_targets.push(target);
                 }
-                let kind = NoticeKind::RouteTarget { kind: *kind, name: name.clone() };
+                let resolution = match kind {
+                    RouteKind::Gateway => index.gateway(name, namespace.as_deref(), section_name.as_deref()),
+                    RouteKind::HttpRoute => index.route(name, namespace.as_deref()),
+                };
+                let kind = match resolution {
+                    Resolution::Ports { ports: found, via } if !found.is_empty() => {
+                        for pt in &found {
+                            if !ports.contains(pt) {
+                                ports.push(*pt);
+                            }
+                            if *kind == RouteKind::Gateway && !guard_ports.contains(pt) {
+                                guard_ports.push(*pt);
+                            }
+                        }
+                        summary.resolved.push(ResolvedTarget {
+                            target: format!("{kind} {name}"),
+                            ports: found.clone(),
+                            via: via.clone(),
+                        });
+                        NoticeKind::RouteResolved { kind: *kind, name: name.clone(), ports: found, via }
+                    }
+                    Resolution::NoListener { gateway, section, map } => {
+                        NoticeKind::NoSuchListener { gateway, section, map }
+                    }
+                    Resolution::Ports { .. } | Resolution::Unmapped => {
+                        NoticeKind::RouteTarget { kind: *kind, name: name.clone() }
+                    }
+                };
                 out.notices.push(notice(&t.at, None, kind));
             }
         }
     }
     let routes_only = !l7_targets.is_empty() && ports.is_empty();
+    // A guard is right only where the rule sees every request on a port: Port and Gateway
+    // targets. A route shares its gateway's ports with other routes (the map need not list
+    // them all), so a guard at the route's rate there would cut their connections too.
+    let route_scoped = guard_ports.is_empty() && !ports.is_empty();
     // A gateway kind without targets applies where routes reference it (TEG's ExtensionRef),
     // not to every port: no kernel scope for its guards.
     let no_ports = p.targets.is_empty() && p.kind != PolicyKind::RateLimitPolicy;
@@ -320,12 +459,16 @@ fn compile_policy(p: &Policy, out: &mut Compiled, origins: &mut Vec<Location>, f
                     Some(NoGuard::NoPorts)
                 } else if sources.len() > 1 {
                     Some(NoGuard::SeveralSources)
+                } else if route_scoped {
+                    Some(NoGuard::RouteScoped)
                 } else {
                     None
                 };
                 let guard = (!r.has_headers() && no_guard.is_none()).then(|| format!("{full}#guard"));
                 if let Some(g) = &guard {
-                    out.plan.rules.push(kernel_rule(g.clone(), CountKind::Connections));
+                    let mut rule = kernel_rule(g.clone(), CountKind::Connections);
+                    rule.targets = guard_ports.clone();
+                    out.plan.rules.push(rule);
                     summary.kernel_rules.push(g.clone());
                 }
                 let domain = DEFAULT_DOMAIN.to_owned();

@@ -154,7 +154,7 @@ fn native_l7_rules_map_every_selector_to_descriptor_entries() {
         "{n:#?}"
     );
     assert!(
-        n.contains(&"p.yaml:25:11: spec.rateLimit.global.rules[0]: rule p/budget is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: the policy targets only HTTPRoute/Gateway, not resolved to ports yet".to_owned()),
+        n.contains(&"p.yaml:25:11: spec.rateLimit.global.rules[0]: rule p/budget is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: the policy's HTTPRoute/Gateway targets are not in a ListenerMap, so the kernel has no ports for them".to_owned()),
         "{n:#?}"
     );
     assert_eq!(n.len(), 8, "two targets, five L7 rules, one global: {n:#?}");
