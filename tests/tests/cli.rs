@@ -231,32 +231,34 @@ fn a_listener_map_puts_gateway_kind_guards_in_the_kernel() {
         assert!(run.stdout.lines().any(|l| l == line), "missing {line:?} in\n{}", run.stdout);
     }
     let ok = run.stdout.lines().last().unwrap_or_default();
-    assert!(ok.starts_with("ok: 17 policies and configs, 1 listener map(s), 8 kernel rules, "), "{ok}");
+    assert!(ok.starts_with("ok: 17 policies and configs, 1 listener map(s), 4 kernel rules, "), "{ok}");
     assert!(!run.stderr.contains("not resolved to ports"), "{}", run.stderr);
 
     let run = agent(&["explain"], &paths);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    let row = run.stdout.lines().find(|l| l.starts_with("petstore-local/local#guard ")).unwrap_or_default();
+    let row = run.stdout.lines().find(|l| l.starts_with("edge-defaults/local#guard ")).unwrap_or_default();
     let cells: Vec<&str> = row.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
     assert_eq!(
         cells,
         [
-            "petstore-local/local#guard",
+            "edge-defaults/local#guard",
             "kernel guard",
             "shared",
             "connections",
-            "5/10s",
-            "15",
+            "10/100ms",
+            "90",
             "local",
             "enforce",
             "-",
-            "8080/TCP,8443/TCP"
+            "8443/TCP"
         ],
         "{}",
         run.stdout
     );
-    // Header-keyed rules stay L7 only: no guard row.
+    // Header-keyed rules stay L7 only, and so do route-level ones (their gateway's ports carry
+    // other routes): no guard row.
     assert!(!run.stdout.contains("eg-distinct-users/rule-0#guard"), "{}", run.stdout);
+    assert!(!run.stdout.contains("petstore-local/local#guard"), "{}", run.stdout);
 }
 
 #[test]
