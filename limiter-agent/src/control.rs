@@ -7,10 +7,14 @@
 //! many clients cost the data path nothing. The per-source table walk
 //! ([`Dataplane::tracked_sources`], O(entries)) is sampled at most every
 //! [`TRACKED_SAMPLE_EVERY`].
+//!
+//! The `rls` section ([`RlsStatus`]) is read from the rate limit service's [`Metrics`] and
+//! backend ([`RlsSource`]). Without an XDP program (no `--iface`: the rate limit service
+//! only) the kernel sections are empty and `interfaces` is empty.
 
 use std::{
     io::{self, Read as _, Write as _},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
@@ -27,7 +31,11 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::dataplane::{Dataplane, Stats};
+use crate::{
+    dataplane::{Dataplane, Stats},
+    metrics::{CODE_OK, CODE_OVER_LIMIT, Metrics},
+    rls::{Backend, RateLimiter},
+};
 
 /// Where `limiter-agent run` listens and `limiter-agent top` connects unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/limiter/agent.sock";
@@ -62,6 +70,178 @@ pub struct Snapshot {
     /// The sources with the most dropped packets, most first (at most [`TOP_SOURCES`]).
     pub top_sources: Vec<SourceCount>,
     pub sources: SourceTable,
+    /// The rate limit service (absent from agents older than this field: all zero).
+    #[serde(default)]
+    pub rls: RlsStatus,
+}
+
+/// What the rate limit service has done since the agent started. Counters are cumulative,
+/// the same numbers as the `limiter_rls_*` and `limiter_escalations_total` metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RlsStatus {
+    /// False with `--no-rls`.
+    pub serving: bool,
+    /// The gRPC address it is bound to (`--rls-listen`), while serving.
+    pub listen: Option<SocketAddr>,
+    /// `local` or `redis` (`--rls-backend`).
+    pub backend: String,
+    /// With the `redis` backend.
+    pub redis: Option<RedisStatus>,
+    /// L7 rules of the policy in force.
+    pub l7_rules: usize,
+    /// Keyed L7 counters held (per header value, per client...), at most `l7_max_keys`.
+    pub l7_tracked_keys: u64,
+    /// `--l7-max-keys`.
+    pub l7_max_keys: u64,
+    /// Descriptors answered, by domain, rule and code; sorted.
+    pub decisions: Vec<DecisionCount>,
+    /// Descriptors shadow rules would have denied (answered OK); sorted.
+    pub shadow_over_limit: Vec<ShadowCount>,
+    /// Calls refused with a gRPC error, by reason; sorted.
+    pub request_errors: Vec<RequestErrorCount>,
+    /// Whether denied sources can be escalated into the XDP block list (needs `--iface`).
+    pub escalation: bool,
+    /// Sources put in the XDP block list, by policy; sorted.
+    pub escalations: Vec<EscalationCount>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisStatus {
+    pub connected: bool,
+    /// `failOpen` or `failClosed` (`--redis-failure-mode`).
+    pub failure_mode: String,
+    /// Failed round trips and connection attempts.
+    pub errors: u64,
+    /// Descriptors answered by the failure mode because Redis was unreachable.
+    pub failure_mode_answers: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DecisionCount {
+    /// The request's domain, or `_unknown_` for a domain without rules.
+    pub domain: String,
+    /// The rule's name; empty when no rule matched.
+    pub rule: String,
+    /// `OK` or `OVER_LIMIT`.
+    pub code: String,
+    pub descriptors: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ShadowCount {
+    pub domain: String,
+    pub rule: String,
+    pub descriptors: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestErrorCount {
+    /// `invalid_argument` or `overloaded`.
+    pub reason: String,
+    pub requests: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EscalationCount {
+    pub policy: String,
+    pub sources: u64,
+}
+
+impl RlsStatus {
+    /// Descriptors answered with `code` (`OK`, `OVER_LIMIT`) over every rule.
+    pub fn decided(&self, code: &str) -> u64 {
+        self.decisions.iter().filter(|d| d.code == code).map(|d| d.descriptors).sum()
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.decided(CODE_OK)
+    }
+
+    pub fn over_limit(&self) -> u64 {
+        self.decided(CODE_OVER_LIMIT)
+    }
+
+    pub fn shadow_over_limit_total(&self) -> u64 {
+        self.shadow_over_limit.iter().map(|s| s.descriptors).sum()
+    }
+
+    pub fn request_errors_total(&self) -> u64 {
+        self.request_errors.iter().map(|e| e.requests).sum()
+    }
+
+    pub fn escalations_total(&self) -> u64 {
+        self.escalations.iter().map(|e| e.sources).sum()
+    }
+}
+
+/// Where the `rls` section of a snapshot is read from.
+pub struct RlsSource {
+    pub limiter: Arc<RateLimiter>,
+    pub backend: Backend,
+    pub metrics: Arc<Metrics>,
+    /// The bound address; `None` when the service is not served (`--no-rls`).
+    pub serving: Option<SocketAddr>,
+    pub l7_max_keys: usize,
+}
+
+impl RlsSource {
+    /// Reads the counters: a few locks and a copy of each bounded label set, no I/O.
+    pub fn read(&self) -> RlsStatus {
+        let m = &self.metrics;
+        let mut decisions: Vec<DecisionCount> = m
+            .rls_decisions
+            .values()
+            .into_iter()
+            .map(|(l, n)| DecisionCount { domain: l.domain, rule: l.rule, code: l.code.to_owned(), descriptors: n })
+            .collect();
+        decisions.sort();
+        let mut shadow_over_limit: Vec<ShadowCount> = m
+            .rls_shadow_over_limit
+            .values()
+            .into_iter()
+            .map(|(l, n)| ShadowCount { domain: l.domain, rule: l.rule, descriptors: n })
+            .collect();
+        shadow_over_limit.sort();
+        let mut request_errors: Vec<RequestErrorCount> = m
+            .rls_request_errors
+            .values()
+            .into_iter()
+            .map(|(l, n)| RequestErrorCount { reason: l.reason.to_owned(), requests: n })
+            .collect();
+        request_errors.sort();
+        let mut escalations: Vec<EscalationCount> =
+            m.escalations.values().into_iter().map(|(l, n)| EscalationCount { policy: l.policy, sources: n }).collect();
+        escalations.sort();
+        let (backend, redis) = match &self.backend {
+            Backend::Local => ("local", None),
+            Backend::Redis(redis) => {
+                let stats = redis.stats();
+                let status = RedisStatus {
+                    connected: redis.is_connected(),
+                    failure_mode: redis.config().failure_mode.to_string(),
+                    errors: stats.errors,
+                    failure_mode_answers: stats.failure_mode_answers,
+                };
+                ("redis", Some(status))
+            }
+        };
+        let engine = self.limiter.engine();
+        RlsStatus {
+            serving: self.serving.is_some(),
+            listen: self.serving,
+            backend: backend.to_owned(),
+            redis,
+            l7_rules: engine.plan().rules.len(),
+            l7_tracked_keys: engine.tracked_keys() as u64,
+            l7_max_keys: self.l7_max_keys as u64,
+            decisions,
+            shadow_over_limit,
+            request_errors,
+            escalation: self.limiter.escalation().is_some(),
+            escalations,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,54 +460,59 @@ impl Control {
 
     /// Reads the counters and publishes a new snapshot. Call it on every stats tick and about
     /// once a second; failures are logged (once until the next success) and the last good
-    /// snapshot keeps being served.
-    pub fn refresh(&mut self, dp: &Dataplane, reloads: Reloads) {
-        let read = dp.stats().and_then(|stats| dp.top_dropped_sources(TOP_SOURCES).map(|top| (stats, top)));
-        let (stats, top) = match read {
-            Ok(x) => x,
-            Err(e) => {
-                if !self.refresh_failing {
-                    warn!("control socket: reading counters for the snapshot: {e}");
+    /// snapshot keeps being served. `dp`: `None` without an XDP program (the kernel sections
+    /// stay empty).
+    pub fn refresh(&mut self, dp: Option<&Dataplane>, reloads: Reloads, rls: RlsStatus) {
+        let now_ms = unix_ms(SystemTime::now());
+        let mut policy = PolicyStatus {
+            last_reload_ok: reloads.last_ok,
+            reloads_applied: reloads.applied,
+            reloads_rejected: reloads.rejected,
+            ..PolicyStatus::default()
+        };
+        let kernel = match dp {
+            None => None,
+            Some(dp) => {
+                let read = dp.stats().and_then(|stats| dp.top_dropped_sources(TOP_SOURCES).map(|top| (stats, top)));
+                let read = match read {
+                    Ok(x) => x,
+                    Err(e) => {
+                        if !self.refresh_failing {
+                            warn!("control socket: reading counters for the snapshot: {e}");
+                        }
+                        self.refresh_failing = true;
+                        return;
+                    }
+                };
+                if self.sampled.is_none_or(|at| at.elapsed() >= TRACKED_SAMPLE_EVERY) {
+                    self.sources = SourceTable {
+                        tracked: dp.tracked_sources() as u64,
+                        capacity: u64::from(dp.source_capacity()),
+                        sampled_at_unix_ms: now_ms,
+                    };
+                    self.sampled = Some(Instant::now());
                 }
-                self.refresh_failing = true;
-                return;
+                if let Some(plan) = dp.current_plan() {
+                    policy = PolicyStatus {
+                        rules: plan.rules.len(),
+                        allow: plan.allow.len(),
+                        deny: plan.deny.len(),
+                        ..policy
+                    };
+                }
+                Some(read)
             }
         };
         self.refresh_failing = false;
-        let now_ms = unix_ms(SystemTime::now());
-        if self.sampled.is_none_or(|at| at.elapsed() >= TRACKED_SAMPLE_EVERY) {
-            self.sources = SourceTable {
-                tracked: dp.tracked_sources() as u64,
-                capacity: u64::from(dp.source_capacity()),
-                sampled_at_unix_ms: now_ms,
-            };
-            self.sampled = Some(Instant::now());
-        }
-        let policy = match dp.current_plan() {
-            Some(plan) => PolicyStatus {
-                rules: plan.rules.len(),
-                allow: plan.allow.len(),
-                deny: plan.deny.len(),
-                ..Default::default()
-            },
-            None => PolicyStatus::default(),
+        let meta = Meta {
+            time_unix_ms: now_ms,
+            uptime_s: self.started.elapsed().as_secs(),
+            interfaces: self.interfaces.clone(),
+            policy,
+            sources: self.sources.clone(),
+            rls,
         };
-        let snapshot = Snapshot::build(
-            &stats,
-            &top,
-            Meta {
-                time_unix_ms: now_ms,
-                uptime_s: self.started.elapsed().as_secs(),
-                interfaces: self.interfaces.clone(),
-                policy: PolicyStatus {
-                    last_reload_ok: reloads.last_ok,
-                    reloads_applied: reloads.applied,
-                    reloads_rejected: reloads.rejected,
-                    ..policy
-                },
-                sources: self.sources.clone(),
-            },
-        );
+        let snapshot = Snapshot::build(kernel.as_ref().map(|(stats, top)| (stats, top.as_slice())), meta);
         self.publish(snapshot);
     }
 
@@ -359,11 +544,25 @@ pub struct Meta {
     pub interfaces: Vec<Interface>,
     pub policy: PolicyStatus,
     pub sources: SourceTable,
+    pub rls: RlsStatus,
 }
 
 impl Snapshot {
-    /// Assembles a snapshot from counters read out of the data path.
-    pub fn build(stats: &Stats, top: &[(IpAddr, limiter_common::Counter)], meta: Meta) -> Self {
+    /// Assembles a snapshot from counters read out of the data path (`None`: no XDP program;
+    /// the kernel sections are empty).
+    pub fn build(kernel: Option<(&Stats, &[(IpAddr, limiter_common::Counter)])>, meta: Meta) -> Self {
+        let Some((stats, top)) = kernel else {
+            return Self {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                time_unix_ms: meta.time_unix_ms,
+                uptime_s: meta.uptime_s,
+                interfaces: meta.interfaces,
+                policy: meta.policy,
+                sources: meta.sources,
+                rls: meta.rls,
+                ..Self::default()
+            };
+        };
         let reasons = (0..reason::COUNT)
             .map(|r| {
                 let c = stats.reason(r);
@@ -401,7 +600,14 @@ impl Snapshot {
             rules,
             top_sources,
             sources: meta.sources,
+            rls: meta.rls,
         }
+    }
+
+    /// Whether the agent runs the XDP program (else it serves the rate limit service only):
+    /// a kernel snapshot always lists every reason.
+    pub fn has_kernel(&self) -> bool {
+        !self.interfaces.is_empty() || !self.reasons.is_empty()
     }
 
     /// Packets and bytes over every reason with this verdict.
@@ -511,8 +717,9 @@ mod tests {
             interfaces: vec![Interface { name: "eth0".into(), mode: "native".into() }],
             policy: PolicyStatus { rules: 1, last_reload_ok: true, ..Default::default() },
             sources: SourceTable { tracked: 1, capacity: 1024, sampled_at_unix_ms: 1_700_000_000_000 },
+            rls: RlsStatus::default(),
         };
-        let snap = Snapshot::build(&stats(), &top, meta);
+        let snap = Snapshot::build(Some((&stats(), &top)), meta);
         assert_eq!(snap.reasons.len(), reason::COUNT as usize);
         let unparsed: Vec<Verdict> =
             snap.reasons.iter().filter(|r| r.reason == "unparsed").map(|r| r.verdict).collect();
@@ -527,6 +734,63 @@ mod tests {
         assert!(json.contains(r#""source":"10.0.0.7""#), "{json}");
         assert!(!json.contains('\n'));
         assert_eq!(parse_answer(Path::new("x"), &json).unwrap(), snap);
+    }
+
+    fn rls_source(metrics: &Arc<Metrics>, serving: Option<SocketAddr>) -> RlsSource {
+        use crate::l7::{Engine, EngineConfig};
+        let engine = Arc::new(Engine::new(crate::plan::L7Plan::default(), EngineConfig { max_keys: 500 }));
+        let limiter = Arc::new(RateLimiter::new(engine, Backend::Local, Arc::clone(metrics), None, 8));
+        RlsSource { limiter, backend: Backend::Local, metrics: Arc::clone(metrics), serving, l7_max_keys: 500 }
+    }
+
+    #[test]
+    fn rls_section_reads_the_metrics_sorted_with_totals() {
+        use crate::metrics::{DecisionLabels, PolicyLabels, ReasonLabels, RuleLabels};
+        let metrics = Arc::new(Metrics::new());
+        let d = |rule: &str, code| DecisionLabels { domain: "shop".into(), rule: rule.into(), code };
+        for _ in 0..3 {
+            metrics.rls_decisions.inc(&d("shop/b", CODE_OK));
+        }
+        metrics.rls_decisions.inc(&d("shop/b", CODE_OVER_LIMIT));
+        metrics.rls_decisions.inc(&d("shop/a", CODE_OK));
+        metrics.rls_shadow_over_limit.inc(&RuleLabels { domain: "shop".into(), rule: "shop/a".into() });
+        metrics.rls_request_errors.inc(&ReasonLabels { reason: "overloaded" });
+        metrics.rls_request_errors.inc(&ReasonLabels { reason: "invalid_argument" });
+        metrics.escalations.inc(&PolicyLabels { policy: "esc".into() });
+
+        let listen: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        let rls = rls_source(&metrics, Some(listen)).read();
+        let decided: Vec<(&str, &str, u64)> =
+            rls.decisions.iter().map(|d| (d.rule.as_str(), d.code.as_str(), d.descriptors)).collect();
+        assert_eq!(decided, [("shop/a", "OK", 1), ("shop/b", "OK", 3), ("shop/b", "OVER_LIMIT", 1)]);
+        assert_eq!((rls.ok(), rls.over_limit()), (4, 1));
+        assert_eq!(rls.shadow_over_limit_total(), 1);
+        assert_eq!(rls.request_errors[0].reason, "invalid_argument");
+        assert_eq!(rls.request_errors_total(), 2);
+        assert_eq!(rls.escalations_total(), 1);
+        assert!(rls.serving && !rls.escalation);
+        assert_eq!((rls.backend.as_str(), rls.redis.is_none()), ("local", true));
+        assert_eq!((rls.l7_rules, rls.l7_tracked_keys, rls.l7_max_keys), (0, 0, 500));
+
+        // Without an XDP program the kernel sections are empty; the JSON names the fields.
+        let snap = Snapshot::build(None, Meta { rls, ..Default::default() });
+        assert!(!snap.has_kernel() && snap.reasons.is_empty() && snap.rules.is_empty());
+        let json = serde_json::to_string(&snap).unwrap();
+        assert!(json.contains(r#""rls":{"serving":true,"listen":"127.0.0.1:8081","backend":"local""#), "{json}");
+        assert!(json.contains(r#"{"domain":"shop","rule":"shop/b","code":"OVER_LIMIT","descriptors":1}"#), "{json}");
+        assert!(json.contains(r#""escalations":[{"policy":"esc","sources":1}]"#), "{json}");
+        assert_eq!(parse_answer(Path::new("x"), &json).unwrap(), snap);
+
+        let idle = rls_source(&metrics, None).read();
+        assert!(!idle.serving && idle.listen.is_none());
+    }
+
+    #[test]
+    fn a_snapshot_without_the_rls_section_still_parses() {
+        let mut v = serde_json::to_value(Snapshot { version: "old".into(), ..Default::default() }).unwrap();
+        v.as_object_mut().unwrap().remove("rls");
+        let snap = parse_answer(Path::new("x"), &v.to_string()).unwrap();
+        assert_eq!(snap.rls, RlsStatus::default());
     }
 
     #[test]

@@ -21,8 +21,14 @@
 //! Label values are bounded: `rule` and `policy` come from the plan; `domain` is the
 //! request's domain only when the plan has rules for it, else `_unknown_` (Envoy sends any
 //! domain it is configured with; an unbounded label would let a client grow memory).
+//!
+//! The labelled counters the control socket's snapshot shows (`limiter-agent top`) are
+//! [`CounterFamily`]s, which can be read back: prometheus-client 0.25's `Family` can only be
+//! encoded, not iterated.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -45,6 +51,9 @@ use crate::rls::redis::RedisBackend;
 
 /// The `domain` label of requests for a domain the plan has no rules for.
 pub const UNKNOWN_DOMAIN: &str = "_unknown_";
+/// The `code` labels of `limiter_rls_decisions_total`.
+pub const CODE_OK: &str = "OK";
+pub const CODE_OVER_LIMIT: &str = "OVER_LIMIT";
 
 /// Scrapes answered at once; more connections are closed unanswered.
 const MAX_SCRAPERS: usize = 8;
@@ -81,16 +90,68 @@ pub struct PolicyLabels {
     pub policy: String,
 }
 
+/// A labelled counter that can be read back as well as scraped: the `Family` that is
+/// registered, plus the label sets it holds (prometheus-client 0.25 cannot list them). The
+/// label sets are as bounded as the family's own (see the module docs).
+#[derive(Debug)]
+pub struct CounterFamily<L> {
+    family: Family<L, Counter>,
+    labels: Mutex<HashSet<L>>,
+}
+
+impl<L: Clone + Hash + Eq> Default for CounterFamily<L> {
+    fn default() -> Self {
+        Self { family: Family::default(), labels: Mutex::new(HashSet::new()) }
+    }
+}
+
+impl<L: Clone + Hash + Eq> CounterFamily<L> {
+    /// Adds one to the counter of `labels`.
+    pub fn inc(&self, labels: &L) {
+        if let Some(counter) = self.family.get(labels) {
+            counter.inc();
+            return;
+        }
+        // First use of this label set: note it before the family has it, so that a reader
+        // never sees a counter it cannot list (inserting twice is harmless).
+        self.labels.lock().unwrap_or_else(PoisonError::into_inner).insert(labels.clone());
+        self.family.get_or_create(labels).inc();
+    }
+
+    /// The counter of `labels` (0 if it was never incremented).
+    pub fn get(&self, labels: &L) -> u64 {
+        self.family.get(labels).map_or(0, |c| c.get())
+    }
+
+    /// Every label set with its count, in no particular order.
+    pub fn values(&self) -> Vec<(L, u64)> {
+        let labels: Vec<L> = self.labels.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect();
+        // One family read at a time: holding two of its guards at once can deadlock.
+        labels
+            .into_iter()
+            .map(|l| {
+                let n = self.get(&l);
+                (l, n)
+            })
+            .collect()
+    }
+
+    /// Sum over every label set.
+    pub fn total(&self) -> u64 {
+        self.values().iter().map(|(_, n)| n).sum()
+    }
+}
+
 /// Every metric of the agent. Shared as `Arc<Metrics>`; updates take `&self`.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub rls_decisions: Family<DecisionLabels, Counter>,
-    pub rls_shadow_over_limit: Family<RuleLabels, Counter>,
-    pub rls_request_errors: Family<ReasonLabels, Counter>,
+    pub rls_decisions: CounterFamily<DecisionLabels>,
+    pub rls_shadow_over_limit: CounterFamily<RuleLabels>,
+    pub rls_request_errors: CounterFamily<ReasonLabels>,
     pub rls_decision_seconds: Histogram,
     pub policy_reloads: Family<OutcomeLabels, Counter>,
-    pub escalations: Family<PolicyLabels, Counter>,
+    pub escalations: CounterFamily<PolicyLabels>,
     sources: Arc<Sources>,
 }
 
@@ -110,23 +171,23 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
-        let rls_decisions = Family::<DecisionLabels, Counter>::default();
+        let rls_decisions = CounterFamily::<DecisionLabels>::default();
         registry.register(
             "limiter_rls_decisions",
             "Rate limit service descriptors answered, by domain, rule and code",
-            rls_decisions.clone(),
+            rls_decisions.family.clone(),
         );
-        let rls_shadow_over_limit = Family::<RuleLabels, Counter>::default();
+        let rls_shadow_over_limit = CounterFamily::<RuleLabels>::default();
         registry.register(
             "limiter_rls_shadow_over_limit",
             "Descriptors a shadow-mode rule would have denied (answered OK)",
-            rls_shadow_over_limit.clone(),
+            rls_shadow_over_limit.family.clone(),
         );
-        let rls_request_errors = Family::<ReasonLabels, Counter>::default();
+        let rls_request_errors = CounterFamily::<ReasonLabels>::default();
         registry.register(
             "limiter_rls_request_errors",
             "ShouldRateLimit calls refused with a gRPC error, by reason",
-            rls_request_errors.clone(),
+            rls_request_errors.family.clone(),
         );
         // 5 us .. ~84 ms: local decisions take microseconds, Redis ones a round trip.
         let rls_decision_seconds = Histogram::new(exponential_buckets(5e-6, 2.0, 15));
@@ -142,11 +203,11 @@ impl Metrics {
             "Policy reloads, applied or rejected (a rejected set leaves the last good one in force)",
             policy_reloads.clone(),
         );
-        let escalations = Family::<PolicyLabels, Counter>::default();
+        let escalations = CounterFamily::<PolicyLabels>::default();
         registry.register(
             "limiter_escalations",
             "Sources put in the XDP block list by a policy's penalty",
-            escalations.clone(),
+            escalations.family.clone(),
         );
         let sources = Arc::new(Sources::default());
         registry.register_collector(Box::new(Arc::clone(&sources)));
@@ -313,7 +374,7 @@ mod tests {
     #[test]
     fn render_lists_every_family_with_labels() {
         let m = Metrics::new();
-        m.rls_decisions.get_or_create(&DecisionLabels { domain: "d".into(), rule: "d/k".into(), code: "OK" }).inc();
+        m.rls_decisions.inc(&DecisionLabels { domain: "d".into(), rule: "d/k".into(), code: "OK" });
         m.reload(true);
         m.reload(false);
         m.rls_decision_seconds.observe(0.00002);
@@ -325,5 +386,27 @@ mod tests {
         assert!(text.contains("limiter_rls_redis_errors_total 0"), "{text}");
         assert!(text.contains("limiter_l7_tracked_keys 0"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn counter_families_read_back_what_they_export() {
+        let m = Metrics::new();
+        let ok = DecisionLabels { domain: "d".into(), rule: "d/k".into(), code: "OK" };
+        let over = DecisionLabels { code: "OVER_LIMIT", ..ok.clone() };
+        for _ in 0..3 {
+            m.rls_decisions.inc(&ok);
+        }
+        m.rls_decisions.inc(&over);
+        let mut values = m.rls_decisions.values();
+        values.sort_by_key(|(l, _)| l.code);
+        assert_eq!(values, [(ok.clone(), 3), (over, 1)]);
+        assert_eq!(m.rls_decisions.get(&ok), 3);
+        assert_eq!(m.rls_decisions.total(), 4);
+        assert_eq!(m.escalations.total(), 0);
+        let text = m.render();
+        assert!(
+            text.contains("limiter_rls_decisions_total{domain=\"d\",rule=\"d/k\",code=\"OVER_LIMIT\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! `limiter-agent top` against a running agent: the agent binary shields a veth in a test
 //! namespace and serves its control socket; a client floods past a per-source limit; `top
 //! --once --json` must show the drops by reason and by rule, the flooding source among the
-//! top sources, and the source table within its capacity. Without an agent, `top` must say
+//! top sources, and the source table within its capacity. An agent serving only the rate
+//! limit service (no `--iface`) opens the socket too, and `top` shows its answers by rule and
+//! code, its refused calls, and the stats line counts them. Without an agent, `top` must say
 //! so and exit non-zero.
 
 use std::{
@@ -14,7 +16,7 @@ use std::{
 };
 
 use limiter_tests::{
-    netns::{ChildGuard, Topology},
+    netns::{ChildGuard, Netns, Topology},
     rawsock::udp_socket,
     require_root,
 };
@@ -192,6 +194,197 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     assert!(text.contains(&source.to_string()), "{text}");
 
     // SIGTERM: the agent exits cleanly and removes its socket.
+    // SAFETY: signalling our own child (`ip netns exec` execs the agent).
+    assert_eq!(unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let status = agent.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
+    assert!(status.success(), "agent exit status {status}");
+    assert!(!socket.exists(), "socket removed on clean shutdown");
+}
+
+const L7_POLICY: &str = "apiVersion: limiter.dev/v1alpha1
+kind: RateLimitPolicy
+metadata:
+  name: top-rls
+spec:
+  rateLimit:
+    local:
+      rules:
+        - name: per-client
+          clientSelectors: [{sourceCIDR: {type: Distinct, value: 0.0.0.0/0}}]
+          count: Requests
+          kernelGuard: Off
+          limit: {requests: 1, unit: Hour}
+";
+
+/// `ShouldRateLimit` calls to the agent's rate limit service on loopback in `ns`, as Envoy
+/// would send them (`generic_key` + `remote_address`); each answer's overall code, or the gRPC
+/// error code of a refused call.
+fn should_rate_limit(ns: &Netns, calls: &[(&str, &str)]) -> Vec<Result<i32, tonic::Code>> {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+        RateLimitDescriptor, rate_limit_descriptor::Entry,
+    };
+    use envoy_types::pb::envoy::service::ratelimit::v3::{
+        RateLimitRequest, rate_limit_service_client::RateLimitServiceClient,
+    };
+    ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut rpc = RateLimitServiceClient::connect("http://127.0.0.1:8081").await.expect("connect to the RLS");
+            let mut answers = Vec::new();
+            for (domain, client) in calls {
+                let entry = |key: &str, value: &str| Entry { key: key.into(), value: value.into() };
+                let req = RateLimitRequest {
+                    domain: (*domain).into(),
+                    descriptors: vec![RateLimitDescriptor {
+                        entries: vec![entry("generic_key", "top-rls/per-client"), entry("remote_address", client)],
+                        ..Default::default()
+                    }],
+                    hits_addend: 0,
+                };
+                let answer = rpc.should_rate_limit(req).await;
+                answers.push(answer.map(|r| r.into_inner().overall_code).map_err(|s| s.code()));
+            }
+            answers
+        })
+    })
+}
+
+/// The sum of `<key> N` over the agent's `stats: ... rls: ...` lines seen so far.
+fn stats_sum(lines: &[String], key: &str) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| l.split_once("rls: ").map(|(_, rls)| rls))
+        .filter_map(|rls| {
+            let rest = rls.split(key).nth(1)?;
+            rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[test]
+fn top_shows_the_rate_limit_service_of_an_agent_without_xdp() {
+    const OK: i32 = 1;
+    const OVER_LIMIT: i32 = 2;
+    require_root();
+    let ns = Netns::new("toprls").unwrap();
+    let dir = TempDir::new("rls");
+    let policy = dir.0.join("policy.yaml");
+    std::fs::write(&policy, L7_POLICY).unwrap();
+    let socket = dir.0.join("agent.sock");
+    let mut cmd = ns.command(&[
+        agent_binary().to_str().unwrap(),
+        "run",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--stats-interval",
+        "200ms",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+    let mut agent = ChildGuard::spawn(&mut cmd).unwrap();
+    let stderr = agent.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("agent: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.iter().any(|l: &String| l.contains("serving the rate limit service only")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        seen.push(lines.recv_timeout(left).expect("the agent starts its rate limit service within 30s"));
+    }
+    assert!(socket.exists(), "control socket {} opened without --iface", socket.display());
+
+    // 1 request an hour per client: OK, then 2 denials; a domain without rules is OK; an empty
+    // domain is refused.
+    let answers = should_rate_limit(&ns, &[("limiter", "10.1.2.3"); 3]);
+    assert_eq!(answers, [Ok(OK), Ok(OVER_LIMIT), Ok(OVER_LIMIT)]);
+    assert_eq!(should_rate_limit(&ns, &[("elsewhere", "10.1.2.3")]), [Ok(OK)]);
+    assert_eq!(should_rate_limit(&ns, &[("", "10.1.2.3")]), [Err(tonic::Code::InvalidArgument)]);
+
+    // The agent publishes a fresh snapshot each second; wait for one that has every call.
+    let mut json = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = top(&socket);
+        assert!(out.status.success(), "top failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.lines().count(), 1, "--once --json prints one line: {text}");
+        json = serde_json::from_str(&text).unwrap();
+        let decided: u64 =
+            json["rls"]["decisions"].as_array().map_or(0, |d| d.iter().filter_map(|d| d["descriptors"].as_u64()).sum());
+        if decided == 4 && json["rls"]["request_errors"].as_array().is_some_and(|e| !e.is_empty()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!("top --once --json: {json}");
+
+    let rls = &json["rls"];
+    assert_eq!(rls["serving"], true, "{json}");
+    assert_eq!(rls["listen"], "127.0.0.1:8081", "{json}");
+    assert_eq!(rls["backend"], "local", "{json}");
+    assert!(rls["redis"].is_null(), "{json}");
+    assert_eq!(rls["l7_rules"], 1, "{json}");
+    assert_eq!(rls["l7_max_keys"], 100_000, "{json}");
+    assert_eq!(rls["escalation"], false, "{json}");
+    let decisions: Vec<(String, String, String, u64)> = rls["decisions"]
+        .as_array()
+        .expect("rls.decisions")
+        .iter()
+        .map(|d| {
+            let s = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+            (s("domain"), s("rule"), s("code"), d["descriptors"].as_u64().unwrap_or_default())
+        })
+        .collect();
+    let row = |domain: &str, rule: &str, code: &str, n| (domain.to_owned(), rule.to_owned(), code.to_owned(), n);
+    assert_eq!(
+        decisions,
+        [
+            row("_unknown_", "", "OK", 1),
+            row("limiter", "top-rls/per-client", "OK", 1),
+            row("limiter", "top-rls/per-client", "OVER_LIMIT", 2),
+        ],
+        "{json}"
+    );
+    assert_eq!(rls["request_errors"][0]["reason"], "invalid_argument", "{json}");
+    assert_eq!(rls["request_errors"][0]["requests"], 1, "{json}");
+    assert!(json["interfaces"].as_array().is_some_and(Vec::is_empty), "no XDP program: {json}");
+    assert!(json["reasons"].as_array().is_some_and(Vec::is_empty), "no kernel counters: {json}");
+    assert!(json["rates"]["rls"]["rules"].is_array(), "rates present: {json}");
+
+    // The text view says the same.
+    let out = Command::new(agent_binary())
+        .args(["top", "--once", "--interval", "200ms", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no XDP program (rate limit service only)"), "{text}");
+    assert!(text.contains("rate limit service on 127.0.0.1:8081 | backend local | 1 L7 rules"), "{text}");
+    let row = text.lines().find(|l| l.contains("top-rls/per-client")).unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(row.split_whitespace().nth(3), Some("2"), "total over limit: {row}");
+
+    // The stats lines count the same calls between them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats_sum(&seen, "over_limit") < 2 || stats_sum(&seen, "errors") < 1 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(stats_sum(&seen, "ok"), 2, "stats lines: {seen:#?}");
+    assert_eq!(stats_sum(&seen, "over_limit"), 2, "stats lines: {seen:#?}");
+    assert_eq!(stats_sum(&seen, "errors"), 1, "stats lines: {seen:#?}");
+
     // SAFETY: signalling our own child (`ip netns exec` execs the agent).
     assert_eq!(unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) }, 0);
     let status = agent.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");

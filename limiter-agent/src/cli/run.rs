@@ -20,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    control::{self, Control},
+    control::{self, Control, RlsSource, RlsStatus},
     dataplane::{AttachMode, Dataplane, LoadOptions, Stats},
     l7::{Engine, EngineConfig},
     metrics::{self, Metrics, PolicyLabels},
@@ -182,7 +182,6 @@ struct InForce {
 /// The XDP half of a running agent.
 struct Kernel {
     dp: Dataplane,
-    control: Control,
     last: Stats,
     last_at: Instant,
 }
@@ -238,6 +237,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.rls.rls_max_in_flight,
     ));
     let mut servers: Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    let mut rls_addr = None;
     if !args.rls.no_rls {
         let config = RlsConfig {
             listen: args.rls.rls_listen,
@@ -248,6 +248,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .context("starting the rate limit service: pick another --rls-listen, or --no-rls")?;
         info!("rate limit service: {} L7 rules, backend {backend:?}, on {}", compiled.l7.rules.len(), running.addr);
+        rls_addr = Some(running.addr);
         let task = running.task;
         servers.push(("rate limit service", tokio::spawn(async move { Ok(task.await??) })));
     }
@@ -258,11 +259,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         servers.push(("metrics", tokio::spawn(async move { Ok(task.await?) })));
     }
 
+    let rls_source = RlsSource {
+        limiter: Arc::clone(&limiter),
+        backend,
+        metrics: Arc::clone(&metrics),
+        serving: rls_addr,
+        l7_max_keys: args.rls.l7_max_keys,
+    };
+    let mut control = open_control(&args)?;
     let mut kernel = if args.ifaces.is_empty() {
         info!("no --iface: no XDP program; serving the rate limit service only");
         None
     } else {
-        Some(start_kernel(&args, &compiled.plan)?)
+        Some(start_kernel(&args, &compiled.plan, control.as_mut())?)
     };
     let mut in_force = InForce { l7: compiled.l7, penalties };
 
@@ -277,6 +286,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut control_tick = tokio::time::interval(Duration::from_secs(1));
     control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rls = rls_source.read();
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
@@ -298,18 +308,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     escalate(&mut k.dp, &order, &metrics);
                 }
             }
-            _ = control_tick.tick(), if kernel.is_some() => {
-                if let Some(k) = kernel.as_mut() {
-                    k.control.refresh(&k.dp, reloads.control());
+            _ = control_tick.tick(), if control.is_some() => {
+                if let Some(c) = control.as_mut() {
+                    c.refresh(kernel.as_ref().map(|k| &k.dp), reloads.control(), rls_source.read());
                 }
             }
             _ = tick.tick() => {
                 if let Some(escalator) = limiter.escalation() {
                     escalator.sweep(Instant::now());
                 }
-                if let Some(k) = kernel.as_mut() {
-                    k.stats_tick(&reloads);
+                let rls_now = rls_source.read();
+                if let Some(c) = control.as_mut() {
+                    c.refresh(kernel.as_ref().map(|k| &k.dp), reloads.control(), rls_now.clone());
                 }
+                let kernel_line = kernel.as_mut().and_then(Kernel::stats_tick);
+                let rls_part = rls_now.serving.then(|| rls_stats(&last_rls, &rls_now));
+                match (kernel_line, rls_part) {
+                    (Some(line), Some(rls)) => info!("{line}; {rls}"),
+                    (Some(line), None) => info!("{line}"),
+                    (None, Some(rls)) => info!("stats: {rls}"),
+                    (None, None) => {}
+                }
+                last_rls = rls_now;
             }
         }
     }
@@ -327,16 +347,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(k) = kernel {
         k.detach(&args.ifaces);
     }
+    drop(control);
     Ok(())
+}
+
+/// Opens the control socket `top` reads. With `--iface` a failure stops the start (nothing is
+/// attached yet); serving the rate limit service only, it is a warning: that mode needs no
+/// root, and the default path (under /run) may not be writable, which must not keep the
+/// service from Envoy.
+fn open_control(args: &RunArgs) -> anyhow::Result<Option<Control>> {
+    match Control::bind(&args.control_socket) {
+        Ok(control) => Ok(Some(control)),
+        Err(e) if args.ifaces.is_empty() => {
+            warn!("no control socket, `limiter-agent top` will not reach this agent: {e} (pass --control-socket PATH)");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("opening the control socket; nothing was attached")),
+    }
 }
 
 /// How long the servers get to finish the calls in flight at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Loads the XDP program, applies the kernel plan and attaches to every interface.
-fn start_kernel(args: &RunArgs, plan: &KernelPlan) -> anyhow::Result<Kernel> {
-    let mut control =
-        Control::bind(&args.control_socket).context("opening the control socket; nothing was attached")?;
+fn start_kernel(args: &RunArgs, plan: &KernelPlan, mut control: Option<&mut Control>) -> anyhow::Result<Kernel> {
     let options = LoadOptions {
         source_entries: args.source_entries,
         ipv6_source_prefix: args.ipv6_source_prefix,
@@ -354,35 +388,40 @@ fn start_kernel(args: &RunArgs, plan: &KernelPlan) -> anyhow::Result<Kernel> {
             format!("attaching to {iface}: check the name with `ip link`, or try --xdp-mode generic")
         })?;
         info!("attached to {iface} in {mode} mode");
-        control.attached(iface, mode);
+        if let Some(control) = control.as_deref_mut() {
+            control.attached(iface, mode);
+        }
     }
     let last = dp.stats().context("reading counters")?;
-    Ok(Kernel { dp, control, last, last_at: Instant::now() })
+    Ok(Kernel { dp, last, last_at: Instant::now() })
 }
 
 impl Kernel {
-    fn stats_tick(&mut self, reloads: &ReloadCounts) {
-        self.control.refresh(&self.dp, reloads.control());
+    /// Housekeeping of a stats tick; returns the kernel's stats line.
+    fn stats_tick(&mut self) -> Option<String> {
         self.dp.flush_log();
         if let Err(e) = self.dp.expire_blocks() {
             warn!("expiring block-list entries: {e}");
         }
         match self.dp.stats() {
             Ok(now) => {
-                info!("{}", stats_line(&self.last, &now, self.last_at.elapsed()));
+                let line = stats_line(&self.last, &now, self.last_at.elapsed());
                 self.last = now;
                 self.last_at = Instant::now();
+                Some(line)
             }
-            Err(e) => warn!("reading counters: {e}"),
+            Err(e) => {
+                warn!("reading counters: {e}");
+                None
+            }
         }
     }
 
     fn detach(self, ifaces: &[String]) {
-        let Kernel { dp, control, .. } = self;
+        let Kernel { dp, .. } = self;
         dp.log_summary();
         let stats = dp.stats().ok();
         drop(dp);
-        drop(control);
         info!("detached from {}", ifaces.join(", "));
         if let Some(stats) = stats {
             for (name, c) in &stats.rules {
@@ -403,7 +442,7 @@ fn escalate(dp: &mut Dataplane, order: &BlockOrder, metrics: &Metrics) {
                 "escalation: {} blocked in XDP for {:?}: {} denials within {:?} (policy {})",
                 order.addr, order.duration, order.denials, order.within, order.policy
             );
-            metrics.escalations.get_or_create(&PolicyLabels { policy: order.policy.clone() }).inc();
+            metrics.escalations.inc(&PolicyLabels { policy: order.policy.clone() });
         }
         Err(e) => error!("escalation: blocking {} (policy {}) failed: {e:#}", order.addr, order.policy),
     }
@@ -537,6 +576,27 @@ pub fn stats_line(before: &Stats, now: &Stats, elapsed: Duration) -> String {
     line
 }
 
+/// The rate limit service's part of the stats line: descriptors answered OK and over the
+/// limit, calls refused and sources escalated since `before`.
+pub fn rls_stats(before: &RlsStatus, now: &RlsStatus) -> String {
+    let d = |f: fn(&RlsStatus) -> u64| f(now).saturating_sub(f(before));
+    let mut part = format!(
+        "rls: ok {}, over_limit {}, errors {}, escalations {}",
+        d(RlsStatus::ok),
+        d(RlsStatus::over_limit),
+        d(RlsStatus::request_errors_total),
+        d(RlsStatus::escalations_total)
+    );
+    let shadow = d(RlsStatus::shadow_over_limit_total);
+    if shadow > 0 {
+        part.push_str(&format!(", shadow {shadow}"));
+    }
+    if let Some(redis) = now.redis.as_ref().filter(|r| !r.connected) {
+        part.push_str(&format!(" [redis unreachable: answering {}]", redis.failure_mode));
+    }
+    part
+}
+
 /// Refuses to start without root, with a hint, rather than failing deep in a syscall.
 pub fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -574,6 +634,30 @@ mod tests {
         assert_eq!(
             line,
             "stats: passed 10 pkts (5/s), dropped 4 pkts (2/s) [by reason: shared_bucket=4] [by rule: p/r=4]"
+        );
+    }
+
+    #[test]
+    fn rls_stats_part_reports_deltas_and_an_unreachable_redis() {
+        use crate::control::{DecisionCount, EscalationCount, RedisStatus, RequestErrorCount, ShadowCount};
+        let decision =
+            |code: &str, n| DecisionCount { domain: "d".into(), rule: "d/r".into(), code: code.into(), descriptors: n };
+        let before = RlsStatus { decisions: vec![decision("OK", 10), decision("OVER_LIMIT", 1)], ..Default::default() };
+        let now = RlsStatus {
+            decisions: vec![decision("OK", 15), decision("OVER_LIMIT", 4)],
+            request_errors: vec![RequestErrorCount { reason: "overloaded".into(), requests: 2 }],
+            escalations: vec![EscalationCount { policy: "p".into(), sources: 1 }],
+            ..Default::default()
+        };
+        assert_eq!(rls_stats(&before, &now), "rls: ok 5, over_limit 3, errors 2, escalations 1");
+        let shadowed = RlsStatus {
+            shadow_over_limit: vec![ShadowCount { domain: "d".into(), rule: "d/s".into(), descriptors: 7 }],
+            redis: Some(RedisStatus { connected: false, failure_mode: "failOpen".into(), ..Default::default() }),
+            ..now.clone()
+        };
+        assert_eq!(
+            rls_stats(&now, &shadowed),
+            "rls: ok 0, over_limit 0, errors 0, escalations 0, shadow 7 [redis unreachable: answering failOpen]"
         );
     }
 }

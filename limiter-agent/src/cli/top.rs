@@ -1,7 +1,8 @@
 //! `limiter-agent top`: a live view of a running agent, read from its control socket.
 //!
 //! Rates come from two snapshots: the counter deltas divided by the time between the agent's
-//! reads (`time_unix_ms`), not by how long this client slept. On a terminal each frame
+//! reads (`time_unix_ms`), not by how long this client slept; the kernel's packets and the
+//! rate limit service's answers alike. On a terminal each frame
 //! clears the screen and redraws (plain ANSI, works over SSH); piped, frames are printed one
 //! after the other.
 
@@ -19,7 +20,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::run::parse_duration,
-    control::{self, Snapshot, Verdict},
+    control::{self, RlsStatus, Snapshot, Verdict},
+    metrics::{CODE_OK, CODE_OVER_LIMIT},
 };
 
 #[derive(Debug, clap::Args)]
@@ -51,6 +53,101 @@ pub struct Rates {
     /// Sources of the newer snapshot's top list; `None` when the older one cannot tell
     /// (the source was outside its truncated list).
     pub top_sources: Vec<SourceRate>,
+    pub rls: RlsRates,
+}
+
+/// The rate limit service's answers per second.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RlsRates {
+    /// Descriptors answered OK / OVER_LIMIT, over every rule.
+    pub ok_per_s: f64,
+    pub over_limit_per_s: f64,
+    /// Descriptors shadow rules would have denied.
+    pub shadow_over_limit_per_s: f64,
+    /// Calls refused with a gRPC error.
+    pub request_errors_per_s: f64,
+    /// Sources put in the XDP block list.
+    pub escalations_per_s: f64,
+    /// Every (domain, rule) of the newer snapshot, sorted.
+    pub rules: Vec<RlsRuleRate>,
+    /// Every refusal reason of the newer snapshot.
+    pub request_errors: Vec<RlsErrorRate>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RlsRuleRate {
+    pub domain: String,
+    /// Empty: descriptors no rule matched.
+    pub rule: String,
+    pub ok_per_s: f64,
+    pub over_limit_per_s: f64,
+    pub shadow_over_limit_per_s: f64,
+    /// Cumulative OVER_LIMIT answers (from the newer snapshot).
+    pub over_limit_total: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RlsErrorRate {
+    pub reason: String,
+    pub requests_per_s: f64,
+}
+
+impl RlsRates {
+    /// `secs`: time between the two reads, `None` when the counters are not comparable
+    /// (rates are 0).
+    fn between(before: &RlsStatus, now: &RlsStatus, secs: Option<f64>) -> Self {
+        let per_s = |a: u64, b: u64| secs.map_or(0.0, |secs| b.saturating_sub(a) as f64 / secs);
+        let totals = |f: fn(&RlsStatus) -> u64| per_s(f(before), f(now));
+
+        /// (domain, rule) -> [OK, OVER_LIMIT, shadow over limit].
+        fn by_rule(r: &RlsStatus) -> BTreeMap<(&str, &str), [u64; 3]> {
+            let mut m: BTreeMap<(&str, &str), [u64; 3]> = BTreeMap::new();
+            for d in &r.decisions {
+                let slot = match d.code.as_str() {
+                    CODE_OK => 0,
+                    CODE_OVER_LIMIT => 1,
+                    _ => continue,
+                };
+                m.entry((d.domain.as_str(), d.rule.as_str())).or_default()[slot] += d.descriptors;
+            }
+            for s in &r.shadow_over_limit {
+                m.entry((s.domain.as_str(), s.rule.as_str())).or_default()[2] += s.descriptors;
+            }
+            m
+        }
+        let (prev, cur) = (by_rule(before), by_rule(now));
+        let rules = cur
+            .iter()
+            .map(|(&(domain, rule), c)| {
+                let p = prev.get(&(domain, rule)).copied().unwrap_or_default();
+                RlsRuleRate {
+                    domain: domain.to_owned(),
+                    rule: rule.to_owned(),
+                    ok_per_s: per_s(p[0], c[0]),
+                    over_limit_per_s: per_s(p[1], c[1]),
+                    shadow_over_limit_per_s: per_s(p[2], c[2]),
+                    over_limit_total: c[1],
+                }
+            })
+            .collect();
+        let request_errors = now
+            .request_errors
+            .iter()
+            .map(|e| {
+                let p = before.request_errors.iter().find(|p| p.reason == e.reason).map_or(0, |p| p.requests);
+                RlsErrorRate { reason: e.reason.clone(), requests_per_s: per_s(p, e.requests) }
+            })
+            .collect();
+        Self {
+            ok_per_s: totals(RlsStatus::ok),
+            over_limit_per_s: totals(RlsStatus::over_limit),
+            shadow_over_limit_per_s: totals(RlsStatus::shadow_over_limit_total),
+            request_errors_per_s: totals(RlsStatus::request_errors_total),
+            escalations_per_s: totals(RlsStatus::escalations_total),
+            rules,
+            request_errors,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -154,6 +251,7 @@ impl Rates {
             reasons,
             rules,
             top_sources,
+            rls: RlsRates::between(&before.rls, &now.rls, comparable.then_some(secs)),
         }
     }
 }
@@ -261,19 +359,32 @@ pub fn render(now: &Snapshot, rates: &Rates, socket: &Path) -> String {
     s.push_str(&format!(
         "limiter-agent {} on {} | up {} | {}\n",
         now.version,
-        if ifaces.is_empty() { "no interface".to_owned() } else { ifaces.join(", ") },
+        if ifaces.is_empty() { "no XDP program (rate limit service only)".to_owned() } else { ifaces.join(", ") },
         duration(now.uptime_s),
         socket.display()
     ));
-    s.push_str(&format!(
-        "policy: {} rules, {} allow, {} deny | reloads {} applied, {} rejected{}\n",
-        p.rules,
-        p.allow,
-        p.deny,
-        p.reloads_applied,
-        p.reloads_rejected,
-        if p.last_reload_ok { "" } else { " | LAST RELOAD REJECTED: the previous policy is in force" }
-    ));
+    if now.has_kernel() {
+        s.push_str(&format!(
+            "policy: {} rules, {} allow, {} deny | reloads {} applied, {} rejected\n",
+            p.rules, p.allow, p.deny, p.reloads_applied, p.reloads_rejected,
+        ));
+    } else {
+        s.push_str(&format!(
+            "policy: {} L7 rules | reloads {} applied, {} rejected\n",
+            now.rls.l7_rules, p.reloads_applied, p.reloads_rejected,
+        ));
+    }
+    if !p.last_reload_ok {
+        s.push_str("LAST RELOAD REJECTED: the previous policy is in force\n");
+    }
+    if now.has_kernel() {
+        render_kernel(&mut s, now, rates);
+    }
+    render_rls(&mut s, &now.rls, &rates.rls, rates.interval_s);
+    s
+}
+
+fn render_kernel(s: &mut String, now: &Snapshot, rates: &Rates) {
     let (tp, tb) = now.total(Verdict::Pass);
     let (dp, db) = now.total(Verdict::Drop);
     s.push_str(&format!(
@@ -343,7 +454,74 @@ pub fn render(now: &Snapshot, rates: &Rates, socket: &Path) -> String {
         "\nsource table: {} of {} tracked ({pct:.1}%), sampled {age:.0}s ago\n",
         t.tracked, t.capacity
     ));
-    s
+}
+
+/// The rate limit service's part of the view (80 columns).
+fn render_rls(s: &mut String, rls: &RlsStatus, rates: &RlsRates, interval_s: f64) {
+    let Some(listen) = rls.listen.filter(|_| rls.serving) else {
+        s.push_str("\nrate limit service: not serving (--no-rls)\n");
+        return;
+    };
+    s.push_str(&format!(
+        "\nrate limit service on {listen} | backend {} | {} L7 rules (last {interval_s:.1}s)\n",
+        rls.backend, rls.l7_rules
+    ));
+    s.push_str(&format!(
+        "  descriptors/s: {} ok, {} over limit, {} shadow over limit\n",
+        si(rates.ok_per_s),
+        si(rates.over_limit_per_s),
+        si(rates.shadow_over_limit_per_s)
+    ));
+    let totals: Vec<String> = rls.request_errors.iter().map(|e| format!("{} {}", e.reason, e.requests)).collect();
+    s.push_str(&format!(
+        "  refused calls: {}/s{}\n",
+        si(rates.request_errors_per_s),
+        if totals.is_empty() { String::new() } else { format!(" (total: {})", totals.join(", ")) }
+    ));
+    if let Some(redis) = &rls.redis {
+        s.push_str(&format!(
+            "  redis: {} | {} errors, {} answered by {}\n",
+            if redis.connected {
+                "connected".to_owned()
+            } else {
+                format!("UNREACHABLE, answering {}", redis.failure_mode)
+            },
+            redis.errors,
+            redis.failure_mode_answers,
+            redis.failure_mode
+        ));
+    }
+    let pct = if rls.l7_max_keys == 0 { 0.0 } else { rls.l7_tracked_keys as f64 * 100.0 / rls.l7_max_keys as f64 };
+    s.push_str(&format!("  L7 keys: {} of {} tracked ({pct:.1}%)\n", rls.l7_tracked_keys, rls.l7_max_keys));
+    if rls.escalation {
+        let by: Vec<String> = rls.escalations.iter().map(|e| format!("{} {}", e.policy, e.sources)).collect();
+        s.push_str(&format!(
+            "  sources escalated to XDP: {}{}\n",
+            rls.escalations_total(),
+            if by.is_empty() { String::new() } else { format!(" ({})", by.join(", ")) }
+        ));
+    } else {
+        s.push_str("  sources escalated to XDP: off (needs --iface)\n");
+    }
+
+    s.push_str(&format!(
+        "\n{:<34} {:>8} {:>12} {:>11} {:>9}\n",
+        "by L7 rule", "ok/s", "over limit/s", "total over", "shadow/s"
+    ));
+    if rates.rules.is_empty() {
+        s.push_str("  (no answers yet)\n");
+    }
+    for r in &rates.rules {
+        let name = if r.rule.is_empty() { format!("(no rule) {}", r.domain) } else { r.rule.clone() };
+        s.push_str(&format!(
+            "  {:<32} {:>8} {:>12} {:>11} {:>9}\n",
+            truncate(&name, 32),
+            si(r.ok_per_s),
+            si(r.over_limit_per_s),
+            si(r.over_limit_total as f64),
+            si(r.shadow_over_limit_per_s)
+        ));
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -386,7 +564,10 @@ fn bytes(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{ReasonCount, RuleCount, SourceCount, SourceTable};
+    use crate::control::{
+        DecisionCount, EscalationCount, ReasonCount, RedisStatus, RequestErrorCount, RuleCount, ShadowCount,
+        SourceCount, SourceTable,
+    };
 
     fn snap(ms: u64, dropped: u64, src: u64) -> Snapshot {
         Snapshot {
@@ -448,6 +629,124 @@ mod tests {
         assert_eq!(v["rules"][0]["dropped_packets"], 200);
         assert_eq!(v["sources"]["capacity"], 100);
         assert_eq!(v["rates"]["dropped"]["packets_per_s"], 100.0);
+        assert_eq!(v["rls"]["serving"], false);
+        assert_eq!(v["rates"]["rls"]["over_limit_per_s"], 0.0);
+    }
+
+    fn rls(ok: u64, over: u64, shadow: u64, errors: u64) -> RlsStatus {
+        let d = |rule: &str, code: &str, n| DecisionCount {
+            domain: "limiter".into(),
+            rule: rule.into(),
+            code: code.into(),
+            descriptors: n,
+        };
+        RlsStatus {
+            serving: true,
+            listen: Some("127.0.0.1:8081".parse().unwrap()),
+            backend: "redis".into(),
+            redis: Some(RedisStatus {
+                connected: false,
+                failure_mode: "failOpen".into(),
+                errors: 7,
+                failure_mode_answers: 3,
+            }),
+            l7_rules: 2,
+            l7_tracked_keys: 25,
+            l7_max_keys: 100,
+            decisions: vec![
+                d("", "OK", 4),
+                d("web/a-rule-with-a-name-far-too-long-for-its-column", "OK", ok),
+                d("web/a-rule-with-a-name-far-too-long-for-its-column", "OVER_LIMIT", over),
+            ],
+            shadow_over_limit: vec![ShadowCount {
+                domain: "limiter".into(),
+                rule: "web/shadow".into(),
+                descriptors: shadow,
+            }],
+            request_errors: vec![RequestErrorCount { reason: "overloaded".into(), requests: errors }],
+            escalation: true,
+            escalations: vec![EscalationCount { policy: "web".into(), sources: 1 }],
+        }
+    }
+
+    #[test]
+    fn rls_rates_split_ok_and_over_limit_by_rule_with_shadow_and_errors() {
+        let before = Snapshot { rls: rls(10, 2, 0, 1), ..snap(10_000, 100, 50) };
+        let now = Snapshot { rls: rls(30, 12, 4, 5), ..snap(12_000, 100, 50) };
+        let r = Rates::between(&before, &now).rls;
+        assert_eq!((r.ok_per_s, r.over_limit_per_s, r.shadow_over_limit_per_s), (10.0, 5.0, 2.0));
+        assert_eq!((r.request_errors_per_s, r.escalations_per_s), (2.0, 0.0));
+        let rules: Vec<(&str, f64, f64, f64, u64)> = r
+            .rules
+            .iter()
+            .map(|x| (x.rule.as_str(), x.ok_per_s, x.over_limit_per_s, x.shadow_over_limit_per_s, x.over_limit_total))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                ("", 0.0, 0.0, 0.0, 0),
+                ("web/a-rule-with-a-name-far-too-long-for-its-column", 10.0, 5.0, 0.0, 12),
+                ("web/shadow", 0.0, 0.0, 2.0, 0),
+            ]
+        );
+        assert_eq!(r.request_errors, [RlsErrorRate { reason: "overloaded".into(), requests_per_s: 2.0 }]);
+
+        // A rule or reason new since the older snapshot counts from zero; a restart gives 0.
+        let fresh = Snapshot { rls: RlsStatus::default(), ..snap(10_000, 100, 50) };
+        assert_eq!(Rates::between(&fresh, &now).rls.over_limit_per_s, 6.0);
+        let restarted = Snapshot { uptime_s: 0, ..now.clone() };
+        assert_eq!(Rates::between(&before, &restarted).rls.ok_per_s, 0.0);
+    }
+
+    #[test]
+    fn rls_view_names_rules_redis_state_and_escalations_in_80_columns() {
+        let before = Snapshot { rls: rls(10, 2, 0, 1), ..snap(10_000, 100, 50) };
+        let now = Snapshot {
+            interfaces: vec![control::Interface { name: "eth0".into(), mode: "native".into() }],
+            rls: rls(30, 12, 4, 5),
+            ..snap(12_000, 100, 50)
+        };
+        let text = render(&now, &Rates::between(&before, &now), Path::new("/run/limiter/agent.sock"));
+        for line in text.lines() {
+            assert!(line.chars().count() <= 80, "wider than 80 columns: {line:?}\n{text}");
+        }
+        for want in [
+            "rate limit service on 127.0.0.1:8081 | backend redis | 2 L7 rules",
+            "descriptors/s: 10 ok, 5 over limit, 2 shadow over limit",
+            "refused calls: 2/s (total: overloaded 5)",
+            "redis: UNREACHABLE, answering failOpen | 7 errors, 3 answered by failOpen",
+            "L7 keys: 25 of 100 tracked (25.0%)",
+            "sources escalated to XDP: 1 (web 1)",
+            "(no rule) limiter",
+            "web/a-rule-with-a-name-far-too-…",
+            "demo/per-source",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        let row = text.lines().find(|l| l.contains("web/a-rule")).unwrap();
+        assert_eq!(row.split_whitespace().skip(1).collect::<Vec<_>>(), ["10", "5", "12", "0"], "{row}");
+    }
+
+    #[test]
+    fn without_xdp_the_view_says_so_and_shows_only_the_rate_limit_service() {
+        let rls_only = |ms| Snapshot {
+            version: "0".into(),
+            time_unix_ms: ms,
+            uptime_s: ms / 1000,
+            rls: RlsStatus { escalation: false, ..rls(ms / 1000, 0, 0, 0) },
+            ..Default::default()
+        };
+        let (a, b) = (rls_only(10_000), rls_only(11_000));
+        let text = render(&b, &Rates::between(&a, &b), Path::new("/s"));
+        assert!(text.contains("no XDP program (rate limit service only)"), "{text}");
+        assert!(text.contains("policy: 2 L7 rules"), "{text}");
+        assert!(text.contains("sources escalated to XDP: off (needs --iface)"), "{text}");
+        assert!(text.contains("descriptors/s: 1 ok"), "{text}");
+        assert!(!text.contains("by reason") && !text.contains("source table"), "{text}");
+
+        let not_serving = Snapshot { rls: RlsStatus::default(), ..snap(11_000, 1, 1) };
+        let text = render(&not_serving, &Rates::default(), Path::new("/s"));
+        assert!(text.contains("rate limit service: not serving (--no-rls)"), "{text}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::l7::{
     Code, DescriptorEntry, DescriptorStatus, Engine, ReportedLimit, RequestDescriptor, RequestError, RlsRequest,
     RlsResponse,
 };
-use crate::metrics::{DecisionLabels, Metrics, ReasonLabels, RuleLabels, UNKNOWN_DOMAIN};
+use crate::metrics::{CODE_OK, CODE_OVER_LIMIT, DecisionLabels, Metrics, ReasonLabels, RuleLabels, UNKNOWN_DOMAIN};
 use crate::plan::{L7Plan, Unit};
 
 /// A request the service refuses with `INVALID_ARGUMENT`.
@@ -206,20 +206,20 @@ impl RateLimiter {
         for status in &resp.statuses {
             let rule = status.rule.as_deref().unwrap_or("");
             let code = match status.code {
-                Code::Ok => "OK",
-                Code::OverLimit => "OVER_LIMIT",
+                Code::Ok => CODE_OK,
+                Code::OverLimit => CODE_OVER_LIMIT,
             };
             let labels = DecisionLabels { domain: domain.to_owned(), rule: rule.to_owned(), code };
-            self.metrics.rls_decisions.get_or_create(&labels).inc();
+            self.metrics.rls_decisions.inc(&labels);
             if status.shadow_over_limit {
                 let labels = RuleLabels { domain: domain.to_owned(), rule: rule.to_owned() };
-                self.metrics.rls_shadow_over_limit.get_or_create(&labels).inc();
+                self.metrics.rls_shadow_over_limit.inc(&labels);
             }
         }
     }
 
     fn refuse(&self, reason: &'static str, status: tonic::Status) -> tonic::Status {
-        self.metrics.rls_request_errors.get_or_create(&ReasonLabels { reason }).inc();
+        self.metrics.rls_request_errors.inc(&ReasonLabels { reason });
         status
     }
 }
