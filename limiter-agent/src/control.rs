@@ -104,6 +104,9 @@ pub struct RlsStatus {
     pub escalation: bool,
     /// Sources put in the XDP block list, by policy; sorted.
     pub escalations: Vec<EscalationCount>,
+    /// Sources in the XDP block list right now (unexpired), escalated or not.
+    #[serde(default)]
+    pub blocked_now: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +243,8 @@ impl RlsSource {
             request_errors,
             escalation: self.limiter.escalation().is_some(),
             escalations,
+            // Filled in from the data path by `Control::refresh`.
+            blocked_now: 0,
         }
     }
 }
@@ -470,9 +475,11 @@ impl Control {
             reloads_rejected: reloads.rejected,
             ..PolicyStatus::default()
         };
+        let mut rls = rls;
         let kernel = match dp {
             None => None,
             Some(dp) => {
+                rls.blocked_now = dp.blocked_sources() as u64;
                 let read = dp.stats().and_then(|stats| dp.top_dropped_sources(TOP_SOURCES).map(|top| (stats, top)));
                 let read = match read {
                     Ok(x) => x,

@@ -454,7 +454,7 @@ fn sources_denied_at_l7_are_blocked_in_xdp_for_the_penalty_then_admitted() {
     require_root();
     let topo = Topology::new("escal", 2).unwrap();
     let dir = PolicyDir::new("escalation");
-    let file = dir.write("policy.yaml", &escalation_policy("3s"));
+    let file = dir.write("policy.yaml", &escalation_policy("6s"));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
     let rls: SocketAddr = ([127, 0, 0, 1], 18081).into();
     let metrics: SocketAddr = ([127, 0, 0, 1], 19091).into();
@@ -473,8 +473,24 @@ fn sources_denied_at_l7_are_blocked_in_xdp_for_the_penalty_then_admitted() {
     assert_eq!(send_from_client_and_count(&topo, 0, &server, 20), 20, "two denials are below the penalty");
     assert_eq!(should_rate_limit(&topo, rls, blocked_client, 1), [OVER_LIMIT]);
     let line = agent.wait_for(&["escalation:", &blocked_client.to_string(), "blocked in XDP"], Duration::from_secs(5));
+    let blocked_at = Instant::now();
     assert!(line.contains("3 denials within 10s (policy esc)"), "{line}");
     assert_eq!(send_from_client_and_count(&topo, 0, &server, 20), 0, "blocked in the kernel");
+    // `top` shows the source in the block list (its snapshot refreshes about once a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let blocked_now = loop {
+        let out = Command::new(agent_binary())
+            .args(["top", "--once", "--json", "--socket", "/run/limiter/agent.sock"])
+            .output()
+            .expect("run limiter-agent top");
+        let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let n = snap["rls"]["blocked_now"].as_u64();
+        if n == Some(1) || Instant::now() >= deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(blocked_now, Some(1), "top --once --json rls.blocked_now");
     let text = scrape(&topo, metrics);
     assert!(text.contains("limiter_escalations_total{policy=\"esc\"} 1"), "{text}");
     assert!(
@@ -489,9 +505,12 @@ fn sources_denied_at_l7_are_blocked_in_xdp_for_the_penalty_then_admitted() {
     );
     assert_eq!(send_from_client_and_count(&topo, 1, &server, 20), 20, "allow-listed sources are never blocked");
 
-    // The block expires in the kernel after 3 s (waiting here is not a timing assertion: the
-    // check is that packets flow again once the entry's expiry has passed).
-    std::thread::sleep(Duration::from_millis(3500));
+    // The block expires in the kernel 6 s after the order (waiting here is not a timing
+    // assertion: the check is that packets flow again once the entry's expiry has passed).
+    let expiry = blocked_at + Duration::from_secs(6) + Duration::from_millis(500);
+    if let Some(left) = expiry.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left);
+    }
     assert_eq!(send_from_client_and_count(&topo, 0, &server, 20), 20, "admitted again after the block");
     let blocked = agent.seen.iter().filter(|l| l.contains("blocked in XDP")).count();
     assert_eq!(blocked, 1, "one block order: {:#?}", agent.seen);

@@ -496,9 +496,10 @@ fn render_rls(s: &mut String, rls: &RlsStatus, rates: &RlsRates, interval_s: f64
     if rls.escalation {
         let by: Vec<String> = rls.escalations.iter().map(|e| format!("{} {}", e.policy, e.sources)).collect();
         s.push_str(&format!(
-            "  sources escalated to XDP: {}{}\n",
+            "  sources escalated to XDP: {}{}; blocked now: {}\n",
             rls.escalations_total(),
-            if by.is_empty() { String::new() } else { format!(" ({})", by.join(", ")) }
+            if by.is_empty() { String::new() } else { format!(" ({})", by.join(", ")) },
+            rls.blocked_now
         ));
     } else {
         s.push_str("  sources escalated to XDP: off (needs --iface)\n");
@@ -641,6 +642,7 @@ mod tests {
             descriptors: n,
         };
         RlsStatus {
+            blocked_now: 1,
             serving: true,
             listen: Some("127.0.0.1:8081".parse().unwrap()),
             backend: "redis".into(),

@@ -398,6 +398,13 @@ impl Dataplane {
         self.source_buckets.keys().filter(|k| k.is_ok()).count()
     }
 
+    /// Sources in the block list whose block has not expired yet (walks the list; it holds
+    /// only escalated sources, so it is small).
+    pub fn blocked_sources(&self) -> usize {
+        let now = boot_time_ns();
+        self.block.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns > now).count()
+    }
+
     /// Capacity of the per-source bucket table.
     pub fn source_capacity(&self) -> u32 {
         self.options.source_entries
