@@ -157,19 +157,7 @@ impl Agent {
 }
 
 fn send_and_count(topo: &Topology, server: &UdpSocket, n: usize) -> usize {
-    let c = topo.client(0);
-    let to: SocketAddr = (c.server.ipv4().unwrap(), UDP_PORT).into();
-    let sock = udp_socket(&c.ns, (c.client.ipv4().unwrap(), 0).into()).unwrap();
-    for _ in 0..n {
-        sock.send_to(MARKER, to).unwrap();
-    }
-    let mut buf = [0u8; 256];
-    let mut got = 0;
-    server.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
-    while let Ok(len) = server.recv(&mut buf) {
-        got += usize::from(&buf[..len] == MARKER);
-    }
-    got
+    send_from_client_and_count(topo, 0, server, n)
 }
 
 fn xdp_attached(topo: &Topology) -> bool {

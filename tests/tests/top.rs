@@ -81,6 +81,23 @@ fn top(socket: &Path) -> std::process::Output {
         .expect("run limiter-agent top")
 }
 
+/// Starts the agent command with its stderr lines echoed and sent on a channel.
+fn spawn_agent(mut cmd: std::process::Command) -> (ChildGuard, std::sync::mpsc::Receiver<String>) {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+    let mut agent = ChildGuard::spawn(&mut cmd).unwrap();
+    let stderr = agent.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("agent: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (agent, lines)
+}
+
 #[test]
 fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     require_root();
@@ -90,7 +107,7 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     std::fs::write(&policy, POLICY).unwrap();
     let socket = dir.0.join("agent.sock");
 
-    let mut cmd = topo.server.command(&[
+    let cmd = topo.server.command(&[
         agent_binary().to_str().unwrap(),
         "run",
         "--iface",
@@ -104,18 +121,7 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
         "--control-socket",
         socket.to_str().unwrap(),
     ]);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
-    let mut agent = ChildGuard::spawn(&mut cmd).unwrap();
-    let stderr = agent.stderr.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("agent: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut agent, lines) = spawn_agent(cmd);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -271,7 +277,7 @@ fn top_shows_the_rate_limit_service_of_an_agent_without_xdp() {
     let policy = dir.0.join("policy.yaml");
     std::fs::write(&policy, L7_POLICY).unwrap();
     let socket = dir.0.join("agent.sock");
-    let mut cmd = ns.command(&[
+    let cmd = ns.command(&[
         agent_binary().to_str().unwrap(),
         "run",
         "--policy",
@@ -281,18 +287,7 @@ fn top_shows_the_rate_limit_service_of_an_agent_without_xdp() {
         "--control-socket",
         socket.to_str().unwrap(),
     ]);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
-    let mut agent = ChildGuard::spawn(&mut cmd).unwrap();
-    let stderr = agent.stderr.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("agent: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut agent, lines) = spawn_agent(cmd);
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !seen.iter().any(|l: &String| l.contains("serving the rate limit service only")) {
