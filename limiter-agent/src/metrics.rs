@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `limiter_rls_decisions_total` | `domain`, `rule`, `code` | one per descriptor answered (`code` `OK`/`OVER_LIMIT`; `rule` empty when no rule matched) |
 //! | `limiter_rls_shadow_over_limit_total` | `domain`, `rule` | descriptors a shadow-mode rule would have denied (answered OK) |
-//! | `limiter_rls_request_errors_total` | `reason` | requests refused with a gRPC error (`invalid_argument`, `overloaded`; requests over the size limit are refused by tonic before the service sees them and are not counted) |
+//! | `limiter_rls_request_errors_total` | `reason` | requests refused with a gRPC error (`invalid_argument`, `overloaded`, `permission_denied`; requests over the size limit are refused by tonic before the service sees them and are not counted) |
 //! | `limiter_rls_decision_duration_seconds` | | time to decide one `ShouldRateLimit` call (histogram) |
 //! | `limiter_rls_redis_errors_total` | | failed Redis round trips and connection attempts (0 with the local backend) |
 //! | `limiter_rls_redis_failure_mode_answers_total` | | descriptors answered by `failureMode` because Redis was unreachable |

@@ -85,6 +85,11 @@ pub struct RlsArgs {
     /// Do not serve the rate limit service (kernel rules only).
     #[arg(long)]
     pub no_rls: bool,
+    /// Networks the rate limit service accepts calls from (repeatable; default: whoever can
+    /// reach --rls-listen). A caller names the client address escalation blocks, so when the
+    /// service listens beyond loopback, list the gateways here.
+    #[arg(long = "rls-allow-callers", value_name = "CIDR")]
+    pub rls_allow_callers: Vec<ipnet::IpNet>,
     /// Where the counts of `global` L7 rules and envoyproxy/ratelimit configs live: `local`
     /// (this process, per node) or `redis` (shared by every node, the reference service's
     /// keys). `local` L7 rules are always counted in this process.
@@ -229,13 +234,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             EscalationConfig { client_address, ipv6_prefix: args.ipv6_source_prefix, ..EscalationConfig::default() };
         Some(Arc::new(Escalator::new(config, penalties.clone(), orders_tx)))
     };
-    let limiter = Arc::new(RateLimiter::new(
-        engine,
-        backend.clone(),
-        Arc::clone(&metrics),
-        escalation,
-        args.rls.rls_max_in_flight,
-    ));
+    let limiter = Arc::new(
+        RateLimiter::new(engine, backend.clone(), Arc::clone(&metrics), escalation, args.rls.rls_max_in_flight)
+            .with_allowed_callers(args.rls.rls_allow_callers.clone()),
+    );
     let mut servers: Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
     let mut rls_addr = None;
     if !args.rls.no_rls {

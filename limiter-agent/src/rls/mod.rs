@@ -56,7 +56,9 @@
 //! A call with an empty domain, no descriptors, a descriptor without entries, an entry
 //! with an empty key, a descriptor `hits_addend` beyond `u32::MAX`, `is_negative_hits` or a
 //! per-descriptor limit override (neither is supported) gets gRPC `INVALID_ARGUMENT` naming
-//! the problem. Requests larger than [`RlsConfig::max_request_bytes`] are refused by tonic
+//! the problem. With [`RateLimiter::with_allowed_callers`] (`--rls-allow-callers`), a call
+//! whose TCP peer is outside those networks gets `PERMISSION_DENIED`: callers name the client
+//! address escalation blocks, so only gateways should be able to call. Requests larger than [`RlsConfig::max_request_bytes`] are refused by tonic
 //! (`OUT_OF_RANGE`). At most [`RlsConfig::max_in_flight`] calls are decided at once: a call
 //! beyond that gets `RESOURCE_EXHAUSTED` at once, and Envoy applies its own
 //! `failure_mode_deny` (default: let the request through). Each HTTP/2 connection has at

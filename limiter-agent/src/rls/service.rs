@@ -145,6 +145,10 @@ pub struct RateLimiter {
     /// Domains of the plan in force (metric labels only).
     domains: RwLock<Arc<HashSet<String>>>,
     in_flight: Semaphore,
+    /// Networks callers may connect from; empty = whoever can reach the port. Callers are
+    /// trusted with the client address they name (escalation blocks it), so a service
+    /// reachable beyond the gateways should list them.
+    allowed_callers: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -162,7 +166,21 @@ impl RateLimiter {
         max_in_flight: usize,
     ) -> RateLimiter {
         let domains = RwLock::new(Arc::new(super::plan_domains(&engine.plan())));
-        RateLimiter { engine, backend, metrics, escalation, domains, in_flight: Semaphore::new(max_in_flight.max(1)) }
+        RateLimiter {
+            engine,
+            backend,
+            metrics,
+            escalation,
+            domains,
+            in_flight: Semaphore::new(max_in_flight.max(1)),
+            allowed_callers: Vec::new(),
+        }
+    }
+
+    /// Refuses calls from outside `nets` with PERMISSION_DENIED (empty: anyone who can connect).
+    pub fn with_allowed_callers(mut self, nets: Vec<ipnet::IpNet>) -> RateLimiter {
+        self.allowed_callers = nets;
+        self
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -230,6 +248,18 @@ impl RateLimitService for RateLimiter {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        if !self.allowed_callers.is_empty() {
+            // The peer of the TCP connection, canonical so IPv4 callers on a dual-stack
+            // socket match IPv4 networks. No address (not TCP) is refused too.
+            let peer = request.remote_addr().map(|a| a.ip().to_canonical());
+            if !peer.is_some_and(|ip| self.allowed_callers.iter().any(|n| n.contains(&ip))) {
+                let who = peer.map_or_else(|| "an unknown peer".to_owned(), |ip| ip.to_string());
+                let status = tonic::Status::permission_denied(format!(
+                    "rate limit service: calls from {who} are not allowed (--rls-allow-callers)"
+                ));
+                return Err(self.refuse("permission_denied", status));
+            }
+        }
         let Ok(_permit) = self.in_flight.try_acquire() else {
             let status = tonic::Status::resource_exhausted("rate limit service overloaded: too many calls in flight");
             return Err(self.refuse("overloaded", status));

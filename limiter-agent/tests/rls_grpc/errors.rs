@@ -192,3 +192,23 @@ async fn a_call_beyond_max_in_flight_is_resource_exhausted() {
     assert_eq!(metric(&text, "limiter_rls_request_errors_total{reason=\"overloaded\"}"), Some(2.0), "{text}");
     rls.stop().await;
 }
+
+/// `--rls-allow-callers`: a caller outside the listed networks gets PERMISSION_DENIED (it could
+/// otherwise name any client address for escalation to block); one inside is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_outside_the_allowed_networks_are_refused() {
+    let elsewhere = Options { allowed_callers: vec!["10.0.0.0/8".parse().unwrap()], ..Options::default() };
+    let mut rls = start_with(frozen_engine(shop_and_api("callers-out")), elsewhere).await;
+    let status = rls.call(request("shop", vec![descriptor(&[("k", "v")])])).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("calls from 127.0.0.1 are not allowed"), "{status:?}");
+    let text = rls.metrics.render();
+    assert_eq!(metric(&text, "limiter_rls_request_errors_total{reason=\"permission_denied\"}"), Some(1.0), "{text}");
+    rls.stop().await;
+
+    let loopback = Options { allowed_callers: vec!["127.0.0.0/8".parse().unwrap()], ..Options::default() };
+    let mut rls = start_with(frozen_engine(shop_and_api("callers-in")), loopback).await;
+    let resp = rls.ask(request("shop", vec![descriptor(&[("k", "v")])])).await;
+    assert_eq!(resp.overall_code, ProtoCode::Ok as i32);
+    rls.stop().await;
+}

@@ -180,6 +180,7 @@ struct Options {
     max_request_bytes: usize,
     timeout: Duration,
     drain_timeout: Duration,
+    allowed_callers: Vec<ipnet::IpNet>,
 }
 
 impl Default for Options {
@@ -192,6 +193,7 @@ impl Default for Options {
             max_request_bytes: defaults.max_request_bytes,
             timeout: defaults.timeout,
             drain_timeout: defaults.drain_timeout,
+            allowed_callers: Vec::new(),
         }
     }
 }
@@ -203,13 +205,10 @@ async fn start(plan: L7Plan) -> Server {
 async fn start_with(engine: Arc<Engine>, options: Options) -> Server {
     let metrics = Arc::new(Metrics::new());
     metrics.watch_engine(Arc::clone(&engine));
-    let limiter = Arc::new(RateLimiter::new(
-        engine,
-        options.backend,
-        Arc::clone(&metrics),
-        options.escalation,
-        options.max_in_flight,
-    ));
+    let limiter = Arc::new(
+        RateLimiter::new(engine, options.backend, Arc::clone(&metrics), options.escalation, options.max_in_flight)
+            .with_allowed_callers(options.allowed_callers),
+    );
     let config = RlsConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         max_request_bytes: options.max_request_bytes,
