@@ -6,6 +6,7 @@
 //! - [`plan`]: the compiled plan both of them speak.
 //! - [`l7`]: the L7 engine: token buckets and fixed windows for HTTP requests and descriptors.
 //! - [`rls`]: the Envoy rate limit service over gRPC, backed by [`l7`] (and Redis).
+//! - [`sync`]: node membership in Redis and each node's share of `global` kernel rules.
 
 pub mod cli;
 pub mod control;
@@ -15,4 +16,5 @@ pub mod metrics;
 pub mod plan;
 pub mod policy;
 pub mod rls;
+pub mod sync;
 pub mod watch;

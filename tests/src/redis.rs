@@ -2,9 +2,13 @@
 //! a temporary directory, stopped and restarted on demand (same port, so clients reconnect),
 //! killed on drop. [`RedisServer::command`] speaks RESP directly, so tests read back exactly
 //! what the backend wrote (`KEYS`, `TTL`, `INFO commandstats`) without another client library.
+//! [`RedisServer::start_in`] runs it inside a test namespace instead, for an agent started
+//! there.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +23,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// The namespace it runs in (name, open fd), if not the caller's.
+    netns: Option<(String, File)>,
 }
 
 /// One RESP reply.
@@ -70,7 +76,23 @@ impl RedisServer {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("limiter-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut server = RedisServer { port, dir, child: None };
+        let mut server = RedisServer { port, dir, child: None, netns: None };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts a server on loopback inside `ns` (an agent there reaches it at [`Self::url`]);
+    /// [`Self::command`] connects from inside `ns` too.
+    pub fn start_in(ns: &crate::netns::Netns) -> Result<RedisServer> {
+        assert!(
+            crate::has_tool("redis-server"),
+            "needs `redis-server` on PATH: run `cargo xtask setup` (Debian package redis-server)"
+        );
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("limiter-redis-{}-{}-{port}", std::process::id(), ns.name()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let fd = File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
+        let mut server = RedisServer { port, dir, child: None, netns: Some((ns.name().to_owned(), fd)) };
         server.spawn()?;
         Ok(server)
     }
@@ -109,7 +131,16 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<()> {
         let port = self.port.to_string();
-        let child = Command::new("redis-server")
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the server, so the child's pid is the server's.
+            Some((name, _)) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", name, "redis-server"]);
+                cmd
+            }
+            None => Command::new("redis-server"),
+        };
+        let child = cmd
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"])
             .arg("--dir")
@@ -142,8 +173,7 @@ impl RedisServer {
 
     /// Sends one command on a fresh connection and reads its reply.
     pub fn command(&self, args: &[&str]) -> Result<Reply> {
-        let mut stream = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1))
-            .with_context(|| format!("connecting to redis on port {}", self.port))?;
+        let mut stream = self.connect().with_context(|| format!("connecting to redis on port {}", self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut request = format!("*{}\r\n", args.len()).into_bytes();
         for arg in args {
@@ -153,6 +183,28 @@ impl RedisServer {
         }
         stream.write_all(&request)?;
         read_reply(&mut BufReader::new(stream))
+    }
+
+    /// A connection from the server's namespace (a socket stays in the namespace it was made in).
+    fn connect(&self) -> std::io::Result<TcpStream> {
+        let addr = self.addr();
+        let timeout = Duration::from_secs(1);
+        let Some((_, fd)) = &self.netns else {
+            return TcpStream::connect_timeout(&addr, timeout);
+        };
+        let fd = fd.as_raw_fd();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: `fd` is an open namespace fd owned by `self`, which outlives the scope;
+                // setns only changes this thread's network namespace.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                TcpStream::connect_timeout(&addr, timeout)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("connecting thread panicked")))
+        })
     }
 
     /// `KEYS pattern`, sorted.

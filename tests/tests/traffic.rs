@@ -47,6 +47,7 @@ fn rule(name: &str, count: CountKind, limit: Limit, target: (u16, Protocol), dis
         count,
         limit,
         shadow: false,
+        global: false,
     }
 }
 

@@ -47,6 +47,7 @@ fn rule(name: &str, count: CountKind, requests: u64, unit: Unit, burst: u64) -> 
         count,
         limit: Limit { requests, unit, burst },
         shadow: false,
+        global: false,
     }
 }
 

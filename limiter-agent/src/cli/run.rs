@@ -31,6 +31,7 @@ use crate::{
         escalation::{BlockOrder, ClientAddress, EscalationConfig, Escalator, Penalties},
         redis::{FailureMode, RedisBackend, RedisConfig},
     },
+    sync::{self, Membership, MembershipConfig},
     watch::PolicyWatcher,
 };
 
@@ -108,6 +109,14 @@ pub struct RlsArgs {
     /// Longest wait for one Redis round trip before the failure mode answers.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     pub redis_timeout: Duration,
+    /// With --iface and --rls-backend redis: this node's member id in the Redis node set that
+    /// splits `global` kernel rules (default: hostname-pid). Unique per node.
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// How often this node renews its membership; a member silent for three heartbeats is
+    /// gone. Use the same value on every node.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub global_heartbeat: Duration,
     /// Most keyed L7 counters held in this process (per distinct header value, client...);
     /// beyond it the least recently used idle ones are evicted.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
@@ -180,6 +189,10 @@ pub fn load_plan(paths: &[PathBuf]) -> anyhow::Result<KernelPlan> {
 /// What is in force, to tell a changed policy set from an unchanged one.
 #[derive(Debug)]
 struct InForce {
+    /// The compiled kernel plan, before global rules are split into this node's share.
+    plan: KernelPlan,
+    /// Live nodes sharing the global kernel rules (1 without membership).
+    nodes: u64,
     l7: L7Plan,
     penalties: Penalties,
 }
@@ -269,13 +282,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         l7_max_keys: args.rls.l7_max_keys,
     };
     let mut control = open_control(&args)?;
+    let (nodes, mut nodes_rx) = join_nodes(&args, &compiled.plan, &shutdown_rx, &mut servers).await?;
     let mut kernel = if args.ifaces.is_empty() {
         info!("no --iface: no XDP program; serving the rate limit service only");
         None
     } else {
-        Some(start_kernel(&args, &compiled.plan, control.as_mut())?)
+        Some(start_kernel(&args, &sync::shared_plan(&compiled.plan, nodes), control.as_mut())?)
     };
-    let mut in_force = InForce { l7: compiled.l7, penalties };
+    let mut in_force = InForce { plan: compiled.plan, nodes, l7: compiled.l7, penalties };
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -303,6 +317,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let why = "policy files changed";
                     let outcome = reload(kernel.as_mut().map(|k| &mut k.dp), &limiter, &mut in_force, &args.policies, why);
                     reloads.record(outcome, &metrics);
+                }
+            }
+            Some(n) = next_nodes(&mut nodes_rx) => {
+                if let Some(k) = kernel.as_mut() {
+                    reshare(&mut k.dp, &mut in_force, n);
                 }
             }
             Some(order) = orders_rx.recv() => {
@@ -365,6 +384,98 @@ fn open_control(args: &RunArgs) -> anyhow::Result<Option<Control>> {
             Ok(None)
         }
         Err(e) => Err(anyhow::Error::new(e).context("opening the control socket; nothing was attached")),
+    }
+}
+
+/// Joins the Redis node set when this agent shields interfaces and counts `global` rules in
+/// Redis (see [`crate::sync`]): one heartbeat now, so the first plan applied is already this
+/// node's share, then a task that renews it (pushed on `servers`, it leaves the set at
+/// shutdown). Returns the node count and where its changes arrive.
+async fn join_nodes(
+    args: &RunArgs,
+    plan: &KernelPlan,
+    shutdown: &watch::Receiver<bool>,
+    servers: &mut Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+) -> anyhow::Result<(u64, Option<watch::Receiver<u64>>)> {
+    let globals = sync::global_rules(plan);
+    if args.ifaces.is_empty() {
+        return Ok((1, None));
+    }
+    if args.rls.rls_backend != BackendKind::Redis {
+        if globals > 0 {
+            info!("sync: {globals} global kernel rule(s) count on this node only (no --rls-backend redis)");
+        }
+        return Ok((1, None));
+    }
+    let node_id = args.rls.node_id.clone().unwrap_or_else(sync::default_node_id);
+    let config = MembershipConfig::new(node_id, &args.rls.redis_key_prefix, args.rls.global_heartbeat);
+    let mut membership = Membership::new(&args.rls.redis_url, config).context("--redis-url")?;
+    let (key, id) = (membership.config().key.clone(), membership.config().node_id.clone());
+    let nodes = match membership.beat_logged().await {
+        Some(n) => {
+            info!(
+                "sync: joined {key} as {id}: {} live; {globals} global kernel rule(s) shared across {}",
+                sync::nodes_text(n),
+                sync::nodes_text(n)
+            );
+            n
+        }
+        None => {
+            warn!(
+                "sync: no node count yet (redis unreachable): {globals} global kernel rule(s) get the full limit on this node until the first heartbeat answers"
+            );
+            1
+        }
+    };
+    let (tx, rx) = watch::channel(nodes);
+    let shutdown = shutdown.clone();
+    servers.push((
+        "node membership",
+        tokio::spawn(async move {
+            membership.run(tx, shutdown).await;
+            Ok(())
+        }),
+    ));
+    Ok((nodes, Some(rx)))
+}
+
+/// The next node count, when it changes; never resolves without membership.
+async fn next_nodes(rx: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    if let Some(rx) = rx
+        && rx.changed().await.is_ok()
+    {
+        return Some(*rx.borrow_and_update());
+    }
+    // Without membership, or once its task has ended: nothing more to wait for.
+    std::future::pending().await
+}
+
+/// Re-applies the kernel plan with the shares of `nodes` live nodes. Changed rules start with
+/// a full bucket: each membership change hands out one fresh burst.
+fn reshare(dp: &mut Dataplane, in_force: &mut InForce, nodes: u64) {
+    if nodes == in_force.nodes {
+        return;
+    }
+    let was = in_force.nodes;
+    let globals = sync::global_rules(&in_force.plan);
+    let plan = sync::shared_plan(&in_force.plan, nodes);
+    if dp.current_plan() == Some(&plan) {
+        in_force.nodes = nodes;
+        return;
+    }
+    match dp.apply(&plan) {
+        Ok(_) => {
+            in_force.nodes = nodes;
+            info!(
+                "sync: {} live (was {was}): {globals} global kernel rule(s) re-applied, shared across {}",
+                sync::nodes_text(nodes),
+                sync::nodes_text(nodes)
+            );
+        }
+        Err(e) => error!(
+            "sync: {} live (was {was}), but re-applying the shares failed, the previous ones stay: {e:#}",
+            sync::nodes_text(nodes)
+        ),
     }
 }
 
@@ -503,7 +614,8 @@ fn reload(
         }
     };
     let penalties = Penalties::of(&compiled);
-    let kernel_changed = dp.as_ref().is_some_and(|dp| dp.current_plan() != Some(&compiled.plan));
+    let kernel_plan = sync::shared_plan(&compiled.plan, in_force.nodes);
+    let kernel_changed = dp.as_ref().is_some_and(|dp| dp.current_plan() != Some(&kernel_plan));
     let l7_changed = in_force.l7 != compiled.l7 || in_force.penalties != penalties;
     if !kernel_changed && !l7_changed {
         info!("{why}: policy unchanged");
@@ -511,14 +623,24 @@ fn reload(
     }
     let mut kernel_note = String::new();
     if let Some(dp) = dp.filter(|_| kernel_changed) {
-        match dp.apply(&compiled.plan) {
-            Ok(a) => kernel_note = format!("{} kernel rules, {} kept their bucket state", a.rules, a.kept),
+        match dp.apply(&kernel_plan) {
+            Ok(a) => {
+                kernel_note = format!("{} kernel rules, {} kept their bucket state", a.rules, a.kept);
+                let globals = sync::global_rules(&compiled.plan);
+                if in_force.nodes > 1 && globals > 0 {
+                    kernel_note.push_str(&format!(
+                        ", {globals} global rule(s) shared across {}",
+                        sync::nodes_text(in_force.nodes)
+                    ));
+                }
+            }
             Err(e) => {
                 error!("{why}: reload rejected, the previous policy stays in force: {e:#}");
                 return Some(false);
             }
         }
     }
+    in_force.plan = compiled.plan;
     if l7_changed {
         let rules = compiled.l7.rules.len();
         limiter.replace(compiled.l7.clone(), penalties.clone());

@@ -306,6 +306,7 @@ mod tests {
             count: CountKind::Packets,
             limit: Limit { requests: 10, unit: Unit::Second, burst: 5 },
             shadow: false,
+            global: false,
         }
     }
 

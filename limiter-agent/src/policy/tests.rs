@@ -423,6 +423,9 @@ fn compile_l7_rules_guards_and_notices() {
     assert_eq!(guard.count, CountKind::Connections);
     assert_eq!((guard.limit.requests, guard.limit.burst), (5, 2));
     assert!(guard.source.distinct);
+    // Only the kernel-counted global rule is shared across nodes; guards never are.
+    let global: Vec<(&str, bool)> = c.plan.rules.iter().map(|r| (r.name.as_str(), r.global)).collect();
+    assert_eq!(global, [("p/per-client#guard", false), ("p/budget", true), ("p/all-requests#guard", false)]);
     // The penalty counts denials of the policy's L7 rules only (kernel rules drop already).
     assert_eq!(c.penalties.len(), 1);
     let pen = &c.penalties[0];
@@ -438,7 +441,7 @@ fn compile_l7_rules_guards_and_notices() {
             "p.yaml:9:11: spec.rateLimit.local.rules[0]: rule p/per-user is L7 (selects on headers): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`",
             "p.yaml:12:11: spec.rateLimit.local.rules[1]: rule p/per-client is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/per-client#guard limits new connections at the same rate",
             "p.yaml:16:11: spec.rateLimit.local.rules[2]: rule p/everyone is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: kernelGuard is Off",
-            "p.yaml:22:11: spec.rateLimit.global.rules[0]: rule p/budget: global scope, but the kernel counts on this node only",
+            "p.yaml:22:11: spec.rateLimit.global.rules[0]: rule p/budget: global scope: with --rls-backend redis the kernel limit is shared across the live nodes (each enforces 1/N), else counted on this node only",
             "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/all-requests#guard limits new connections at the same rate",
             "p.yaml:24:11: spec.rateLimit.global.rules[1]: rule p/all-requests: global: shared through Redis when the agent runs with --rls-backend redis, else per node",
             "p.yaml:5:12: spec.penalty: escalation: a source the rate limit service denies 20 times within 10s (rules p/per-user, p/per-client, p/everyone, p/all-requests) is put in the XDP block list for 60s (`limiter-agent run --iface`)",

@@ -221,8 +221,11 @@ pub enum NoticeKind {
         guard_text(guard, no_guard)
     )]
     L7 { rule: String, reason: &'static str, domain: String, guard: Option<String>, no_guard: Option<NoGuard> },
-    /// A kernel-counted rule under `rateLimit.global`.
-    #[error("rule {rule}: global scope, but the kernel counts on this node only")]
+    /// A kernel-counted rule under `rateLimit.global`: shared only where the agent takes part in
+    /// Redis membership (`crate::sync`).
+    #[error(
+        "rule {rule}: global scope: with --rls-backend redis the kernel limit is shared across the live nodes (each enforces 1/N), else counted on this node only"
+    )]
     GlobalPerNode { rule: String },
     /// An L7 rule (or a config's rules) with global scope.
     #[error("{what}: global: shared through Redis when the agent runs with --rls-backend redis, else per node")]
@@ -424,6 +427,7 @@ fn compile_policy(
             count,
             limit: r.limit,
             shadow,
+            global: false,
         };
         match r.count {
             Count::Kernel(count) => {
@@ -437,9 +441,10 @@ fn compile_policy(
                     summary.not_enforced.push(r.name.clone());
                     continue;
                 }
-                out.plan.rules.push(kernel_rule(full.clone(), count));
+                let global = r.scope == Scope::Global;
+                out.plan.rules.push(KernelRule { global, ..kernel_rule(full.clone(), count) });
                 summary.kernel_rules.push(full.clone());
-                if r.scope == Scope::Global {
+                if global {
                     out.notices.push(rule_notice(NoticeKind::GlobalPerNode { rule: full }));
                 }
             }

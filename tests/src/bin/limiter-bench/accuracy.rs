@@ -37,6 +37,7 @@ fn plan() -> KernelPlan {
             count: CountKind::Packets,
             limit: Limit { requests: RATE, unit: Unit::Second, burst: BURST },
             shadow: false,
+            global: false,
         }],
         ..Default::default()
     }

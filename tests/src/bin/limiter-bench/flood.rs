@@ -140,6 +140,7 @@ fn limiter_plan() -> KernelPlan {
             count: CountKind::Packets,
             limit: Limit { requests: RATE_PER_SOURCE, unit: Unit::Second, burst: BURST },
             shadow: false,
+            global: false,
         }],
         ..Default::default()
     }

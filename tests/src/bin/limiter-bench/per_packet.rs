@@ -60,6 +60,7 @@ fn rule(name: &str, limit: Limit, distinct: bool, by_port: bool, net: Option<IpN
         count: CountKind::Packets,
         limit,
         shadow: false,
+        global: false,
     }
 }
 
@@ -166,6 +167,7 @@ pub fn filler_rule() -> KernelRule {
         count: CountKind::Packets,
         limit: unlimited(),
         shadow: false,
+        global: false,
     }
 }
 
