@@ -81,6 +81,26 @@ fn top(socket: &Path) -> std::process::Output {
         .expect("run limiter-agent top")
 }
 
+/// Runs `top --once --json` until a snapshot satisfies `done` (the agent publishes a fresh one
+/// each second), at most 10 s; returns the last snapshot, which the caller's asserts then judge.
+fn top_json_until(socket: &Path, done: impl Fn(&Value) -> bool) -> Value {
+    let mut json = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = top(socket);
+        assert!(out.status.success(), "top failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.lines().count(), 1, "--once --json prints one line: {text}");
+        json = serde_json::from_str(&text).unwrap();
+        if done(&json) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!("top --once --json: {json}");
+    json
+}
+
 /// Starts the agent command with its stderr lines echoed and sent on a channel.
 fn spawn_agent(mut cmd: std::process::Command) -> (ChildGuard, std::sync::mpsc::Receiver<String>) {
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
@@ -141,21 +161,7 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     for _ in 0..50 {
         sock.send_to(b"limiter-top-test", to).unwrap();
     }
-    // The agent publishes a fresh snapshot each second; wait for one that has the drops.
-    let mut json = Value::Null;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let out = top(&socket);
-        assert!(out.status.success(), "top failed: {}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(text.lines().count(), 1, "--once --json prints one line: {text}");
-        json = serde_json::from_str(&text).unwrap();
-        if json["rules"][0]["dropped_packets"].as_u64() == Some(45) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    eprintln!("top --once --json: {json}");
+    let json = top_json_until(&socket, |json| json["rules"][0]["dropped_packets"].as_u64() == Some(45));
 
     let reasons = json["reasons"].as_array().expect("reasons");
     let by_reason = |verdict: &str, name: &str| {
@@ -303,23 +309,11 @@ fn top_shows_the_rate_limit_service_of_an_agent_without_xdp() {
     assert_eq!(should_rate_limit(&ns, &[("elsewhere", "10.1.2.3")]), [Ok(OK)]);
     assert_eq!(should_rate_limit(&ns, &[("", "10.1.2.3")]), [Err(tonic::Code::InvalidArgument)]);
 
-    // The agent publishes a fresh snapshot each second; wait for one that has every call.
-    let mut json = Value::Null;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let out = top(&socket);
-        assert!(out.status.success(), "top failed: {}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(text.lines().count(), 1, "--once --json prints one line: {text}");
-        json = serde_json::from_str(&text).unwrap();
+    let json = top_json_until(&socket, |json| {
         let decided: u64 =
             json["rls"]["decisions"].as_array().map_or(0, |d| d.iter().filter_map(|d| d["descriptors"].as_u64()).sum());
-        if decided == 4 && json["rls"]["request_errors"].as_array().is_some_and(|e| !e.is_empty()) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    eprintln!("top --once --json: {json}");
+        decided == 4 && json["rls"]["request_errors"].as_array().is_some_and(|e| !e.is_empty())
+    });
 
     let rls = &json["rls"];
     assert_eq!(rls["serving"], true, "{json}");
