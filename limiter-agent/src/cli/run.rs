@@ -335,6 +335,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             _ = tick.tick() => {
+                // A share that failed to apply is retried here until it holds.
+                if let (Some(k), Some(rx)) = (kernel.as_mut(), nodes_rx.as_ref()) {
+                    let n = *rx.borrow();
+                    reshare(&mut k.dp, &mut in_force, n);
+                }
                 if let Some(escalator) = limiter.escalation() {
                     escalator.sweep(Instant::now());
                 }
@@ -473,7 +478,7 @@ fn reshare(dp: &mut Dataplane, in_force: &mut InForce, nodes: u64) {
             );
         }
         Err(e) => error!(
-            "sync: {} live (was {was}), but re-applying the shares failed, the previous ones stay: {e:#}",
+            "sync: {} live (was {was}), but re-applying the shares failed, the previous ones stay (retried at each stats tick): {e:#}",
             sync::nodes_text(nodes)
         ),
     }
