@@ -122,14 +122,15 @@
 pub mod bench;
 mod counters;
 mod headers;
+mod http;
 mod matching;
+mod rls;
 
 #[cfg(test)]
 mod tests;
 
 use std::cell::RefCell;
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -137,10 +138,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub use counters::CounterStats;
 pub use headers::ratelimit_headers;
 
+pub use self::http::{HttpRequest, RuleStatus, Verdict};
+pub use self::rls::{
+    DescriptorEntry, DescriptorStatus, Match, RequestDescriptor, RequestError, RlsRequest, RlsResponse,
+};
+
 use self::counters::{Charge, Counters, Meter, Now, Outcome, decide_shared, refund_shared};
-use self::matching::{CompiledPlan, CompiledRule, Value, cache_key_prefix, http_value, key_rule_id, with_counter_key};
+use self::matching::{CompiledPlan, CompiledRule, Value, key_rule_id, with_counter_key};
 use crate::plan::Unit;
-use crate::plan::l7::{L7Plan, L7Rule};
+use crate::plan::l7::L7Plan;
 
 /// Engine settings.
 #[derive(Clone, Debug)]
@@ -202,69 +208,11 @@ impl Clock {
     }
 }
 
-/// One `(key, value)` entry of a request descriptor.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DescriptorEntry {
-    pub key: String,
-    pub value: String,
-}
-
-/// One descriptor of a `ShouldRateLimit` request.
-#[derive(Clone, Debug)]
-pub struct RequestDescriptor {
-    pub entries: Vec<DescriptorEntry>,
-    /// Overrides the request's `hits_addend` for this descriptor; `Some(0)` checks without
-    /// charging.
-    pub hits_addend: Option<u32>,
-}
-
-/// A `ShouldRateLimit` request.
-#[derive(Clone, Debug)]
-pub struct RlsRequest {
-    pub domain: String,
-    pub descriptors: Vec<RequestDescriptor>,
-    /// Hits each descriptor adds; 0 is treated as 1 (as Envoy and the reference do).
-    pub hits_addend: u32,
-}
-
-/// A request the RLS protocol rejects (a gRPC error, not a decision).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RequestError {
-    #[error("rate limit domain must not be empty")]
-    EmptyDomain,
-    #[error("rate limit descriptor list must not be empty")]
-    NoDescriptors,
-    #[error("rate limit descriptor {index} has no entries")]
-    EmptyDescriptor { index: usize },
-}
-
 /// Decision code, as the RLS protocol's `Code`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
     Ok,
     OverLimit,
-}
-
-/// The answer to an [`RlsRequest`].
-#[derive(Clone, Debug)]
-pub struct RlsResponse {
-    pub overall: Code,
-    pub statuses: Vec<DescriptorStatus>,
-}
-
-/// The decision for one request descriptor.
-#[derive(Clone, Debug)]
-pub struct DescriptorStatus {
-    pub code: Code,
-    /// None when no rule matched or the rule is `unlimited`.
-    pub limit: Option<ReportedLimit>,
-    pub limit_remaining: u32,
-    pub duration_until_reset: Duration,
-    /// The rule's name (L7Rule::name) when one matched.
-    pub rule: Option<String>,
-    /// The rule is in shadow mode: `code` is Ok even if it was over the limit;
-    /// `shadow_over_limit` says whether it would have denied.
-    pub shadow_over_limit: bool,
 }
 
 /// The limit a status reports (`current_limit` of the RLS protocol).
@@ -273,47 +221,6 @@ pub struct ReportedLimit {
     pub name: String,
     pub requests_per_unit: u32,
     pub unit: Unit,
-}
-
-/// The rule a descriptor hits.
-#[derive(Clone, Debug)]
-pub struct Match {
-    pub rule: Arc<L7Rule>,
-    pub rule_index: usize,
-    /// envoyproxy/ratelimit cache key prefix: `{domain}_{key}_{value}_..._` (the Redis helper
-    /// appends the window start in unix seconds, as the reference service does).
-    pub cache_key_prefix: String,
-}
-
-/// An HTTP request's attributes.
-#[derive(Clone, Copy, Debug)]
-pub struct HttpRequest<'a> {
-    pub remote: IpAddr,
-    pub path: &'a str,
-    pub method: &'a str,
-    /// Lower-case names.
-    pub headers: &'a [(&'a str, &'a str)],
-    pub route: Option<&'a str>,
-    pub gateway: Option<&'a str>,
-}
-
-/// The decision for an HTTP request.
-#[derive(Clone, Debug)]
-pub struct Verdict {
-    pub allowed: bool,
-    /// One per applied rule.
-    pub statuses: Vec<RuleStatus>,
-}
-
-/// One applied rule's decision for an HTTP request.
-#[derive(Clone, Debug)]
-pub struct RuleStatus {
-    pub rule: String,
-    pub code: Code,
-    pub limit: ReportedLimit,
-    pub remaining: u32,
-    pub reset: Duration,
-    pub shadow: bool,
 }
 
 impl Engine {
@@ -428,154 +335,6 @@ impl Engine {
         self.current().plan.clone()
     }
 
-    /// Envoy RLS semantics (envoyproxy/ratelimit): one [`DescriptorStatus`] per request
-    /// descriptor, in order. Unknown domain: every status OK with no limit. `now` is
-    /// monotonic time.
-    ///
-    /// Per descriptor: the matched rule ([`Engine::lookup`]); a rule named in the `replaces`
-    /// of another rule matched by this request is dropped (OK, no limit); `unlimited` answers
-    /// OK with no limit and `limit_remaining` `u32::MAX` (as the reference does); otherwise
-    /// the rule's counter is charged `hits_addend` (the descriptor's, else the request's, 0
-    /// meaning 1; a descriptor's `Some(0)` checks without charging). Shadow rules count and
-    /// answer OK, with `shadow_over_limit` set when they would have denied. An over-limit
-    /// status reports 0 remaining. `overall` is OverLimit if any status is.
-    pub fn should_rate_limit(&self, req: &RlsRequest, now: Instant) -> Result<RlsResponse, RequestError> {
-        validate(req)?;
-        let now = self.clock.at(now);
-        Ok(self.with_plan(|plan| self.decide_descriptors(plan, req, now)))
-    }
-
-    fn decide_descriptors(&self, plan: &CompiledPlan, req: &RlsRequest, now: Now) -> RlsResponse {
-        if !plan.has_domain(&req.domain) {
-            let statuses = req.descriptors.iter().map(|_| no_limit(None, 0)).collect();
-            return RlsResponse { overall: Code::Ok, statuses };
-        }
-        let mut matched: Vec<Option<usize>> =
-            req.descriptors.iter().map(|d| plan.lookup(&req.domain, &d.entries)).collect();
-        if matched.iter().flatten().any(|&i| !plan.rules[i].rule.replaces.is_empty()) {
-            let replaced: Vec<&str> = matched
-                .iter()
-                .flatten()
-                .flat_map(|&i| plan.rules[i].rule.replaces.iter().map(String::as_str))
-                .collect();
-            for m in &mut matched {
-                if m.is_some_and(|i| replaced.contains(&plan.rules[i].rule.name.as_str())) {
-                    *m = None;
-                }
-            }
-        }
-
-        let request_hits = req.hits_addend.max(1);
-        let mut statuses = Vec::with_capacity(req.descriptors.len());
-        for (descriptor, found) in req.descriptors.iter().zip(matched) {
-            let Some(index) = found else {
-                statuses.push(no_limit(None, 0));
-                continue;
-            };
-            let rule = &plan.rules[index];
-            let (Some(meter), Some(reported)) = (&rule.meter, &rule.reported) else {
-                statuses.push(no_limit(Some(rule.rule.name.clone()), u32::MAX));
-                continue;
-            };
-            let hits = u64::from(descriptor.hits_addend.unwrap_or(request_hits));
-            let values = descriptor.entries.iter().map(|e| Value::Str(&e.value));
-            let outcome = self.charge(rule, meter, values, now, hits, Charge::Always);
-            let over = !outcome.conforms;
-            statuses.push(DescriptorStatus {
-                code: if over && !rule.rule.shadow { Code::OverLimit } else { Code::Ok },
-                limit: Some(reported.clone()),
-                limit_remaining: if over { 0 } else { saturate_u32(outcome.remaining) },
-                duration_until_reset: whole_seconds_up(outcome.reset_ns),
-                rule: Some(rule.rule.name.clone()),
-                shadow_over_limit: over && rule.rule.shadow,
-            });
-        }
-        let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) { Code::OverLimit } else { Code::Ok };
-        RlsResponse { overall, statuses }
-    }
-
-    /// Which rule a descriptor hits (matching only, no counting): exact key+value, then
-    /// wildcard values in config order, then key-only; depth must match; `replaces` is
-    /// applied by the caller over all matches of one request. Used by the Redis backend.
-    pub fn lookup(&self, domain: &str, entries: &[DescriptorEntry]) -> Option<Match> {
-        let (rule_index, rule) = self.with_plan(|plan| {
-            let index = plan.lookup(domain, entries)?;
-            Some((index, plan.rules[index].rule.clone()))
-        })?;
-        let cache_key_prefix = cache_key_prefix(domain, &rule, entries);
-        Some(Match { rule, rule_index, cache_key_prefix })
-    }
-
-    /// Gateway-kind semantics for an HTTP request: every rule whose entries the request
-    /// produces (and whose targets select it, route-level rules winning over gateway-level
-    /// ones on their routes) applies, in plan order; `replaces` drops replaced rules as in
-    /// the RLS. Rules matched only over RLS ([`crate::plan::l7::Attribute::Descriptor`]
-    /// entries) and `unlimited` rules give no status.
-    ///
-    /// All-or-nothing charging (see the module docs): the request is allowed if no non-shadow
-    /// rule refuses it, and only an allowed request keeps its charges. A shadow rule that
-    /// would refuse reports `code: OverLimit` with `shadow: true` and does not deny. After a
-    /// denial, `remaining` of the rules whose charge was given back counts that refund.
-    pub fn check_request(&self, req: &HttpRequest<'_>, now: Instant) -> Verdict {
-        let now = self.clock.at(now);
-        self.with_plan(|plan| self.decide_http(plan, req, now))
-    }
-
-    fn decide_http(&self, plan: &CompiledPlan, req: &HttpRequest<'_>, now: Now) -> Verdict {
-        let produces =
-            |rule: &L7Rule| plan.targets_select(rule, req) && rule.entries.iter().all(|e| http_value(e, req).is_some());
-        // Names replaced by a rule that applies to this request (rarely any: skipped then).
-        let replaced: Vec<&str> = if plan.http_replaces {
-            plan.http_rules
-                .iter()
-                .map(|&i| &plan.rules[i].rule)
-                .filter(|r| !r.replaces.is_empty() && produces(r))
-                .flat_map(|r| r.replaces.iter().map(String::as_str))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let applies = |rule: &L7Rule| produces(rule) && !replaced.contains(&rule.name.as_str());
-
-        let mut statuses = Vec::new();
-        let mut allowed = true;
-        for &index in &plan.http_rules {
-            let rule = &plan.rules[index];
-            let (Some(meter), Some(reported)) = (&rule.meter, &rule.reported) else { continue };
-            if !applies(&rule.rule) {
-                continue;
-            }
-            let values = rule.rule.entries.iter().map(|e| http_value(e, req).unwrap_or(Value::Str("")));
-            let outcome = self.charge(rule, meter, values, now, 1, Charge::IfConforms);
-            allowed &= outcome.conforms || rule.rule.shadow;
-            statuses.push(RuleStatus {
-                rule: rule.rule.name.clone(),
-                code: if outcome.conforms { Code::Ok } else { Code::OverLimit },
-                limit: reported.clone(),
-                remaining: if outcome.conforms { saturate_u32(outcome.remaining) } else { 0 },
-                reset: whole_seconds_up(outcome.reset_ns),
-                shadow: rule.rule.shadow,
-            });
-        }
-
-        if !allowed {
-            // Give back what the conforming rules took. Statuses are in the order of the
-            // applicable rules, and a status is Ok exactly when its charge was taken.
-            let applied =
-                plan.http_rules.iter().map(|&i| &plan.rules[i]).filter(|r| r.meter.is_some() && applies(&r.rule));
-            for (rule, status) in applied.zip(&mut statuses) {
-                let Some(meter) = &rule.meter else { continue };
-                if status.code != Code::Ok {
-                    continue;
-                }
-                let values = rule.rule.entries.iter().map(|e| http_value(e, req).unwrap_or(Value::Str("")));
-                self.refund(rule, meter, values, now, 1);
-                status.remaining = status.remaining.saturating_add(1);
-            }
-        }
-        Verdict { allowed, statuses }
-    }
-
     /// Number of tracked keyed counters (for metrics and the bounded-memory test): the ones
     /// bounded by `max_keys`. Single-bucket rules hold one word each in the plan and are not
     /// counted here.
@@ -586,19 +345,6 @@ impl Engine {
     /// Counter occupancy and evictions (for metrics).
     pub fn counter_stats(&self) -> CounterStats {
         self.counters.stats()
-    }
-}
-
-/// A status without a limit: no rule (`remaining` 0) or `unlimited` (`u32::MAX`), as
-/// envoyproxy/ratelimit reports them.
-fn no_limit(rule: Option<String>, remaining: u32) -> DescriptorStatus {
-    DescriptorStatus {
-        code: Code::Ok,
-        limit: None,
-        limit_remaining: remaining,
-        duration_until_reset: Duration::ZERO,
-        rule,
-        shadow_over_limit: false,
     }
 }
 
@@ -614,17 +360,4 @@ impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Engine").finish_non_exhaustive()
     }
-}
-
-fn validate(req: &RlsRequest) -> Result<(), RequestError> {
-    if req.domain.is_empty() {
-        return Err(RequestError::EmptyDomain);
-    }
-    if req.descriptors.is_empty() {
-        return Err(RequestError::NoDescriptors);
-    }
-    if let Some(index) = req.descriptors.iter().position(|d| d.entries.is_empty()) {
-        return Err(RequestError::EmptyDescriptor { index });
-    }
-    Ok(())
 }

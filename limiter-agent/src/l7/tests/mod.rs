@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::plan::Limit;
-use crate::plan::l7::{Algorithm, Attribute, DEFAULT_DOMAIN, EntryMatch, EntryValue, L7Target, Scope, keys};
+use crate::plan::l7::{Algorithm, Attribute, DEFAULT_DOMAIN, EntryMatch, EntryValue, L7Rule, L7Target, Scope, keys};
 
 /// Unix time at the base instant: a whole minute (1_700_000_040 = 28_333_334 × 60).
 const UNIX_AT_BASE: u64 = 1_700_000_040;

@@ -1,0 +1,175 @@
+//! The Envoy `rate_limits` actions a gateway needs so that the descriptors it sends match the
+//! L7 rules: one list per RLS domain and targets, printed as YAML or JSON.
+
+use std::io::Write;
+
+use serde_json::{Map, Value, json};
+
+use super::table::targets_text;
+use crate::plan::l7::keys;
+use crate::plan::{Attribute, EntryValue, L7Rule, L7Target};
+
+/// One Envoy action producing one descriptor entry, with a note when its source is assumed.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Action {
+    pub(super) action: Value,
+    pub(super) note: Option<String>,
+}
+
+/// The `rate_limits` entry for one descriptor: its actions and the rules it serves.
+#[derive(Debug)]
+struct Descriptor {
+    actions: Vec<Action>,
+    rules: Vec<String>,
+}
+
+/// The `rate_limits` of one domain and set of targets.
+#[derive(Debug)]
+pub(super) struct Group {
+    domain: String,
+    targets: Vec<L7Target>,
+    descriptors: Vec<Descriptor>,
+}
+
+pub(super) fn action_groups(rules: &[L7Rule]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for r in rules {
+        let actions: Vec<Action> = r.entries.iter().map(entry_action).collect();
+        if actions.is_empty() {
+            continue;
+        }
+        let pos = groups.iter().position(|g| g.domain == r.domain && g.targets == r.targets);
+        let group = match pos {
+            Some(i) => &mut groups[i],
+            None => {
+                groups.push(Group { domain: r.domain.clone(), targets: r.targets.clone(), descriptors: Vec::new() });
+                let last = groups.len() - 1;
+                &mut groups[last]
+            }
+        };
+        // Rules reached by the same descriptor (e.g. a key-only limit and an exact override)
+        // share one `rate_limits` entry.
+        match group.descriptors.iter_mut().find(|d| d.actions == actions) {
+            Some(d) => d.rules.push(r.name.clone()),
+            None => group.descriptors.push(Descriptor { actions, rules: vec![r.name.clone()] }),
+        }
+    }
+    groups
+}
+
+pub(super) fn entry_action(e: &crate::plan::EntryMatch) -> Action {
+    let exact = match &e.value {
+        EntryValue::Exact(v) => Some(v.as_str()),
+        _ => None,
+    };
+    let known = |action: Value| Action { action, note: None };
+    let key_if = |m: &mut Map<String, Value>, default: &str| {
+        if e.key != default {
+            m.insert("descriptor_key".into(), json!(e.key));
+        }
+    };
+    match &e.attribute {
+        Attribute::Fixed => {
+            let mut m = Map::new();
+            key_if(&mut m, keys::GENERIC_KEY);
+            match exact {
+                Some(v) => {
+                    m.insert("descriptor_value".into(), json!(v));
+                    known(json!({ "generic_key": m }))
+                }
+                None => {
+                    m.insert("descriptor_value".into(), json!("..."));
+                    Action {
+                        action: json!({ "generic_key": m }),
+                        note: Some(format!("any constant value of {}", e.key)),
+                    }
+                }
+            }
+        }
+        Attribute::RemoteAddress => known(json!({ "remote_address": {} })),
+        Attribute::Header(name) => {
+            known(json!({ "request_headers": { "header_name": name, "descriptor_key": e.key } }))
+        }
+        Attribute::Path => known(json!({ "request_headers": { "header_name": ":path", "descriptor_key": e.key } })),
+        Attribute::Method => known(json!({ "request_headers": { "header_name": ":method", "descriptor_key": e.key } })),
+        Attribute::HeaderEquals { name, value } | Attribute::HeaderNotEquals { name, value } => {
+            let mut m = Map::new();
+            key_if(&mut m, keys::HEADER_MATCH);
+            m.insert("descriptor_value".into(), json!(exact.unwrap_or_default()));
+            if matches!(e.attribute, Attribute::HeaderNotEquals { .. }) {
+                m.insert("expect_match".into(), json!(false));
+            }
+            m.insert("headers".into(), json!([{ "name": name, "string_match": { "exact": value } }]));
+            known(json!({ "header_value_match": m }))
+        }
+        Attribute::HeaderAbsent(name) => {
+            let mut m = Map::new();
+            key_if(&mut m, keys::HEADER_MATCH);
+            m.insert("descriptor_value".into(), json!(exact.unwrap_or_default()));
+            m.insert("expect_match".into(), json!(false));
+            m.insert("headers".into(), json!([{ "name": name, "present_match": true }]));
+            known(json!({ "header_value_match": m }))
+        }
+        // An envoyproxy/ratelimit config entry whose origin no policy gave: the usual action
+        // for its key.
+        Attribute::Descriptor => match (e.key.as_str(), exact) {
+            (keys::REMOTE_ADDRESS, _) => known(json!({ "remote_address": {} })),
+            (_, Some(v)) => {
+                let mut m = Map::new();
+                key_if(&mut m, keys::GENERIC_KEY);
+                m.insert("descriptor_value".into(), json!(v));
+                known(json!({ "generic_key": m }))
+            }
+            (keys::PATH, None) => Action {
+                action: json!({ "request_headers": { "header_name": ":path", "descriptor_key": e.key } }),
+                note: Some("assumed: the request path".into()),
+            },
+            (key, None) => Action {
+                action: json!({ "request_headers": { "header_name": key, "descriptor_key": key } }),
+                note: Some(format!("assumed: the value of header {key}; any action sending key {key} will do")),
+            },
+        },
+    }
+}
+
+impl Group {
+    pub(super) fn to_json(&self) -> Value {
+        json!({
+            "domain": self.domain,
+            "targets": targets_text(&self.targets),
+            "rate_limits": self.descriptors.iter().map(|d| json!({
+                "rules": d.rules,
+                "actions": d.actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    pub(super) fn write_yaml(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "---")?;
+        writeln!(out, "# domain: {}; {}", self.domain, targets_text(&self.targets))?;
+        writeln!(out, "rate_limits:")?;
+        for d in &self.descriptors {
+            writeln!(out, "  # {}", d.rules.join(", "))?;
+            writeln!(out, "  - actions:")?;
+            for a in &d.actions {
+                let note = a.note.as_ref().map(|n| format!("  # {n}")).unwrap_or_default();
+                writeln!(out, "      - {}{note}", flow(&a.action))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A JSON value as a YAML flow node: keys bare (they are Envoy field names), strings
+/// double-quoted (JSON's escapes are YAML's), so the output is valid YAML whatever a value
+/// holds.
+pub(super) fn flow(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let items: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {}", flow(v))).collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        Value::Array(a) => format!("[{}]", a.iter().map(flow).collect::<Vec<_>>().join(", ")),
+        other => other.to_string(),
+    }
+}

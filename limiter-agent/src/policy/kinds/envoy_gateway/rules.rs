@@ -1,0 +1,240 @@
+//! The rate limit rules of a `BackendTrafficPolicy` (shared with TEG's `RateLimitFilter`):
+//! `rateLimit` with its `local` / `global` blocks, each rule's name, limit and `shadowMode`,
+//! and Envoy Gateway's units. A rule's `clientSelectors` are read in [`super::selectors`].
+
+use std::collections::HashMap;
+
+use super::selectors::{Selector, selector};
+use crate::plan::{Limit, Unit};
+use crate::policy::error::{ErrorKind, FieldError};
+use crate::policy::kinds::ratelimit_config::{Node, Reader};
+use crate::policy::model::{At, Count, Located, Mode, Rule, Scope};
+use crate::policy::spec::{S, pos_of};
+use crate::policy::validate::{name_problem, parse_unit};
+
+const NS_PER_DAY: u64 = 86_400 * 1_000_000_000;
+
+/// Rules read so far: names must be unique in the policy; unnamed rules are numbered.
+#[derive(Default)]
+pub(in crate::policy::kinds) struct Rules {
+    pub out: Vec<Rule>,
+    /// Rules read with `shadowMode: true`, and where that was written.
+    shadow: Vec<(String, At)>,
+    /// Rule name → line it was first used on.
+    seen: HashMap<String, u64>,
+    /// Rules read so far, kept or not: the next unnamed rule is `rule-{next}`.
+    next: usize,
+}
+
+impl Rules {
+    /// Envoy Gateway's per-rule `shadowMode` (count, never deny). When every rule has it the
+    /// policy runs in `Shadow` mode, which means exactly that; otherwise the shadow rules are
+    /// dropped with a warning, since enforcing them would deny what the gateway only counts.
+    pub fn apply_shadow_mode(&mut self, r: &mut Reader, mode: &mut Mode) {
+        if self.shadow.is_empty() {
+            return;
+        }
+        if self.shadow.len() == self.out.len() {
+            *mode = Mode::Shadow;
+            return;
+        }
+        for (name, at) in self.shadow.drain(..) {
+            let value = format!(
+                "not enforced: rule {name} is in shadow mode beside enforced rules; this agent shadows whole \
+                 policies only (the rule is dropped)"
+            );
+            self.out.retain(|rule| rule.name != name);
+            r.warnings.push(Located { value, at });
+        }
+    }
+
+    /// Claims `name` for the rule at `n`; false (and an error) when it is already taken.
+    pub fn claim(&mut self, r: &mut Reader, name: &str, n: &S<Node>, field: &str) -> bool {
+        if let Some(first_line) = self.seen.get(name) {
+            let err = ErrorKind::DuplicateRule { name: name.to_owned(), first_line: *first_line };
+            r.errors.push(FieldError::new(pos_of(n), field, err));
+            return false;
+        }
+        self.seen.insert(name.to_owned(), pos_of(n).line);
+        true
+    }
+}
+
+/// `rateLimit` of a `BackendTrafficPolicy`, or the whole `spec` of a `RateLimitFilter`:
+/// `type`, `local`, `global`; any other key is unknown.
+pub(in crate::policy::kinds) fn rate_limit(r: &mut Reader, n: &S<Node>, field: &str, rules: &mut Rules) {
+    let Some(entries) = r.map(n, field) else { return };
+    let (mut declared, mut local, mut global) = (None, None, None);
+    let mut type_ok = true;
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        match k.as_str() {
+            "type" => match r.opt_string(v, &f) {
+                None => type_ok = v.value.is_null(),
+                Some(t) if t.eq_ignore_ascii_case("local") => declared = Some(Scope::Local),
+                Some(t) if t.eq_ignore_ascii_case("global") => declared = Some(Scope::Global),
+                Some(t) => {
+                    let err = ErrorKind::UnknownValue { what: "type", value: t, expected: "Global or Local" };
+                    r.errors.push(FieldError::new(pos_of(v), f, err));
+                    type_ok = false;
+                }
+            },
+            "local" => local = Some(v),
+            "global" => global = Some(v),
+            _ => r.unknown_field(v, &f),
+        }
+    }
+    if !type_ok {
+        return;
+    }
+    for (scope, block, key) in [(Scope::Local, local, "local"), (Scope::Global, global, "global")] {
+        let f = format!("{field}.{key}");
+        match (declared, block) {
+            (Some(d), None) if d == scope => r.missing(n, field, key),
+            (Some(d), Some(v)) if d != scope => {
+                r.warn(v, &f, "not enforced: ignored because `type` selects the other block");
+            }
+            (_, Some(v)) => rule_block(r, v, &f, scope, rules),
+            (_, None) => {}
+        }
+    }
+}
+
+/// `{rules: [...]}`.
+fn rule_block(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rules) {
+    let Some(entries) = r.map(n, field) else { return };
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        if k != "rules" {
+            r.unknown_field(v, &f);
+            continue;
+        }
+        let Some(items) = r.seq(v, &f) else { continue };
+        for (i, item) in items.iter().enumerate() {
+            rule(r, item, &format!("{f}[{i}]"), scope, rules);
+        }
+    }
+}
+
+fn rule(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rules) {
+    let index = rules.next;
+    rules.next += 1;
+    let Some(entries) = r.map(n, field) else { return };
+    let before = r.errors.len();
+    let (mut name, mut limit, mut has_limit) = (None, None, false);
+    let mut shadow = None;
+    let mut selectors = Vec::new();
+    let mut enforceable = true;
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        match k.as_str() {
+            "name" => {
+                if let Some(s) = r.string(v, &f) {
+                    if let Some(reason) = name_problem(&s) {
+                        let err = ErrorKind::InvalidName { name: s.clone(), reason };
+                        r.errors.push(FieldError::new(pos_of(v), &f, err));
+                    }
+                    name = Some((s, v, f));
+                }
+            }
+            "clientSelectors" => {
+                let Some(items) = r.seq(v, &f) else { continue };
+                for (i, item) in items.iter().enumerate() {
+                    match selector(r, item, &format!("{f}[{i}]")) {
+                        Selector::Ok(s) => selectors.push(s),
+                        Selector::Unenforceable => enforceable = false,
+                        Selector::Invalid => {}
+                    }
+                }
+            }
+            "limit" => {
+                has_limit = true;
+                limit = read_limit(r, v, &f);
+            }
+            "cost" | "shared" => r.warn(v, &f, "not enforced: every request counts once, per node or shared as scoped"),
+            "shadowMode" => {
+                if r.opt_bool(v, &f) == Some(true) {
+                    shadow = Some(At::new(pos_of(v), &f));
+                }
+            }
+            _ => r.unknown_field(v, &f),
+        }
+    }
+    if !has_limit {
+        r.missing(n, field, "limit");
+    }
+    let name = match name {
+        Some((s, v, f)) => rules.claim(r, &s, v, &f).then_some(s),
+        None => {
+            let s = format!("rule-{index}");
+            rules.claim(r, &s, n, field).then_some(s)
+        }
+    };
+    if r.errors.len() > before {
+        return;
+    }
+    let (Some(name), Some(limit)) = (name, limit) else { return };
+    if !enforceable {
+        r.warn(n, field, &format!("not enforced: rule {name} selects on a condition this agent cannot match"));
+        return;
+    }
+    if let Some(at) = shadow {
+        rules.shadow.push((name.clone(), at));
+    }
+    rules.out.push(Rule {
+        name,
+        scope,
+        selectors,
+        count: Count::Requests,
+        limit,
+        kernel_guard: true,
+        at: At::new(pos_of(n), field),
+    });
+}
+
+/// `{requests, unit}`.
+fn read_limit(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Limit> {
+    let entries = r.map(n, field)?;
+    let (mut requests, mut unit, mut has) = (None, None, (false, false));
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        match k.as_str() {
+            "requests" => {
+                has.0 = true;
+                requests = r.int_in(v, &f, 1, i64::MAX).and_then(|x| u64::try_from(x).ok());
+            }
+            "unit" => {
+                has.1 = true;
+                unit = r.string(v, &f).and_then(|s| match eg_unit(&s) {
+                    Some(u) => Some(u),
+                    None => {
+                        r.errors.push(FieldError::new(pos_of(v), f, ErrorKind::UnknownUnit { value: s }));
+                        None
+                    }
+                });
+            }
+            _ => r.unknown_field(v, &f),
+        }
+    }
+    if !has.0 {
+        r.missing(n, field, "requests");
+    }
+    if !has.1 {
+        r.missing(n, field, "unit");
+    }
+    Some(Limit { requests: requests?, unit: unit?, burst: 0 })
+}
+
+/// The native units plus Envoy Gateway's `Month` and `Year` (30 and 365 days, as Envoy's
+/// rate limit service counts them).
+fn eg_unit(s: &str) -> Option<Unit> {
+    if let Some(u) = parse_unit(s) {
+        return Some(u);
+    }
+    let lower = s.trim().to_ascii_lowercase();
+    match lower.strip_suffix('s').unwrap_or(&lower) {
+        "month" => Some(Unit::Interval { ns: 30 * NS_PER_DAY }),
+        "year" => Some(Unit::Interval { ns: 365 * NS_PER_DAY }),
+        _ => None,
+    }
+}

@@ -1,0 +1,248 @@
+//! How the backend decides one `ShouldRateLimit` request: which descriptors need Redis (the
+//! rest are answered here, or by the in-process engine for node-local rules), the windows and
+//! keys, judging each counter after its increment, the over-limit negative cache, and the
+//! failure-mode answers.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{FailureMode, Inner, RedisBackend};
+use crate::l7::RequestDescriptor;
+use crate::l7::{Code, DescriptorStatus, Engine, Match, ReportedLimit, RequestError, RlsRequest, RlsResponse};
+use crate::plan::Unit;
+use crate::plan::l7::Scope;
+
+/// One descriptor's plan for this request.
+pub(super) enum Step {
+    /// Nothing to count: answer this status as is.
+    Done(DescriptorStatus),
+    /// Count in Redis (one INCRBY + EXPIRE in the request's pipeline).
+    Count { key: String, hits: u32, limit: ReportedLimit, shadow: bool, window_end: u64, reset: Duration },
+}
+
+impl RedisBackend {
+    /// Decides one `ShouldRateLimit` request: matching through [`Engine::lookup`] (the same
+    /// rules, `replaces`, `unlimited`, shadow mode and `hits_addend` as the local engine),
+    /// counting in Redis. `now` is wall-clock time: windows are aligned to the unix epoch so
+    /// that every node and the reference service agree on them.
+    pub async fn should_rate_limit(
+        &self,
+        engine: &Engine,
+        req: &RlsRequest,
+        now: SystemTime,
+    ) -> Result<RlsResponse, RequestError> {
+        validate(req)?;
+        let unix_now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let steps = self.plan(engine, req, unix_now);
+
+        let counted = steps.iter().filter(|s| matches!(s, Step::Count { .. })).count();
+        let replies = if counted == 0 { Ok(Vec::new()) } else { self.inner.round_trip(&steps).await };
+
+        let mut statuses = Vec::with_capacity(steps.len());
+        let mut replies = match replies {
+            Ok(values) => Some(values.into_iter()),
+            Err(()) => None,
+        };
+        for step in steps {
+            statuses.push(match step {
+                Step::Done(status) => status,
+                Step::Count { key, hits: _, limit, shadow, window_end, reset } => {
+                    match replies.as_mut().and_then(Iterator::next) {
+                        Some(after) => self.inner.judge(key, after, limit, shadow, (unix_now, window_end), reset),
+                        None => self.inner.failure_status(limit, shadow, reset),
+                    }
+                }
+            });
+        }
+        let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) { Code::OverLimit } else { Code::Ok };
+        Ok(RlsResponse { overall, statuses })
+    }
+
+    /// Matches every descriptor and decides which ones need Redis.
+    fn plan(&self, engine: &Engine, req: &RlsRequest, unix_now: u64) -> Vec<Step> {
+        let matches: Vec<Option<Match>> =
+            req.descriptors.iter().map(|d| engine.lookup(&req.domain, &d.entries)).collect();
+        // `replaces` as envoyproxy/ratelimit applies it: a rule named in the `replaces` of any
+        // rule matched by this request is dropped from this request.
+        let replaced: Vec<&str> =
+            matches.iter().flatten().flat_map(|m| m.rule.replaces.iter().map(String::as_str)).collect();
+        let request_hits = req.hits_addend.max(1);
+
+        let mut steps = Vec::with_capacity(matches.len());
+        for (descriptor, found) in req.descriptors.iter().zip(&matches) {
+            let Some(found) = found else {
+                steps.push(Step::Done(no_limit_status(None, 0)));
+                continue;
+            };
+            let rule = &found.rule;
+            if replaced.contains(&rule.name.as_str()) {
+                steps.push(Step::Done(no_limit_status(None, 0)));
+                continue;
+            }
+            if rule.scope == Scope::Local {
+                steps.push(Step::Done(decide_locally(engine, req, descriptor)));
+                continue;
+            }
+            let Some(limit) = rule.limit else {
+                // `unlimited`: OK, no limit, remaining reported as the reference does.
+                steps.push(Step::Done(no_limit_status(Some(rule.name.clone()), u32::MAX)));
+                continue;
+            };
+            let window = window_seconds(limit.unit);
+            let window_start = unix_now / window * window;
+            let window_end = window_start + window;
+            let reset = Duration::from_secs(window_end - unix_now);
+            let reported = ReportedLimit {
+                name: rule.name.clone(),
+                requests_per_unit: u32::try_from(limit.requests).unwrap_or(u32::MAX),
+                unit: limit.unit,
+            };
+            let key = format!("{}{}{window_start}", self.inner.config.key_prefix, found.cache_key_prefix);
+            if self.inner.negative_hit(&key, unix_now) {
+                self.inner.stats.negative_cache_hits.fetch_add(1, Ordering::Relaxed);
+                steps.push(Step::Done(over_limit_status(reported, rule.shadow, reset)));
+                continue;
+            }
+            let hits = descriptor.hits_addend.unwrap_or(request_hits);
+            steps.push(Step::Count { key, hits, limit: reported, shadow: rule.shadow, window_end, reset });
+        }
+        steps
+    }
+}
+
+/// A node-local rule's answer from the in-process engine: the descriptor alone, as a request of
+/// its own (`replaces` across the request was applied by the caller already).
+fn decide_locally(engine: &Engine, req: &RlsRequest, descriptor: &RequestDescriptor) -> DescriptorStatus {
+    let single =
+        RlsRequest { domain: req.domain.clone(), descriptors: vec![descriptor.clone()], hits_addend: req.hits_addend };
+    match engine.should_rate_limit(&single, std::time::Instant::now()) {
+        Ok(mut resp) if !resp.statuses.is_empty() => resp.statuses.swap_remove(0),
+        // The whole request was validated before planning; a descriptor of it cannot fail.
+        _ => no_limit_status(None, 0),
+    }
+}
+
+impl Inner {
+    /// Status of a counted descriptor from its counter after the increment.
+    fn judge(
+        &self,
+        key: String,
+        after: i64,
+        limit: ReportedLimit,
+        shadow: bool,
+        (unix_now, window_end): (u64, u64),
+        reset: Duration,
+    ) -> DescriptorStatus {
+        let allowed = i64::from(limit.requests_per_unit);
+        if after > allowed {
+            self.remember_over_limit(key, unix_now, window_end);
+            return over_limit_status(limit, shadow, reset);
+        }
+        let remaining = u32::try_from(allowed - after.max(0)).unwrap_or(0);
+        DescriptorStatus {
+            code: Code::Ok,
+            rule: Some(limit.name.clone()),
+            limit: Some(limit),
+            limit_remaining: remaining,
+            duration_until_reset: reset,
+            shadow_over_limit: false,
+        }
+    }
+
+    fn failure_status(&self, limit: ReportedLimit, shadow: bool, reset: Duration) -> DescriptorStatus {
+        self.stats.failure_mode_answers.fetch_add(1, Ordering::Relaxed);
+        match self.config.failure_mode {
+            FailureMode::FailOpen => no_limit_status(Some(limit.name), 0),
+            FailureMode::FailClosed => over_limit_status(limit, shadow, reset),
+        }
+    }
+
+    fn negative_hit(&self, key: &str, unix_now: u64) -> bool {
+        let Ok(mut cache) = self.negative.lock() else { return false };
+        match cache.get(key) {
+            Some(&window_end) if window_end > unix_now => true,
+            Some(_) => {
+                cache.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_over_limit(&self, key: String, unix_now: u64, window_end: u64) {
+        let Ok(mut cache) = self.negative.lock() else { return };
+        if cache.len() >= self.config.negative_cache_capacity && !cache.contains_key(&key) {
+            // Purge only when full: the purge walks the whole map, once per fill-up.
+            cache.retain(|_, end| *end > unix_now);
+            if cache.len() >= self.config.negative_cache_capacity {
+                return;
+            }
+        }
+        cache.insert(key, window_end);
+    }
+}
+
+/// Whole seconds of one window: the reference's unit divider, and at least one second for
+/// custom intervals (the resolution of its keys).
+pub(super) fn window_seconds(unit: Unit) -> u64 {
+    match unit {
+        Unit::Second => 1,
+        Unit::Minute => 60,
+        Unit::Hour => 3_600,
+        Unit::Day => 86_400,
+        Unit::Interval { ns } => ns.div_ceil(1_000_000_000).max(1),
+    }
+}
+
+/// The checks the local engine makes before matching, so both backends reject the same
+/// requests with the same errors.
+fn validate(req: &RlsRequest) -> Result<(), RequestError> {
+    if req.domain.is_empty() {
+        return Err(RequestError::EmptyDomain);
+    }
+    if req.descriptors.is_empty() {
+        return Err(RequestError::NoDescriptors);
+    }
+    if let Some(index) = req.descriptors.iter().position(|d| d.entries.is_empty()) {
+        return Err(RequestError::EmptyDescriptor { index });
+    }
+    Ok(())
+}
+
+fn no_limit_status(rule: Option<String>, remaining: u32) -> DescriptorStatus {
+    DescriptorStatus {
+        code: Code::Ok,
+        limit: None,
+        limit_remaining: remaining,
+        duration_until_reset: Duration::ZERO,
+        rule,
+        shadow_over_limit: false,
+    }
+}
+
+fn over_limit_status(limit: ReportedLimit, shadow: bool, reset: Duration) -> DescriptorStatus {
+    DescriptorStatus {
+        code: if shadow { Code::Ok } else { Code::OverLimit },
+        rule: Some(limit.name.clone()),
+        limit: Some(limit),
+        limit_remaining: 0,
+        duration_until_reset: reset,
+        shadow_over_limit: shadow,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_lengths_match_the_reference_dividers() {
+        assert_eq!(window_seconds(Unit::Second), 1);
+        assert_eq!(window_seconds(Unit::Minute), 60);
+        assert_eq!(window_seconds(Unit::Hour), 3600);
+        assert_eq!(window_seconds(Unit::Day), 86400);
+        assert_eq!(window_seconds(Unit::Interval { ns: 250_000_000 }), 1);
+        assert_eq!(window_seconds(Unit::Interval { ns: 10_000_000_000 }), 10);
+        assert_eq!(window_seconds(Unit::Interval { ns: 10_500_000_000 }), 11);
+    }
+}
