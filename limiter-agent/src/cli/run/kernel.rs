@@ -1,0 +1,115 @@
+//! The XDP half of a running agent: load the program, apply the plan and attach at start,
+//! housekeeping at each stats tick, escalated sources into the block list, detach at exit.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use log::{error, info, warn};
+
+use super::{RunArgs, stats::stats_line};
+use crate::{
+    control::Control,
+    dataplane::{Dataplane, LoadOptions, Stats},
+    metrics::{Metrics, PolicyLabels},
+    plan::KernelPlan,
+    rls::escalation::BlockOrder,
+};
+
+/// The XDP half of a running agent.
+pub(super) struct Kernel {
+    pub(super) dp: Dataplane,
+    last: Stats,
+    last_at: Instant,
+}
+
+/// Loads the XDP program, applies the kernel plan and attaches to every interface.
+pub(super) fn start_kernel(
+    args: &RunArgs,
+    plan: &KernelPlan,
+    mut control: Option<&mut Control>,
+) -> anyhow::Result<Kernel> {
+    let options = LoadOptions {
+        source_entries: args.source_entries,
+        ipv6_source_prefix: args.ipv6_source_prefix,
+        drop_unparsed: args.drop_unparsed,
+        debug_log: args.debug_log,
+    };
+    let mut dp = Dataplane::load(options).context("loading the XDP program")?;
+    let applied = dp.apply(plan).context("applying the policy to the kernel maps")?;
+    info!(
+        "policy applied: {} kernel rules ({} slots, {} port lists), {} allow and {} deny entries",
+        applied.rules, applied.rule_slots, applied.port_lists, applied.allow, applied.deny
+    );
+    for iface in &args.ifaces {
+        let mode = dp.attach(iface, args.xdp_mode).with_context(|| {
+            format!("attaching to {iface}: check the name with `ip link`, or try --xdp-mode generic")
+        })?;
+        info!("attached to {iface} in {mode} mode");
+        if let Some(control) = control.as_deref_mut() {
+            control.attached(iface, mode);
+        }
+    }
+    let last = dp.stats().context("reading counters")?;
+    Ok(Kernel { dp, last, last_at: Instant::now() })
+}
+
+impl Kernel {
+    /// Housekeeping of a stats tick; returns the kernel's stats line.
+    pub(super) fn stats_tick(&mut self) -> Option<String> {
+        self.dp.flush_log();
+        if let Err(e) = self.dp.expire_blocks() {
+            warn!("expiring block-list entries: {e}");
+        }
+        match self.dp.stats() {
+            Ok(now) => {
+                let line = stats_line(&self.last, &now, self.last_at.elapsed());
+                self.last = now;
+                self.last_at = Instant::now();
+                Some(line)
+            }
+            Err(e) => {
+                warn!("reading counters: {e}");
+                None
+            }
+        }
+    }
+
+    pub(super) fn detach(self, ifaces: &[String]) {
+        let Kernel { dp, .. } = self;
+        dp.log_summary();
+        let stats = dp.stats().ok();
+        drop(dp);
+        info!("detached from {}", ifaces.join(", "));
+        if let Some(stats) = stats {
+            for (name, c) in &stats.rules {
+                info!(
+                    "rule {name}: passed {} dropped {} shadow-dropped {} packets",
+                    c.passed.packets, c.dropped.packets, c.shadow_dropped.packets
+                );
+            }
+        }
+    }
+}
+
+/// Puts an escalated source in the XDP block list.
+pub(super) fn escalate(dp: &mut Dataplane, order: &BlockOrder, metrics: &Metrics) {
+    match dp.block(order.addr, order.duration) {
+        Ok(()) => {
+            warn!(
+                "escalation: {} blocked in XDP for {:?}: {} denials within {:?} (policy {})",
+                order.addr, order.duration, order.denials, order.within, order.policy
+            );
+            metrics.escalations.inc(&PolicyLabels { policy: order.policy.clone() });
+        }
+        Err(e) => error!("escalation: blocking {} (policy {}) failed: {e:#}", order.addr, order.policy),
+    }
+}
+
+/// Refuses to start without root, with a hint, rather than failing deep in a syscall.
+pub fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("limiter-agent run needs root (CAP_BPF and CAP_NET_ADMIN): rerun with sudo");
+    }
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! `limiter-agent run`: load the XDP program, apply the policy, attach; serve the Envoy rate
+//! limit service and the metrics endpoint; reload on change; report; detach.
+//!
+//! Start-up order is chosen so that a failure leaves nothing behind: the policy is compiled
+//! first, then the rate limit service and metrics bind their ports (the usual failure: a port
+//! in use), and only then is XDP loaded and attached. Shutdown (SIGINT/SIGTERM) reverses it:
+//! the servers stop accepting and finish calls in flight, then XDP is detached.
+//!
+//! - `args`: the command line (`RunArgs`, `RlsArgs`).
+//! - `reload`: loading the policy set and reloading it while running.
+//! - `kernel`: the XDP half: load, attach, stats tick, escalation, detach.
+//! - `nodes`: the Redis node set and this node's share of `global` kernel rules.
+//! - `stats`: the stats line logged at each `--stats-interval`.
+
+mod args;
+mod kernel;
+mod nodes;
+mod reload;
+mod stats;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use log::{info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+pub use self::{
+    args::{BackendKind, RlsArgs, RunArgs, parse_duration},
+    kernel::require_root,
+    reload::{load_compiled, load_plan},
+    stats::{rls_stats, stats_line},
+};
+use self::{
+    kernel::{Kernel, escalate, start_kernel},
+    nodes::{join_nodes, next_nodes, reshare},
+    reload::{ReloadCounts, reload},
+};
+use crate::{
+    control::{Control, RlsSource},
+    l7::{Engine, EngineConfig},
+    metrics::{self, Metrics},
+    plan::{KernelPlan, L7Plan},
+    rls::{
+        self, Backend, RateLimiter, RlsConfig,
+        escalation::{BlockOrder, ClientAddress, EscalationConfig, Escalator, Penalties},
+        redis::{RedisBackend, RedisConfig},
+    },
+    sync,
+    watch::PolicyWatcher,
+};
+
+/// What is in force, to tell a changed policy set from an unchanged one.
+#[derive(Debug)]
+struct InForce {
+    /// The compiled kernel plan, before global rules are split into this node's share.
+    plan: KernelPlan,
+    /// Live nodes sharing the global kernel rules (1 without membership).
+    nodes: u64,
+    l7: L7Plan,
+    penalties: Penalties,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.ifaces.is_empty() && args.rls.no_rls {
+        bail!("nothing to run: give --iface to shield interfaces, or drop --no-rls to serve the rate limit service");
+    }
+    let compiled = load_compiled(&args.policies).context("the policy has errors; nothing was started")?;
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // The rate limit service first: binding its ports is what usually fails, and nothing is
+    // attached yet when it does.
+    let engine = Arc::new(Engine::new(compiled.l7.clone(), EngineConfig { max_keys: args.rls.l7_max_keys }));
+    metrics.watch_engine(Arc::clone(&engine));
+    let backend = match args.rls.rls_backend {
+        BackendKind::Local => Backend::Local,
+        BackendKind::Redis => {
+            let config = RedisConfig {
+                failure_mode: args.rls.redis_failure_mode,
+                key_prefix: args.rls.redis_key_prefix.clone(),
+                response_timeout: args.rls.redis_timeout,
+                ..RedisConfig::default()
+            };
+            let redis = RedisBackend::connect(&args.rls.redis_url, config).await.context("--redis-url")?;
+            metrics.watch_redis(redis.clone());
+            Backend::Redis(redis)
+        }
+    };
+    // Escalation needs the kernel's block list: with no interface there is none.
+    let (orders_tx, mut orders_rx) = mpsc::channel::<BlockOrder>(1024);
+    let penalties = Penalties::of(&compiled);
+    let escalation = if args.ifaces.is_empty() {
+        if !penalties.policies.is_empty() {
+            warn!("escalation is off: penalties need the XDP block list, and no --iface was given");
+        }
+        None
+    } else {
+        let client_address = match &args.rls.client_ip_header {
+            Some(name) => ClientAddress::Header { name: name.clone(), trusted_hops: args.rls.trusted_hops },
+            None => ClientAddress::RemoteAddress,
+        };
+        let config =
+            EscalationConfig { client_address, ipv6_prefix: args.ipv6_source_prefix, ..EscalationConfig::default() };
+        Some(Arc::new(Escalator::new(config, penalties.clone(), orders_tx)))
+    };
+    let limiter = Arc::new(
+        RateLimiter::new(engine, backend.clone(), Arc::clone(&metrics), escalation, args.rls.rls_max_in_flight)
+            .with_allowed_callers(args.rls.rls_allow_callers.clone()),
+    );
+    let mut servers: Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    let mut rls_addr = None;
+    if !args.rls.no_rls {
+        let config = RlsConfig {
+            listen: args.rls.rls_listen,
+            max_in_flight: args.rls.rls_max_in_flight,
+            ..RlsConfig::default()
+        };
+        let running = rls::serve(&config, Arc::clone(&limiter), shutdown_rx.clone())
+            .await
+            .context("starting the rate limit service: pick another --rls-listen, or --no-rls")?;
+        info!("rate limit service: {} L7 rules, backend {backend:?}, on {}", compiled.l7.rules.len(), running.addr);
+        rls_addr = Some(running.addr);
+        let task = running.task;
+        servers.push(("rate limit service", tokio::spawn(async move { Ok(task.await??) })));
+    }
+    if !args.rls.no_metrics {
+        let (_, task) = metrics::serve(args.rls.metrics_listen, Arc::clone(&metrics), shutdown_rx.clone())
+            .await
+            .context("starting the metrics endpoint: pick another --metrics-listen, or --no-metrics")?;
+        servers.push(("metrics", tokio::spawn(async move { Ok(task.await?) })));
+    }
+
+    let rls_source = RlsSource {
+        limiter: Arc::clone(&limiter),
+        backend,
+        metrics: Arc::clone(&metrics),
+        serving: rls_addr,
+        l7_max_keys: args.rls.l7_max_keys,
+    };
+    let mut control = open_control(&args)?;
+    let (nodes, mut nodes_rx) = join_nodes(&args, &compiled.plan, &shutdown_rx, &mut servers).await?;
+    let mut kernel = if args.ifaces.is_empty() {
+        info!("no --iface: no XDP program; serving the rate limit service only");
+        None
+    } else {
+        Some(start_kernel(&args, &sync::shared_plan(&compiled.plan, nodes), control.as_mut())?)
+    };
+    let mut in_force = InForce { plan: compiled.plan, nodes, l7: compiled.l7, penalties };
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut watcher = PolicyWatcher::new(&args.policies);
+    let mut watch_tick = tokio::time::interval(args.watch_interval);
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reloads = ReloadCounts::default();
+    let mut tick = tokio::time::interval(args.stats_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut control_tick = tokio::time::interval(Duration::from_secs(1));
+    control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rls = rls_source.read();
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sighup.recv() => {
+                watcher.mark_applied();
+                let outcome = reload(kernel.as_mut().map(|k| &mut k.dp), &limiter, &mut in_force, &args.policies, "SIGHUP");
+                reloads.record(outcome, &metrics);
+            }
+            _ = watch_tick.tick(), if !args.no_watch => {
+                if watcher.poll() {
+                    let why = "policy files changed";
+                    let outcome = reload(kernel.as_mut().map(|k| &mut k.dp), &limiter, &mut in_force, &args.policies, why);
+                    reloads.record(outcome, &metrics);
+                }
+            }
+            Some(n) = next_nodes(&mut nodes_rx) => {
+                if let Some(k) = kernel.as_mut() {
+                    reshare(&mut k.dp, &mut in_force, n);
+                }
+            }
+            Some(order) = orders_rx.recv() => {
+                if let Some(k) = kernel.as_mut() {
+                    escalate(&mut k.dp, &order, &metrics);
+                }
+            }
+            _ = control_tick.tick(), if control.is_some() => {
+                if let Some(c) = control.as_mut() {
+                    c.refresh(kernel.as_ref().map(|k| &k.dp), reloads.control(), rls_source.read());
+                }
+            }
+            _ = tick.tick() => {
+                // A share that failed to apply is retried here until it holds.
+                if let (Some(k), Some(rx)) = (kernel.as_mut(), nodes_rx.as_ref()) {
+                    let n = *rx.borrow();
+                    reshare(&mut k.dp, &mut in_force, n);
+                }
+                if let Some(escalator) = limiter.escalation() {
+                    escalator.sweep(Instant::now());
+                }
+                let rls_now = rls_source.read();
+                if let Some(c) = control.as_mut() {
+                    c.refresh(kernel.as_ref().map(|k| &k.dp), reloads.control(), rls_now.clone());
+                }
+                let kernel_line = kernel.as_mut().and_then(Kernel::stats_tick);
+                let rls_part = rls_now.serving.then(|| rls_stats(&last_rls, &rls_now));
+                match (kernel_line, rls_part) {
+                    (Some(line), Some(rls)) => info!("{line}; {rls}"),
+                    (Some(line), None) => info!("{line}"),
+                    (None, Some(rls)) => info!("stats: {rls}"),
+                    (None, None) => {}
+                }
+                last_rls = rls_now;
+            }
+        }
+    }
+
+    // Stop serving first (calls in flight finish), then detach.
+    let _ = shutdown_tx.send(true);
+    for (name, task) in servers {
+        match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+            Ok(Ok(Ok(()))) => info!("{name} stopped"),
+            Ok(Ok(Err(e))) => warn!("{name} ended with an error: {e:#}"),
+            Ok(Err(e)) => warn!("{name} task failed: {e}"),
+            Err(_) => warn!("{name} did not stop within {SHUTDOWN_GRACE:?}; leaving it"),
+        }
+    }
+    if let Some(k) = kernel {
+        k.detach(&args.ifaces);
+    }
+    drop(control);
+    Ok(())
+}
+
+/// Opens the control socket `top` reads. With `--iface` a failure stops the start (nothing is
+/// attached yet); serving the rate limit service only, it is a warning: that mode needs no
+/// root, and the default path (under /run) may not be writable, which must not keep the
+/// service from Envoy.
+fn open_control(args: &RunArgs) -> anyhow::Result<Option<Control>> {
+    match Control::bind(&args.control_socket) {
+        Ok(control) => Ok(Some(control)),
+        Err(e) if args.ifaces.is_empty() => {
+            warn!("no control socket, `limiter-agent top` will not reach this agent: {e} (pass --control-socket PATH)");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("opening the control socket; nothing was attached")),
+    }
+}
+
+/// How long the servers get to finish the calls in flight at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
