@@ -1,11 +1,12 @@
 //! Harness for the privileged integration tests: network namespaces and veth pairs with RAII
-//! cleanup ([`netns`]), hand-built frames ([`packet`]) and AF_PACKET sockets that send and count
-//! them ([`rawsock`]).
+//! cleanup ([`netns`]), hand-built frames ([`packet`]), AF_PACKET sockets that send and count
+//! them ([`rawsock`]), and the agent binary with scratch directories ([`agent`]).
 //!
 //! Tests need root. They never skip silently: [`require_root`] and [`require_kernel_feature`]
 //! panic with a message that says what is missing, so a run without privileges fails loudly
 //! instead of reporting green.
 
+pub mod agent;
 pub mod envoy;
 pub mod netns;
 pub mod packet;

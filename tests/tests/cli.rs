@@ -4,28 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
+use limiter_tests::agent::{TempDir, agent_binary};
 use limiter_tests::envoy::{EnvoyConfig, Route, bootstrap, envoy_binary};
 use serde_json::Value;
-
-/// Builds the agent binary once per test run (cargo does nothing if it is current) and
-/// returns its path.
-fn agent_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "limiter-agent", "--bin", "limiter-agent"])
-            .status()
-            .expect("run cargo build for limiter-agent");
-        assert!(status.success(), "building limiter-agent failed");
-        // target/<profile>/deps/cli-<hash> -> target/<profile>/limiter-agent
-        let exe = std::env::current_exe().expect("test executable path");
-        let bin = exe.parent().and_then(Path::parent).expect("target dir").join("limiter-agent");
-        assert!(bin.exists(), "{} missing after cargo build", bin.display());
-        bin
-    })
-}
 
 fn examples(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(rel)
@@ -44,30 +26,6 @@ fn agent(args: &[&str], paths: &[PathBuf]) -> Run {
         code: status.code(),
         stdout: String::from_utf8(stdout).expect("utf-8 stdout"),
         stderr: String::from_utf8(stderr).expect("utf-8 stderr"),
-    }
-}
-
-/// A temporary directory of policy files, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str, files: &[(&str, &str)]) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("limiter-cli-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        for (name, text) in files {
-            std::fs::write(dir.join(name), text).expect("write policy");
-        }
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -177,7 +135,7 @@ fn check_fails_on_any_bad_path_among_good_ones() {
 
 #[test]
 fn check_rejects_set_level_clashes_naming_both_places() {
-    let dir = TempDir::new(
+    let dir = TempDir::with_files(
         "clash",
         &[
             (
@@ -268,9 +226,11 @@ fn check_rejects_listener_map_clashes_naming_both_places() {
     };
     let eg = "  gateways:\n    - {name: eg, listeners: [{port: 443}]}\n";
     let route = "  routes:\n    - {name: api, gateways: [edge]}\n";
-    let dir =
-        TempDir::new("listeners", &[("a.yaml", &map("node", eg)), ("b.yaml", &map("node", &format!("{eg}{route}")))]);
-    let run = agent(&["check"], std::slice::from_ref(&dir.0));
+    let dir = TempDir::with_files(
+        "listeners",
+        &[("a.yaml", &map("node", eg)), ("b.yaml", &map("node", &format!("{eg}{route}")))],
+    );
+    let run = agent(&["check"], &[dir.root().to_path_buf()]);
     assert_eq!(run.code, Some(1), "{}", run.stdout);
     let a = dir.path("a.yaml").display().to_string();
     let b = dir.path("b.yaml").display().to_string();
@@ -480,7 +440,7 @@ fn explain_json_rate_limits_are_valid_envoy_config() {
         routes,
         failure_mode_deny: false,
     };
-    let dir = TempDir::new("envoy", &[]);
+    let dir = TempDir::with_files("envoy", &[]);
     let path = dir.path("envoy.json");
     std::fs::write(&path, serde_json::to_string_pretty(&bootstrap(&config, 10000, 10001, 10002)).expect("json"))
         .expect("write bootstrap");

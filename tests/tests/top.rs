@@ -9,13 +9,13 @@
 use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
-    sync::OnceLock,
     time::{Duration, Instant},
 };
 
 use limiter_tests::{
+    agent::{TempDir, agent_binary},
     netns::{ChildGuard, Netns, Topology},
     rawsock::udp_socket,
     require_root,
@@ -23,39 +23,6 @@ use limiter_tests::{
 use serde_json::Value;
 
 const UDP_PORT: u16 = 9000;
-
-/// Builds the agent binary once per test run and returns its path.
-fn agent_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "limiter-agent", "--bin", "limiter-agent"])
-            .status()
-            .expect("run cargo build for limiter-agent");
-        assert!(status.success(), "building limiter-agent failed");
-        let exe = std::env::current_exe().expect("test executable path");
-        let bin = exe.parent().and_then(Path::parent).expect("target dir").join("limiter-agent");
-        assert!(bin.exists(), "{} missing after cargo build", bin.display());
-        bin
-    })
-}
-
-/// A temporary directory for the policy and the socket, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("limiter-top-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const POLICY: &str = "apiVersion: limiter.dev/v1alpha1
 kind: RateLimitPolicy
@@ -123,9 +90,9 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     require_root();
     let topo = Topology::new("top", 1).unwrap();
     let dir = TempDir::new("run");
-    let policy = dir.0.join("policy.yaml");
+    let policy = dir.path("policy.yaml");
     std::fs::write(&policy, POLICY).unwrap();
-    let socket = dir.0.join("agent.sock");
+    let socket = dir.path("agent.sock");
 
     let cmd = topo.server.command(&[
         agent_binary().to_str().unwrap(),
@@ -280,9 +247,9 @@ fn top_shows_the_rate_limit_service_of_an_agent_without_xdp() {
     require_root();
     let ns = Netns::new("toprls").unwrap();
     let dir = TempDir::new("rls");
-    let policy = dir.0.join("policy.yaml");
+    let policy = dir.path("policy.yaml");
     std::fs::write(&policy, L7_POLICY).unwrap();
-    let socket = dir.0.join("agent.sock");
+    let socket = dir.path("agent.sock");
     let cmd = ns.command(&[
         agent_binary().to_str().unwrap(),
         "run",
@@ -384,7 +351,7 @@ fn top_shows_the_rate_limit_service_of_an_agent_without_xdp() {
 #[test]
 fn top_without_an_agent_says_so_and_exits_non_zero() {
     let dir = TempDir::new("missing");
-    let socket = dir.0.join("nobody.sock");
+    let socket = dir.path("nobody.sock");
     let out = top(&socket);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

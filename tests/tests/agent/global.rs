@@ -4,7 +4,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use limiter_tests::{netns::Topology, rawsock::udp_socket, require_root};
 
-use crate::{Agent, PolicyDir, UDP_PORT, send_and_count};
+use crate::{Agent, TempDir, UDP_PORT, send_and_count};
 
 /// One shared bucket (Exact selector) of `requests` packets per hour under `rateLimit.global`.
 fn global_policy(requests: u32) -> String {
@@ -49,12 +49,12 @@ fn global_kernel_rule_is_shared_across_the_nodes_in_redis() {
     let ahead = time[0].parse::<u64>().unwrap() * 1000 + 3_600_000;
     redis.command(&["ZADD", "limiter:nodes", &ahead.to_string(), "other-node"]).unwrap();
 
-    let dir = PolicyDir::new("share");
+    let dir = TempDir::new("share");
     dir.write("policy.yaml", &global_policy(20));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
     let url = redis.url();
     let args = ["--no-watch", "--rls-backend", "redis", "--redis-url", &url, "--node-id", "this-node"];
-    let mut agent = Agent::start(&topo, &dir.0, &[&args[..], &["--global-heartbeat", "200ms"]].concat());
+    let mut agent = Agent::start(&topo, dir.root(), &[&args[..], &["--global-heartbeat", "200ms"]].concat());
     agent.wait_for(&["sync: joined limiter:nodes as this-node", "2 nodes live"], Duration::from_secs(30));
     agent.wait_for(&["attached to s0"], Duration::from_secs(30));
     assert_eq!(members(&redis), ["other-node", "this-node"]);

@@ -9,7 +9,7 @@ use std::{
 
 use limiter_tests::{netns::Topology, rawsock::udp_socket, require_root};
 
-use crate::{Agent, PolicyDir, UDP_PORT, agent_binary, scrape, send_and_count, send_from_client_and_count};
+use crate::{Agent, TempDir, UDP_PORT, agent_binary, scrape, send_and_count, send_from_client_and_count};
 
 /// The escalation policy: one L7 rule per client address (1 request an hour, no kernel guard,
 /// so only the block list can drop in the kernel), a penalty of 3 denials within 10 s for
@@ -80,7 +80,7 @@ fn sources_denied_at_l7_are_blocked_in_xdp_for_the_penalty_then_admitted() {
     const OVER_LIMIT: i32 = 2;
     require_root();
     let topo = Topology::new("escal", 2).unwrap();
-    let dir = PolicyDir::new("escalation");
+    let dir = TempDir::new("escalation");
     let file = dir.write("policy.yaml", &escalation_policy("6s"));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
     let rls: SocketAddr = ([127, 0, 0, 1], 18081).into();
@@ -181,7 +181,7 @@ fn reload_replaces_kernel_and_l7_rules_together_and_a_broken_set_changes_neither
     const OVER_LIMIT: i32 = 2;
     require_root();
     let topo = Topology::new("reload2", 1).unwrap();
-    let dir = PolicyDir::new("two-layers");
+    let dir = TempDir::new("two-layers");
     let file = dir.write("policy.yaml", &two_layer_policy(5, 2, "Hour"));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
     let rls: SocketAddr = ([127, 0, 0, 1], 18081).into();

@@ -10,16 +10,14 @@ mod l7;
 use std::{
     io::{BufRead, BufReader},
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
-    sync::{
-        OnceLock,
-        mpsc::{Receiver, RecvTimeoutError, channel},
-    },
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
     time::{Duration, Instant},
 };
 
 use limiter_tests::{
+    agent::{TempDir, agent_binary},
     netns::{ChildGuard, Topology},
     rawsock::udp_socket,
     require_root,
@@ -27,50 +25,6 @@ use limiter_tests::{
 
 const UDP_PORT: u16 = 9000;
 const MARKER: &[u8] = b"limiter-agent-test";
-
-/// Builds the agent binary once per test run (cargo does nothing if it is current) and
-/// returns its path.
-fn agent_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "limiter-agent", "--bin", "limiter-agent"])
-            .status()
-            .expect("run cargo build for limiter-agent");
-        assert!(status.success(), "building limiter-agent failed");
-        // target/<profile>/deps/agent-<hash> -> target/<profile>/limiter-agent
-        let exe = std::env::current_exe().expect("test executable path");
-        let bin = exe.parent().and_then(Path::parent).expect("target dir").join("limiter-agent");
-        assert!(bin.exists(), "{} missing after cargo build", bin.display());
-        bin
-    })
-}
-
-/// A temporary policy directory, removed on drop.
-struct PolicyDir(PathBuf);
-
-impl PolicyDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("limiter-test-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        // Write then rename, as a config management tool (or the ConfigMap swap) would.
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-        path
-    }
-}
-
-impl Drop for PolicyDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn policy(requests: u32, unit: &str) -> String {
     policy_with(requests, unit, "Distinct")
@@ -174,12 +128,12 @@ fn xdp_attached(topo: &Topology) -> bool {
 fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_sigterm() {
     require_root();
     let topo = Topology::new("agent", 1).unwrap();
-    let dir = PolicyDir::new("reload");
+    let dir = TempDir::new("reload");
     let file = dir.write("policy.yaml", &policy(5, "Hour"));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
 
     // Watching is off: this test drives reloads by SIGHUP alone.
-    let mut agent = Agent::start(&topo, &dir.0, &["--no-watch"]);
+    let mut agent = Agent::start(&topo, dir.root(), &["--no-watch"]);
     agent.wait_for(&["attached to s0 in native mode"], Duration::from_secs(30));
     assert!(xdp_attached(&topo));
     assert_eq!(send_and_count(&topo, &server, 20), 5);
@@ -225,7 +179,7 @@ fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_s
 fn agent_refuses_to_start_on_a_broken_policy_and_attaches_nothing() {
     require_root();
     let topo = Topology::new("agentbad", 1).unwrap();
-    let dir = PolicyDir::new("bad");
+    let dir = TempDir::new("bad");
     let file = dir.write("policy.yaml", &policy(0, "Second"));
     let mut agent = Agent::start(&topo, &file, &[]);
     let status = agent.child.wait_timeout(Duration::from_secs(30)).unwrap().expect("agent exits");
@@ -245,7 +199,7 @@ fn check_exits_zero_on_the_examples_and_non_zero_on_broken_policies() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
     let ok = Command::new(agent_binary()).arg("check").arg(&examples).output().unwrap();
     assert!(ok.status.success(), "examples: {}", String::from_utf8_lossy(&ok.stderr));
-    let dir = PolicyDir::new("check");
+    let dir = TempDir::new("check");
     let file = dir.write("bad.yaml", &policy(5, "Minuets"));
     let bad = Command::new(agent_binary()).arg("check").arg(&file).output().unwrap();
     assert_eq!(bad.status.code(), Some(1));
@@ -273,10 +227,10 @@ fn watched_policy_rewritten_under_live_traffic_takes_effect_without_an_unlimited
     use std::sync::atomic::{AtomicBool, Ordering};
     require_root();
     let topo = Topology::new("live", 1).unwrap();
-    let dir = PolicyDir::new("live");
+    let dir = TempDir::new("live");
     // One shared bucket (Exact selector): 200/s, later 400/s.
     dir.write("policy.yaml", &policy_with(200, "Second", "Exact"));
-    let mut agent = Agent::start(&topo, &dir.0, &["--watch-interval", "100ms"]);
+    let mut agent = Agent::start(&topo, dir.root(), &["--watch-interval", "100ms"]);
     agent.wait_for(&["attached to s0"], Duration::from_secs(30));
 
     let c = topo.client(0);
