@@ -91,14 +91,14 @@ impl Engine {
     /// answer OK, with `shadow_over_limit` set when they would have denied. An over-limit
     /// status reports 0 remaining. `overall` is OverLimit if any status is.
     pub fn should_rate_limit(&self, req: &RlsRequest, now: Instant) -> Result<RlsResponse, RequestError> {
-        validate(req)?;
+        req.validate()?;
         let now = self.clock.at(now);
         Ok(self.with_plan(|plan| self.decide_descriptors(plan, req, now)))
     }
 
     fn decide_descriptors(&self, plan: &CompiledPlan, req: &RlsRequest, now: Now) -> RlsResponse {
         if !plan.has_domain(&req.domain) {
-            let statuses = req.descriptors.iter().map(|_| no_limit(None, 0)).collect();
+            let statuses = req.descriptors.iter().map(|_| DescriptorStatus::no_limit(None, 0)).collect();
             return RlsResponse { overall: Code::Ok, statuses };
         }
         let mut matched: Vec<Option<usize>> =
@@ -120,12 +120,12 @@ impl Engine {
         let mut statuses = Vec::with_capacity(req.descriptors.len());
         for (descriptor, found) in req.descriptors.iter().zip(matched) {
             let Some(index) = found else {
-                statuses.push(no_limit(None, 0));
+                statuses.push(DescriptorStatus::no_limit(None, 0));
                 continue;
             };
             let rule = &plan.rules[index];
             let (Some(meter), Some(reported)) = (&rule.meter, &rule.reported) else {
-                statuses.push(no_limit(Some(rule.rule.name.clone()), u32::MAX));
+                statuses.push(DescriptorStatus::no_limit(Some(rule.rule.name.clone()), u32::MAX));
                 continue;
             };
             let hits = u64::from(descriptor.hits_addend.unwrap_or(request_hits));
@@ -158,28 +158,34 @@ impl Engine {
     }
 }
 
-/// A status without a limit: no rule (`remaining` 0) or `unlimited` (`u32::MAX`), as
-/// envoyproxy/ratelimit reports them.
-fn no_limit(rule: Option<String>, remaining: u32) -> DescriptorStatus {
-    DescriptorStatus {
-        code: Code::Ok,
-        limit: None,
-        limit_remaining: remaining,
-        duration_until_reset: Duration::ZERO,
-        rule,
-        shadow_over_limit: false,
+impl DescriptorStatus {
+    /// A status without a limit: no rule (`remaining` 0) or `unlimited` (`u32::MAX`), as
+    /// envoyproxy/ratelimit reports them.
+    pub fn no_limit(rule: Option<String>, remaining: u32) -> DescriptorStatus {
+        DescriptorStatus {
+            code: Code::Ok,
+            limit: None,
+            limit_remaining: remaining,
+            duration_until_reset: Duration::ZERO,
+            rule,
+            shadow_over_limit: false,
+        }
     }
 }
 
-fn validate(req: &RlsRequest) -> Result<(), RequestError> {
-    if req.domain.is_empty() {
-        return Err(RequestError::EmptyDomain);
+impl RlsRequest {
+    /// The checks every backend makes before matching, so all reject the same requests with
+    /// the same errors: a domain, at least one descriptor, and no empty descriptor.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if self.domain.is_empty() {
+            return Err(RequestError::EmptyDomain);
+        }
+        if self.descriptors.is_empty() {
+            return Err(RequestError::NoDescriptors);
+        }
+        if let Some(index) = self.descriptors.iter().position(|d| d.entries.is_empty()) {
+            return Err(RequestError::EmptyDescriptor { index });
+        }
+        Ok(())
     }
-    if req.descriptors.is_empty() {
-        return Err(RequestError::NoDescriptors);
-    }
-    if let Some(index) = req.descriptors.iter().position(|d| d.entries.is_empty()) {
-        return Err(RequestError::EmptyDescriptor { index });
-    }
-    Ok(())
 }

@@ -31,7 +31,7 @@ impl RedisBackend {
         req: &RlsRequest,
         now: SystemTime,
     ) -> Result<RlsResponse, RequestError> {
-        validate(req)?;
+        req.validate()?;
         let unix_now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let steps = self.plan(engine, req, unix_now);
 
@@ -71,12 +71,12 @@ impl RedisBackend {
         let mut steps = Vec::with_capacity(matches.len());
         for (descriptor, found) in req.descriptors.iter().zip(&matches) {
             let Some(found) = found else {
-                steps.push(Step::Done(no_limit_status(None, 0)));
+                steps.push(Step::Done(DescriptorStatus::no_limit(None, 0)));
                 continue;
             };
             let rule = &found.rule;
             if replaced.contains(&rule.name.as_str()) {
-                steps.push(Step::Done(no_limit_status(None, 0)));
+                steps.push(Step::Done(DescriptorStatus::no_limit(None, 0)));
                 continue;
             }
             if rule.scope == Scope::Local {
@@ -85,7 +85,7 @@ impl RedisBackend {
             }
             let Some(limit) = rule.limit else {
                 // `unlimited`: OK, no limit, remaining reported as the reference does.
-                steps.push(Step::Done(no_limit_status(Some(rule.name.clone()), u32::MAX)));
+                steps.push(Step::Done(DescriptorStatus::no_limit(Some(rule.name.clone()), u32::MAX)));
                 continue;
             };
             let window = window_seconds(limit.unit);
@@ -118,7 +118,7 @@ fn decide_locally(engine: &Engine, req: &RlsRequest, descriptor: &RequestDescrip
     match engine.should_rate_limit(&single, std::time::Instant::now()) {
         Ok(mut resp) if !resp.statuses.is_empty() => resp.statuses.swap_remove(0),
         // The whole request was validated before planning; a descriptor of it cannot fail.
-        _ => no_limit_status(None, 0),
+        _ => DescriptorStatus::no_limit(None, 0),
     }
 }
 
@@ -152,7 +152,7 @@ impl Inner {
     fn failure_status(&self, limit: ReportedLimit, shadow: bool, reset: Duration) -> DescriptorStatus {
         self.stats.failure_mode_answers.fetch_add(1, Ordering::Relaxed);
         match self.config.failure_mode {
-            FailureMode::FailOpen => no_limit_status(Some(limit.name), 0),
+            FailureMode::FailOpen => DescriptorStatus::no_limit(Some(limit.name), 0),
             FailureMode::FailClosed => over_limit_status(limit, shadow, reset),
         }
     }
@@ -191,32 +191,6 @@ pub(super) fn window_seconds(unit: Unit) -> u64 {
         Unit::Hour => 3_600,
         Unit::Day => 86_400,
         Unit::Interval { ns } => ns.div_ceil(1_000_000_000).max(1),
-    }
-}
-
-/// The checks the local engine makes before matching, so both backends reject the same
-/// requests with the same errors.
-fn validate(req: &RlsRequest) -> Result<(), RequestError> {
-    if req.domain.is_empty() {
-        return Err(RequestError::EmptyDomain);
-    }
-    if req.descriptors.is_empty() {
-        return Err(RequestError::NoDescriptors);
-    }
-    if let Some(index) = req.descriptors.iter().position(|d| d.entries.is_empty()) {
-        return Err(RequestError::EmptyDescriptor { index });
-    }
-    Ok(())
-}
-
-fn no_limit_status(rule: Option<String>, remaining: u32) -> DescriptorStatus {
-    DescriptorStatus {
-        code: Code::Ok,
-        limit: None,
-        limit_remaining: remaining,
-        duration_until_reset: Duration::ZERO,
-        rule,
-        shadow_over_limit: false,
     }
 }
 
