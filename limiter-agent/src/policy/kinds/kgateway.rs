@@ -28,12 +28,12 @@ use std::time::Duration;
 
 use super::super::error::{ErrorKind, FieldError};
 use super::super::model::{
-    ActionEntry, At, Count, DescriptorActions, Mode, Policy, PolicyKind, RouteKind, Rule, Scope, Target, TargetKind,
+    ActionEntry, At, Count, DescriptorActions, Policy, PolicyKind, RouteKind, Rule, Scope, Target, TargetKind,
 };
 use super::super::source::deserialize;
 use super::super::spec::{S, pos_of};
 use super::super::validate::parse_duration;
-use super::envoy_gateway::{UNRESOLVED_TARGET_KINDS, drop_rules_without_targets};
+use super::envoy_gateway::{UNRESOLVED_TARGET_KINDS, drop_rules_without_targets, header};
 use super::ratelimit_config::{Node, Reader};
 use crate::plan::{Limit, Unit};
 
@@ -52,90 +52,10 @@ pub fn load(src: &str) -> Result<Policy, Vec<FieldError>> {
 }
 
 fn policy(r: &mut Reader, root: &S<Node>) -> Option<Policy> {
-    let entries = r.map(root, "")?;
-    let mut metadata = None;
-    let mut spec = None;
-    for (k, v) in entries {
-        match k.as_str() {
-            "apiVersion" => {
-                if let Some(api) = r.string(v, "apiVersion")
-                    && api != API_VERSION
-                {
-                    let kind = ErrorKind::UnknownValue { what: "apiVersion", value: api, expected: API_VERSION };
-                    r.errors.push(FieldError::new(pos_of(v), "apiVersion", kind));
-                }
-            }
-            "kind" => {}
-            "metadata" => metadata = Some(v),
-            "spec" => spec = Some(v),
-            // `status` is written by the controller; copying a live object keeps it.
-            "status" => {}
-            _ => r.unknown_field(v, k),
-        }
-    }
-    if !entries.iter().any(|(k, _)| k == "apiVersion") {
-        r.missing(root, "", "apiVersion");
-    }
-    let Some(metadata) = metadata else {
-        r.missing(root, "", "metadata");
-        return None;
-    };
-    let (name, namespace, at) = meta(r, metadata)?;
-    let mut policy = Policy {
-        kind: PolicyKind::TrafficPolicy,
-        name,
-        namespace,
-        source: Default::default(),
-        at,
-        mode: Mode::Enforce,
-        targets: Vec::new(),
-        allow: Vec::new(),
-        deny: Vec::new(),
-        penalty: None,
-        rules: Vec::new(),
-        descriptor_actions: Vec::new(),
-        not_enforced: Vec::new(),
-    };
-    match spec {
-        None => r.missing(root, "", "spec"),
-        Some(s) => read_spec(r, s, &mut policy),
-    }
+    let header = header(r, root, API_VERSION, PolicyKind::TrafficPolicy);
+    let mut policy = header.policy?;
+    read_spec(r, header.spec?, &mut policy);
     Some(policy)
-}
-
-fn meta(r: &mut Reader, n: &S<Node>) -> Option<(String, Option<String>, At)> {
-    let entries = r.map(n, "metadata")?;
-    let mut name = None;
-    let mut namespace = None;
-    for (k, v) in entries {
-        let f = format!("metadata.{k}");
-        match k.as_str() {
-            "name" => name = r.string(v, &f).map(|s| (s, v)),
-            "namespace" => namespace = r.opt_string(v, &f),
-            // Kubernetes bookkeeping: not the agent's business, not worth a warning.
-            "labels" | "annotations" | "uid" | "resourceVersion" | "generation" | "creationTimestamp"
-            | "managedFields" => {}
-            _ => r.unknown_field(v, &f),
-        }
-    }
-    let Some((name, at)) = name else {
-        r.missing(n, "metadata", "name");
-        return None;
-    };
-    let reason = if name.is_empty() {
-        Some("must not be empty")
-    } else if name.contains(['/', '#']) {
-        Some("must not contain '/' or '#' (they separate policy, rule and guard)")
-    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Some("must not contain whitespace")
-    } else {
-        None
-    };
-    if let Some(reason) = reason {
-        let kind = ErrorKind::InvalidName { name: name.clone(), reason };
-        r.errors.push(FieldError::new(pos_of(at), "metadata.name", kind));
-    }
-    Some((name, namespace, At::new(pos_of(at), "metadata.name")))
 }
 
 fn read_spec(r: &mut Reader, n: &S<Node>, policy: &mut Policy) {

@@ -1,6 +1,6 @@
 //! Envoy Gateway `BackendTrafficPolicy` (`gateway.envoyproxy.io/v1alpha1`), read as Envoy
 //! Gateway reads it. The rule reader here is shared with TEG's `RateLimitFilter` ([`super::teg`])
-//! and the document header reader with agentgateway ([`super::agentgateway`]).
+//! and the document header reader with agentgateway and kgateway.
 //!
 //! What the agent takes:
 //! - `metadata.name` / `metadata.namespace` (other metadata, and `status`, are ignored).
