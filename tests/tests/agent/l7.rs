@@ -36,9 +36,9 @@ spec:
 }
 
 /// Asks the agent's rate limit service (in the server namespace, on loopback) `n` times about
-/// a client at `client`, as Envoy would with a `generic_key` and a `remote_address` action.
-/// Returns each answer's overall code.
-fn should_rate_limit(topo: &Topology, rls: SocketAddr, client: Ipv4Addr, n: usize) -> Vec<i32> {
+/// a client at `client` under `rule`, as Envoy would with a `generic_key` and a
+/// `remote_address` action. Returns each answer's overall code.
+pub(super) fn should_rate_limit(topo: &Topology, rls: SocketAddr, rule: &str, client: Ipv4Addr, n: usize) -> Vec<i32> {
     use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
         RateLimitDescriptor, rate_limit_descriptor::Entry,
     };
@@ -57,10 +57,7 @@ fn should_rate_limit(topo: &Topology, rls: SocketAddr, client: Ipv4Addr, n: usiz
                 let req = RateLimitRequest {
                     domain: "limiter".into(),
                     descriptors: vec![RateLimitDescriptor {
-                        entries: vec![
-                            entry("generic_key", "esc/per-client".into()),
-                            entry("remote_address", client.to_string()),
-                        ],
+                        entries: vec![entry("generic_key", rule.into()), entry("remote_address", client.to_string())],
                         ..Default::default()
                     }],
                     hits_addend: 0,
@@ -96,9 +93,9 @@ fn sources_denied_at_l7_are_blocked_in_xdp_for_the_penalty_then_admitted() {
     assert_eq!(send_from_client_and_count(&topo, 0, &server, 20), 20, "nothing blocks client 0 yet");
 
     // 1 allowed, then denials: the third denial within 10 s blocks the source.
-    assert_eq!(should_rate_limit(&topo, rls, blocked_client, 3), [OK, OVER_LIMIT, OVER_LIMIT]);
+    assert_eq!(should_rate_limit(&topo, rls, "esc/per-client", blocked_client, 3), [OK, OVER_LIMIT, OVER_LIMIT]);
     assert_eq!(send_from_client_and_count(&topo, 0, &server, 20), 20, "two denials are below the penalty");
-    assert_eq!(should_rate_limit(&topo, rls, blocked_client, 1), [OVER_LIMIT]);
+    assert_eq!(should_rate_limit(&topo, rls, "esc/per-client", blocked_client, 1), [OVER_LIMIT]);
     let line = agent.wait_for(&["escalation:", &blocked_client.to_string(), "blocked in XDP"], Duration::from_secs(5));
     let blocked_at = Instant::now();
     assert!(line.contains("3 denials within 10s (policy esc)"), "{line}");
@@ -127,7 +124,7 @@ fn sources_denied_at_l7_are_blocked_in_xdp_for_the_penalty_then_admitted() {
 
     // The allow-listed client is denied at L7 as often, and never blocked.
     assert_eq!(
-        should_rate_limit(&topo, rls, allowed_client, 6),
+        should_rate_limit(&topo, rls, "esc/per-client", allowed_client, 6),
         [OK, OVER_LIMIT, OVER_LIMIT, OVER_LIMIT, OVER_LIMIT, OVER_LIMIT]
     );
     assert_eq!(send_from_client_and_count(&topo, 1, &server, 20), 20, "allow-listed sources are never blocked");
@@ -189,14 +186,18 @@ fn reload_replaces_kernel_and_l7_rules_together_and_a_broken_set_changes_neither
     agent.wait_for(&["attached to s0"], Duration::from_secs(30));
     let client = topo.client(0).client.ipv4().unwrap();
     assert_eq!(send_and_count(&topo, &server, 20), 5);
-    assert_eq!(should_rate_limit(&topo, rls, client, 3), [OK, OK, OVER_LIMIT]);
+    assert_eq!(should_rate_limit(&topo, rls, "esc/per-client", client, 3), [OK, OK, OVER_LIMIT]);
 
     // Broken: rejected whole; both layers keep their rules and their state.
     dir.write("policy.yaml", &two_layer_policy(50, 50, "Minuets"));
     agent.signal(libc::SIGHUP);
     agent.wait_for(&["reload rejected"], Duration::from_secs(5));
     assert_eq!(send_and_count(&topo, &server, 20), 0, "the kernel rule and its empty bucket stay");
-    assert_eq!(should_rate_limit(&topo, rls, client, 1), [OVER_LIMIT], "the L7 rule and its counter stay");
+    assert_eq!(
+        should_rate_limit(&topo, rls, "esc/per-client", client, 1),
+        [OVER_LIMIT],
+        "the L7 rule and its counter stay"
+    );
 
     // Both layers change at once.
     dir.write("policy.yaml", &two_layer_policy(50, 4, "Hour"));
@@ -205,7 +206,7 @@ fn reload_replaces_kernel_and_l7_rules_together_and_a_broken_set_changes_neither
     assert!(line.contains("kernel rules") && line.contains("L7 rules"), "{line}");
     assert_eq!(send_and_count(&topo, &server, 20), 20, "the new kernel limit");
     // A changed rule starts with a fresh counter: 4 more.
-    assert_eq!(should_rate_limit(&topo, rls, client, 5), [OK, OK, OK, OK, OVER_LIMIT]);
+    assert_eq!(should_rate_limit(&topo, rls, "esc/per-client", client, 5), [OK, OK, OK, OK, OVER_LIMIT]);
 
     // Only the L7 rule changes: the kernel plan is untouched (its buckets keep their state).
     dir.write("policy.yaml", &two_layer_policy(50, 6, "Hour"));
@@ -213,7 +214,7 @@ fn reload_replaces_kernel_and_l7_rules_together_and_a_broken_set_changes_neither
     let line = agent.wait_for(&["policy reloaded"], Duration::from_secs(5));
     assert!(!line.contains("kernel rules") && line.contains("1 L7 rules"), "{line}");
     assert_eq!(send_and_count(&topo, &server, 40), 30, "the kernel bucket kept its 20 spent tokens");
-    assert_eq!(should_rate_limit(&topo, rls, client, 7), [OK, OK, OK, OK, OK, OK, OVER_LIMIT]);
+    assert_eq!(should_rate_limit(&topo, rls, "esc/per-client", client, 7), [OK, OK, OK, OK, OK, OK, OVER_LIMIT]);
 
     agent.signal(libc::SIGTERM);
     assert!(agent.child.wait_timeout(Duration::from_secs(10)).unwrap().is_some_and(|s| s.success()));

@@ -59,12 +59,18 @@ struct Agent {
 }
 
 impl Agent {
+    /// Runs the agent in the server namespace shielding `s0`.
     fn start(topo: &Topology, policy: &Path, extra: &[&str]) -> Agent {
+        Agent::start_on(topo, "s0", policy, extra)
+    }
+
+    /// Runs the agent in the server namespace shielding `iface`.
+    fn start_on(topo: &Topology, iface: &str, policy: &Path, extra: &[&str]) -> Agent {
         let mut args = vec![
             agent_binary().to_str().unwrap(),
             "run",
             "--iface",
-            "s0",
+            iface,
             "--policy",
             policy.to_str().unwrap(),
             "--xdp-mode",
