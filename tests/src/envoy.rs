@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail, ensure};
 use limiter_agent::l7::Engine;
 use limiter_agent::metrics::Metrics;
 use limiter_agent::rls::redis::{RedisBackend, RedisConfig};
-use limiter_agent::rls::{Backend, RateLimiter, RlsConfig, Running};
+use limiter_agent::rls::{Backend, RateLimiter, RlsConfig, RlsTls, Running};
 use serde_json::{Value, json};
 
 use crate::redis::free_port;
@@ -180,6 +180,41 @@ pub struct EnvoyConfig {
     /// Envoy's `failure_mode_deny`: false (Envoy's default) lets requests through when the RLS
     /// cannot be reached.
     pub failure_mode_deny: bool,
+    /// Reach the rate limit service over TLS, presenting a client certificate.
+    pub rls_tls: Option<UpstreamTls>,
+}
+
+/// Envoy's side of mutual TLS to the rate limit service: files Envoy reads.
+#[derive(Clone, Debug)]
+pub struct UpstreamTls {
+    /// The CA the service's certificate must chain to (its name must be `localhost`).
+    pub ca: PathBuf,
+    /// Envoy's client certificate and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl UpstreamTls {
+    /// The cluster's `transport_socket`: TLS with SNI `localhost`, the server's name checked,
+    /// ALPN h2 (gRPC).
+    fn transport_socket(&self) -> Value {
+        let file = |p: &PathBuf| json!({"filename": p.display().to_string()});
+        json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": "localhost",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificates": [{"certificate_chain": file(&self.cert), "private_key": file(&self.key)}],
+                    "validation_context": {
+                        "trusted_ca": file(&self.ca),
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}],
+                    },
+                },
+            },
+        })
+    }
 }
 
 /// A running Envoy, killed on drop.
@@ -289,6 +324,10 @@ pub fn bootstrap(config: &EnvoyConfig, port: u16, admin_port: u16, backend_port:
             })
         })
         .collect();
+    let mut rls_cluster = cluster("rls", socket(config.rls.ip(), config.rls.port()), true);
+    if let Some(tls) = &config.rls_tls {
+        rls_cluster["transport_socket"] = tls.transport_socket();
+    }
     json!({
         "admin": {"address": socket(Ipv4Addr::LOCALHOST.into(), admin_port)},
         "static_resources": {
@@ -334,7 +373,7 @@ pub fn bootstrap(config: &EnvoyConfig, port: u16, admin_port: u16, backend_port:
             }],
             "clusters": [
                 cluster("backend", socket(Ipv4Addr::LOCALHOST.into(), backend_port), false),
-                cluster("rls", socket(config.rls.ip(), config.rls.port()), true),
+                rls_cluster,
             ],
         },
     })
@@ -417,6 +456,16 @@ pub struct RateLimitService {
 impl RateLimitService {
     /// Serves `engine`'s plan on `listen` (port 0 picks a free one) and waits until it is bound.
     pub fn start(listen: SocketAddr, engine: Engine, counting: Counting) -> Result<RateLimitService> {
+        RateLimitService::start_with_tls(listen, engine, counting, None)
+    }
+
+    /// [`RateLimitService::start`], over TLS when `tls` is given.
+    pub fn start_with_tls(
+        listen: SocketAddr,
+        engine: Engine,
+        counting: Counting,
+        tls: Option<RlsTls>,
+    ) -> Result<RateLimitService> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("rls")
@@ -425,7 +474,7 @@ impl RateLimitService {
             .context("building the rate limit service's runtime")?;
         let metrics = Arc::new(Metrics::new());
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
-        let config = RlsConfig { listen, ..RlsConfig::default() };
+        let config = RlsConfig { listen, tls, ..RlsConfig::default() };
         let running = runtime.block_on(async {
             let backend = match &counting {
                 Counting::Local => Backend::Local,

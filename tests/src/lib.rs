@@ -1,6 +1,6 @@
 //! Harness for the privileged integration tests: network namespaces and veth pairs with RAII
 //! cleanup ([`netns`]), hand-built frames ([`packet`]), AF_PACKET sockets that send and count
-//! them ([`rawsock`]), and the agent binary with scratch directories ([`agent`]).
+//! them ([`rawsock`]), the agent binary with scratch directories ([`agent`]), and test certificates ([`tls`]).
 //!
 //! Tests need root. They never skip silently: [`require_root`] and [`require_kernel_feature`]
 //! panic with a message that says what is missing, so a run without privileges fails loudly
@@ -12,6 +12,7 @@ pub mod netns;
 pub mod packet;
 pub mod rawsock;
 pub mod redis;
+pub mod tls;
 
 use std::path::Path;
 use std::process::Command;

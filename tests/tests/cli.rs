@@ -439,6 +439,7 @@ fn explain_json_rate_limits_are_valid_envoy_config() {
         domain: "limiter".into(),
         routes,
         failure_mode_deny: false,
+        rls_tls: None,
     };
     let dir = TempDir::with_files("envoy", &[]);
     let path = dir.path("envoy.json");
@@ -468,4 +469,27 @@ fn explain_rejects_a_broken_set_like_check() {
     assert_eq!(run.code, Some(1));
     assert!(run.stdout.is_empty(), "{}", run.stdout);
     assert!(run.stderr.contains("error: "), "{}", run.stderr);
+}
+
+/// `run` with TLS flags that cannot work stops at start with the reason, before serving: a
+/// certificate without its key is a usage error; a key file that is missing is named.
+#[test]
+fn run_refuses_unusable_rls_tls_flags_naming_the_flag_and_the_file() {
+    let dir = TempDir::with_files("tls-flags", &[("cert.pem", "-----BEGIN CERTIFICATE-----\n")]);
+    let policy = examples("policies");
+    let common = ["run", "--no-metrics", "--rls-listen", "127.0.0.1:0", "--policy", policy.to_str().unwrap()];
+    let socket = dir.path("agent.sock");
+    let cert = dir.path("cert.pem");
+    let missing = dir.path("missing.key");
+
+    let run = agent(&[&common[..], &["--rls-tls-cert", cert.to_str().unwrap()]].concat(), &[]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--rls-tls-key"), "{}", run.stderr);
+
+    let flags = ["--rls-tls-cert", cert.to_str().unwrap(), "--rls-tls-key", missing.to_str().unwrap()];
+    let run = agent(&[&common[..], &flags, &["--control-socket", socket.to_str().unwrap()]].concat(), &[]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let want = format!("--rls-tls-key {}: No such file", missing.display());
+    assert!(run.stderr.contains(&want), "{}", run.stderr);
+    assert!(!run.stderr.contains("rate limit service listening"), "{}", run.stderr);
 }

@@ -101,7 +101,8 @@ impl Stack {
         let backend = HttpBackend::start().expect("HTTP backend");
         let rls = RateLimitService::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), engine, Counting::Local)
             .expect("rate limit service");
-        let config = EnvoyConfig { rls: rls.addr(), domain: "limiter".into(), routes, failure_mode_deny: false };
+        let config =
+            EnvoyConfig { rls: rls.addr(), domain: "limiter".into(), routes, failure_mode_deny: false, rls_tls: None };
         let envoy = Envoy::start(&config, &backend).expect("envoy starts");
         Stack { envoy, rls, backend }
     }

@@ -65,6 +65,13 @@
 //! most [`RlsConfig::max_streams_per_connection`] calls open, and every call is bounded by
 //! [`RlsConfig::timeout`].
 //!
+//! # Transport
+//!
+//! Plaintext HTTP/2 by default, as Envoy's rate limit cluster is usually configured on a
+//! node-local or loopback address. With [`RlsTls`] (`--rls-tls-cert`, `--rls-tls-key`) the
+//! service speaks TLS; with a client CA as well (`--rls-tls-client-ca`), mutual TLS: only
+//! callers presenting a certificate that CA signed complete the handshake.
+//!
 //! # Escalation
 //!
 //! With `--iface`, a source a policy's `penalty` catches is put in the XDP block list; see
@@ -81,6 +88,7 @@ pub mod redis;
 mod service;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,6 +97,7 @@ use log::info;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 pub use self::service::{RateLimiter, request_from_proto, response_to_proto};
 use crate::plan::L7Plan;
@@ -127,6 +136,76 @@ pub struct RlsConfig {
     /// After shutdown fires, how long open calls get to finish before their connections are
     /// closed. Needed because a health `Watch` stream never ends on its own.
     pub drain_timeout: Duration,
+    /// gRPC over TLS (and, with a client CA, only for callers with a certificate it signed);
+    /// plaintext HTTP/2 when `None`.
+    pub tls: Option<RlsTls>,
+}
+
+/// TLS of the rate limit service, as PEM read from the files `--rls-tls-cert`, `--rls-tls-key`
+/// and `--rls-tls-client-ca` name: what envoyproxy/ratelimit offers with `GRPC_SERVER_USE_TLS`,
+/// `GRPC_SERVER_TLS_CERT`/`_KEY` and `GRPC_CLIENT_TLS_CACERT`.
+///
+/// Mutual TLS is the way to trust callers beyond loopback: a caller names the client address
+/// that escalation blocks, and with a client CA only gateways holding a certificate it signed
+/// can call at all (a TLS handshake without one fails before any request is read).
+#[derive(Clone)]
+pub struct RlsTls {
+    /// The certificate chain the service presents, leaf first.
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// CA certificate(s) a caller's certificate must chain to; `None` accepts any caller.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RlsTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("RlsTls").field("client_certificates_required", &self.client_ca_pem.is_some()).finish()
+    }
+}
+
+impl RlsTls {
+    /// Reads the PEM files; an error names the flag and the file.
+    pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<RlsTls, TlsFileError> {
+        let read = |flag: &'static str, path: &Path| {
+            let text = std::fs::read(path).map_err(|source| TlsFileError {
+                flag,
+                path: path.to_owned(),
+                problem: source.to_string(),
+            })?;
+            if !text.windows(11).any(|w| w == b"-----BEGIN ") {
+                let problem = "no PEM block in it (expected -----BEGIN ...-----)".to_owned();
+                return Err(TlsFileError { flag, path: path.to_owned(), problem });
+            }
+            Ok(text)
+        };
+        Ok(RlsTls {
+            cert_pem: read("--rls-tls-cert", cert)?,
+            key_pem: read("--rls-tls-key", key)?,
+            client_ca_pem: client_ca.map(|p| read("--rls-tls-client-ca", p)).transpose()?,
+        })
+    }
+
+    fn server_config(&self) -> ServerTlsConfig {
+        let config = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        if self.client_ca_pem.is_some() { "TLS, client certificates required" } else { "TLS" }
+    }
+}
+
+/// A TLS file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {}: {problem}", path.display())]
+pub struct TlsFileError {
+    pub flag: &'static str,
+    pub path: PathBuf,
+    pub problem: String,
 }
 
 impl Default for RlsConfig {
@@ -138,6 +217,7 @@ impl Default for RlsConfig {
             max_streams_per_connection: 256,
             timeout: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(3),
+            tls: None,
         }
     }
 }
@@ -147,6 +227,10 @@ impl Default for RlsConfig {
 pub enum ServeError {
     #[error("binding the rate limit service to {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// rustls refused the certificate or key (not a certificate, a key that does not match...).
+    // The cause (rustls's reason, e.g. KeyMismatch) is the source, printed by the error chain.
+    #[error("the rate limit service's TLS certificate, key or client CA is not usable")]
+    Tls { source: tonic::transport::Error },
 }
 
 /// A running server: its bound address and its task (which ends after shutdown).
@@ -171,13 +255,18 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RateLimitServiceServer<RateLimiter>>().await;
     let service = RateLimitServiceServer::from_arc(limiter).max_decoding_message_size(config.max_request_bytes);
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.server_config()).map_err(|source| ServeError::Tls { source })?;
+    }
+    let server = builder
         .concurrency_limit_per_connection(config.max_streams_per_connection as usize)
         .max_concurrent_streams(config.max_streams_per_connection)
         .timeout(config.timeout)
         .add_service(health_service)
         .add_service(service);
-    info!("rate limit service listening on {bound} (gRPC envoy.service.ratelimit.v3 and grpc.health.v1)");
+    let transport = config.tls.as_ref().map_or("plaintext", RlsTls::describe);
+    info!("rate limit service listening on {bound} (gRPC envoy.service.ratelimit.v3 and grpc.health.v1; {transport})");
     let drain = config.drain_timeout;
     let task = tokio::spawn(async move {
         let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();

@@ -65,6 +65,18 @@ pub struct RlsArgs {
     /// service listens beyond loopback, list the gateways here.
     #[arg(long = "rls-allow-callers", value_name = "CIDR")]
     pub rls_allow_callers: Vec<ipnet::IpNet>,
+    /// PEM certificate chain the rate limit service presents: serve gRPC over TLS (needs
+    /// --rls-tls-key). Envoy's rate limit cluster then needs a TLS transport socket.
+    #[arg(long, value_name = "PATH", requires = "rls_tls_key")]
+    pub rls_tls_cert: Option<PathBuf>,
+    /// PEM private key of --rls-tls-cert.
+    #[arg(long, value_name = "PATH", requires = "rls_tls_cert")]
+    pub rls_tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): only callers presenting a client certificate signed by one of
+    /// them can connect (mutual TLS; needs --rls-tls-cert). The way to trust gateways beyond
+    /// loopback, since a caller names the client address escalation blocks.
+    #[arg(long, value_name = "PATH", requires = "rls_tls_cert")]
+    pub rls_tls_client_ca: Option<PathBuf>,
     /// Where the counts of `global` L7 rules and envoyproxy/ratelimit configs live: `local`
     /// (this process, per node) or `redis` (shared by every node, the reference service's
     /// keys). `local` L7 rules are always counted in this process.

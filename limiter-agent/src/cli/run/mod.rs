@@ -45,7 +45,7 @@ use crate::{
     metrics::{self, Metrics},
     plan::{KernelPlan, L7Plan},
     rls::{
-        self, Backend, RateLimiter, RlsConfig,
+        self, Backend, RateLimiter, RlsConfig, RlsTls, ServeError,
         escalation::{BlockOrder, ClientAddress, EscalationConfig, Escalator, Penalties},
         redis::{RedisBackend, RedisConfig},
     },
@@ -114,14 +114,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut servers: Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
     let mut rls_addr = None;
     if !args.rls.no_rls {
+        let tls = match (&args.rls.rls_tls_cert, &args.rls.rls_tls_key) {
+            (Some(cert), Some(key)) => Some(RlsTls::from_files(cert, key, args.rls.rls_tls_client_ca.as_deref())?),
+            _ => None,
+        };
         let config = RlsConfig {
             listen: args.rls.rls_listen,
             max_in_flight: args.rls.rls_max_in_flight,
+            tls,
             ..RlsConfig::default()
         };
-        let running = rls::serve(&config, Arc::clone(&limiter), shutdown_rx.clone())
-            .await
-            .context("starting the rate limit service: pick another --rls-listen, or --no-rls")?;
+        let running = rls::serve(&config, Arc::clone(&limiter), shutdown_rx.clone()).await.map_err(|e| {
+            let fix = match e {
+                ServeError::Bind { .. } => "pick another --rls-listen, or --no-rls",
+                ServeError::Tls { .. } => "check --rls-tls-cert, --rls-tls-key and --rls-tls-client-ca",
+            };
+            anyhow::Error::new(e).context(format!("starting the rate limit service: {fix}"))
+        })?;
         info!("rate limit service: {} L7 rules, backend {backend:?}, on {}", compiled.l7.rules.len(), running.addr);
         rls_addr = Some(running.addr);
         let task = running.task;
