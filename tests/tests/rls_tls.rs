@@ -106,10 +106,13 @@ fn mutual_tls_answers_only_clients_with_a_certificate_its_client_ca_signed() {
     let rls = serve(tls(&ca.server(), Some(&ca)));
 
     assert_eq!(call(rls.addr(), "https", &ca, Some(&ca.client("gateway"))), Ok(Code::Ok));
+    // The server's alert (CertificateRequired, UnknownCA) or, when the client has written
+    // before reading it, a broken pipe: TLS 1.3 clients finish their side of the handshake
+    // first, so which one the client sees is timing. Either way, no answer.
     let anonymous = call(rls.addr(), "https", &ca, None);
-    assert!(anonymous.as_ref().is_err_and(|e| e.contains("CertificateRequired")), "{anonymous:?}");
+    assert!(anonymous.is_err(), "a client without a certificate was answered: {anonymous:?}");
     let stranger = call(rls.addr(), "https", &ca, Some(&other.client("stranger")));
-    assert!(stranger.as_ref().is_err_and(|e| e.contains("UnknownCA")), "{stranger:?}");
+    assert!(stranger.is_err(), "a client whose certificate another CA signed was answered: {stranger:?}");
     let plaintext = call(rls.addr(), "http", &ca, None);
     assert!(plaintext.is_err(), "a plaintext client was answered: {plaintext:?}");
     // The refused calls were never decided: one more is the second of 2.
