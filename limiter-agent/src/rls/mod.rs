@@ -173,7 +173,8 @@ impl RlsTls {
                 path: path.to_owned(),
                 problem: source.to_string(),
             })?;
-            if !text.windows(11).any(|w| w == b"-----BEGIN ") {
+            const PEM_BEGIN: &[u8] = b"-----BEGIN ";
+            if !text.windows(PEM_BEGIN.len()).any(|w| w == PEM_BEGIN) {
                 let problem = "no PEM block in it (expected -----BEGIN ...-----)".to_owned();
                 return Err(TlsFileError { flag, path: path.to_owned(), problem });
             }
