@@ -44,11 +44,15 @@ pub fn cmd(args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Deletes namespaces left by a crashed earlier run of the harness (`lt-*`), and only those.
+/// Deletes namespaces left by a crashed earlier run of the harness (`lt-<tag>-<pid>-<n>`), and
+/// only those whose test process is gone: a second test run on the same machine keeps its own.
 fn remove_leftover_netns() -> Result<()> {
     let list = util::output(Command::new("ip").args(["netns", "list"]))
         .context("cannot list network namespaces: is iproute2 installed (cargo xtask setup)?")?;
     for name in netns_with_prefix(&list, HARNESS_NETNS_PREFIX) {
+        if owner_pid(name).is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            continue;
+        }
         println!("test: removing leftover network namespace {name} from an earlier run");
         util::run(Command::new("ip").args(["netns", "del", name])).with_context(|| {
             format!("cannot delete netns {name}: kill the processes still inside it (ip netns pids {name})")
@@ -62,6 +66,13 @@ pub fn netns_with_prefix<'a>(list: &'a str, prefix: &str) -> Vec<&'a str> {
     list.lines().filter_map(|l| l.split_whitespace().next()).filter(|name| name.starts_with(prefix)).collect()
 }
 
+/// The pid in a harness namespace name (`lt-<tag>-<pid>-<n>`; the tag may hold `-`).
+fn owner_pid(name: &str) -> Option<u32> {
+    let mut parts = name.rsplitn(3, '-');
+    let _counter = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +82,12 @@ mod tests {
         let list = "lt-verdict-1 (id: 3)\nld-srv (id: 1)\nlt-x\nmylt-x\n";
         assert_eq!(netns_with_prefix(list, "lt-"), ["lt-verdict-1", "lt-x"]);
         assert!(netns_with_prefix("", "lt-").is_empty());
+    }
+
+    #[test]
+    fn owner_pid_parsing() {
+        assert_eq!(owner_pid("lt-verdict-x-1234-7"), Some(1234));
+        assert_eq!(owner_pid("lt-a-99-0"), Some(99));
+        assert_eq!(owner_pid("lt-x"), None);
     }
 }
