@@ -301,8 +301,10 @@ pub struct ParseRecord {
     pub ip_version: u8,
     /// The transport protocol reached: IPv4's protocol field; for IPv6, the next-header value
     /// where the extension-header walk stopped (the transport protocol, the fragment header's
-    /// next header for a later fragment, or the unwalked header when `l4` is
-    /// [`PARSE_L4_CHAIN`]). 0 unless `kind` is [`PARSE_KIND_IP`].
+    /// next header for a later fragment; when `l4` is [`PARSE_L4_CHAIN`], the next-header
+    /// value of the last header read, i.e. the first one not walked: the extension header
+    /// that was cut short, or whatever follows header number `MAX_IPV6_EXT_HEADERS + 1`).
+    /// 0 unless `kind` is [`PARSE_KIND_IP`].
     pub protocol: u8,
     /// [`PARSE_FRAG_NONE`] (not fragmented, or an IPv6 atomic fragment: offset 0 and no more
     /// fragments), [`PARSE_FRAG_FIRST`] (offset 0, more fragments) or [`PARSE_FRAG_LATER`]

@@ -29,7 +29,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 use limiter_common::{gcra, refund as refund_step};
 
 /// Compare-and-swap attempts in all, for the verifier's bound.
-pub const CAS_ATTEMPTS: u32 = 8;
+pub const CAS_ATTEMPTS: u32 = 4;
 /// Races lost to other CPUs' charges before a charge gives up.
 pub const CAS_CHARGE_LOSSES: u32 = 4;
 
@@ -69,7 +69,6 @@ unsafe fn swap(tat: *mut u64, seen: u64, next: u64) -> (u64, bool) {
 pub unsafe fn charge(tat: *mut u64, now_ns: u64, cost_ns: u64, burst_ns: u64) -> Charge {
     // SAFETY: the caller guarantees `tat` is a map value.
     let mut seen = unsafe { load(tat) };
-    let mut losses = 0;
     for _ in 0..CAS_ATTEMPTS {
         let Some(next) = gcra(seen, now_ns, cost_ns, burst_ns) else {
             return Charge::Refused;
@@ -78,12 +77,6 @@ pub unsafe fn charge(tat: *mut u64, now_ns: u64, cost_ns: u64, burst_ns: u64) ->
         let (found, swapped) = unsafe { swap(tat, seen, next) };
         if swapped {
             return Charge::Admitted;
-        }
-        if found > seen {
-            losses += 1;
-            if losses >= CAS_CHARGE_LOSSES {
-                return Charge::Contended;
-            }
         }
         seen = found;
     }

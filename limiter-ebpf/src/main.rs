@@ -24,7 +24,7 @@ use limiter_common::{
     Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config,
     Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES,
     FragmentEntry, FragmentKey, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES,
-    MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_FRAG_NONE, PARSE_KIND_IP, PARSE_KIND_NOT_IP,
+    MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP,
     PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED, PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey,
     PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES,
     SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
@@ -81,6 +81,10 @@ static RULE_STATS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(MAX_
 /// datagrams, whose later fragments are then dropped as `fragment_unknown`.
 #[map(name = "FRAGMENTS")]
 static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> = LruHashMap::with_max_entries(FRAGMENT_ENTRIES, 0);
+
+/// Scratch space for [`fragment_key`].
+#[map(name = "FRAGMENT_KEY")]
+static FRAGMENT_KEY: PerCpuArray<FragmentKey> = PerCpuArray::with_max_entries(1, 0);
 
 /// What the parser read from the last frame, per CPU, when `CONFIG_FLAG_RECORD_PARSE` is set.
 #[map(name = "PARSE_RECORD")]
@@ -163,23 +167,33 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
     if packet.l4 == PARSE_L4_TRUNCATED && (packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP) {
         return (reason::DROP_L4_TRUNCATED, NO_RULE);
     }
-    if packet.fragment == PARSE_FRAG_NONE {
-        return judge_rules(set, packet, source, len, now, packet.dst_port, packet.protocol, packet.has_ports);
-    }
 
     // Fragmented: the first fragment judges the datagram by its port and leaves the port and
     // its verdict for the later fragments, which are judged by the same port's rules (as
     // Cilium does). Each fragment counts as a packet and its bytes; only the first counts as
-    // a connection.
-    let key = FragmentKey {
-        src: packet.src,
-        dst: packet.dst,
-        id: packet.frag_id,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    };
+    // a connection. One call site of `judge_rules` for every kind of packet: the verifier
+    // walks its rule loops once per call site.
+    let mut port = packet.dst_port;
+    let mut protocol = packet.protocol;
+    let mut has_port = packet.has_ports;
+    let mut later: Option<*mut FragmentEntry> = None;
+    if packet.fragment == PARSE_FRAG_LATER {
+        let Some(entry) = fragment_key(packet).and_then(|key| FRAGMENTS.get_ptr_mut(key)) else {
+            return (reason::DROP_FRAGMENT_UNKNOWN, NO_RULE);
+        };
+        // SAFETY: pointer from a successful map lookup; a racing writer can only set the flag.
+        let e = unsafe { *entry };
+        if e.flags & FRAGMENT_DROPPED != 0 {
+            return (reason::DROP_FRAGMENT_OF_DROPPED, NO_RULE);
+        }
+        let _ = count(reason::EVENT_NON_FIRST_FRAGMENT, len);
+        port = e.port;
+        protocol = e.port_protocol;
+        has_port = e.port_protocol != PROTO_ANY;
+        later = Some(entry);
+    }
+    let (why, rule) = judge_rules(set, packet, source, len, now, port, protocol, has_port);
     if packet.fragment == PARSE_FRAG_FIRST {
-        let (why, rule) = judge_rules(set, packet, source, len, now, packet.dst_port, packet.protocol, packet.has_ports);
         let entry = FragmentEntry {
             port: if packet.has_ports { packet.dst_port } else { 0 },
             port_protocol: if packet.has_ports { packet.protocol } else { PROTO_ANY },
@@ -187,25 +201,33 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
         };
         // A full table evicts the oldest datagram; an insert that fails anyway leaves the
         // later fragments to be dropped as unknown (the safe side).
-        let _ = FRAGMENTS.insert(&key, &entry, BPF_ANY);
-        return (why, rule);
-    }
-    let Some(entry) = FRAGMENTS.get_ptr_mut(&key) else {
-        return (reason::DROP_FRAGMENT_UNKNOWN, NO_RULE);
-    };
-    // SAFETY: pointer from a successful map lookup; a racing writer can only set the flag.
-    let e = unsafe { *entry };
-    if e.flags & FRAGMENT_DROPPED != 0 {
-        return (reason::DROP_FRAGMENT_OF_DROPPED, NO_RULE);
-    }
-    let _ = count(reason::EVENT_NON_FIRST_FRAGMENT, len);
-    let (why, rule) = judge_rules(set, packet, source, len, now, e.port, e.port_protocol, e.port_protocol != PROTO_ANY);
-    if reason::is_drop(why) {
-        // The datagram cannot be reassembled now: its remaining fragments need not cost anything.
-        // SAFETY: as above.
-        unsafe { (*entry).flags |= FRAGMENT_DROPPED };
+        if let Some(key) = fragment_key(packet) {
+            let _ = FRAGMENTS.insert(key, &entry, BPF_ANY);
+        }
+    } else if let Some(entry) = later {
+        if reason::is_drop(why) {
+            // The datagram cannot be reassembled now: its remaining fragments cost nothing.
+            // SAFETY: as above.
+            unsafe { (*entry).flags |= FRAGMENT_DROPPED };
+        }
     }
     (why, rule)
+}
+
+/// The datagram a fragment belongs to, as reassembly identifies it, written into this CPU's
+/// `FRAGMENT_KEY` slot: 40 bytes the program's stack (512 bytes for the whole call chain,
+/// rule callbacks included) has no room for.
+#[inline(always)]
+fn fragment_key(packet: &Packet) -> Option<&'static FragmentKey> {
+    let key = FRAGMENT_KEY.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, no other user while this program runs on this CPU.
+    let key = unsafe { &mut *key };
+    key.src = packet.src;
+    key.dst = packet.dst;
+    key.id = packet.frag_id;
+    key.protocol = packet.protocol;
+    key._pad = [0; 3];
+    Some(key)
 }
 
 /// The verdict of the rules of `port` (`has_port`) or of the any-port list, for a packet
@@ -521,13 +543,21 @@ fn record_parse(parsed: &Parsed) {
     let Some(r) = PARSE_RECORD.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
     let r = unsafe { &mut *r };
-    let seq = r.seq + 1;
-    *r = ParseRecord { seq, ..ParseRecord::default() };
+    // Field by field, in place: a whole-struct store would need a 32-byte temporary on the
+    // stack.
+    r.seq += 1;
+    r.src = [0; 16];
+    r.kind = PARSE_KIND_IP;
+    r.ip_version = 0;
+    r.protocol = 0;
+    r.fragment = 0;
+    r.has_port = 0;
+    r.dst_port = 0;
+    r.l4 = 0;
     match parsed {
         Parsed::NotIp => r.kind = PARSE_KIND_NOT_IP,
         Parsed::Unparsed => r.kind = PARSE_KIND_UNPARSED,
         Parsed::Ip(p) => {
-            r.kind = PARSE_KIND_IP;
             r.src = p.src;
             r.ip_version = if p.is_ipv6 { 6 } else { 4 };
             r.protocol = p.protocol;

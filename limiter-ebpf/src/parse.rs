@@ -215,9 +215,10 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
     // Where the walk ended: the transport header (`PARSE_L4_COMPLETE` until parse_l4 says
     // otherwise), a later fragment, or a chain cut short or past the bound.
     let mut ended = PARSE_L4_CHAIN;
-    // A bounded, unrolled walk; each header is at most 2 KiB, so `offset` stays below the
-    // verifier's 64 KiB packet range after MAX_IPV6_EXT_HEADERS of them.
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
+    // A bounded walk: MAX_IPV6_EXT_HEADERS headers, and one more step to see the transport.
+    // Each header is at most 2 KiB, so `offset` stays below the verifier's 64 KiB packet
+    // range after all of them.
+    for _ in 0..MAX_IPV6_EXT_HEADERS + 1 {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP | IPPROTO_SHIM6 => {
                 let Some(ext) = ip_bytes_at::<2>(ctx, offset, ip_end) else { break };
