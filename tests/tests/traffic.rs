@@ -448,6 +448,10 @@ fn a_shared_and_a_per_source_bucket_hit_from_both_cpus_at_once_stay_accurate() {
     );
     // (The shared rule's own `passed` also counts charges refunded when the per-source bucket
     // refused; the verdict counter counts packets.)
-    assert_eq!(stats.reason(reason::PASS_CONFORMING).packets as usize, total, "kernel counters agree with the receivers");
+    assert_eq!(
+        stats.reason(reason::PASS_CONFORMING).packets as usize,
+        total,
+        "kernel counters agree with the receivers"
+    );
     assert_eq!(stats.rules["test/per-source"].passed.packets as usize, admitted[1]);
 }
