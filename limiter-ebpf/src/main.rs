@@ -202,14 +202,14 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
         // A full table evicts the oldest datagram; an insert that fails anyway leaves the
         // later fragments to be dropped as unknown (the safe side).
         if let Some(key) = fragment_key(packet) {
-            let _ = FRAGMENTS.insert(key, &entry, BPF_ANY);
+            let _ = FRAGMENTS.insert(key, entry, BPF_ANY);
         }
-    } else if let Some(entry) = later {
-        if reason::is_drop(why) {
-            // The datagram cannot be reassembled now: its remaining fragments cost nothing.
-            // SAFETY: as above.
-            unsafe { (*entry).flags |= FRAGMENT_DROPPED };
-        }
+    } else if let Some(entry) = later
+        && reason::is_drop(why)
+    {
+        // The datagram cannot be reassembled now: its remaining fragments cost nothing.
+        // SAFETY: as above.
+        unsafe { (*entry).flags |= FRAGMENT_DROPPED };
     }
     (why, rule)
 }

@@ -293,12 +293,8 @@ fn parse_l4(ctx: &XdpContext, l4: usize, ip_end: usize, packet: &mut Packet) {
             packet.dst_port = u16::from_be_bytes([udp[2], udp[3]]);
             packet.has_ports = true;
         }
-        PROTO_ICMP | PROTO_ICMPV6 => {
-            // Type, code, checksum.
-            if ip_bytes_at::<4>(ctx, l4, ip_end).is_none() {
-                return;
-            }
-        }
+        // Type, code, checksum.
+        PROTO_ICMP | PROTO_ICMPV6 if ip_bytes_at::<4>(ctx, l4, ip_end).is_none() => return,
         // Other transports (GRE, SCTP, ESP...) have no ports we know: any-port rules apply.
         _ => {}
     }
