@@ -20,9 +20,9 @@ use super::super::model::{At, Count, Policy, PolicyKind, Rule, Scope};
 use super::super::source::deserialize;
 use super::super::spec::{S, pos_of};
 use super::super::validate::parse_unit;
-use super::envoy_gateway::{Targets, drop_rules_without_targets, finish, header};
-use super::ratelimit_config::{Node, Reader};
+use super::document::{Targets, drop_rules_without_targets, finish, header};
 use crate::plan::Limit;
+use crate::policy::reader::{Node, Reader};
 
 pub const API_VERSION: &str = "agentgateway.dev/v1alpha1";
 

@@ -5,6 +5,7 @@
 //! warnings here, not errors: those APIs grow faster than this agent.
 
 pub mod agentgateway;
+mod document;
 pub mod envoy_gateway;
 pub mod kgateway;
 pub mod ratelimit_config;

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use super::selectors::{Selector, selector};
 use crate::plan::{Limit, Unit};
 use crate::policy::error::{ErrorKind, FieldError};
-use crate::policy::kinds::ratelimit_config::{Node, Reader};
 use crate::policy::model::{At, Count, Located, Mode, Rule, Scope};
+use crate::policy::reader::{Node, Reader};
 use crate::policy::spec::{S, pos_of};
 use crate::policy::validate::{name_problem, parse_unit};
 

@@ -3,8 +3,8 @@
 //! dropped with a warning).
 
 use crate::policy::error::{ErrorKind, FieldError};
-use crate::policy::kinds::ratelimit_config::{Node, Reader};
 use crate::policy::model::{ClientSelector, HeaderMatch, SourceCidr};
+use crate::policy::reader::{Node, Reader};
 use crate::policy::spec::{S, pos_of};
 use crate::policy::validate::parse_cidr;
 
