@@ -43,19 +43,31 @@ pub struct L7Plan {
 }
 
 /// One L7 rate-limit rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct L7Rule {
     /// `policy/rule` for gateway kinds; for envoyproxy/ratelimit configs `domain/key=value/...`
     /// along the descriptor path (or the descriptor's `name` if the config gives one).
-    /// Unique in a plan; appears in metrics, logs and the `x-ratelimit-limit` `name`.
+    /// Unique in a plan; appears in metrics and logs.
     pub name: String,
+    /// The `current_limit.name` answered over RLS (Envoy's `x-ratelimit-limit` `name=`);
+    /// `None`: [`L7Rule::name`]. envoyproxy/ratelimit configs report the `rate_limit`'s own
+    /// `name`, or `""` when it has none, as the reference service does.
+    pub limit_name: Option<String>,
     /// RLS domain the rule answers in.
     pub domain: String,
     /// The descriptor this rule matches, entry by entry; a request descriptor matches only
     /// with the same number of entries (envoyproxy/ratelimit's depth rule).
     pub entries: Vec<EntryMatch>,
-    /// `None`: `unlimited` (matches, and stops less specific rules from applying).
+    /// `None`: `unlimited` (matches, and stops less specific rules from applying), or, with
+    /// [`L7Rule::exempt`], no limit at all.
     pub limit: Option<Limit>,
+    /// envoyproxy/ratelimit: a descriptor node with neither `rate_limit` nor children. It
+    /// matches (so the bare key's limit does not apply) and answers OK with no limit, as the
+    /// reference does for `key2: value3`-style whitelist entries.
+    pub exempt: bool,
+    /// envoyproxy/ratelimit `quota_mode`: over the limit, the status says OVER_LIMIT but the
+    /// overall code only does when every quota-mode descriptor of the call is over.
+    pub quota_mode: bool,
     pub algorithm: Algorithm,
     pub scope: Scope,
     /// Count and report, always answer OK (`mode: Shadow`, `shadow_mode: true`).
@@ -125,6 +137,9 @@ pub enum EntryValue {
     /// envoyproxy/ratelimit wildcard (`foo*`, `/api/*/x`: `*` matches any run of characters);
     /// a bucket per distinct matching value.
     Wildcard(String),
+    /// A wildcard with `share_threshold: true`: every matching value shares one bucket (the
+    /// pattern stands for the value in the counter key, as in the reference's Redis keys).
+    SharedWildcard(String),
     /// Any value (key only); a bucket per distinct value (`type: Distinct`, `value: "*"`).
     Distinct,
     /// A client address inside one of `nets` (`sourceCIDR`); with `distinct`, a bucket per
@@ -133,8 +148,9 @@ pub enum EntryValue {
 }
 
 /// Bucket arithmetic of a rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Algorithm {
+    #[default]
     /// Token bucket of `requests` per unit, depth `requests + burst` (gateway kinds).
     TokenBucket,
     /// Fixed windows aligned to the unit, as envoyproxy/ratelimit counts
@@ -143,8 +159,9 @@ pub enum Algorithm {
 }
 
 /// Where the counts live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Scope {
+    #[default]
     /// This node alone.
     Local,
     /// Shared by every node: counted in Redis with `run --rls-backend redis`, else per node.

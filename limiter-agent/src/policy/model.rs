@@ -122,6 +122,10 @@ pub struct ConfigDescriptor {
     pub shadow_mode: bool,
     /// `detailed_metric: true` (accepted; metrics carry the full descriptor).
     pub detailed_metric: bool,
+    /// `share_threshold: true` on a wildcard value: one counter for every matching value.
+    pub share_threshold: bool,
+    /// `quota_mode: true`: see [`crate::plan::l7::L7Rule::quota_mode`].
+    pub quota_mode: bool,
     pub descriptors: Vec<ConfigDescriptor>,
     /// The node's entry (`descriptors[0].descriptors[1]`).
     pub at: At,
@@ -130,7 +134,8 @@ pub struct ConfigDescriptor {
 /// `rate_limit:` of a config descriptor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigRateLimit {
-    /// `unit` + `requests_per_unit` (burst 0); `None` with `unlimited: true`.
+    /// `unit` + `requests_per_unit` (burst 0; an omitted `requests_per_unit` is 0, every hit
+    /// over, as the reference reads it); `None` with `unlimited: true`.
     pub limit: Option<Limit>,
     pub unlimited: bool,
     /// `name`: reported in `x-ratelimit-limit` and used by `replaces`.

@@ -74,8 +74,8 @@ pub fn gateway_rule(name: &str, r: &Rule, shadow: bool, targets: &[L7Target]) ->
             Scope::Global => crate::plan::Scope::Global,
         },
         shadow,
-        replaces: Vec::new(),
         targets: targets.to_vec(),
+        ..L7Rule::default()
     }
 }
 
@@ -121,6 +121,7 @@ pub fn entry_key_text(rule: &L7Rule) -> String {
             (Attribute::HeaderNotEquals { name, value }, _) => format!("header {name}!={value}"),
             (_, EntryValue::Distinct) => format!("per descriptor {}", e.key),
             (_, EntryValue::Wildcard(p)) => format!("per descriptor {} matching {p}", e.key),
+            (_, EntryValue::SharedWildcard(p)) => format!("shared by descriptors {} matching {p}", e.key),
             (_, EntryValue::Exact(v)) => format!("{}={v}", e.key),
             (_, EntryValue::Cidr { nets, distinct, .. }) => {
                 let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
@@ -130,7 +131,7 @@ pub fn entry_key_text(rule: &L7Rule) -> String {
         parts.push(part);
     }
     let splits = rule.entries.iter().any(|e| match &e.value {
-        EntryValue::Exact(_) => false,
+        EntryValue::Exact(_) | EntryValue::SharedWildcard(_) => false,
         EntryValue::Wildcard(_) | EntryValue::Distinct => true,
         EntryValue::Cidr { distinct, .. } => *distinct,
     });
@@ -182,7 +183,7 @@ fn entry_accepts(e: &EntryMatch, a: &ActionEntry) -> bool {
     }
     match (a, &e.value) {
         (ActionEntry::Generic { value, .. }, EntryValue::Exact(v)) => v == value,
-        (ActionEntry::Generic { value, .. }, EntryValue::Wildcard(p)) => glob(p, value),
+        (ActionEntry::Generic { value, .. }, EntryValue::Wildcard(p) | EntryValue::SharedWildcard(p)) => glob(p, value),
         (ActionEntry::Generic { .. }, EntryValue::Distinct) => true,
         (ActionEntry::Generic { .. }, EntryValue::Cidr { .. }) => false,
         _ => true,

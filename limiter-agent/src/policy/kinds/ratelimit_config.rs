@@ -25,8 +25,14 @@
 //! - `value` may hold `*` wildcards; no `value` means "any value, a counter per value".
 //! - Two sibling descriptors with the same `key` and `value` are an error (the service
 //!   refuses such a config too).
-//! - Fields this agent does not know are warnings ([`RatelimitConfig::not_enforced`]), not
-//!   errors: the service's format grows faster than this agent.
+//! - Keys the service does not know are errors, as the service refuses them (a misspelt
+//!   `ratelimit:` would otherwise drop a limit). `value_to_metric`, `detailed_metric` and
+//!   `metadata` are read and change nothing here (stats of the reference).
+//! - `requests_per_unit: 0`, or none, is a limit of 0: every hit is over (the reference's
+//!   README blocks an address that way).
+//! - `share_threshold: true` (on a wildcard value only): every matching value shares one
+//!   counter; `quota_mode: true`: see [`crate::plan::l7::L7Rule::quota_mode`].
+//! - A node with neither `rate_limit` nor `descriptors` exempts its value.
 //!
 //! The document is read as a generic tree ([`Node`]) rather than through typed serde structs,
 //! so that every problem is reported (serde stops at the first), unknown fields can become
@@ -76,18 +82,27 @@ fn compile_level<'a>(
 ) {
     for d in level {
         path.push(d);
+        let base = || L7Rule {
+            domain: config.domain.clone(),
+            entries: path.iter().map(|d| entry(d)).collect(),
+            algorithm: Algorithm::FixedWindow,
+            scope: Scope::Global,
+            shadow: d.shadow_mode,
+            quota_mode: d.quota_mode,
+            ..L7Rule::default()
+        };
         if let Some(rl) = &d.rate_limit {
             out.push(L7Rule {
                 name: rl.name.clone().unwrap_or_else(|| path_name(&config.domain, path)),
-                domain: config.domain.clone(),
-                entries: path.iter().map(|d| entry(d)).collect(),
+                limit_name: Some(rl.name.clone().unwrap_or_default()),
                 limit: rl.limit,
-                algorithm: Algorithm::FixedWindow,
-                scope: Scope::Global,
-                shadow: d.shadow_mode,
                 replaces: rl.replaces.clone(),
-                targets: Vec::new(),
+                ..base()
             });
+        } else if d.descriptors.is_empty() {
+            // Neither a limit nor children: the reference matches the node and applies no
+            // limit, so the value is exempt even where the bare key has a limit.
+            out.push(L7Rule { name: path_name(&config.domain, path), exempt: true, ..base() });
         }
         compile_level(config, &d.descriptors, path, out);
         path.pop();
@@ -97,6 +112,7 @@ fn compile_level<'a>(
 fn entry(d: &ConfigDescriptor) -> EntryMatch {
     let value = match &d.value {
         None => EntryValue::Distinct,
+        Some(v) if v.contains('*') && d.share_threshold => EntryValue::SharedWildcard(v.clone()),
         Some(v) if v.contains('*') => EntryValue::Wildcard(v.clone()),
         Some(v) => EntryValue::Exact(v.clone()),
     };
@@ -132,6 +148,15 @@ fn identity(n: &S<Node>) -> Option<(String, Option<String>)> {
     Some((text("key")?, text("value").filter(|v| !v.is_empty())))
 }
 
+impl Reader {
+    /// A key the reference service does not know: it refuses the whole config ("unknown
+    /// key"), so a misspelt `ratelimit:` cannot silently drop a limit.
+    fn unknown_key(&mut self, n: &S<Node>, field: &str) {
+        let message = "unknown key (envoyproxy/ratelimit refuses keys it does not know)".to_owned();
+        self.schema(pos_of(n), field, message);
+    }
+}
+
 /// `second | minute | hour | day | week | month | year`, any case (the service's own list).
 pub fn parse_config_unit(s: &str) -> Option<Unit> {
     Some(match s.trim().to_ascii_lowercase().as_str() {
@@ -157,7 +182,7 @@ impl Reader {
                     domain = self.string(v, "domain").map(|d| (d, pos_of(v)));
                 }
                 "descriptors" => descriptors = self.descriptors(v, "descriptors"),
-                _ => self.unknown_field(v, k),
+                _ => self.unknown_key(v, k),
             }
         }
         let (domain, pos) = domain?;
@@ -204,6 +229,8 @@ impl Reader {
         let mut rate_limit = None;
         let mut shadow_mode = false;
         let mut detailed_metric = false;
+        let mut share_threshold = None;
+        let mut quota_mode = false;
         let mut descriptors = Vec::new();
         let mut ok = true;
         for (k, v) in entries {
@@ -220,8 +247,16 @@ impl Reader {
                 }
                 "shadow_mode" => shadow_mode = self.opt_bool(v, &f).unwrap_or(false),
                 "detailed_metric" => detailed_metric = self.opt_bool(v, &f).unwrap_or(false),
+                "share_threshold" => share_threshold = self.opt_bool(v, &f).filter(|&b| b).map(|_| (v, f)),
+                "quota_mode" => quota_mode = self.opt_bool(v, &f).unwrap_or(false),
+                // Stats only (value in metric names) and free-form data for other tools: read
+                // by the reference, nothing to enforce.
+                "value_to_metric" => {
+                    self.opt_bool(v, &f);
+                }
+                "metadata" => {}
                 "descriptors" => descriptors = self.descriptors(v, &f),
-                _ => self.unknown_field(v, &f),
+                _ => self.unknown_key(v, &f),
             }
         }
         let key = match key {
@@ -237,12 +272,21 @@ impl Reader {
                 return None;
             }
         };
+        if let Some((at, f)) = &share_threshold
+            && !value.as_deref().is_some_and(|v| v.contains('*'))
+        {
+            let message = "share_threshold can only be used with a wildcard value (containing '*')".to_owned();
+            self.schema(pos_of(at), f, message);
+            ok = false;
+        }
         ok.then_some(ConfigDescriptor {
             key,
             value,
             rate_limit,
             shadow_mode,
             detailed_metric,
+            share_threshold: share_threshold.is_some(),
+            quota_mode,
             descriptors,
             at: At::new(pos_of(n), field),
         })
@@ -276,13 +320,13 @@ impl Reader {
                 }
                 "requests_per_unit" => {
                     if !v.value.is_null() {
-                        requests = Some((self.int_in(v, &f, 1, u32::MAX.into()), v));
+                        requests = Some((self.int_in(v, &f, 0, u32::MAX.into()), v));
                     }
                 }
                 "unlimited" => unlimited = self.opt_bool(v, &f).unwrap_or(false),
                 "name" => name = self.opt_string(v, &f),
                 "replaces" => replaces = self.replaces(v, &f),
-                _ => self.unknown_field(v, &f),
+                _ => self.unknown_key(v, &f),
             }
         }
         let limit = if unlimited {
@@ -300,11 +344,10 @@ impl Reader {
             if !has_unit_field {
                 self.missing(n, field, "unit");
             }
-            if requests.is_none() {
-                self.missing(n, field, "requests_per_unit");
-            }
+            // No `requests_per_unit` is 0 for the reference (a plain uint32): every hit over.
             match (unit, requests) {
                 (Some(unit), Some((Some(r), _))) => Some(Limit { requests: r as u64, unit, burst: 0 }),
+                (Some(unit), None) => Some(Limit { requests: 0, unit, burst: 0 }),
                 _ => None,
             }
         };
@@ -339,7 +382,7 @@ impl Reader {
                 let kf = format!("{f}.{k}");
                 match k.as_str() {
                     "name" => name = self.opt_string(v, &kf).map(|s| (i, s, v)),
-                    _ => self.unknown_field(v, &kf),
+                    _ => self.unknown_key(v, &kf),
                 }
             }
             match name {

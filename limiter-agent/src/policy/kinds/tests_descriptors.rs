@@ -89,6 +89,7 @@ fn rule(domain: &str, name: &str, entries: Vec<EntryMatch>, limit: Option<(u64, 
         shadow: false,
         replaces: Vec::new(),
         targets: Vec::new(),
+        ..L7Rule::default()
     }
 }
 
