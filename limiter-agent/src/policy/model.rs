@@ -37,6 +37,11 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    /// No document of any kind.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty() && self.ratelimit_configs.is_empty() && self.listener_maps.is_empty()
+    }
+
     /// Appends `other`'s documents after this set's (each kind keeps its load order).
     pub fn extend(&mut self, other: PolicySet) {
         self.policies.extend(other.policies);

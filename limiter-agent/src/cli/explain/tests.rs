@@ -98,7 +98,7 @@ fn printed_actions_send_the_descriptors_the_plan_expects() {
                 let over_rls = envoy_descriptor(&actions, remote, "/api/v1/x", headers).is_some_and(|entries| {
                     let request = RlsRequest {
                         domain: rule.domain.clone(),
-                        descriptors: vec![RequestDescriptor { entries, hits_addend: Some(0) }],
+                        descriptors: vec![RequestDescriptor { entries, hits_addend: Some(0), limit: None }],
                         hits_addend: 1,
                     };
                     let response = engine.should_rate_limit(&request, now).expect("valid request");

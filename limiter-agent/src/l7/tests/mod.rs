@@ -103,6 +103,7 @@ fn descriptor(entries: &[(&str, &str)]) -> RequestDescriptor {
     RequestDescriptor {
         entries: entries.iter().map(|&(k, v)| DescriptorEntry { key: k.into(), value: v.into() }).collect(),
         hits_addend: None,
+        limit: None,
     }
 }
 
