@@ -270,7 +270,6 @@ fn not_enforced_fields_are_warnings_naming_the_field() {
     assert_eq!(l7(&c, "eg-anonymous/rule-0").limit, Some(Limit { requests: 100, unit: Unit::Minute, burst: 0 }));
     assert_eq!(l7(&c, "eg-anonymous/rule-1").limit, Some(Limit { requests: 10, unit: Unit::Minute, burst: 0 }));
     assert_eq!(l7(&c, "eg-anonymous/rule-1").scope, PlanScope::Global);
-
 }
 
 #[test]
