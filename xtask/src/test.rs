@@ -43,7 +43,9 @@ pub fn cmd(args: &TestArgs) -> Result<()> {
     if args.test_args.is_empty() || args.test_args.iter().any(|a| a == PEER_FILTER) {
         peer::run_suite()?;
     } else {
-        println!("test: envoyproxy/ratelimit conformance suite not run: a filter was given (add `{PEER_FILTER}` to run it)");
+        println!(
+            "test: envoyproxy/ratelimit conformance suite not run: a filter was given (add `{PEER_FILTER}` to run it)"
+        );
     }
 
     remove_leftover_netns()?;

@@ -36,7 +36,7 @@ use ipnet::IpNet;
 
 use super::counters::Meter;
 use super::{DescriptorEntry, HttpRequest, ReportedLimit};
-use crate::plan::l7::{Attribute, EntryMatch, EntryValue, L7Plan, L7Rule, L7Target};
+use crate::plan::l7::{Attribute, EntryMatch, EntryValue, L7Plan, L7Rule, L7Target, MatchTarget};
 
 /// The counter namespace of per-descriptor limit overrides (rule ids count up from 1).
 pub(super) const OVERRIDE_RULE_ID: u64 = u64::MAX;
@@ -442,9 +442,35 @@ pub(super) fn http_value<'a>(entry: &'a EntryMatch, req: &HttpRequest<'a>) -> Op
         },
         Attribute::Path => Value::Str(req.path),
         Attribute::Method => Value::Str(req.method),
+        Attribute::Matches(c) => {
+            let holds = match &c.target {
+                MatchTarget::Header(name) => header(req, name),
+                MatchTarget::Path => Some(req.path),
+                MatchTarget::Method => Some(req.method),
+                MatchTarget::Query(name) => query_param(req.path, name),
+            }
+            .is_some_and(|v| c.matcher.matches(v));
+            if holds == c.invert {
+                return None;
+            }
+            constant()
+        }
+        Attribute::Query(name) => Value::Str(query_param(req.path, name)?),
         Attribute::Descriptor => return None,
     };
     value.matches(&entry.value).then_some(value)
+}
+
+/// The first value of query parameter `name` in a `:path` (`/p?a=1&b=2`), as written (not
+/// percent-decoded, as Envoy's `query_parameter_value_match` compares); a parameter without
+/// `=` has the empty value.
+fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = path.split_once('?')?;
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
 }
 
 /// The first value of header `name` (names compared ASCII case-insensitively).

@@ -32,6 +32,8 @@ pub mod keys {
     pub const PATH: &str = "path";
     /// `request_headers` on `:method`.
     pub const METHOD: &str = "method";
+    /// `query_parameter_value_match`: present when a query parameter condition holds.
+    pub const QUERY_MATCH: &str = "query_match";
 }
 
 /// Every L7 rule of a policy set.
@@ -125,9 +127,99 @@ pub enum Attribute {
     },
     Path,
     Method,
+    /// `header_value_match` (on a header, `:path` or `:method`) or
+    /// `query_parameter_value_match`: present, with the `Exact` string as its value, when the
+    /// condition holds (with `invert`, when it does not). Envoy Gateway's `path`, `methods`,
+    /// `queryParams` and `RegularExpression` header selectors.
+    Matches(Condition),
+    /// `query_parameters` action: the value of a query parameter (absent: no descriptor).
+    Query(String),
     /// Only in descriptor lists sent over RLS (envoyproxy/ratelimit configs): no HTTP source.
     Descriptor,
 }
+
+/// A condition on one part of an HTTP request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    pub target: MatchTarget,
+    pub matcher: StringMatch,
+    /// Present when the condition does NOT hold (`expect_match: false`).
+    pub invert: bool,
+}
+
+/// What a [`Condition`] looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MatchTarget {
+    /// A request header, lower-case name (its first value).
+    Header(String),
+    /// `:path`, as Envoy sees it (the query string included).
+    Path,
+    /// `:method`.
+    Method,
+    /// A query parameter (its first value).
+    Query(String),
+}
+
+/// Envoy's `StringMatcher`, as far as the gateways use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// `safe_regex`: RE2 syntax, the whole value must match.
+    Regex(FullRegex),
+    /// Any value (`present_match`).
+    Present,
+}
+
+impl StringMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(v) => value == v,
+            StringMatch::Prefix(p) => value.starts_with(p.as_str()),
+            StringMatch::Regex(r) => r.is_match(value),
+            StringMatch::Present => true,
+        }
+    }
+}
+
+/// A regular expression that must match a whole value, as Envoy's `safe_regex` (RE2) does. The
+/// `regex` crate shares RE2's syntax and its linear-time guarantee (no backreferences or
+/// lookaround, which RE2 refuses too). Compared by its source text.
+#[derive(Clone, Debug)]
+pub struct FullRegex {
+    source: String,
+    compiled: regex::Regex,
+}
+
+impl FullRegex {
+    /// Compiles `source`, anchored at both ends. The error is the parser's message.
+    pub fn new(source: &str) -> Result<FullRegex, String> {
+        // Bounded so that a hostile policy cannot make a huge automaton (RE2 bounds it too).
+        let compiled =
+            regex::RegexBuilder::new(&format!("^(?:{source})$")).size_limit(1 << 20).build().map_err(|e| {
+                // The parser's message spans lines (the pattern, a caret); keep its verdict.
+                let text = e.to_string();
+                text.lines().rev().find_map(|l| l.trim().strip_prefix("error: ")).unwrap_or(text.trim()).to_owned()
+            })?;
+        Ok(FullRegex { source: source.to_owned(), compiled })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn is_match(&self, value: &str) -> bool {
+        self.compiled.is_match(value)
+    }
+}
+
+impl PartialEq for FullRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for FullRegex {}
 
 /// How an entry's value is matched and whether it splits buckets.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -259,8 +259,10 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Selects on request attributes (headers, path, method, query), not only on the client
+    /// address: such a rule is L7-only and derives no kernel guard.
     pub fn has_headers(&self) -> bool {
-        self.selectors.iter().any(|s| !s.headers.is_empty())
+        self.selectors.iter().any(|s| !s.headers.is_empty() || !s.http.is_empty())
     }
 
     pub fn source_selectors(&self) -> impl Iterator<Item = &SourceCidr> {
@@ -290,6 +292,19 @@ impl std::fmt::Display for Count {
 pub struct ClientSelector {
     pub source: Option<SourceCidr>,
     pub headers: Vec<HeaderMatch>,
+    /// Envoy Gateway's `path`, `methods`, `queryParams` and `RegularExpression` headers, in
+    /// the order written.
+    pub http: Vec<HttpSelector>,
+}
+
+/// A selector on the HTTP request beyond exact and distinct headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpSelector {
+    /// The request must satisfy the condition (or, inverted, must not).
+    Condition(crate::plan::l7::Condition),
+    /// `queryParams` `type: Distinct`: a bucket per value of the parameter; requests without
+    /// it are not selected.
+    QueryDistinct(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

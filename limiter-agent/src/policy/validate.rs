@@ -334,7 +334,7 @@ impl Validator {
         if self.errors.len() > before {
             return None;
         }
-        Some(ClientSelector { source, headers })
+        Some(ClientSelector { source, headers, http: Vec::new() })
     }
 
     /// `type: Exact | Distinct` (default Exact) → `Some(distinct)`.

@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::table::targets_text;
 use crate::plan::l7::keys;
+use crate::plan::l7::{Condition, MatchTarget, StringMatch};
 use crate::plan::{Attribute, EntryValue, L7Rule, L7Target};
 
 /// One Envoy action producing one descriptor entry, with a note when its source is assumed.
@@ -110,6 +111,10 @@ pub(super) fn entry_action(e: &crate::plan::EntryMatch) -> Action {
             m.insert("headers".into(), json!([{ "name": name, "present_match": true }]));
             known(json!({ "header_value_match": m }))
         }
+        Attribute::Matches(c) => known(condition_action(e, c, exact.unwrap_or_default())),
+        Attribute::Query(name) => {
+            known(json!({ "query_parameters": { "query_parameter_name": name, "descriptor_key": e.key } }))
+        }
         // An envoyproxy/ratelimit config entry whose origin no policy gave: the usual action
         // for its key.
         Attribute::Descriptor => match (e.key.as_str(), exact) {
@@ -130,6 +135,41 @@ pub(super) fn entry_action(e: &crate::plan::EntryMatch) -> Action {
             },
         },
     }
+}
+
+/// Envoy's `StringMatcher` for a condition.
+fn string_match(m: &StringMatch) -> Value {
+    match m {
+        StringMatch::Exact(v) => json!({ "exact": v }),
+        StringMatch::Prefix(p) => json!({ "prefix": p }),
+        StringMatch::Regex(r) => json!({ "safe_regex": { "regex": r.as_str() } }),
+        StringMatch::Present => Value::Null,
+    }
+}
+
+/// `header_value_match` (headers, `:path`, `:method`) or `query_parameter_value_match` sending
+/// `descriptor_value` when the condition holds (`expect_match: false` when inverted).
+fn condition_action(e: &crate::plan::EntryMatch, c: &Condition, descriptor_value: &str) -> Value {
+    let mut m = Map::new();
+    let (default_key, action, list, name) = match &c.target {
+        MatchTarget::Header(n) => (keys::HEADER_MATCH, "header_value_match", "headers", n.as_str()),
+        MatchTarget::Path => (keys::HEADER_MATCH, "header_value_match", "headers", ":path"),
+        MatchTarget::Method => (keys::HEADER_MATCH, "header_value_match", "headers", ":method"),
+        MatchTarget::Query(n) => (keys::QUERY_MATCH, "query_parameter_value_match", "query_parameters", n.as_str()),
+    };
+    if e.key != default_key {
+        m.insert("descriptor_key".into(), json!(e.key));
+    }
+    m.insert("descriptor_value".into(), json!(descriptor_value));
+    if c.invert {
+        m.insert("expect_match".into(), json!(false));
+    }
+    let matcher = match &c.matcher {
+        StringMatch::Present => json!({ "name": name, "present_match": true }),
+        other => json!({ "name": name, "string_match": string_match(other) }),
+    };
+    m.insert(list.into(), json!([matcher]));
+    json!({ action: m })
 }
 
 impl Group {

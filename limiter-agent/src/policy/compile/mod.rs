@@ -453,7 +453,7 @@ fn compile_policy(
                 origins.push(p.location(&r.at));
                 fields.push(r.at.field.clone());
                 summary.l7_rules.push(full.clone());
-                let reason = if r.has_headers() { "selects on headers" } else { "counts Requests" };
+                let reason = if r.has_headers() { "selects on request attributes" } else { "counts Requests" };
                 let no_guard = if r.has_headers() {
                     None
                 } else if !r.kernel_guard {

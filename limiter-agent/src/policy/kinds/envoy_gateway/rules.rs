@@ -201,7 +201,8 @@ fn read_limit(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Limit> {
         match k.as_str() {
             "requests" => {
                 has.0 = true;
-                requests = r.int_in(v, &f, 1, i64::MAX).and_then(|x| u64::try_from(x).ok());
+                // 0 denies every request the rule selects, as Envoy Gateway allows.
+                requests = r.int_in(v, &f, 0, i64::MAX).and_then(|x| u64::try_from(x).ok());
             }
             "unit" => {
                 has.1 = true;
@@ -225,14 +226,15 @@ fn read_limit(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Limit> {
     Some(Limit { requests: requests?, unit: unit?, burst: 0 })
 }
 
-/// The native units plus Envoy Gateway's `Month` and `Year` (30 and 365 days, as Envoy's
-/// rate limit service counts them).
+/// The native units plus Envoy Gateway's `Week`, `Month` and `Year` (7, 30 and 365 days, as
+/// Envoy's rate limit service counts them).
 fn eg_unit(s: &str) -> Option<Unit> {
     if let Some(u) = parse_unit(s) {
         return Some(u);
     }
     let lower = s.trim().to_ascii_lowercase();
     match lower.strip_suffix('s').unwrap_or(&lower) {
+        "week" => Some(Unit::Interval { ns: 7 * NS_PER_DAY }),
         "month" => Some(Unit::Interval { ns: 30 * NS_PER_DAY }),
         "year" => Some(Unit::Interval { ns: 365 * NS_PER_DAY }),
         _ => None,
