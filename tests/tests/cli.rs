@@ -68,7 +68,7 @@ fn check_accepts_every_kind_at_once_and_lists_warnings_from_each() {
         (
             "policies/task-api.yaml",
             "spec.rateLimit.local.rules[2]",
-            "rule task-api/per-user is L7 (selects on headers): answered by the rate limit service (`limiter-agent run --rls-listen`",
+            "rule task-api/per-user is L7 (selects on request attributes): answered by the rate limit service (`limiter-agent run --rls-listen`",
         ),
     ] {
         let found = run.stderr.lines().any(|l| {
