@@ -82,7 +82,7 @@ pub fn gateway_rule(name: &str, r: &Rule, shadow: bool, targets: &[L7Target]) ->
 
 /// The entry of an HTTP selector: a condition's fixed descriptor value says what it tests
 /// (`path^=/llm`, `method=POST`, `x-tier~=gold|plat`, `?debug=1`, `not ...` when inverted).
-fn http_entry(h: &HttpSelector) -> EntryMatch {
+pub(crate) fn http_entry(h: &HttpSelector) -> EntryMatch {
     match h {
         HttpSelector::QueryDistinct(name) => EntryMatch {
             key: format!("query.{name}"),

@@ -45,7 +45,7 @@
 //! are clashes between `ListenerMap`s ([`super::listeners::check_set`]). Errors are in
 //! [`Compiled::errors`]; [`load_and_compile`] returns them with the loader's.
 
-mod l7;
+pub(crate) mod l7;
 #[cfg(test)]
 mod tests;
 

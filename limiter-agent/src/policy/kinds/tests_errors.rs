@@ -41,8 +41,8 @@ fn teg_error_classes() {
     assert_eq!(
         errors(&rules("      - limit: {requests: 0, unit: Second}\n      - limit: {requests: -1, unit: Secs}\n")),
         [
-            "p.yaml:8:27: spec.global.rules[0].limit.requests: must be at least 1, got 0",
-            "p.yaml:9:27: spec.global.rules[1].limit.requests: must be at least 1, got -1",
+            // 0 denies every request (Envoy Gateway allows it); below 0 is an error.
+            "p.yaml:9:27: spec.global.rules[1].limit.requests: must be at least 0, got -1",
             "p.yaml:9:37: spec.global.rules[1].limit.unit: unknown unit \"Secs\" (expected Second, Minute, Hour or Day)",
         ]
     );

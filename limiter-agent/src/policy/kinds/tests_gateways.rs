@@ -37,6 +37,12 @@ fn rule_line(r: &Rule) -> String {
             };
             sels.push(format!("hdr {} {m}{}", h.name, if h.invert { " invert" } else { "" }));
         }
+        for h in &s.http {
+            match crate::policy::compile::l7::http_entry(h).value {
+                crate::plan::EntryValue::Exact(v) => sels.push(v),
+                other => sels.push(format!("{other:?}")),
+            }
+        }
     }
     assert_eq!(r.count, Count::Requests, "{}", r.name);
     assert!(r.kernel_guard, "{}", r.name);
@@ -162,11 +168,23 @@ fn envoy_gateway_examples() {
                 kind: K,
                 name: "eg-regex-header",
                 targets: route,
-                rules: &["per-source Global 50/Second+0 [src 0.0.0.0/0 distinct]"],
-                warnings: &[
-                    "20 spec.rateLimit.global.rules[0].clientSelectors[0].headers[0].type: not enforced: RegularExpression header matches (the rule is dropped)",
-                    "17 spec.rateLimit.global.rules[0]: not enforced: rule rule-0 selects on a condition this agent cannot match",
+                rules: &[
+                    "rule-0 Global 5/Minute+0 [x-user-id~=^test-.*]",
+                    "per-source Global 50/Second+0 [src 0.0.0.0/0 distinct]",
                 ],
+                warnings: &[],
+            },
+            Expect {
+                file: "llm-path-method.yaml",
+                kind: K,
+                name: "eg-llm",
+                targets: &["HTTPRoute default/llm-route"],
+                rules: &[
+                    "chat Global 3/Minute+0 [path^=/llm/v1/chat, method=POST]",
+                    "no-debug Global 0/Hour+0 [?debug=1]",
+                    "models Global 1000/168h+0 [path~=/llm/v1/models(\\?.*)?, not method=GET]",
+                ],
+                warnings: &[],
             },
             Expect {
                 file: "source-ip.yaml",
@@ -215,10 +233,10 @@ fn envoy_gateway_examples() {
                 &["11:29 spec.rateLimit.global.rules[0].limit.requests: expected an integer, found a string"],
             ),
             (
-                "zero-requests.yaml",
+                "bad-limits.yaml",
                 &[
-                    "11:29 spec.rateLimit.local.rules[0].limit.requests: must be at least 1, got 0",
-                    "12:29 spec.rateLimit.local.rules[1].limit.requests: must be at least 1, got -5",
+                    "11:38 spec.rateLimit.local.rules[0].limit.unit: unknown unit \"Fortnight\" (expected Second, Minute, Hour or Day)",
+                    "12:29 spec.rateLimit.local.rules[1].limit.requests: must be at least 0, got -5",
                 ],
             ),
         ],
@@ -308,7 +326,7 @@ fn agentgateway_examples() {
 
 #[test]
 fn not_enforced_fields_become_compiler_notices() {
-    let set = load_paths(&[dir("envoy-gateway").join("regex-header.yaml")]).unwrap_or_else(|e| panic!("{e}"));
+    let set = load_paths(&[dir("envoy-gateway").join("anonymous-users.yaml")]).unwrap_or_else(|e| panic!("{e}"));
     let c = super::super::compile(&set);
     let lines: Vec<String> = c
         .notices
@@ -319,8 +337,9 @@ fn not_enforced_fields_become_compiler_notices() {
     assert_eq!(
         lines,
         [
-            "20:25 not enforced: RegularExpression header matches (the rule is dropped)",
-            "17:11 not enforced: rule rule-0 selects on a condition this agent cannot match"
+            "17:5 not enforced by this agent (the gateway does it)",
+            "20:5 not enforced by this agent (the gateway does it)",
+            "36:27 read as: requests without this header (Envoy Gateway itself refuses invert with type Distinct)"
         ]
     );
 }
@@ -364,17 +383,18 @@ fn envoy_gateway_shapes() {
         ["rule-0 Local 1/Second+0 [hdr x-k distinct]", "rule-1 Global 2/8760h+0 []"]
     );
     assert_eq!(p.targets.iter().map(target_line).collect::<Vec<_>>(), ["Gateway ns/ghttp"]);
-    // A path selector drops its rule with warnings; cost is reported, the rule kept.
+    // A path selector (PathPrefix by default) is enforced; cost is reported, the rule kept.
     let p = load_text(&format!(
         "{EG}spec:\n  targetRefs: [{{kind: HTTPRoute, name: r}}]\n  rateLimit:\n    global:\n      rules:\n        - clientSelectors: [{{path: {{value: /x}}}}]\n          limit: {{requests: 1, unit: Second}}\n        - limit: {{requests: 2, unit: Second}}\n          cost: {{request: {{from: Number, number: 1}}}}\n"
     ));
-    assert_eq!(p.rules.iter().map(rule_line).collect::<Vec<_>>(), ["rule-1 Global 2/Second+0 []"]);
+    assert_eq!(
+        p.rules.iter().map(rule_line).collect::<Vec<_>>(),
+        ["rule-0 Global 1/Second+0 [path^=/x]", "rule-1 Global 2/Second+0 []"]
+    );
     assert_eq!(
         warning_lines(&p),
         [
-            "9 spec.rateLimit.global.rules[0].clientSelectors[0].path: not enforced: this agent does not match on it (the rule is dropped)",
-            "9 spec.rateLimit.global.rules[0]: not enforced: rule rule-0 selects on a condition this agent cannot match",
-            "12 spec.rateLimit.global.rules[1].cost: not enforced: every request counts once, per node or shared as scoped",
+            "12 spec.rateLimit.global.rules[1].cost: not enforced: every request counts once, per node or shared as scoped"
         ]
     );
 }
