@@ -76,6 +76,11 @@ pub struct L7Rule {
     pub shadow: bool,
     /// envoyproxy/ratelimit `replaces`: names of rules this one overrides when both match.
     pub replaces: Vec<String>,
+    /// Envoy Gateway's `cost`: the `hits_addend` the gateway's `rate_limits` entries send for
+    /// this rule (explained; the service counts whatever `hits_addend` arrives).
+    pub cost_request: Option<HitsAddend>,
+    /// `cost.response`: a second `rate_limits` entry with `apply_on_stream_done: true`.
+    pub cost_response: Option<HitsAddend>,
     /// Which routes the rule applies to. Empty: every request that reaches the engine.
     /// Route-level targets win over gateway-level ones (see [`L7Target`]).
     pub targets: Vec<L7Target>,
@@ -136,6 +141,16 @@ pub enum Attribute {
     Query(String),
     /// Only in descriptor lists sent over RLS (envoyproxy/ratelimit configs): no HTTP source.
     Descriptor,
+}
+
+/// What one request adds to a counter (Envoy's `RateLimit.hits_addend`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HitsAddend {
+    /// `number`: a constant.
+    Number(u64),
+    /// `format` `%DYNAMIC_METADATA(namespace:key)%`: a number another filter wrote (e.g. the
+    /// tokens an LLM response used).
+    Metadata { namespace: String, key: String },
 }
 
 /// A condition on one part of an HTTP request.

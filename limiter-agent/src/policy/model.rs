@@ -254,6 +254,9 @@ pub struct Rule {
     pub limit: Limit,
     /// `kernelGuard` (default on): derive a kernel connection guard for an L7 rule.
     pub kernel_guard: bool,
+    /// Envoy Gateway's `cost`: what a request adds to the counter, sent by the gateway as
+    /// `hits_addend` (the service counts what it is sent).
+    pub cost: RuleCost,
     /// The rule's entry (`spec.rateLimit.local.rules[2]`), positioned at its first key.
     pub at: At,
 }
@@ -286,6 +289,15 @@ impl std::fmt::Display for Count {
             Count::Requests => f.write_str("Requests"),
         }
     }
+}
+
+/// Envoy Gateway's `cost.request` / `cost.response` of a global rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleCost {
+    /// Charged when the request arrives (`None`: 1).
+    pub request: Option<crate::plan::l7::HitsAddend>,
+    /// Charged when the response is done (Envoy's `apply_on_stream_done`), e.g. tokens used.
+    pub response: Option<crate::plan::l7::HitsAddend>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -289,6 +289,7 @@ impl Validator {
             count: count?,
             limit: limit?,
             kernel_guard,
+            cost: Default::default(),
             at: at(r, field),
         })
     }

@@ -76,6 +76,8 @@ pub fn gateway_rule(name: &str, r: &Rule, shadow: bool, targets: &[L7Target]) ->
         },
         shadow,
         targets: targets.to_vec(),
+        cost_request: r.cost.request.clone(),
+        cost_response: r.cost.response.clone(),
         ..L7Rule::default()
     }
 }

@@ -143,6 +143,7 @@ fn local(r: &mut Reader, n: &S<Node>, field: &str, index: usize) -> Option<Rule>
         count: Count::Requests,
         limit: Limit { requests: requests?, unit: unit?, burst: burst? },
         kernel_guard: true,
+        cost: Default::default(),
         at: At::new(pos_of(n), field),
     })
 }

@@ -191,6 +191,7 @@ fn local(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Rule> {
         count: Count::Requests,
         limit,
         kernel_guard: true,
+        cost: Default::default(),
         at: At::new(pos_of(bucket), format!("{field}.tokenBucket")),
     })
 }
