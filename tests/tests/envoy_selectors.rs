@@ -58,6 +58,11 @@ struct Stack {
 
 impl Stack {
     fn start(entries: Value, engine: Engine, per_route: bool) -> Stack {
+        Stack::start_with(entries, engine, per_route, None)
+    }
+
+    /// [`Stack::start`] with an HTTP filter put before the rate limit filter.
+    fn start_with(entries: Value, engine: Engine, per_route: bool, first_filter: Option<Value>) -> Stack {
         let backend = HttpBackend::start().expect("HTTP backend");
         let rls = RateLimitService::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), engine, Counting::Local)
             .expect("rate limit service");
@@ -67,6 +72,13 @@ impl Stack {
             EnvoyConfig { rls: rls.addr(), domain: "limiter".into(), routes, failure_mode_deny: false, rls_tls: None };
         let (port, admin_port) = (free_port().expect("free port"), free_port().expect("free port"));
         let mut b = bootstrap(&config, port, admin_port, backend.port());
+        if let Some(filter) = first_filter {
+            let filters =
+                b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+                    .as_array_mut()
+                    .expect("http_filters");
+            filters.insert(0, filter);
+        }
         if per_route {
             let route = &mut b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
                 ["virtual_hosts"][0]["routes"][0];
@@ -183,4 +195,31 @@ fn a_cost_of_ten_per_request_allows_three_of_thirty() {
     assert_eq!(stack.statuses(4, "POST", "/v1/complete?model=small", &[]), [200, 200, 200, 429]);
     assert_eq!(stack.statuses(1, "POST", "/v1/complete?model=large", &[]), [200], "another model, another budget");
     assert_eq!(stack.statuses(2, "POST", "/v1/complete", &[]), [200, 200], "no model, no descriptor");
+}
+
+/// A per-request limit override, as Envoy sends it for a route's `limit: {dynamic_metadata}`
+/// (how Envoy Gateway passes a limit read from metadata): a Lua filter writes
+/// `{requests_per_unit: 2, unit: HOUR}` into the request's dynamic metadata, Envoy attaches it to
+/// the descriptor, and the service applies it instead of the configured limit (as the
+/// reference does): 2 × 200, then 429, with the override in `x-ratelimit-limit`.
+#[test]
+fn a_limit_override_from_metadata_replaces_the_configured_limit() {
+    let (_, engine) = explained(&[examples("gateways/envoy-gateway/llm-path-method.yaml")]);
+    let entries = json!([{
+        "actions": [{"generic_key": {"descriptor_value": "override-demo"}}],
+        "limit": {"dynamic_metadata": {"metadata_key": {"key": "limiter.test", "path": [{"key": "limit"}]}}},
+    }]);
+    let lua = json!({
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string":
+                "function envoy_on_request(h)\n  h:streamInfo():dynamicMetadata():set('limiter.test', 'limit', {requests_per_unit = 2, unit = 'HOUR'})\nend\n"},
+        },
+    });
+    let stack = Stack::start_with(entries, engine, false, Some(lua));
+    assert_eq!(stack.statuses(3, "GET", "/anything", &[]), [200, 200, 429]);
+    let r = send("GET", stack.envoy.port(), "/anything", &[]).expect("GET");
+    assert_eq!(r.header("x-ratelimit-limit"), Some("2, 2;w=3600"), "{:?}", r.headers);
+    assert_eq!(stack.backend.requests(), 2);
 }
