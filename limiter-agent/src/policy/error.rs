@@ -89,7 +89,7 @@ pub enum ErrorKind {
     #[error("{message}")]
     Schema { message: String },
     #[error(
-        "kind {kind} is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
+        "kind {kind} is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, GatewayExtension, and envoyproxy/ratelimit configs)"
     )]
     UnsupportedKind { kind: String },
     /// A native kind (`RateLimitPolicy`, `ListenerMap`) with another apiVersion.

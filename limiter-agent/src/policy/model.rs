@@ -65,6 +65,9 @@ pub enum PolicyKind {
     TrafficPolicy,
     /// agentgateway `agentgateway.dev/v1alpha1`.
     AgentgatewayPolicy,
+    /// kgateway `GatewayExtension` (`gateway.kgateway.dev/v1alpha1`): how the gateway calls the
+    /// rate limit service; no rules.
+    GatewayExtension,
 }
 
 impl std::fmt::Display for PolicyKind {
@@ -75,6 +78,7 @@ impl std::fmt::Display for PolicyKind {
             PolicyKind::RateLimitFilter => "RateLimitFilter",
             PolicyKind::TrafficPolicy => "TrafficPolicy",
             PolicyKind::AgentgatewayPolicy => "AgentgatewayPolicy",
+            PolicyKind::GatewayExtension => "GatewayExtension",
         })
     }
 }

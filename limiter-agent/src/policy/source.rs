@@ -326,6 +326,7 @@ fn load_document(src: &str) -> Result<Option<Loaded>, Vec<FieldError>> {
             "RateLimitFilter" => kinds::teg::load(src),
             "TrafficPolicy" => kinds::kgateway::load(src),
             "AgentgatewayPolicy" => kinds::agentgateway::load(src),
+            "GatewayExtension" => kinds::gateway_extension::load(src),
             _ => {
                 let err = ErrorKind::UnsupportedKind { kind: kind.value.clone() };
                 return Err(vec![FieldError::new(pos_of(&kind), "kind", err)]);

@@ -240,7 +240,7 @@ fn unsupported_kind_and_api_version() {
         "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: b}\nspec: {anything: 1}\n";
     assert_eq!(
         one_error(text),
-        "p.yaml:2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
+        "p.yaml:2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, GatewayExtension, and envoyproxy/ratelimit configs)"
     );
     let text = "apiVersion: limiter.dev/v9\nkind: RateLimitPolicy\nmetadata: {name: b}\nspec: {}\n";
     assert_eq!(
@@ -349,7 +349,7 @@ fn every_invalid_example_fails_with_its_message() {
         ("unknown-field.yaml", "10:11: spec.rateLimit.local.rules[0].burst: unknown field `burst`"),
         (
             "unknown-kind.yaml",
-            "2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)",
+            "2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, GatewayExtension, and envoyproxy/ratelimit configs)",
         ),
         ("wrong-type.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: expected an integer"),
         ("zero-requests.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: must be at least 1, got 0"),

@@ -7,6 +7,7 @@
 pub mod agentgateway;
 mod document;
 pub mod envoy_gateway;
+pub mod gateway_extension;
 pub mod kgateway;
 pub mod ratelimit_config;
 pub mod teg;

@@ -391,12 +391,7 @@ fn envoy_gateway_shapes() {
         p.rules.iter().map(rule_line).collect::<Vec<_>>(),
         ["rule-0 Global 1/Second+0 [path^=/x]", "rule-1 Global 2/Second+0 []"]
     );
-    assert_eq!(
-        warning_lines(&p),
-        [
-            "12 spec.rateLimit.global.rules[1].cost: not enforced: every request counts once, per node or shared as scoped"
-        ]
-    );
+    assert_eq!(warning_lines(&p), Vec::<String>::new(), "a cost on a global rule is read");
 }
 
 #[test]
@@ -429,7 +424,7 @@ fn envoy_gateway_errors() {
 #[test]
 fn agentgateway_tokens_and_global_are_reported() {
     let p = load_text(
-        "apiVersion: agentgateway.dev/v1alpha1\nkind: AgentgatewayPolicy\nmetadata: {name: a}\nspec:\n  traffic:\n    rateLimit:\n      local:\n        - {tokens: 100, unit: Minutes}\n        - {requests: 5, unit: second}\n      global: {}\n  backend: {}\n",
+        "apiVersion: agentgateway.dev/v1alpha1\nkind: AgentgatewayPolicy\nmetadata: {name: a}\nspec:\n  traffic:\n    rateLimit:\n      local:\n        - {tokens: 100, unit: Minutes}\n        - {requests: 5, unit: second}\n      global: {domain: agw}\n  backend: {}\n",
     );
     assert!(p.targets.is_empty());
     assert_eq!(p.rules.iter().map(rule_line).collect::<Vec<_>>(), ["local-1 Local 5/Second+0 []"]);
@@ -437,8 +432,89 @@ fn agentgateway_tokens_and_global_are_reported() {
         warning_lines(&p),
         [
             "8 spec.traffic.rateLimit.local[0].tokens: not enforced: LLM token limits are counted by agentgateway (the entry is dropped)",
-            "10 spec.traffic.rateLimit.global: not enforced: agentgateway's global rate limits go to its own rate limit service",
+            "10 spec.traffic.rateLimit.global.domain: read: agentgateway computes the descriptors  and sends them to domain `agw`; the limits are the envoyproxy/ratelimit config with `domain: agw` (not enforced from this policy)",
             "11 spec.backend: not enforced by this agent (the gateway does it)",
+        ]
+    );
+}
+
+#[test]
+fn kgateway_gateway_extension_and_agentgateway_global_are_read_and_explained() {
+    let ext = "apiVersion: gateway.kgateway.dev/v1alpha1\nkind: GatewayExtension\nmetadata: {name: rls, namespace: kgateway-system}\nspec:\n  type: RateLimit\n  rateLimit:\n    grpcService: {backendRef: {name: limiter, port: 8081}}\n    domain: api-gateway\n    failOpen: true\n    timeout: 100ms\n";
+    let p = load_text(ext);
+    assert_eq!(p.kind, PolicyKind::GatewayExtension);
+    assert!(p.rules.is_empty());
+    let w = warning_lines(&p);
+    assert!(
+        w.iter().any(|l| l.starts_with("8 spec.rateLimit.domain: read:") && l.contains("`domain: api-gateway`")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(|l| l.starts_with("9 spec.rateLimit.failOpen:") && l.contains("failure_mode_deny: false")),
+        "{w:?}"
+    );
+    assert!(w.iter().any(|l| l.starts_with("10 spec.rateLimit.timeout:") && l.contains("100ms")), "{w:?}");
+    // failOpen defaults to false: denied when the service fails, as kgateway.
+    let p = load_text(&ext.replace("    failOpen: true\n", ""));
+    assert!(warning_lines(&p).iter().any(|l| l.contains("failure_mode_deny: true")), "{:?}", warning_lines(&p));
+    assert_eq!(
+        errors_of(&ext.replace("100ms", "soon")),
+        ["10:14 spec.rateLimit.timeout: invalid duration \"soon\" (expected e.g. 500ms, 10s, 1m, 1h30m)"]
+    );
+
+    let agw = "apiVersion: agentgateway.dev/v1alpha1\nkind: AgentgatewayPolicy\nmetadata: {name: g, namespace: default}\nspec:\n  targetRefs: [{kind: Gateway, name: agw}]\n  traffic:\n    rateLimit:\n      global:\n        backendRef: {name: limiter, port: 8081}\n        domain: agentgateway\n        descriptors:\n          - entries: [{name: remote_address, expression: source.address}, {name: user, expression: jwt.sub}]\n";
+    let p = load_text(agw);
+    assert!(p.rules.is_empty());
+    let w = warning_lines(&p);
+    assert!(
+        w.iter().any(|l| l.starts_with("10 spec.traffic.rateLimit.global.domain: read:")
+            && l.contains("[remote_address, user]")
+            && l.contains("`domain: agentgateway`")),
+        "{w:?}"
+    );
+    assert_eq!(
+        errors_of(&agw.replace(", expression: jwt.sub", "")),
+        ["12:75 spec.traffic.rateLimit.global.descriptors[0].entries[1]: missing field `expression`"]
+    );
+}
+
+#[test]
+fn impossible_selectors_and_costs_are_errors_naming_the_field() {
+    let rule = |body: &str| {
+        format!(
+            "{EG}spec:\n  targetRefs: [{{kind: HTTPRoute, name: r}}]\n  rateLimit:\n    local:\n      rules:\n{body}"
+        )
+    };
+    assert_eq!(
+        errors_of(&rule(
+            "        - clientSelectors: [{headers: [{name: x, type: RegularExpression, value: \"a(b\"}]}]\n          limit: {requests: 1, unit: Second}\n"
+        )),
+        [
+            "9:82 spec.rateLimit.local.rules[0].clientSelectors[0].headers[0].value: invalid regular expression \"a(b\": unclosed group"
+        ]
+    );
+    assert_eq!(
+        errors_of(&rule(
+            "        - clientSelectors: [{path: {type: Glob, value: /x}}]\n          limit: {requests: 1, unit: Second}\n"
+        )),
+        [
+            "9:43 spec.rateLimit.local.rules[0].clientSelectors[0].path.type: unknown type \"Glob\" (expected Exact, PathPrefix or RegularExpression)"
+        ]
+    );
+    assert_eq!(
+        errors_of(&rule(
+            "        - limit: {requests: 1, unit: Second}\n          cost: {request: {from: Number, number: 10}}\n"
+        )),
+        [
+            "10:17 spec.rateLimit.local.rules[0].cost: cost applies to global rules only (a local rule is counted in the proxy)"
+        ]
+    );
+    assert_eq!(
+        errors_of(&rule(
+            "        - clientSelectors: [{methods: [{value: GET}, {value: POST, invert: true}]}]\n          limit: {requests: 1, unit: Second}\n"
+        )),
+        [
+            "9:76 spec.rateLimit.local.rules[0].clientSelectors[0].methods: mixes inverted and plain methods: give all of them `invert: true`, or none"
         ]
     );
 }
