@@ -14,6 +14,9 @@ use crate::l7::{DescriptorEntry, Engine, EngineConfig, HttpRequest, RequestDescr
 use crate::plan::{Attribute, L7Plan, L7Rule};
 use crate::policy::load_and_compile;
 
+/// A request attribute by name (a header, or a query parameter).
+type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// What Envoy's actions send for a request (its `rate_limits` semantics): the descriptor,
 /// or `None` when an action produces nothing (a missing `request_headers` header, a
 /// `header_value_match` whose outcome is not `expect_match`).
@@ -65,7 +68,7 @@ fn envoy_descriptor(
                 (text(body, "descriptor_key")?, query(&name)?)
             }
             "header_value_match" | "query_parameter_value_match" => {
-                let (list, lookup, default_key): (_, &dyn Fn(&str) -> Option<String>, _) = match kind.as_str() {
+                let (list, lookup, default_key): (_, Lookup<'_>, _) = match kind.as_str() {
                     "header_value_match" => ("headers", &header, "header_match"),
                     _ => ("query_parameters", &query, "query_match"),
                 };
