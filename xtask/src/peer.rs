@@ -14,6 +14,8 @@ use crate::util;
 
 /// Where the suite sits, relative to the workspace root (the clone lives beside `shared/`).
 const SUITE_DIR: &str = "../shared/peer-ratelimit";
+/// Overrides [`SUITE_DIR`] (a worktree that does not sit beside `shared/`).
+const SUITE_ENV: &str = "LIMITER_PEER_SUITE";
 /// The runner's Python packages, pinned (the versions the suite was checked with).
 const PACKAGES: &[&str] = &["grpcio==1.85.4", "xds-protos==1.85.0"];
 /// What the runner imports; a venv that imports it is ready.
@@ -65,12 +67,12 @@ pub fn install_venv() -> Result<()> {
 /// suite directory is an error, never a skip.
 pub fn run_suite() -> Result<()> {
     let root = util::workspace_root()?;
-    let dir = root.join(SUITE_DIR);
+    let dir = std::env::var_os(SUITE_ENV).filter(|d| !d.is_empty()).map_or_else(|| root.join(SUITE_DIR), PathBuf::from);
     let runner = dir.join("run_peer_cases.py");
     if !runner.is_file() {
         bail!(
             "the envoyproxy/ratelimit conformance suite is missing: no {} (it lives beside the clone, in {SUITE_DIR} \
-             relative to {}); put the shared directory there",
+             relative to {}, or where ${SUITE_ENV} says); put the shared directory there",
             runner.display(),
             root.display()
         );
