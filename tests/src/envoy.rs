@@ -566,9 +566,21 @@ pub fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Response> 
 /// Like [`get`], from a chosen loopback source address (e.g. 127.0.0.2), so the
 /// `remote_address` descriptor differs per simulated client.
 pub fn get_from(source: Ipv4Addr, port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
+    send_from(source, "GET", port, path, headers)
+}
+
+/// `method path` (no body) to `127.0.0.1:port` with `headers`, on a fresh connection.
+pub fn send(method: &str, port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
+    send_from(Ipv4Addr::LOCALHOST, method, port, path, headers)
+}
+
+fn send_from(source: Ipv4Addr, method: &str, port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
     let stream = connect_from(source, port)?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let mut request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    if method != "GET" {
+        request.push_str("content-length: 0\r\n");
+    }
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }

@@ -68,7 +68,7 @@ fn check_accepts_every_kind_at_once_and_lists_warnings_from_each() {
         (
             "policies/task-api.yaml",
             "spec.rateLimit.local.rules[2]",
-            "rule task-api/per-user is L7 (selects on headers): answered by the rate limit service (`limiter-agent run --rls-listen`",
+            "rule task-api/per-user is L7 (selects on request attributes): answered by the rate limit service (`limiter-agent run --rls-listen`",
         ),
     ] {
         let found = run.stderr.lines().any(|l| {
@@ -184,12 +184,12 @@ fn a_listener_map_puts_gateway_kind_guards_in_the_kernel() {
         "eg-source-ip: 1 rule(s) in the kernel, 1 L7, 0 not enforced; Gateway eg on 80/TCP,443/TCP",
         "eg-anonymous: 0 rule(s) in the kernel, 2 L7, 0 not enforced; HTTPRoute http-ratelimit on 80/TCP,443/TCP",
         "edge-defaults: 1 rule(s) in the kernel, 1 L7, 0 not enforced; Gateway http on 8443/TCP",
-        "ListenerMap node-listeners: 3 gateway(s), 4 route(s), resolving 11 policy target(s)",
+        "ListenerMap node-listeners: 3 gateway(s), 5 route(s), resolving 12 policy target(s)",
     ] {
         assert!(run.stdout.lines().any(|l| l == line), "missing {line:?} in\n{}", run.stdout);
     }
     let ok = run.stdout.lines().last().unwrap_or_default();
-    assert!(ok.starts_with("ok: 17 policies and configs, 1 listener map(s), 4 kernel rules, "), "{ok}");
+    assert!(ok.starts_with("ok: 18 policies and configs, 1 listener map(s), 4 kernel rules, "), "{ok}");
     assert!(!run.stderr.contains("not resolved to ports"), "{}", run.stderr);
 
     let run = agent(&["explain"], &paths);

@@ -49,6 +49,7 @@ fn rule(domain: &str, name: &str, entries: &[(&str, Option<&str>)], limit: Optio
         shadow: false,
         replaces: Vec::new(),
         targets: Vec::new(),
+        ..L7Rule::default()
     }
 }
 
@@ -63,6 +64,7 @@ fn descriptor(entries: &[(&str, &str)]) -> RequestDescriptor {
             .map(|(k, v)| DescriptorEntry { key: (*k).to_owned(), value: (*v).to_owned() })
             .collect(),
         hits_addend: None,
+        limit: None,
     }
 }
 
@@ -71,7 +73,7 @@ fn request(domain: &str, descriptors: Vec<RequestDescriptor>) -> RlsRequest {
 }
 
 async fn backend(server: &RedisServer, failure_mode: FailureMode) -> RedisBackend {
-    let config = RedisConfig { failure_mode, ..RedisConfig::default() };
+    let config = RedisConfig { failure_mode, negative_cache_capacity: 100_000, ..RedisConfig::default() };
     let backend = RedisBackend::connect(&server.url(), config).await.expect("valid redis url");
     assert!(backend.is_connected(), "backend did not connect to {}", server.url());
     backend
@@ -379,7 +381,11 @@ fn a_backend_started_while_redis_is_down_answers_by_its_failure_mode_then_connec
     server.stop().unwrap();
     runtime().block_on(async {
         let engine = engine(vec![rule("rl", "rl/k", &[("k", None)], Some((5, Unit::Minute)))]);
-        let config = RedisConfig { failure_mode: FailureMode::FailClosed, ..RedisConfig::default() };
+        let config = RedisConfig {
+            failure_mode: FailureMode::FailClosed,
+            negative_cache_capacity: 100_000,
+            ..RedisConfig::default()
+        };
         let redis = RedisBackend::connect(&server.url(), config).await.expect("a valid URL is enough to start");
         assert!(!redis.is_connected());
         let req = request("rl", vec![descriptor(&[("k", "v")])]);

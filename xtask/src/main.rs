@@ -2,6 +2,7 @@
 
 mod bench;
 mod lint;
+mod peer;
 mod run;
 mod setup;
 mod test;
@@ -23,7 +24,8 @@ struct Cli {
 enum Cmd {
     /// Install, idempotently, the eBPF nightly, bpf-linker, Debian packages and bpffs.
     Setup(setup::SetupArgs),
-    /// Set up, then run the unit tests and (as root) the privileged integration tests.
+    /// Set up, then run the unit tests, envoyproxy/ratelimit's own cases against the agent, and (as
+    /// root) the privileged integration tests.
     Test(test::TestArgs),
     /// Set up and build, then run the built-in sandbox demo, or the agent with the given args.
     Run(run::RunArgs),

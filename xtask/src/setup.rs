@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::peer;
 use crate::util::{self, BPF_LINKER_VERSION, DEBIAN_PACKAGES};
 
 #[derive(Debug, clap::Args)]
@@ -37,6 +38,8 @@ struct Probe {
     missing_packages: Vec<&'static str>,
     bpffs_mounted: bool,
     envoy: EnvoyState,
+    /// Why the peer suite's venv cannot run it, if it cannot.
+    peer_venv: Option<String>,
 }
 
 #[derive(Debug)]
@@ -70,6 +73,7 @@ impl Probe {
             missing_packages: missing_debian_packages()?,
             bpffs_mounted: bpffs_mounted()?,
             envoy: probe_envoy()?,
+            peer_venv: peer::probe_venv()?,
         })
     }
 
@@ -100,6 +104,10 @@ impl Probe {
             match &self.envoy {
                 EnvoyState::Ready => (true, format!("envoy {ENVOY_VERSION} at {}", envoy_bin_display())),
                 EnvoyState::Unusable(why) => (false, format!("envoy {ENVOY_VERSION}: {why}")),
+            },
+            match &self.peer_venv {
+                None => (true, "Python for the envoyproxy/ratelimit conformance suite (grpcio, xds-protos)".to_owned()),
+                Some(why) => (false, format!("conformance suite's Python: {why}")),
             },
         ]
     }
@@ -189,6 +197,12 @@ pub fn ensure() -> Result<Setup> {
             );
         }
         done.push(format!("installed envoy {ENVOY_VERSION}"));
+    }
+
+    if let Some(why) = &probe.peer_venv {
+        println!("setup: installing grpcio and xds-protos for the conformance suite ({why}; about 20 s)");
+        peer::install_venv()?;
+        done.push("installed the conformance suite's Python".to_owned());
     }
 
     let secs = started.elapsed().as_secs_f64();

@@ -1,11 +1,16 @@
-//! `cargo xtask test`: setup, unit tests of the default members, then the privileged
-//! integration tests (`limiter-tests`) one at a time as root.
+//! `cargo xtask test`: setup, unit tests of the default members, envoyproxy/ratelimit's own
+//! test cases against the agent ([`peer`], both backends), then the privileged integration
+//! tests (`limiter-tests`) one at a time as root.
 
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{setup, util};
+use crate::{peer, setup, util};
+
+/// The filter word that runs the conformance suite in a filtered run (`cargo xtask test --
+/// peer_ratelimit`); an unfiltered run always runs it.
+const PEER_FILTER: &str = "peer_ratelimit";
 
 /// Prefix of the network namespaces the integration test harness creates.
 const HARNESS_NETNS_PREFIX: &str = "lt-";
@@ -34,6 +39,14 @@ pub fn cmd(args: &TestArgs) -> Result<()> {
         unit.arg("--").args(&args.test_args);
     }
     util::run(&mut unit).context("unit tests failed: see the failures above; rerun one with `cargo test NAME`")?;
+
+    if args.test_args.is_empty() || args.test_args.iter().any(|a| a == PEER_FILTER) {
+        peer::run_suite()?;
+    } else {
+        println!(
+            "test: envoyproxy/ratelimit conformance suite not run: a filter was given (add `{PEER_FILTER}` to run it)"
+        );
+    }
 
     remove_leftover_netns()?;
     println!("test: privileged integration tests (limiter-tests, one at a time)");

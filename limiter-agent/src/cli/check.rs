@@ -116,7 +116,7 @@ mod tests {
         let (code, out, err) = run_check(&dirs);
         assert_eq!(code, ExitCode::SUCCESS, "{err}");
         assert!(out.contains("eg-source-ip: 0 rule(s) in the kernel, 1 L7, 0 not enforced\n"), "{out}");
-        assert!(out.contains("ok: 8 policies and configs, 0 kernel rules, "), "{out}");
+        assert!(out.contains("ok: 9 policies and configs, 0 kernel rules, "), "{out}");
 
         let mut paths = vec![gateways.join("listeners.yaml")];
         paths.extend(dirs);
@@ -127,10 +127,10 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("ListenerMap node-listeners: 3 gateway(s), 4 route(s), resolving 8 policy target(s)\n"),
+            out.contains("ListenerMap node-listeners: 3 gateway(s), 5 route(s), resolving 9 policy target(s)\n"),
             "{out}"
         );
-        assert!(out.contains("ok: 8 policies and configs, 1 listener map(s), 3 kernel rules, "), "{out}");
+        assert!(out.contains("ok: 9 policies and configs, 1 listener map(s), 3 kernel rules, "), "{out}");
         assert!(err.contains("source-ip.yaml:10:7: spec.targetRefs[0]: Gateway eg: resolved to ports 80/TCP,443/TCP by ListenerMap node-listeners"), "{err}");
     }
 

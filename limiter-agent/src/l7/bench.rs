@@ -46,6 +46,7 @@ fn rule(name: &str, domain: &str, entries: Vec<EntryMatch>, requests: u64, algor
         shadow: false,
         replaces: Vec::new(),
         targets: Vec::new(),
+        ..L7Rule::default()
     }
 }
 
@@ -119,6 +120,7 @@ pub fn run_rls(engine: &Arc<Engine>, threads: usize, decisions_per_thread: u64, 
             descriptors: vec![RequestDescriptor {
                 entries: vec![DescriptorEntry { key: "user".into(), value: String::new() }],
                 hits_addend: None,
+                limit: None,
             }],
             hits_addend: 1,
         };

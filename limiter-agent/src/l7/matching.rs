@@ -36,7 +36,10 @@ use ipnet::IpNet;
 
 use super::counters::Meter;
 use super::{DescriptorEntry, HttpRequest, ReportedLimit};
-use crate::plan::l7::{Attribute, EntryMatch, EntryValue, L7Plan, L7Rule, L7Target};
+use crate::plan::l7::{Attribute, EntryMatch, EntryValue, L7Plan, L7Rule, L7Target, MatchTarget};
+
+/// The counter namespace of per-descriptor limit overrides (rule ids count up from 1).
+pub(super) const OVERRIDE_RULE_ID: u64 = u64::MAX;
 
 /// One rule, ready for decisions.
 pub(super) struct CompiledRule {
@@ -114,7 +117,7 @@ impl DomainTree {
                         (fresh, true)
                     }
                 },
-                pattern @ (EntryValue::Wildcard(_) | EntryValue::Cidr { .. }) => {
+                pattern @ (EntryValue::Wildcard(_) | EntryValue::SharedWildcard(_) | EntryValue::Cidr { .. }) => {
                     match group.patterns.iter().find(|(p, _)| p == pattern) {
                         Some(&(_, c)) => (c, false),
                         None => {
@@ -185,7 +188,7 @@ impl CompiledPlan {
                 }
             }
             let reported = rule.limit.map(|l| ReportedLimit {
-                name: rule.name.clone(),
+                name: rule.limit_name.clone().unwrap_or_else(|| rule.name.clone()),
                 requests_per_unit: u32::try_from(l.requests).unwrap_or(u32::MAX),
                 unit: l.unit,
             });
@@ -273,7 +276,7 @@ impl Value<'_> {
     pub fn matches(&self, value: &EntryValue) -> bool {
         match value {
             EntryValue::Exact(v) => self.with_str(|s| s == v),
-            EntryValue::Wildcard(p) => self.with_str(|s| wildcard_match(p, s)),
+            EntryValue::Wildcard(p) | EntryValue::SharedWildcard(p) => self.with_str(|s| wildcard_match(p, s)),
             EntryValue::Distinct => true,
             EntryValue::Cidr { nets, invert, .. } => self.ip().is_some_and(|ip| in_nets(nets, ip) != *invert),
         }
@@ -319,7 +322,7 @@ pub(super) fn wildcard_match(pattern: &str, text: &str) -> bool {
 /// Whether an entry's value picks a counter of its own (a bucket per distinct value).
 fn splits(value: &EntryValue) -> bool {
     match value {
-        EntryValue::Exact(_) => false,
+        EntryValue::Exact(_) | EntryValue::SharedWildcard(_) => false,
         EntryValue::Wildcard(_) | EntryValue::Distinct => true,
         EntryValue::Cidr { distinct, .. } => *distinct,
     }
@@ -404,6 +407,8 @@ pub(super) fn cache_key_prefix(domain: &str, rule: &L7Rule, entries: &[Descripto
                     let _ = write!(key, "{net}");
                 }
             }
+            // share_threshold: the pattern stands for every value it matches.
+            EntryValue::SharedWildcard(pattern) => key.push_str(pattern),
             _ => key.push_str(&entry.value),
         }
         key.push('_');
@@ -437,9 +442,35 @@ pub(super) fn http_value<'a>(entry: &'a EntryMatch, req: &HttpRequest<'a>) -> Op
         },
         Attribute::Path => Value::Str(req.path),
         Attribute::Method => Value::Str(req.method),
+        Attribute::Matches(c) => {
+            let holds = match &c.target {
+                MatchTarget::Header(name) => header(req, name),
+                MatchTarget::Path => Some(req.path),
+                MatchTarget::Method => Some(req.method),
+                MatchTarget::Query(name) => query_param(req.path, name),
+            }
+            .is_some_and(|v| c.matcher.matches(v));
+            if holds == c.invert {
+                return None;
+            }
+            constant()
+        }
+        Attribute::Query(name) => Value::Str(query_param(req.path, name)?),
         Attribute::Descriptor => return None,
     };
     value.matches(&entry.value).then_some(value)
+}
+
+/// The first value of query parameter `name` in a `:path` (`/p?a=1&b=2`), as written (not
+/// percent-decoded, as Envoy's `query_parameter_value_match` compares); a parameter without
+/// `=` has the empty value.
+fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = path.split_once('?')?;
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
 }
 
 /// The first value of header `name` (names compared ASCII case-insensitively).

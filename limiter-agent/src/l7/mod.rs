@@ -97,6 +97,7 @@
 //!     shadow: false,
 //!     replaces: vec![],
 //!     targets: vec![],
+//!     ..L7Rule::default()
 //! };
 //! let engine = Engine::new(L7Plan { rules: vec![rule] }, EngineConfig::default());
 //! let users = ["alice", "bob", "carol", "dave"];
@@ -139,8 +140,10 @@ pub use counters::CounterStats;
 pub use headers::ratelimit_headers;
 
 pub use self::http::{HttpRequest, RuleStatus, Verdict};
+pub(crate) use self::rls::overall_code;
 pub use self::rls::{
-    DescriptorEntry, DescriptorStatus, Match, RequestDescriptor, RequestError, RlsRequest, RlsResponse,
+    DescriptorEntry, DescriptorStatus, LimitOverride, Match, RequestDescriptor, RequestError, RlsRequest, RlsResponse,
+    descriptor_key_prefix,
 };
 
 use self::counters::{Charge, Counters, Meter, Now, Outcome, decide_shared, refund_shared};
@@ -322,7 +325,8 @@ impl Engine {
         let _one_at_a_time = self.replacing.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = self.current().clone();
         let compiled = Arc::new(CompiledPlan::new(plan, Some(&previous), &self.next_rule_id));
-        let live: std::collections::HashSet<u64> = compiled.rules.iter().map(|r| r.id).collect();
+        let mut live: std::collections::HashSet<u64> = compiled.rules.iter().map(|r| r.id).collect();
+        live.insert(matching::OVERRIDE_RULE_ID);
         *self.plan.write().unwrap_or_else(PoisonError::into_inner) = compiled;
         self.generation.fetch_add(1, Ordering::Release);
         // A decision still running on the old plan may re-create a counter of a dropped rule

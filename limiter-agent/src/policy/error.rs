@@ -89,7 +89,7 @@ pub enum ErrorKind {
     #[error("{message}")]
     Schema { message: String },
     #[error(
-        "kind {kind} is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
+        "kind {kind} is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, GatewayExtension, and envoyproxy/ratelimit configs)"
     )]
     UnsupportedKind { kind: String },
     /// A native kind (`RateLimitPolicy`, `ListenerMap`) with another apiVersion.
@@ -106,6 +106,9 @@ pub enum ErrorKind {
     TooLarge { value: i64, max: i64 },
     #[error("invalid CIDR \"{value}\": {reason}")]
     InvalidCidr { value: String, reason: String },
+    /// A `RegularExpression` value RE2 (Envoy's `safe_regex`) would refuse.
+    #[error("invalid regular expression \"{value}\": {reason}")]
+    InvalidRegex { value: String, reason: String },
     #[error("invalid duration \"{value}\" (expected e.g. 500ms, 10s, 1m, 1h30m)")]
     InvalidDuration { value: String },
     #[error("invalid name \"{name}\": {reason}")]

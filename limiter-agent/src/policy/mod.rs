@@ -20,6 +20,7 @@ pub mod error;
 pub mod kinds;
 pub mod listeners;
 pub mod model;
+pub mod reader;
 pub mod source;
 pub mod spec;
 pub mod validate;

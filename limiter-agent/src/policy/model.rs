@@ -37,6 +37,11 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    /// No document of any kind.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty() && self.ratelimit_configs.is_empty() && self.listener_maps.is_empty()
+    }
+
     /// Appends `other`'s documents after this set's (each kind keeps its load order).
     pub fn extend(&mut self, other: PolicySet) {
         self.policies.extend(other.policies);
@@ -60,6 +65,9 @@ pub enum PolicyKind {
     TrafficPolicy,
     /// agentgateway `agentgateway.dev/v1alpha1`.
     AgentgatewayPolicy,
+    /// kgateway `GatewayExtension` (`gateway.kgateway.dev/v1alpha1`): how the gateway calls the
+    /// rate limit service; no rules.
+    GatewayExtension,
 }
 
 impl std::fmt::Display for PolicyKind {
@@ -70,6 +78,7 @@ impl std::fmt::Display for PolicyKind {
             PolicyKind::RateLimitFilter => "RateLimitFilter",
             PolicyKind::TrafficPolicy => "TrafficPolicy",
             PolicyKind::AgentgatewayPolicy => "AgentgatewayPolicy",
+            PolicyKind::GatewayExtension => "GatewayExtension",
         })
     }
 }
@@ -122,6 +131,10 @@ pub struct ConfigDescriptor {
     pub shadow_mode: bool,
     /// `detailed_metric: true` (accepted; metrics carry the full descriptor).
     pub detailed_metric: bool,
+    /// `share_threshold: true` on a wildcard value: one counter for every matching value.
+    pub share_threshold: bool,
+    /// `quota_mode: true`: see [`crate::plan::l7::L7Rule::quota_mode`].
+    pub quota_mode: bool,
     pub descriptors: Vec<ConfigDescriptor>,
     /// The node's entry (`descriptors[0].descriptors[1]`).
     pub at: At,
@@ -130,7 +143,8 @@ pub struct ConfigDescriptor {
 /// `rate_limit:` of a config descriptor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigRateLimit {
-    /// `unit` + `requests_per_unit` (burst 0); `None` with `unlimited: true`.
+    /// `unit` + `requests_per_unit` (burst 0; an omitted `requests_per_unit` is 0, every hit
+    /// over, as the reference reads it); `None` with `unlimited: true`.
     pub limit: Option<Limit>,
     pub unlimited: bool,
     /// `name`: reported in `x-ratelimit-limit` and used by `replaces`.
@@ -244,13 +258,18 @@ pub struct Rule {
     pub limit: Limit,
     /// `kernelGuard` (default on): derive a kernel connection guard for an L7 rule.
     pub kernel_guard: bool,
+    /// Envoy Gateway's `cost`: what a request adds to the counter, sent by the gateway as
+    /// `hits_addend` (the service counts what it is sent).
+    pub cost: RuleCost,
     /// The rule's entry (`spec.rateLimit.local.rules[2]`), positioned at its first key.
     pub at: At,
 }
 
 impl Rule {
+    /// Selects on request attributes (headers, path, method, query), not only on the client
+    /// address: such a rule is L7-only and derives no kernel guard.
     pub fn has_headers(&self) -> bool {
-        self.selectors.iter().any(|s| !s.headers.is_empty())
+        self.selectors.iter().any(|s| !s.headers.is_empty() || !s.http.is_empty())
     }
 
     pub fn source_selectors(&self) -> impl Iterator<Item = &SourceCidr> {
@@ -276,10 +295,32 @@ impl std::fmt::Display for Count {
     }
 }
 
+/// Envoy Gateway's `cost.request` / `cost.response` of a global rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleCost {
+    /// Charged when the request arrives (`None`: 1).
+    pub request: Option<crate::plan::l7::HitsAddend>,
+    /// Charged when the response is done (Envoy's `apply_on_stream_done`), e.g. tokens used.
+    pub response: Option<crate::plan::l7::HitsAddend>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientSelector {
     pub source: Option<SourceCidr>,
     pub headers: Vec<HeaderMatch>,
+    /// Envoy Gateway's `path`, `methods`, `queryParams` and `RegularExpression` headers, in
+    /// the order written.
+    pub http: Vec<HttpSelector>,
+}
+
+/// A selector on the HTTP request beyond exact and distinct headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpSelector {
+    /// The request must satisfy the condition (or, inverted, must not).
+    Condition(crate::plan::l7::Condition),
+    /// `queryParams` `type: Distinct`: a bucket per value of the parameter; requests without
+    /// it are not selected.
+    QueryDistinct(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

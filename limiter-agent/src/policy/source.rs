@@ -40,6 +40,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
     for file in &files {
         match fs::read_to_string(file) {
             Ok(text) => match load_file_set(file, &text) {
+                Ok(found) if found.is_empty() => errors.push(empty_file(file)),
                 Ok(found) => set.extend(found),
                 Err(e) => errors.extend(e.0),
             },
@@ -182,6 +183,18 @@ fn check_unique_domains(configs: &[RatelimitConfig], errors: &mut Vec<PolicyErro
     }
 }
 
+/// A policy file with no document: envoyproxy/ratelimit refuses an empty config file ("config
+/// file cannot have empty domain"), and an empty file in a policy directory is more likely a
+/// failed write than an intent, so it is an error rather than nothing to enforce.
+fn empty_file(path: &Path) -> PolicyError {
+    let message = "the file holds no document (an empty ratelimit config has no domain)".to_owned();
+    PolicyError {
+        location: Location { file: path.to_owned(), document: None, pos: Pos::new(1, 1) },
+        field: String::new(),
+        kind: ErrorKind::Schema { message },
+    }
+}
+
 fn io_error(path: &Path, e: &std::io::Error) -> PolicyError {
     PolicyError {
         location: Location { file: path.to_owned(), document: None, pos: Pos::default() },
@@ -313,6 +326,7 @@ fn load_document(src: &str) -> Result<Option<Loaded>, Vec<FieldError>> {
             "RateLimitFilter" => kinds::teg::load(src),
             "TrafficPolicy" => kinds::kgateway::load(src),
             "AgentgatewayPolicy" => kinds::agentgateway::load(src),
+            "GatewayExtension" => kinds::gateway_extension::load(src),
             _ => {
                 let err = ErrorKind::UnsupportedKind { kind: kind.value.clone() };
                 return Err(vec![FieldError::new(pos_of(&kind), "kind", err)]);

@@ -240,7 +240,7 @@ fn unsupported_kind_and_api_version() {
         "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: b}\nspec: {anything: 1}\n";
     assert_eq!(
         one_error(text),
-        "p.yaml:2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)"
+        "p.yaml:2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, GatewayExtension, and envoyproxy/ratelimit configs)"
     );
     let text = "apiVersion: limiter.dev/v9\nkind: RateLimitPolicy\nmetadata: {name: b}\nspec: {}\n";
     assert_eq!(
@@ -349,7 +349,7 @@ fn every_invalid_example_fails_with_its_message() {
         ("unknown-field.yaml", "10:11: spec.rateLimit.local.rules[0].burst: unknown field `burst`"),
         (
             "unknown-kind.yaml",
-            "2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, and envoyproxy/ratelimit configs)",
+            "2:7: kind: kind SecurityPolicy is not supported (supported: RateLimitPolicy, ListenerMap, BackendTrafficPolicy, RateLimitFilter, TrafficPolicy, AgentgatewayPolicy, GatewayExtension, and envoyproxy/ratelimit configs)",
         ),
         ("wrong-type.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: expected an integer"),
         ("zero-requests.yaml", "9:29: spec.rateLimit.local.rules[0].limit.requests: must be at least 1, got 0"),
@@ -438,7 +438,7 @@ fn compile_l7_rules_guards_and_notices() {
     assert_eq!(
         notices,
         [
-            "p.yaml:9:11: spec.rateLimit.local.rules[0]: rule p/per-user is L7 (selects on headers): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`",
+            "p.yaml:9:11: spec.rateLimit.local.rules[0]: rule p/per-user is L7 (selects on request attributes): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`",
             "p.yaml:12:11: spec.rateLimit.local.rules[1]: rule p/per-client is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; the kernel guard p/per-client#guard limits new connections at the same rate",
             "p.yaml:16:11: spec.rateLimit.local.rules[2]: rule p/everyone is L7 (counts Requests): answered by the rate limit service (`limiter-agent run --rls-listen`, domain limiter) when the gateway sends its descriptor, see `limiter-agent explain`; no kernel guard: kernelGuard is Off",
             "p.yaml:22:11: spec.rateLimit.global.rules[0]: rule p/budget: global scope: with --rls-backend redis the kernel limit is shared across the live nodes (each enforces 1/N), else counted on this node only",

@@ -289,6 +289,7 @@ impl Validator {
             count: count?,
             limit: limit?,
             kernel_guard,
+            cost: Default::default(),
             at: at(r, field),
         })
     }
@@ -334,7 +335,7 @@ impl Validator {
         if self.errors.len() > before {
             return None;
         }
-        Some(ClientSelector { source, headers })
+        Some(ClientSelector { source, headers, http: Vec::new() })
     }
 
     /// `type: Exact | Distinct` (default Exact) → `Some(distinct)`.

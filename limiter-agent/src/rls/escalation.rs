@@ -348,6 +348,7 @@ mod tests {
                     .map(|(k, v)| DescriptorEntry { key: (*k).into(), value: (*v).into() })
                     .collect(),
                 hits_addend: None,
+                limit: None,
             }],
             hits_addend: 1,
         }

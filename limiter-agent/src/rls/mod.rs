@@ -103,6 +103,10 @@ pub use self::service::{RateLimiter, request_from_proto, response_to_proto};
 use crate::plan::L7Plan;
 use crate::plan::l7::DEFAULT_DOMAIN;
 
+/// The `grpc.health.v1` service name envoyproxy/ratelimit answers for (besides `""` and the
+/// protocol's full service name).
+pub const REFERENCE_HEALTH_SERVICE: &str = "ratelimit";
+
 /// Where decisions are counted.
 #[derive(Clone)]
 pub enum Backend {
@@ -255,6 +259,8 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RateLimitServiceServer<RateLimiter>>().await;
+    // The name envoyproxy/ratelimit registers, which its Deployment's gRPC probe asks for.
+    health.set_service_status(REFERENCE_HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
     let service = RateLimitServiceServer::from_arc(limiter).max_decoding_message_size(config.max_request_bytes);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
@@ -275,6 +281,7 @@ pub async fn serve(
             let _ = shutdown.wait_for(|stop| *stop).await;
             health.set_not_serving::<RateLimitServiceServer<RateLimiter>>().await;
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            health.set_service_status(REFERENCE_HEALTH_SERVICE, tonic_health::ServingStatus::NotServing).await;
             let _ = fired_tx.send(());
         };
         let serving = server.serve_with_incoming_shutdown(incoming, stop);

@@ -17,8 +17,8 @@ use tokio::sync::Semaphore;
 use super::Backend;
 use super::escalation::{Escalator, Penalties};
 use crate::l7::{
-    Code, DescriptorEntry, DescriptorStatus, Engine, ReportedLimit, RequestDescriptor, RequestError, RlsRequest,
-    RlsResponse,
+    Code, DescriptorEntry, DescriptorStatus, Engine, LimitOverride, ReportedLimit, RequestDescriptor, RequestError,
+    RlsRequest, RlsResponse,
 };
 use crate::metrics::{CODE_OK, CODE_OVER_LIMIT, DecisionLabels, Metrics, ReasonLabels, RuleLabels, UNKNOWN_DOMAIN};
 use crate::plan::{L7Plan, Unit};
@@ -28,16 +28,12 @@ use crate::plan::{L7Plan, Unit};
 pub enum InvalidRequest {
     #[error(transparent)]
     Request(#[from] RequestError),
-    #[error("rate limit descriptor {descriptor} entry {entry} has an empty key")]
-    EmptyKey { descriptor: usize, entry: usize },
     #[error("rate limit descriptor {descriptor}: hits_addend {value} is more than {max}")]
     HitsAddend { descriptor: usize, value: u64, max: u32 },
     #[error("rate limit descriptor {descriptor}: is_negative_hits is not supported")]
     NegativeHits { descriptor: usize },
-    #[error(
-        "rate limit descriptor {descriptor}: per-descriptor limit overrides are not supported (set limits in the policy)"
-    )]
-    LimitOverride { descriptor: usize },
+    #[error("rate limit descriptor {descriptor}: limit override with unknown unit {unit}")]
+    OverrideUnit { descriptor: usize, unit: i32 },
 }
 
 /// Converts a protocol request into the engine's, refusing what the service cannot answer.
@@ -51,18 +47,18 @@ pub fn request_from_proto(req: RateLimitRequest) -> Result<RlsRequest, InvalidRe
     }
     let mut descriptors = Vec::with_capacity(req.descriptors.len());
     for (index, d) in req.descriptors.into_iter().enumerate() {
-        if d.entries.is_empty() {
-            return Err(RequestError::EmptyDescriptor { index }.into());
-        }
-        if let Some(entry) = d.entries.iter().position(|e| e.key.is_empty()) {
-            return Err(InvalidRequest::EmptyKey { descriptor: index, entry });
-        }
+        // A descriptor without entries, or with an empty key, matches nothing (answered OK),
+        // as the reference service does.
         if d.is_negative_hits {
             return Err(InvalidRequest::NegativeHits { descriptor: index });
         }
-        if d.limit.is_some() {
-            return Err(InvalidRequest::LimitOverride { descriptor: index });
-        }
+        let limit = match d.limit {
+            None => None,
+            Some(l) => Some(LimitOverride {
+                requests_per_unit: l.requests_per_unit,
+                unit: override_unit(l.unit).ok_or(InvalidRequest::OverrideUnit { descriptor: index, unit: l.unit })?,
+            }),
+        };
         let hits_addend = match d.hits_addend {
             None => None,
             Some(v) => Some(u32::try_from(v.value).map_err(|_| InvalidRequest::HitsAddend {
@@ -72,10 +68,27 @@ pub fn request_from_proto(req: RateLimitRequest) -> Result<RlsRequest, InvalidRe
             })?),
         };
         let entries = d.entries.into_iter().map(|e| DescriptorEntry { key: e.key, value: e.value }).collect();
-        descriptors.push(RequestDescriptor { entries, hits_addend });
+        descriptors.push(RequestDescriptor { entries, hits_addend, limit });
     }
     Ok(RlsRequest { domain: req.domain, descriptors, hits_addend: req.hits_addend })
 }
+
+/// `envoy.type.v3.RateLimitUnit` of a limit override. The reference casts it into the
+/// response's unit enum, so WEEK (7 there) is accepted too.
+fn override_unit(unit: i32) -> Option<Unit> {
+    Some(match unit {
+        1 => Unit::Second,
+        2 => Unit::Minute,
+        3 => Unit::Hour,
+        4 => Unit::Day,
+        5 => Unit::Interval { ns: 30 * NS_PER_DAY },
+        6 => Unit::Interval { ns: 365 * NS_PER_DAY },
+        7 => Unit::Interval { ns: 7 * NS_PER_DAY },
+        _ => return None,
+    })
+}
+
+const NS_PER_DAY: u64 = 86_400_000_000_000;
 
 fn proto_code(code: Code) -> i32 {
     match code {
@@ -85,8 +98,8 @@ fn proto_code(code: Code) -> i32 {
 }
 
 /// The protocol's unit and requests per unit for a limit. Units the protocol has map as
-/// they are; another interval becomes the same rate in the smallest unit at least as long
-/// (rounded down, at least 1).
+/// they are (week, month and year are the reference's 7, 30 and 365 days); another interval
+/// becomes the same rate in the smallest unit at least as long (rounded down, at least 1).
 fn proto_limit(limit: &ReportedLimit) -> (ProtoUnit, u32) {
     let rpu = limit.requests_per_unit;
     match limit.unit {
@@ -94,6 +107,9 @@ fn proto_limit(limit: &ReportedLimit) -> (ProtoUnit, u32) {
         Unit::Minute => (ProtoUnit::Minute, rpu),
         Unit::Hour => (ProtoUnit::Hour, rpu),
         Unit::Day => (ProtoUnit::Day, rpu),
+        Unit::Interval { ns } if ns == 7 * NS_PER_DAY => (ProtoUnit::Week, rpu),
+        Unit::Interval { ns } if ns == 30 * NS_PER_DAY => (ProtoUnit::Month, rpu),
+        Unit::Interval { ns } if ns == 365 * NS_PER_DAY => (ProtoUnit::Year, rpu),
         Unit::Interval { ns } => {
             let units = [
                 (ProtoUnit::Second, Unit::Second),
@@ -104,7 +120,7 @@ fn proto_limit(limit: &ReportedLimit) -> (ProtoUnit, u32) {
             let ns = ns.max(1);
             let (proto, unit) = units.into_iter().find(|(_, u)| u.as_ns() >= ns).unwrap_or(units[3]);
             let scaled = u128::from(rpu) * u128::from(unit.as_ns()) / u128::from(ns);
-            (proto, u32::try_from(scaled).unwrap_or(u32::MAX).max(1))
+            (proto, u32::try_from(scaled).unwrap_or(u32::MAX).max(u32::from(rpu > 0)))
         }
     }
 }
@@ -301,11 +317,8 @@ mod tests {
         let err = |r| request_from_proto(r).unwrap_err().to_string();
         assert_eq!(err(request("", vec![ok.clone()])), "rate limit domain must not be empty");
         assert_eq!(err(request("d", vec![])), "rate limit descriptor list must not be empty");
-        assert_eq!(err(request("d", vec![ok.clone(), descriptor(&[])])), "rate limit descriptor 1 has no entries");
-        assert_eq!(
-            err(request("d", vec![descriptor(&[("k", "v"), ("", "x")])])),
-            "rate limit descriptor 0 entry 1 has an empty key"
-        );
+        // Matches nothing, answered OK (as the reference), not refused.
+        assert!(request_from_proto(request("d", vec![ok.clone(), descriptor(&[]), descriptor(&[("", "x")])])).is_ok());
         let mut huge = ok.clone();
         huge.hits_addend = Some(UInt64Value { value: 1 << 40 });
         assert!(err(request("d", vec![huge])).contains("hits_addend 1099511627776 is more than 4294967295"));

@@ -25,12 +25,12 @@ async fn the_domain_selects_the_rule_set() {
     // In `shop` the same descriptor has its limit of 1: the second call is over it, and the
     // overall code says so even beside a descriptor that is fine.
     let minute = reset_at_t(60);
-    assert_eq!(seen(&rls.one("shop", &[("k", "exact")]).await), ok("shop/k=exact", 1, ProtoUnit::Minute, 0, minute));
+    assert_eq!(seen(&rls.one("shop", &[("k", "exact")]).await), ok("", 1, ProtoUnit::Minute, 0, minute));
     let resp = rls.ask(request("shop", vec![descriptor(&[("k", "other")]), descriptor(&[("k", "exact")])])).await;
     assert_eq!(resp.overall_code, ProtoCode::OverLimit as i32);
     assert_eq!(
         resp.statuses.iter().map(seen).collect::<Vec<_>>(),
-        [ok("shop/k", 3, ProtoUnit::Minute, 2, minute), over("shop/k=exact", 1, ProtoUnit::Minute, minute)]
+        [ok("", 3, ProtoUnit::Minute, 2, minute), over("", 1, ProtoUnit::Minute, minute)]
     );
     // And the other way round: a gateway rule's descriptor is limited in `limiter` only.
     let eve = [("generic_key", "api/per-user"), ("x-user-id", "eve")];
@@ -47,29 +47,28 @@ async fn matching_is_envoyproxy_ratelimits() {
     let mut rls = start(shop_and_api("matching")).await;
     let minute = reset_at_t(60);
     let hour = reset_at_t(3600);
-    let name = |s: &DescriptorStatus| s.current_limit.as_ref().map(|l| l.name.clone());
+    // Unnamed limits report an empty name (as the reference), so the limit tells them apart:
+    // k=exact 1, k=ex* 2, k 3, k=e* 4 per minute.
+    let rule = |s: &DescriptorStatus| s.current_limit.as_ref().map(|l| l.requests_per_unit);
 
     // Exact beats the wildcards listed before it; the first wildcard in config order wins;
     // the key alone comes last.
-    assert_eq!(name(&rls.one("shop", &[("k", "exact")]).await).as_deref(), Some("shop/k=exact"));
-    assert_eq!(name(&rls.one("shop", &[("k", "exz")]).await).as_deref(), Some("shop/k=ex*"));
-    assert_eq!(name(&rls.one("shop", &[("k", "ex")]).await).as_deref(), Some("shop/k=ex*"), "`*` matches nothing");
-    assert_eq!(name(&rls.one("shop", &[("k", "eq")]).await).as_deref(), Some("shop/k=e*"));
-    assert_eq!(name(&rls.one("shop", &[("k", "other")]).await).as_deref(), Some("shop/k"));
+    assert_eq!(rule(&rls.one("shop", &[("k", "exact")]).await), Some(1));
+    assert_eq!(rule(&rls.one("shop", &[("k", "exz")]).await), Some(2));
+    assert_eq!(rule(&rls.one("shop", &[("k", "ex")]).await), Some(2), "`*` matches nothing");
+    assert_eq!(rule(&rls.one("shop", &[("k", "eq")]).await), Some(4));
+    assert_eq!(rule(&rls.one("shop", &[("k", "other")]).await), Some(3));
     // A wildcard in the middle of the value.
-    assert_eq!(
-        seen(&rls.one("shop", &[("path", "/api/v1/x")]).await),
-        ok("shop/path=/api/*/x", 5, ProtoUnit::Hour, 4, hour)
-    );
+    assert_eq!(seen(&rls.one("shop", &[("path", "/api/v1/x")]).await), ok("", 5, ProtoUnit::Hour, 4, hour));
     assert_eq!(seen(&rls.one("shop", &[("path", "/api/v1/y")]).await), no_limit(0));
     // Wildcard and key-only rules count each value on its own: `exz` was charged above,
     // `exy` is fresh; `other` was charged once, `another` not.
-    assert_eq!(seen(&rls.one("shop", &[("k", "exz")]).await), ok("shop/k=ex*", 2, ProtoUnit::Minute, 0, minute));
-    assert_eq!(seen(&rls.one("shop", &[("k", "exy")]).await), ok("shop/k=ex*", 2, ProtoUnit::Minute, 1, minute));
-    assert_eq!(seen(&rls.one("shop", &[("k", "another")]).await), ok("shop/k", 3, ProtoUnit::Minute, 2, minute));
+    assert_eq!(seen(&rls.one("shop", &[("k", "exz")]).await), ok("", 2, ProtoUnit::Minute, 0, minute));
+    assert_eq!(seen(&rls.one("shop", &[("k", "exy")]).await), ok("", 2, ProtoUnit::Minute, 1, minute));
+    assert_eq!(seen(&rls.one("shop", &[("k", "another")]).await), ok("", 3, ProtoUnit::Minute, 2, minute));
 
     // Nested descriptors, and the depth rule: the request must end where the rule does.
-    let anon = "shop/authenticated=false/remote_address";
+    let anon = "";
     let nested = [("authenticated", "false"), ("remote_address", "192.0.2.1")];
     assert_eq!(seen(&rls.one("shop", &nested).await), ok(anon, 30, ProtoUnit::Minute, 29, minute));
     assert_eq!(seen(&rls.one("shop", &[("authenticated", "false")]).await), no_limit(0), "shorter than the rule");
@@ -95,10 +94,7 @@ async fn unlimited_replaces_and_shadow_mode() {
     }
     // A neighbour is limited as usual.
     let anon = [("authenticated", "false"), ("remote_address", "10.0.0.6")];
-    assert_eq!(
-        seen(&rls.one("shop", &anon).await),
-        ok("shop/authenticated=false/remote_address", 30, ProtoUnit::Minute, 29, reset_at_t(60))
-    );
+    assert_eq!(seen(&rls.one("shop", &anon).await), ok("", 30, ProtoUnit::Minute, 29, reset_at_t(60)));
 
     // `replaces`: with the trial descriptor in the same call, the daily limit does not apply
     // and is not charged.
@@ -117,6 +113,7 @@ async fn unlimited_replaces_and_shadow_mode() {
 
     // `shadow_mode`: over the limit of 2 but answered OK, with remaining 0, and counted.
     let shadow = [("tuning", "shadow")];
+    // Metrics label the rule by its path; the answer carries the (empty) configured name.
     let name = "shop/tuning=shadow";
     let mut got = Vec::new();
     for _ in 0..4 {
@@ -125,7 +122,7 @@ async fn unlimited_replaces_and_shadow_mode() {
     let second = ProtoUnit::Second;
     assert_eq!(
         got,
-        [ok(name, 2, second, 1, 1), ok(name, 2, second, 0, 1), ok(name, 2, second, 0, 1), ok(name, 2, second, 0, 1)]
+        [ok("", 2, second, 1, 1), ok("", 2, second, 0, 1), ok("", 2, second, 0, 1), ok("", 2, second, 0, 1)]
     );
     let text = rls.metrics.render();
     assert_eq!(
@@ -148,7 +145,7 @@ async fn unlimited_replaces_and_shadow_mode() {
 async fn hits_addend_per_request_and_per_descriptor() {
     let mut rls = start(shop_and_api("hits")).await;
     let minute = reset_at_t(60);
-    let name = "shop/hits";
+    let name = "";
     let mut ask = async |request_hits: u32, descriptor_hits: Option<u64>| {
         let mut d = descriptor(&[("hits", "a")]);
         d.hits_addend = descriptor_hits.map(|value| UInt64Value { value });
@@ -189,7 +186,7 @@ async fn statuses_count_down_with_exact_limits_and_resets() {
     let mut rls = start(shop_and_api("countdown")).await;
     let minute = reset_at_t(60);
     assert_eq!(minute, 30, "T is 30 s into a minute");
-    let name = "shop/k";
+    let name = "";
     let mut got = Vec::new();
     for _ in 0..5 {
         let s = rls.one("shop", &[("k", "countdown")]).await;
@@ -209,10 +206,7 @@ async fn statuses_count_down_with_exact_limits_and_resets() {
         ]
     );
     // Hour and day windows, aligned to unix time like the reference.
-    assert_eq!(
-        seen(&rls.one("shop", &[("path", "/api/z/x")]).await),
-        ok("shop/path=/api/*/x", 5, ProtoUnit::Hour, 4, 3600 - 810)
-    );
+    assert_eq!(seen(&rls.one("shop", &[("path", "/api/z/x")]).await), ok("", 5, ProtoUnit::Hour, 4, 3600 - 810));
     assert_eq!(
         seen(&rls.one("shop", &[("client_id", "zed")]).await),
         ok("client-daily", 5000, ProtoUnit::Day, 4999, 86_400 - 80_010)
@@ -264,5 +258,45 @@ async fn gateway_rules_count_per_user_in_token_buckets() {
     assert_eq!(seen(&rls.one("limiter", &ip("192.0.2.8")).await), ok("api/per-ip", 2, h, 1, 1800));
     // A value that is not an address is outside every range.
     assert_eq!(seen(&rls.one("limiter", &ip("not-an-address")).await), no_limit(0));
+    rls.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_descriptors_and_limit_overrides_as_the_reference() {
+    let mut rls = start(shop_and_api("overrides")).await;
+    let minute = reset_at_t(60);
+    // An entry-less descriptor and an empty key match nothing: OK, no limit, beside a limited one.
+    let mut empty = descriptor(&[("k", "v")]);
+    empty.entries.clear();
+    let blank_key = descriptor(&[("", "x")]);
+    let resp = rls.ask(request("shop", vec![descriptor(&[("k", "fine")]), empty, blank_key])).await;
+    let got: Vec<Seen> = resp.statuses.iter().map(seen).collect();
+    assert_eq!(got, [ok("", 3, ProtoUnit::Minute, 2, minute), no_limit(0), no_limit(0)]);
+
+    // A descriptor's own limit replaces the configured one (k = 3 per minute), counted under
+    // the descriptor's entries, with an empty name; WEEK is accepted as the reference does.
+    let with_limit = |rpu: u32, unit: i32| {
+        let mut d = descriptor(&[("k", "overridden")]);
+        d.limit = Some(RateLimitOverride { requests_per_unit: rpu, unit });
+        request("shop", vec![d])
+    };
+    let hour = reset_at_t(3600);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(seen(&rls.ask(with_limit(2, ProtoUnit::Hour as i32)).await.statuses[0]));
+    }
+    assert_eq!(
+        got,
+        [ok("", 2, ProtoUnit::Hour, 1, hour), ok("", 2, ProtoUnit::Hour, 0, hour), over("", 2, ProtoUnit::Hour, hour)]
+    );
+    // Another unit is another window: fresh.
+    let week = seen(&rls.ask(with_limit(10, 7)).await.statuses[0]);
+    assert_eq!((week.2, week.3, week.4), (10, ProtoUnit::Week, 9));
+    // The configured limit of the same descriptor was not touched.
+    assert_eq!(seen(&rls.one("shop", &[("k", "overridden")]).await), ok("", 3, ProtoUnit::Minute, 2, minute));
+    // An unknown domain stays unknown, override or not.
+    let mut d = descriptor(&[("k", "v")]);
+    d.limit = Some(RateLimitOverride { requests_per_unit: 1, unit: ProtoUnit::Second as i32 });
+    assert_eq!(seen(&rls.ask(request("elsewhere", vec![d])).await.statuses[0]), no_limit(0));
     rls.stop().await;
 }

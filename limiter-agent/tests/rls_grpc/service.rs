@@ -10,7 +10,9 @@ async fn health_serves_until_shutdown_then_the_server_ends() {
     assert_eq!(RateLimitServiceServer::<RateLimiter>::NAME, SERVICE);
     let rls = start(shop_and_api("health")).await;
     let mut health = HealthClient::new(channel(rls.addr).await);
-    for service in ["", SERVICE] {
+    // "ratelimit" is the name envoyproxy/ratelimit registers, which its Deployment's gRPC
+    // readiness probe asks for.
+    for service in ["", SERVICE, "ratelimit"] {
         let resp = within(health.check(HealthCheckRequest { service: service.into() })).await.expect("check");
         assert_eq!(resp.into_inner().status, ServingStatus::Serving as i32, "{service:?}");
     }
@@ -23,11 +25,18 @@ async fn health_serves_until_shutdown_then_the_server_ends() {
         within(health.watch(HealthCheckRequest { service: SERVICE.into() })).await.expect("watch").into_inner();
     let first = within(watch.message()).await.expect("watch stream").expect("a first status");
     assert_eq!(first.status, ServingStatus::Serving as i32);
+    let mut probe =
+        within(health.watch(HealthCheckRequest { service: "ratelimit".into() })).await.expect("watch").into_inner();
+    let first = within(probe.message()).await.expect("watch stream").expect("a first status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
     rls.shutdown.send(true).expect("server task holds the receiver");
     let next = within(watch.message()).await.expect("watch stream").expect("a status change");
     assert_eq!(next.status, ServingStatus::NotServing as i32);
-    // Graceful shutdown waits for open calls, the watch included: end it, and the task ends.
+    let next = within(probe.message()).await.expect("watch stream").expect("a status change");
+    assert_eq!(next.status, ServingStatus::NotServing as i32, "the reference's probe name goes down too");
+    // Graceful shutdown waits for open calls, the watches included: end them, and the task ends.
     drop(watch);
+    drop(probe);
     drop(health);
     drop(rls.client);
     within(rls.task).await.expect("server task panicked").expect("server ended cleanly");

@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::table::targets_text;
 use crate::plan::l7::keys;
+use crate::plan::l7::{Condition, HitsAddend, MatchTarget, StringMatch};
 use crate::plan::{Attribute, EntryValue, L7Rule, L7Target};
 
 /// One Envoy action producing one descriptor entry, with a note when its source is assumed.
@@ -16,11 +17,25 @@ pub(super) struct Action {
     pub(super) note: Option<String>,
 }
 
-/// The `rate_limits` entry for one descriptor: its actions and the rules it serves.
+/// The `rate_limits` entry for one descriptor: its actions, what a request adds (Envoy's
+/// `hits_addend`, absent: 1), whether it is sent when the response is done
+/// (`apply_on_stream_done`, Envoy Gateway's `cost.response`), and the rules it serves.
 #[derive(Debug)]
 struct Descriptor {
     actions: Vec<Action>,
+    hits_addend: Option<Value>,
+    on_stream_done: bool,
     rules: Vec<String>,
+}
+
+/// Envoy's `RateLimit.hits_addend` for a cost.
+fn hits_addend(h: &HitsAddend) -> Value {
+    match h {
+        HitsAddend::Number(n) => json!({ "number": n }),
+        HitsAddend::Metadata { namespace, key } => {
+            json!({ "format": format!("%DYNAMIC_METADATA({namespace}:{key})%") })
+        }
+    }
 }
 
 /// The `rate_limits` of one domain and set of targets.
@@ -49,9 +64,24 @@ pub(super) fn action_groups(rules: &[L7Rule]) -> Vec<Group> {
         };
         // Rules reached by the same descriptor (e.g. a key-only limit and an exact override)
         // share one `rate_limits` entry.
-        match group.descriptors.iter_mut().find(|d| d.actions == actions) {
-            Some(d) => d.rules.push(r.name.clone()),
-            None => group.descriptors.push(Descriptor { actions, rules: vec![r.name.clone()] }),
+        let request = r.cost_request.as_ref().map(hits_addend);
+        let mut entries = vec![(request, false)];
+        if let Some(response) = &r.cost_response {
+            entries.push((Some(hits_addend(response)), true));
+        }
+        for (hits, on_stream_done) in entries {
+            let same = |d: &&mut Descriptor| {
+                d.actions == actions && d.hits_addend == hits && d.on_stream_done == on_stream_done
+            };
+            match group.descriptors.iter_mut().find(same) {
+                Some(d) => d.rules.push(r.name.clone()),
+                None => group.descriptors.push(Descriptor {
+                    actions: actions.clone(),
+                    hits_addend: hits,
+                    on_stream_done,
+                    rules: vec![r.name.clone()],
+                }),
+            }
         }
     }
     groups
@@ -110,6 +140,10 @@ pub(super) fn entry_action(e: &crate::plan::EntryMatch) -> Action {
             m.insert("headers".into(), json!([{ "name": name, "present_match": true }]));
             known(json!({ "header_value_match": m }))
         }
+        Attribute::Matches(c) => known(condition_action(e, c, exact.unwrap_or_default())),
+        Attribute::Query(name) => {
+            known(json!({ "query_parameters": { "query_parameter_name": name, "descriptor_key": e.key } }))
+        }
         // An envoyproxy/ratelimit config entry whose origin no policy gave: the usual action
         // for its key.
         Attribute::Descriptor => match (e.key.as_str(), exact) {
@@ -132,15 +166,59 @@ pub(super) fn entry_action(e: &crate::plan::EntryMatch) -> Action {
     }
 }
 
+/// Envoy's `StringMatcher` for a condition.
+fn string_match(m: &StringMatch) -> Value {
+    match m {
+        StringMatch::Exact(v) => json!({ "exact": v }),
+        StringMatch::Prefix(p) => json!({ "prefix": p }),
+        StringMatch::Regex(r) => json!({ "safe_regex": { "regex": r.as_str() } }),
+        StringMatch::Present => Value::Null,
+    }
+}
+
+/// `header_value_match` (headers, `:path`, `:method`) or `query_parameter_value_match` sending
+/// `descriptor_value` when the condition holds (`expect_match: false` when inverted).
+fn condition_action(e: &crate::plan::EntryMatch, c: &Condition, descriptor_value: &str) -> Value {
+    let mut m = Map::new();
+    let (default_key, action, list, name) = match &c.target {
+        MatchTarget::Header(n) => (keys::HEADER_MATCH, "header_value_match", "headers", n.as_str()),
+        MatchTarget::Path => (keys::HEADER_MATCH, "header_value_match", "headers", ":path"),
+        MatchTarget::Method => (keys::HEADER_MATCH, "header_value_match", "headers", ":method"),
+        MatchTarget::Query(n) => (keys::QUERY_MATCH, "query_parameter_value_match", "query_parameters", n.as_str()),
+    };
+    if e.key != default_key {
+        m.insert("descriptor_key".into(), json!(e.key));
+    }
+    m.insert("descriptor_value".into(), json!(descriptor_value));
+    if c.invert {
+        m.insert("expect_match".into(), json!(false));
+    }
+    let matcher = match &c.matcher {
+        StringMatch::Present => json!({ "name": name, "present_match": true }),
+        other => json!({ "name": name, "string_match": string_match(other) }),
+    };
+    m.insert(list.into(), json!([matcher]));
+    json!({ action: m })
+}
+
 impl Group {
     pub(super) fn to_json(&self) -> Value {
         json!({
             "domain": self.domain,
             "targets": targets_text(&self.targets),
-            "rate_limits": self.descriptors.iter().map(|d| json!({
-                "rules": d.rules,
-                "actions": d.actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
+            "rate_limits": self.descriptors.iter().map(|d| {
+                let mut entry = json!({
+                    "rules": d.rules,
+                    "actions": d.actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>(),
+                });
+                if let Some(h) = &d.hits_addend {
+                    entry["hits_addend"] = h.clone();
+                }
+                if d.on_stream_done {
+                    entry["apply_on_stream_done"] = json!(true);
+                }
+                entry
+            }).collect::<Vec<_>>(),
         })
     }
 
@@ -154,6 +232,12 @@ impl Group {
             for a in &d.actions {
                 let note = a.note.as_ref().map(|n| format!("  # {n}")).unwrap_or_default();
                 writeln!(out, "      - {}{note}", flow(&a.action))?;
+            }
+            if let Some(h) = &d.hits_addend {
+                writeln!(out, "    hits_addend: {}", flow(h))?;
+            }
+            if d.on_stream_done {
+                writeln!(out, "    apply_on_stream_done: true")?;
             }
         }
         Ok(())

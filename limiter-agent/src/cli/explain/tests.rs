@@ -14,16 +14,42 @@ use crate::l7::{DescriptorEntry, Engine, EngineConfig, HttpRequest, RequestDescr
 use crate::plan::{Attribute, L7Plan, L7Rule};
 use crate::policy::load_and_compile;
 
+/// A request attribute by name (a header, or a query parameter).
+type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// What Envoy's actions send for a request (its `rate_limits` semantics): the descriptor,
 /// or `None` when an action produces nothing (a missing `request_headers` header, a
 /// `header_value_match` whose outcome is not `expect_match`).
 fn envoy_descriptor(
     actions: &[Action],
     remote: IpAddr,
-    path: &str,
+    (path, method): (&str, &str),
     headers: &[(&str, &str)],
 ) -> Option<Vec<DescriptorEntry>> {
-    let header = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| (*v).to_owned());
+    let header = |name: &str| match name {
+        ":path" => Some(path.to_owned()),
+        ":method" => Some(method.to_owned()),
+        _ => headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| (*v).to_owned()),
+    };
+    let query = |name: &str| {
+        path.split_once('?')?.1.split('&').find_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k == name).then(|| v.to_owned())
+        })
+    };
+    // Envoy's StringMatcher: exact, prefix, or safe_regex (RE2, the whole value).
+    let string_match = |m: &Value, value: Option<String>| {
+        let Some(value) = value else { return false };
+        if let Some(v) = m["exact"].as_str() {
+            value == v
+        } else if let Some(p) = m["prefix"].as_str() {
+            value.starts_with(p)
+        } else if let Some(re) = m["safe_regex"]["regex"].as_str() {
+            crate::plan::l7::FullRegex::new(re).expect("valid regex").is_match(&value)
+        } else {
+            panic!("unexpected string_match {m}")
+        }
+    };
     let text = |v: &Value, field: &str| v.get(field).and_then(Value::as_str).map(str::to_owned);
     let mut entries = Vec::new();
     for a in actions {
@@ -35,21 +61,28 @@ fn envoy_descriptor(
             "remote_address" => ("remote_address".to_owned(), remote.to_string()),
             "request_headers" => {
                 let name = text(body, "header_name")?;
-                let value = if name == ":path" { Some(path.to_owned()) } else { header(&name) };
-                (text(body, "descriptor_key")?, value?)
+                (text(body, "descriptor_key")?, header(&name)?)
             }
-            "header_value_match" => {
-                let condition = &body["headers"][0];
+            "query_parameters" => {
+                let name = text(body, "query_parameter_name")?;
+                (text(body, "descriptor_key")?, query(&name)?)
+            }
+            "header_value_match" | "query_parameter_value_match" => {
+                let (list, lookup, default_key): (_, Lookup<'_>, _) = match kind.as_str() {
+                    "header_value_match" => ("headers", &header, "header_match"),
+                    _ => ("query_parameters", &query, "query_match"),
+                };
+                let condition = &body[list][0];
                 let name = text(condition, "name")?;
                 let matched = match condition.get("string_match") {
-                    Some(m) => header(&name).as_deref() == m["exact"].as_str(),
-                    None => header(&name).is_some(),
+                    Some(m) => string_match(m, lookup(&name)),
+                    None => lookup(&name).is_some(),
                 };
                 let expect = body.get("expect_match").and_then(Value::as_bool).unwrap_or(true);
                 if matched != expect {
                     return None;
                 }
-                (text(body, "descriptor_key").unwrap_or_else(|| "header_match".into()), text(body, "descriptor_value")?)
+                (text(body, "descriptor_key").unwrap_or_else(|| default_key.into()), text(body, "descriptor_value")?)
             }
             other => panic!("unexpected action {other}"),
         };
@@ -72,12 +105,20 @@ fn printed_actions_send_the_descriptors_the_plan_expects() {
             .collect();
     let compiled = load_and_compile(&paths).unwrap_or_else(|e| panic!("{e}"));
     let remotes: [IpAddr; 4] = ["192.168.1.1", "10.1.2.3", "203.0.113.9", "2001:db8::1"].map(|s| s.parse().unwrap());
-    let header_sets: [&[(&str, &str)]; 5] = [
+    let header_sets: [&[(&str, &str)]; 6] = [
         &[],
         &[("x-user-id", "alice")],
+        &[("x-user-id", "test-7")],
         &[("x-user-id", "one")],
         &[("X-User-ID", "bob"), ("x-plan", "gold")],
         &[("x-plan", "silver")],
+    ];
+    // Paths and methods the path, method and query rules tell apart.
+    let targets = [
+        ("/api/v1/x", "GET"),
+        ("/llm/v1/chat/completions", "POST"),
+        ("/llm/v1/chat", "GET"),
+        ("/llm/v1/models?debug=1", "POST"),
     ];
     let now = Instant::now();
     let mut checked = 0;
@@ -91,14 +132,14 @@ fn printed_actions_send_the_descriptors_the_plan_expects() {
         let alone = L7Rule { targets: Vec::new(), ..rule.clone() };
         let engine = Engine::new(L7Plan { rules: vec![alone] }, EngineConfig::default());
         let mut applied = 0;
-        for remote in remotes {
+        for (remote, (path, method)) in remotes.into_iter().flat_map(|r| targets.map(|t| (r, t))) {
             for headers in header_sets {
-                let req = HttpRequest { remote, path: "/api/v1/x", method: "GET", headers, route: None, gateway: None };
+                let req = HttpRequest { remote, path, method, headers, route: None, gateway: None };
                 let over_http = !engine.check_request(&req, now).statuses.is_empty();
-                let over_rls = envoy_descriptor(&actions, remote, "/api/v1/x", headers).is_some_and(|entries| {
+                let over_rls = envoy_descriptor(&actions, remote, (path, method), headers).is_some_and(|entries| {
                     let request = RlsRequest {
                         domain: rule.domain.clone(),
-                        descriptors: vec![RequestDescriptor { entries, hits_addend: Some(0) }],
+                        descriptors: vec![RequestDescriptor { entries, hits_addend: Some(0), limit: None }],
                         hits_addend: 1,
                     };
                     let response = engine.should_rate_limit(&request, now).expect("valid request");
@@ -133,7 +174,7 @@ fn resolved_targets_follow_the_table_and_the_guards_cover_their_ports() {
     assert_eq!(report(&paths, true, &mut out, &mut err).unwrap(), ExitCode::SUCCESS);
     let v: Value = serde_json::from_slice(&out).unwrap();
     let listeners = v["listeners"].as_array().unwrap();
-    assert_eq!(listeners.len(), 6, "{listeners:#?}");
+    assert_eq!(listeners.len(), 7, "{listeners:#?}");
     assert_eq!(
         listeners[0],
         json!({"policy": "eg-anonymous", "target": "HTTPRoute http-ratelimit", "ports": "80/TCP,443/TCP", "via": "gateway default/eg of ListenerMap node-listeners"})

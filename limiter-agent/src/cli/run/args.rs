@@ -95,6 +95,11 @@ pub struct RlsArgs {
     /// Longest wait for one Redis round trip before the failure mode answers.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     pub redis_timeout: Duration,
+    /// Keys the over-limit cache may hold (the reference's LOCAL_CACHE_SIZE_IN_BYTES): a key
+    /// over its limit is then answered from memory for the rest of its window, without
+    /// counting in Redis. 0 (default, as the reference): off, every hit is counted.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub redis_local_cache_keys: usize,
     /// With --iface and --rls-backend redis: this node's member id in the Redis node set that
     /// splits `global` kernel rules (default: hostname-pid). Unique per node.
     #[arg(long, value_name = "ID")]

@@ -83,6 +83,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 failure_mode: args.rls.redis_failure_mode,
                 key_prefix: args.rls.redis_key_prefix.clone(),
                 response_timeout: args.rls.redis_timeout,
+                negative_cache_capacity: args.rls.redis_local_cache_keys,
                 ..RedisConfig::default()
             };
             let redis = RedisBackend::connect(&args.rls.redis_url, config).await.context("--redis-url")?;

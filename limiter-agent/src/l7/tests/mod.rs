@@ -54,6 +54,7 @@ fn gateway_rule(name: &str, entries: Vec<EntryMatch>, limit: Option<Limit>) -> L
         shadow: false,
         replaces: Vec::new(),
         targets: Vec::new(),
+        ..L7Rule::default()
     }
 }
 
@@ -94,6 +95,7 @@ fn rls_rule(name: &str, domain: &str, entries: &[(&str, &str)], limit: Option<Li
         shadow: false,
         replaces: Vec::new(),
         targets: Vec::new(),
+        ..L7Rule::default()
     }
 }
 
@@ -101,6 +103,7 @@ fn descriptor(entries: &[(&str, &str)]) -> RequestDescriptor {
     RequestDescriptor {
         entries: entries.iter().map(|&(k, v)| DescriptorEntry { key: k.into(), value: v.into() }).collect(),
         hits_addend: None,
+        limit: None,
     }
 }
 

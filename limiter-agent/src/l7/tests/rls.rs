@@ -248,13 +248,14 @@ fn malformed_requests_are_errors() {
     let err = |req: RlsRequest| engine.should_rate_limit(&req, now).unwrap_err();
     assert_eq!(err(rls("", vec![descriptor(&[("k", "v")])])), RequestError::EmptyDomain);
     assert_eq!(err(rls("rl", vec![])), RequestError::NoDescriptors);
-    assert_eq!(
-        err(rls("rl", vec![descriptor(&[("k", "v")]), descriptor(&[])])),
-        RequestError::EmptyDescriptor { index: 1 }
-    );
-    assert_eq!(RequestError::EmptyDescriptor { index: 1 }.to_string(), "rate limit descriptor 1 has no entries");
     // Nothing was counted by the rejected requests.
     assert_eq!(engine.tracked_keys(), 0);
+    // An entry-less descriptor, or an empty key, matches nothing (the reference answers OK).
+    let resp = engine.should_rate_limit(&rls("rl", vec![descriptor(&[("k", "v")]), descriptor(&[])]), now).unwrap();
+    assert_eq!(resp.statuses[1].code, Code::Ok);
+    assert!(resp.statuses[1].limit.is_none());
+    let resp = engine.should_rate_limit(&rls("rl", vec![descriptor(&[("", "v")])]), now).unwrap();
+    assert!(resp.statuses[0].limit.is_none());
 }
 
 #[test]

@@ -41,9 +41,9 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::super::model::{ActionEntry, DescriptorActions, HeaderMatch, Policy, PolicySet, Rule, Scope};
+use super::super::model::{ActionEntry, DescriptorActions, HeaderMatch, HttpSelector, Policy, PolicySet, Rule, Scope};
 use super::{Compiled, Notice, NoticeKind};
-use crate::plan::l7::{DEFAULT_DOMAIN, keys};
+use crate::plan::l7::{DEFAULT_DOMAIN, MatchTarget, StringMatch, keys};
 use crate::plan::{Algorithm, Attribute, EntryMatch, EntryValue, L7Rule, L7Target};
 
 /// The L7 rule of a gateway-kind rule named `name` (`policy/rule`).
@@ -62,6 +62,7 @@ pub fn gateway_rule(name: &str, r: &Rule, shadow: bool, targets: &[L7Target]) ->
             });
         }
         entries.extend(selector.headers.iter().map(header_entry));
+        entries.extend(selector.http.iter().map(http_entry));
     }
     L7Rule {
         name: name.to_owned(),
@@ -74,8 +75,46 @@ pub fn gateway_rule(name: &str, r: &Rule, shadow: bool, targets: &[L7Target]) ->
             Scope::Global => crate::plan::Scope::Global,
         },
         shadow,
-        replaces: Vec::new(),
         targets: targets.to_vec(),
+        cost_request: r.cost.request.clone(),
+        cost_response: r.cost.response.clone(),
+        ..L7Rule::default()
+    }
+}
+
+/// The entry of an HTTP selector: a condition's fixed descriptor value says what it tests
+/// (`path^=/llm`, `method=POST`, `x-tier~=gold|plat`, `?debug=1`, `not ...` when inverted).
+pub(crate) fn http_entry(h: &HttpSelector) -> EntryMatch {
+    match h {
+        HttpSelector::QueryDistinct(name) => EntryMatch {
+            key: format!("query.{name}"),
+            attribute: Attribute::Query(name.clone()),
+            value: EntryValue::Distinct,
+        },
+        HttpSelector::Condition(c) => {
+            let subject = match &c.target {
+                MatchTarget::Header(n) => n.clone(),
+                MatchTarget::Path => "path".to_owned(),
+                MatchTarget::Method => "method".to_owned(),
+                MatchTarget::Query(n) => format!("?{n}"),
+            };
+            let test = match &c.matcher {
+                StringMatch::Exact(v) => format!("={v}"),
+                StringMatch::Prefix(p) => format!("^={p}"),
+                StringMatch::Regex(r) => format!("~={}", r.as_str()),
+                StringMatch::Present => " present".to_owned(),
+            };
+            let key = match c.target {
+                MatchTarget::Query(_) => keys::QUERY_MATCH,
+                _ => keys::HEADER_MATCH,
+            };
+            let not = if c.invert { "not " } else { "" };
+            EntryMatch {
+                key: key.to_owned(),
+                attribute: Attribute::Matches(c.clone()),
+                value: EntryValue::Exact(format!("{not}{subject}{test}")),
+            }
+        }
     }
 }
 
@@ -119,8 +158,11 @@ pub fn entry_key_text(rule: &L7Rule) -> String {
             (Attribute::HeaderAbsent(name), _) => format!("without header {name}"),
             (Attribute::HeaderEquals { name, value }, _) => format!("header {name}={value}"),
             (Attribute::HeaderNotEquals { name, value }, _) => format!("header {name}!={value}"),
+            (Attribute::Matches(_), EntryValue::Exact(v)) => v.clone(),
+            (Attribute::Query(name), _) => format!("per query parameter {name}"),
             (_, EntryValue::Distinct) => format!("per descriptor {}", e.key),
             (_, EntryValue::Wildcard(p)) => format!("per descriptor {} matching {p}", e.key),
+            (_, EntryValue::SharedWildcard(p)) => format!("shared by descriptors {} matching {p}", e.key),
             (_, EntryValue::Exact(v)) => format!("{}={v}", e.key),
             (_, EntryValue::Cidr { nets, distinct, .. }) => {
                 let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
@@ -130,7 +172,7 @@ pub fn entry_key_text(rule: &L7Rule) -> String {
         parts.push(part);
     }
     let splits = rule.entries.iter().any(|e| match &e.value {
-        EntryValue::Exact(_) => false,
+        EntryValue::Exact(_) | EntryValue::SharedWildcard(_) => false,
         EntryValue::Wildcard(_) | EntryValue::Distinct => true,
         EntryValue::Cidr { distinct, .. } => *distinct,
     });
@@ -182,7 +224,7 @@ fn entry_accepts(e: &EntryMatch, a: &ActionEntry) -> bool {
     }
     match (a, &e.value) {
         (ActionEntry::Generic { value, .. }, EntryValue::Exact(v)) => v == value,
-        (ActionEntry::Generic { value, .. }, EntryValue::Wildcard(p)) => glob(p, value),
+        (ActionEntry::Generic { value, .. }, EntryValue::Wildcard(p) | EntryValue::SharedWildcard(p)) => glob(p, value),
         (ActionEntry::Generic { .. }, EntryValue::Distinct) => true,
         (ActionEntry::Generic { .. }, EntryValue::Cidr { .. }) => false,
         _ => true,

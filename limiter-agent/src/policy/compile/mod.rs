@@ -45,7 +45,7 @@
 //! are clashes between `ListenerMap`s ([`super::listeners::check_set`]). Errors are in
 //! [`Compiled::errors`]; [`load_and_compile`] returns them with the loader's.
 
-mod l7;
+pub(crate) mod l7;
 #[cfg(test)]
 mod tests;
 
@@ -453,7 +453,7 @@ fn compile_policy(
                 origins.push(p.location(&r.at));
                 fields.push(r.at.field.clone());
                 summary.l7_rules.push(full.clone());
-                let reason = if r.has_headers() { "selects on headers" } else { "counts Requests" };
+                let reason = if r.has_headers() { "selects on request attributes" } else { "counts Requests" };
                 let no_guard = if r.has_headers() {
                     None
                 } else if !r.kernel_guard {
@@ -520,7 +520,8 @@ fn compile_config(c: &RatelimitConfig, out: &mut Compiled, origins: &mut Vec<Loc
         out.notices.push(notice(&w.at, NoticeKind::NotEnforced { what: w.value.clone() }));
     }
     let rules = ratelimit_config::compile(c);
-    // The nodes with a `rate_limit`, in the same (depth-first, config) order as the rules.
+    // The nodes that make a rule (a `rate_limit`, or exempt: neither limit nor children), in
+    // the same (depth-first, config) order as the rules.
     let mut nodes = Vec::new();
     limited_nodes(&c.descriptors, &mut nodes);
     let mut summary = PolicySummary { policy: policy.clone(), ..Default::default() };
@@ -544,7 +545,7 @@ fn compile_config(c: &RatelimitConfig, out: &mut Compiled, origins: &mut Vec<Loc
 
 fn limited_nodes<'a>(level: &'a [ConfigDescriptor], out: &mut Vec<&'a ConfigDescriptor>) {
     for d in level {
-        if d.rate_limit.is_some() {
+        if d.rate_limit.is_some() || d.descriptors.is_empty() {
             out.push(d);
         }
         limited_nodes(&d.descriptors, out);

@@ -77,6 +77,7 @@ fn rls(domain: &str, entries: &[(&str, &str)]) -> RlsRequest {
         descriptors: vec![RequestDescriptor {
             entries: entries.iter().map(|(k, v)| DescriptorEntry { key: (*k).into(), value: (*v).into() }).collect(),
             hits_addend: None,
+            limit: None,
         }],
         hits_addend: 1,
     }
@@ -269,15 +270,6 @@ fn not_enforced_fields_are_warnings_naming_the_field() {
     assert_eq!(l7(&c, "eg-anonymous/rule-0").limit, Some(Limit { requests: 100, unit: Unit::Minute, burst: 0 }));
     assert_eq!(l7(&c, "eg-anonymous/rule-1").limit, Some(Limit { requests: 10, unit: Unit::Minute, burst: 0 }));
     assert_eq!(l7(&c, "eg-anonymous/rule-1").scope, PlanScope::Global);
-
-    // A ratelimit config's unknown field is a warning too, positioned at the field.
-    let config =
-        "domain: d\ndescriptors:\n  - key: k\n    colour: blue\n    rate_limit: {unit: second, requests_per_unit: 1}\n";
-    let c = compile_text(config);
-    let n: Vec<&Notice> = c.notices.iter().filter(|n| matches!(n.kind, NoticeKind::NotEnforced { .. })).collect();
-    assert_eq!(n.len(), 1, "{:#?}", c.notices);
-    assert_eq!((n[0].location.pos.line, n[0].field.as_str()), (4, "descriptors[0].colour"));
-    assert_eq!(n[0].policy, "ratelimit config d");
 }
 
 #[test]

@@ -11,18 +11,23 @@
 //! - Targets other than `Gateway` / `HTTPRoute` (`XListenerSet`, `Service`, ...) and
 //!   `targetSelectors` are reported and skipped; with no target left, the rules are dropped.
 //!
+//! - `spec.traffic.rateLimit.global {backendRef, domain, descriptors[].entries[] {name,
+//!   expression}}`: read and explained (see [`global`]): agentgateway computes those
+//!   descriptors and sends them to this agent's rate limit service, where an
+//!   envoyproxy/ratelimit config of that `domain` holds the limits.
+//!
 //! Not enforced, with a warning naming the field: `local[]` entries limiting LLM `tokens`
-//! (the entry is dropped), `traffic.rateLimit.global`, every other `traffic` and `spec`
-//! field (`frontend`, `backend`, ...), and unknown fields.
+//! (the entry is dropped), every other `traffic` and `spec` field (`frontend`, `backend`,
+//! ...), and unknown fields.
 
 use super::super::error::{ErrorKind, FieldError};
 use super::super::model::{At, Count, Policy, PolicyKind, Rule, Scope};
 use super::super::source::deserialize;
 use super::super::spec::{S, pos_of};
 use super::super::validate::parse_unit;
-use super::envoy_gateway::{Targets, drop_rules_without_targets, finish, header};
-use super::ratelimit_config::{Node, Reader};
+use super::document::{Targets, drop_rules_without_targets, finish, header};
 use crate::plan::Limit;
+use crate::policy::reader::{Node, Reader};
 
 pub const API_VERSION: &str = "agentgateway.dev/v1alpha1";
 
@@ -81,12 +86,75 @@ fn traffic(r: &mut Reader, n: &S<Node>, field: &str, rules: &mut Vec<Rule>) {
                         }
                     }
                 }
-                "global" => {
-                    r.warn(v, &f, "not enforced: agentgateway's global rate limits go to its own rate limit service")
-                }
+                "global" => global(r, v, &f),
                 _ => r.unknown_field(v, &f),
             }
         }
+    }
+}
+
+/// `global {backendRef, domain, descriptors[] {entries[] {name, expression}, type}}`: agentgateway
+/// computes each descriptor's entries itself (CEL `expression`s) and sends them to the rate
+/// limit service in `domain`; the limits live in the envoyproxy/ratelimit config of that domain.
+/// Read and explained (notices naming the descriptor keys sent); nothing here is a rule.
+fn global(r: &mut Reader, n: &S<Node>, field: &str) {
+    let Some(entries) = r.map(n, field) else { return };
+    let mut domain = None;
+    let mut keys: Vec<String> = Vec::new();
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        match k.as_str() {
+            "domain" => domain = r.string(v, &f).map(|d| (d, v, f)),
+            "backendRef" => {
+                r.warn(v, &f, "read: point it at the agent's --rls-listen (gRPC envoy.service.ratelimit.v3)")
+            }
+            "descriptors" => {
+                let Some(items) = r.seq(v, &f) else { continue };
+                for (i, d) in items.iter().enumerate() {
+                    let df = format!("{f}[{i}]");
+                    let Some(d_entries) = r.map(d, &df) else { continue };
+                    let mut names = Vec::new();
+                    for (dk, dv) in d_entries {
+                        let ef = format!("{df}.{dk}");
+                        match dk.as_str() {
+                            "entries" => {
+                                let Some(list) = r.seq(dv, &ef) else { continue };
+                                for (j, e) in list.iter().enumerate() {
+                                    let entry_field = format!("{ef}[{j}]");
+                                    let Some(e_entries) = r.map(e, &entry_field) else { continue };
+                                    let name = e_entries.iter().find(|(k, _)| k == "name");
+                                    match name.and_then(|(_, v)| r.string(v, &format!("{entry_field}.name"))) {
+                                        Some(n) => names.push(n),
+                                        None if name.is_none() => r.missing(e, &entry_field, "name"),
+                                        None => {}
+                                    }
+                                    if !e_entries.iter().any(|(k, _)| k == "expression") {
+                                        r.missing(e, &entry_field, "expression");
+                                    }
+                                }
+                            }
+                            // Requests or Tokens: what agentgateway counts as hits.
+                            "type" | "unit" => {}
+                            _ => r.unknown_field(dv, &ef),
+                        }
+                    }
+                    keys.push(format!("[{}]", names.join(", ")));
+                }
+            }
+            _ => r.unknown_field(v, &f),
+        }
+    }
+    match domain {
+        Some((d, v, f)) if !d.is_empty() => {
+            let message = format!(
+                "read: agentgateway computes the descriptors {} and sends them to domain `{d}`; the limits are the \
+                 envoyproxy/ratelimit config with `domain: {d}` (not enforced from this policy)",
+                keys.join(" ")
+            );
+            r.warn(v, &f, &message);
+        }
+        Some((_, v, f)) => r.errors.push(FieldError::new(pos_of(v), f, ErrorKind::EmptyValue)),
+        None => r.missing(n, field, "domain"),
     }
 }
 
@@ -143,6 +211,7 @@ fn local(r: &mut Reader, n: &S<Node>, field: &str, index: usize) -> Option<Rule>
         count: Count::Requests,
         limit: Limit { requests: requests?, unit: unit?, burst: burst? },
         kernel_guard: true,
+        cost: Default::default(),
         at: At::new(pos_of(n), field),
     })
 }

@@ -33,9 +33,9 @@ use super::super::model::{
 use super::super::source::deserialize;
 use super::super::spec::{S, pos_of};
 use super::super::validate::parse_duration;
-use super::envoy_gateway::{UNRESOLVED_TARGET_KINDS, drop_rules_without_targets, header};
-use super::ratelimit_config::{Node, Reader};
+use super::document::{UNRESOLVED_TARGET_KINDS, drop_rules_without_targets, header};
 use crate::plan::{Limit, Unit};
+use crate::policy::reader::{Node, Reader};
 
 pub const API_VERSION: &str = "gateway.kgateway.dev/v1alpha1";
 
@@ -191,6 +191,7 @@ fn local(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Rule> {
         count: Count::Requests,
         limit,
         kernel_guard: true,
+        cost: Default::default(),
         at: At::new(pos_of(bucket), format!("{field}.tokenBucket")),
     })
 }

@@ -5,7 +5,9 @@
 //! warnings here, not errors: those APIs grow faster than this agent.
 
 pub mod agentgateway;
+mod document;
 pub mod envoy_gateway;
+pub mod gateway_extension;
 pub mod kgateway;
 pub mod ratelimit_config;
 pub mod teg;

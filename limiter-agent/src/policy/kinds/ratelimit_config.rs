@@ -25,25 +25,27 @@
 //! - `value` may hold `*` wildcards; no `value` means "any value, a counter per value".
 //! - Two sibling descriptors with the same `key` and `value` are an error (the service
 //!   refuses such a config too).
-//! - Fields this agent does not know are warnings ([`RatelimitConfig::not_enforced`]), not
-//!   errors: the service's format grows faster than this agent.
+//! - Keys the service does not know are errors, as the service refuses them (a misspelt
+//!   `ratelimit:` would otherwise drop a limit). `value_to_metric`, `detailed_metric` and
+//!   `metadata` are read and change nothing here (stats of the reference).
+//! - `requests_per_unit: 0`, or none, is a limit of 0: every hit is over (the reference's
+//!   README blocks an address that way).
+//! - `share_threshold: true` (on a wildcard value only): every matching value shares one
+//!   counter; `quota_mode: true`: see [`crate::plan::l7::L7Rule::quota_mode`].
+//! - A node with neither `rate_limit` nor `descriptors` exempts its value.
 //!
 //! The document is read as a generic tree ([`Node`]) rather than through typed serde structs,
 //! so that every problem is reported (serde stops at the first), unknown fields can become
-//! warnings, and each report points at the line and column of the value. [`Reader`] is shared
-//! with the other snake/camel-case gateway kinds of this directory.
+//! warnings, and each report points at the line and column of the value ([`crate::policy::reader`]).
 //!
 //! [`compile`] turns a config into L7 rules: the reference service counts in Redis, so every
 //! rule is [`Scope::Global`].
 
 use std::collections::HashMap;
-use std::fmt;
 
-use serde::Deserialize;
-use serde::de::{self, MapAccess, SeqAccess, Visitor};
-
-use super::super::error::{ErrorKind, FieldError, Pos};
-use super::super::model::{At, ConfigDescriptor, ConfigRateLimit, Located, RatelimitConfig};
+use super::super::error::{ErrorKind, FieldError};
+use super::super::model::{At, ConfigDescriptor, ConfigRateLimit, RatelimitConfig};
+use super::super::reader::{Node, Reader};
 use super::super::source::deserialize;
 use super::super::spec::{S, pos_of};
 use crate::plan::{Algorithm, Attribute, EntryMatch, EntryValue, L7Rule, Limit, Scope, Unit};
@@ -80,18 +82,27 @@ fn compile_level<'a>(
 ) {
     for d in level {
         path.push(d);
+        let base = || L7Rule {
+            domain: config.domain.clone(),
+            entries: path.iter().map(|d| entry(d)).collect(),
+            algorithm: Algorithm::FixedWindow,
+            scope: Scope::Global,
+            shadow: d.shadow_mode,
+            quota_mode: d.quota_mode,
+            ..L7Rule::default()
+        };
         if let Some(rl) = &d.rate_limit {
             out.push(L7Rule {
                 name: rl.name.clone().unwrap_or_else(|| path_name(&config.domain, path)),
-                domain: config.domain.clone(),
-                entries: path.iter().map(|d| entry(d)).collect(),
+                limit_name: Some(rl.name.clone().unwrap_or_default()),
                 limit: rl.limit,
-                algorithm: Algorithm::FixedWindow,
-                scope: Scope::Global,
-                shadow: d.shadow_mode,
                 replaces: rl.replaces.clone(),
-                targets: Vec::new(),
+                ..base()
             });
+        } else if d.descriptors.is_empty() {
+            // Neither a limit nor children: the reference matches the node and applies no
+            // limit, so the value is exempt even where the bare key has a limit.
+            out.push(L7Rule { name: path_name(&config.domain, path), exempt: true, ..base() });
         }
         compile_level(config, &d.descriptors, path, out);
         path.pop();
@@ -101,6 +112,7 @@ fn compile_level<'a>(
 fn entry(d: &ConfigDescriptor) -> EntryMatch {
     let value = match &d.value {
         None => EntryValue::Distinct,
+        Some(v) if v.contains('*') && d.share_threshold => EntryValue::SharedWildcard(v.clone()),
         Some(v) if v.contains('*') => EntryValue::Wildcard(v.clone()),
         Some(v) => EntryValue::Exact(v.clone()),
     };
@@ -136,6 +148,15 @@ fn identity(n: &S<Node>) -> Option<(String, Option<String>)> {
     Some((text("key")?, text("value").filter(|v| !v.is_empty())))
 }
 
+impl Reader {
+    /// A key the reference service does not know: it refuses the whole config ("unknown
+    /// key"), so a misspelt `ratelimit:` cannot silently drop a limit.
+    fn unknown_key(&mut self, n: &S<Node>, field: &str) {
+        let message = "unknown key (envoyproxy/ratelimit refuses keys it does not know)".to_owned();
+        self.schema(pos_of(n), field, message);
+    }
+}
+
 /// `second | minute | hour | day | week | month | year`, any case (the service's own list).
 pub fn parse_config_unit(s: &str) -> Option<Unit> {
     Some(match s.trim().to_ascii_lowercase().as_str() {
@@ -161,7 +182,7 @@ impl Reader {
                     domain = self.string(v, "domain").map(|d| (d, pos_of(v)));
                 }
                 "descriptors" => descriptors = self.descriptors(v, "descriptors"),
-                _ => self.unknown_field(v, k),
+                _ => self.unknown_key(v, k),
             }
         }
         let (domain, pos) = domain?;
@@ -208,6 +229,8 @@ impl Reader {
         let mut rate_limit = None;
         let mut shadow_mode = false;
         let mut detailed_metric = false;
+        let mut share_threshold = None;
+        let mut quota_mode = false;
         let mut descriptors = Vec::new();
         let mut ok = true;
         for (k, v) in entries {
@@ -224,8 +247,16 @@ impl Reader {
                 }
                 "shadow_mode" => shadow_mode = self.opt_bool(v, &f).unwrap_or(false),
                 "detailed_metric" => detailed_metric = self.opt_bool(v, &f).unwrap_or(false),
+                "share_threshold" => share_threshold = self.opt_bool(v, &f).filter(|&b| b).map(|_| (v, f)),
+                "quota_mode" => quota_mode = self.opt_bool(v, &f).unwrap_or(false),
+                // Stats only (value in metric names) and free-form data for other tools: read
+                // by the reference, nothing to enforce.
+                "value_to_metric" => {
+                    self.opt_bool(v, &f);
+                }
+                "metadata" => {}
                 "descriptors" => descriptors = self.descriptors(v, &f),
-                _ => self.unknown_field(v, &f),
+                _ => self.unknown_key(v, &f),
             }
         }
         let key = match key {
@@ -241,12 +272,21 @@ impl Reader {
                 return None;
             }
         };
+        if let Some((at, f)) = &share_threshold
+            && !value.as_deref().is_some_and(|v| v.contains('*'))
+        {
+            let message = "share_threshold can only be used with a wildcard value (containing '*')".to_owned();
+            self.schema(pos_of(at), f, message);
+            ok = false;
+        }
         ok.then_some(ConfigDescriptor {
             key,
             value,
             rate_limit,
             shadow_mode,
             detailed_metric,
+            share_threshold: share_threshold.is_some(),
+            quota_mode,
             descriptors,
             at: At::new(pos_of(n), field),
         })
@@ -280,13 +320,13 @@ impl Reader {
                 }
                 "requests_per_unit" => {
                     if !v.value.is_null() {
-                        requests = Some((self.int_in(v, &f, 1, u32::MAX.into()), v));
+                        requests = Some((self.int_in(v, &f, 0, u32::MAX.into()), v));
                     }
                 }
                 "unlimited" => unlimited = self.opt_bool(v, &f).unwrap_or(false),
                 "name" => name = self.opt_string(v, &f),
                 "replaces" => replaces = self.replaces(v, &f),
-                _ => self.unknown_field(v, &f),
+                _ => self.unknown_key(v, &f),
             }
         }
         let limit = if unlimited {
@@ -304,11 +344,10 @@ impl Reader {
             if !has_unit_field {
                 self.missing(n, field, "unit");
             }
-            if requests.is_none() {
-                self.missing(n, field, "requests_per_unit");
-            }
+            // No `requests_per_unit` is 0 for the reference (a plain uint32): every hit over.
             match (unit, requests) {
                 (Some(unit), Some((Some(r), _))) => Some(Limit { requests: r as u64, unit, burst: 0 }),
+                (Some(unit), None) => Some(Limit { requests: 0, unit, burst: 0 }),
                 _ => None,
             }
         };
@@ -343,7 +382,7 @@ impl Reader {
                 let kf = format!("{f}.{k}");
                 match k.as_str() {
                     "name" => name = self.opt_string(v, &kf).map(|s| (i, s, v)),
-                    _ => self.unknown_field(v, &kf),
+                    _ => self.unknown_key(v, &kf),
                 }
             }
             match name {
@@ -352,221 +391,6 @@ impl Reader {
             }
         }
         out
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// A positioned YAML tree and a reader over it, shared by the kinds of this directory.
-
-/// Any YAML value, every child keeping its position.
-#[derive(Debug)]
-pub(crate) enum Node {
-    Null,
-    Bool(bool),
-    /// Wide enough for every `i64` and `u64` the YAML may hold.
-    Int(i128),
-    Float(f64),
-    Str(String),
-    Seq(Vec<S<Node>>),
-    /// Entries in document order; keys rendered as strings.
-    Map(Vec<(String, S<Node>)>),
-}
-
-impl Node {
-    pub(crate) fn is_null(&self) -> bool {
-        matches!(self, Node::Null)
-    }
-
-    fn type_name(&self) -> &'static str {
-        match self {
-            Node::Null => "null",
-            Node::Bool(_) => "a boolean",
-            Node::Int(_) => "an integer",
-            Node::Float(_) => "a number",
-            Node::Str(_) => "a string",
-            Node::Seq(_) => "a list",
-            Node::Map(_) => "a mapping",
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Node {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NodeVisitor)
-    }
-}
-
-struct NodeVisitor;
-
-impl<'de> Visitor<'de> for NodeVisitor {
-    type Value = Node;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any YAML value")
-    }
-
-    fn visit_unit<E>(self) -> Result<Node, E> {
-        Ok(Node::Null)
-    }
-    fn visit_none<E>(self) -> Result<Node, E> {
-        Ok(Node::Null)
-    }
-    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
-        Node::deserialize(d)
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Node, E> {
-        Ok(Node::Bool(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Node, E> {
-        Ok(Node::Int(v.into()))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Node, E> {
-        Ok(Node::Int(v.into()))
-    }
-    fn visit_i128<E>(self, v: i128) -> Result<Node, E> {
-        Ok(Node::Int(v))
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Node, E> {
-        Ok(Node::Float(v))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Node, E> {
-        Ok(Node::Str(v.to_owned()))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Node, E> {
-        Ok(Node::Str(v))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<S<Node>>()? {
-            items.push(item);
-        }
-        Ok(Node::Seq(items))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
-        let mut entries = Vec::new();
-        while let Some(Key(k)) = map.next_key::<Key>()? {
-            entries.push((k, map.next_value::<S<Node>>()?));
-        }
-        Ok(Node::Map(entries))
-    }
-}
-
-/// A mapping key: any scalar, as text.
-struct Key(String);
-
-impl<'de> Deserialize<'de> for Key {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Node::deserialize(d)? {
-            Node::Str(s) => Ok(Key(s)),
-            Node::Int(i) => Ok(Key(i.to_string())),
-            Node::Bool(b) => Ok(Key(b.to_string())),
-            Node::Float(f) => Ok(Key(f.to_string())),
-            Node::Null => Ok(Key("null".into())),
-            other => Err(de::Error::custom(format!("a mapping key must be a scalar, found {}", other.type_name()))),
-        }
-    }
-}
-
-/// Reads [`Node`]s into model values, collecting errors and warnings instead of stopping.
-#[derive(Default)]
-pub(crate) struct Reader {
-    pub(crate) errors: Vec<FieldError>,
-    /// Unknown or not enforced fields: warnings naming the field.
-    pub(crate) warnings: Vec<Located<String>>,
-}
-
-impl Reader {
-    pub(crate) fn schema(&mut self, pos: Pos, field: &str, message: String) {
-        self.errors.push(FieldError::new(pos, field, ErrorKind::Schema { message }));
-    }
-
-    fn wrong_type(&mut self, n: &S<Node>, field: &str, expected: &str) {
-        self.schema(pos_of(n), field, format!("expected {expected}, found {}", n.value.type_name()));
-    }
-
-    /// `field` of the mapping `n` (written at `parent`) is absent.
-    pub(crate) fn missing(&mut self, n: &S<Node>, parent: &str, field: &str) {
-        self.schema(pos_of(n), parent, format!("missing field `{field}`"));
-    }
-
-    /// A field this agent does not read: a warning, not an error.
-    pub(crate) fn unknown_field(&mut self, n: &S<Node>, field: &str) {
-        self.warn(n, field, "unknown field, ignored");
-    }
-
-    pub(crate) fn warn(&mut self, n: &S<Node>, field: &str, what: &str) {
-        self.warnings.push(Located { value: what.to_owned(), at: At::new(pos_of(n), field) });
-    }
-
-    pub(crate) fn map<'a>(&mut self, n: &'a S<Node>, field: &str) -> Option<&'a [(String, S<Node>)]> {
-        match &n.value {
-            Node::Map(entries) => Some(entries),
-            _ => {
-                self.wrong_type(n, field, "a mapping");
-                None
-            }
-        }
-    }
-
-    /// A list; `null` reads as an empty one.
-    pub(crate) fn seq<'a>(&mut self, n: &'a S<Node>, field: &str) -> Option<&'a [S<Node>]> {
-        match &n.value {
-            Node::Seq(items) => Some(items),
-            Node::Null => Some(&[]),
-            _ => {
-                self.wrong_type(n, field, "a list");
-                None
-            }
-        }
-    }
-
-    /// A scalar as text (YAML `value: 42` is the string `42`, as Go's YAML reads it into a
-    /// string field).
-    pub(crate) fn string(&mut self, n: &S<Node>, field: &str) -> Option<String> {
-        match &n.value {
-            Node::Str(s) => Some(s.clone()),
-            Node::Int(i) => Some(i.to_string()),
-            Node::Bool(b) => Some(b.to_string()),
-            Node::Float(f) => Some(f.to_string()),
-            _ => {
-                self.wrong_type(n, field, "a string");
-                None
-            }
-        }
-    }
-
-    /// Like [`Self::string`], but `null` is absent rather than an error.
-    pub(crate) fn opt_string(&mut self, n: &S<Node>, field: &str) -> Option<String> {
-        if n.value.is_null() { None } else { self.string(n, field) }
-    }
-
-    /// `null` is absent.
-    pub(crate) fn opt_bool(&mut self, n: &S<Node>, field: &str) -> Option<bool> {
-        match &n.value {
-            Node::Bool(b) => Some(*b),
-            Node::Null => None,
-            _ => {
-                self.wrong_type(n, field, "a boolean");
-                None
-            }
-        }
-    }
-
-    /// An integer in `min..=max`.
-    pub(crate) fn int_in(&mut self, n: &S<Node>, field: &str, min: i64, max: i64) -> Option<i64> {
-        let Node::Int(v) = &n.value else {
-            self.wrong_type(n, field, "an integer");
-            return None;
-        };
-        let kind = if *v < i128::from(min) {
-            ErrorKind::TooSmall { value: i64::try_from(*v).unwrap_or(i64::MIN), min }
-        } else if *v > i128::from(max) {
-            ErrorKind::TooLarge { value: i64::try_from(*v).unwrap_or(i64::MAX), max }
-        } else {
-            return i64::try_from(*v).ok();
-        };
-        self.errors.push(FieldError::new(pos_of(n), field, kind));
-        None
     }
 }
 

@@ -21,8 +21,9 @@ use super::super::error::FieldError;
 use super::super::model::{Policy, PolicyKind};
 use super::super::source::deserialize;
 use super::super::spec::S;
-use super::envoy_gateway::{API_VERSION, Rules, finish, header, rate_limit};
-use super::ratelimit_config::{Node, Reader};
+use super::document::{finish, header};
+use super::envoy_gateway::{API_VERSION, Rules, rate_limit};
+use crate::policy::reader::{Node, Reader};
 
 pub fn load(src: &str) -> Result<Policy, Vec<FieldError>> {
     let root: S<Node> = deserialize(src).map_err(|e| vec![e])?;

@@ -83,12 +83,15 @@ fn rule(domain: &str, name: &str, entries: Vec<EntryMatch>, limit: Option<(u64, 
         name: name.into(),
         domain: domain.into(),
         entries,
+        // Unnamed limits report an empty name, as the reference service.
+        limit_name: Some(String::new()),
         limit: limit.map(|(requests, unit)| Limit { requests, unit, burst: 0 }),
         algorithm: Algorithm::FixedWindow,
         scope: L7Scope::Global,
         shadow: false,
         replaces: Vec::new(),
         targets: Vec::new(),
+        ..L7Rule::default()
     }
 }
 
@@ -154,6 +157,9 @@ fn ratelimit_nested_wildcard_unlimited_shadow_replaces() {
         Some((2000, Unit::Interval { ns: 7 * DAY_NS })),
     );
     weekly.replaces = vec!["client-daily".into()];
+    weekly.limit_name = Some("trial-weekly".into());
+    let mut daily = rule("shop", "client-daily", vec![any("client_id")], Some((5000, Unit::Day)));
+    daily.limit_name = Some("client-daily".into());
     assert_eq!(
         compile(&c),
         [
@@ -170,7 +176,7 @@ fn ratelimit_nested_wildcard_unlimited_shadow_replaces() {
                 None,
             ),
             path_rule,
-            rule("shop", "client-daily", vec![any("client_id")], Some((5000, Unit::Day))),
+            daily,
             weekly,
         ]
     );
@@ -193,7 +199,7 @@ fn ratelimit_invalid_example_reports_every_mistake() {
             (
                 14,
                 "descriptors[2].descriptors[0].rate_limit.requests_per_unit",
-                &ErrorKind::TooSmall { value: 0, min: 1 }
+                &ErrorKind::TooSmall { value: -1, min: 0 }
             ),
             (
                 15,
@@ -215,16 +221,21 @@ fn ratelimit_invalid_example_reports_every_mistake() {
 }
 
 #[test]
-fn ratelimit_unknown_fields_are_warnings() {
-    let c = config_str(
+fn ratelimit_unknown_keys_are_errors_as_in_the_reference() {
+    let e = config_str(
         "domain: d\nfuture_option: 1\ndescriptors:\n  - key: k\n    quota_mode: true\n    rate_limit: {unit: Hour, requests_per_unit: 3, extra: x}\n",
     )
-    .expect("loads");
-    assert_eq!(
-        warnings(&c.not_enforced),
-        [(2, "future_option"), (5, "descriptors[0].quota_mode"), (6, "descriptors[0].rate_limit.extra")]
-    );
-    assert_eq!(compile(&c), [rule("d", "d/k", vec![any("k")], Some((3, Unit::Hour)))]);
+    .expect_err("unknown keys");
+    let fields: Vec<(u64, &str)> = e.iter().map(|e| (e.location.pos.line, e.field.as_str())).collect();
+    assert_eq!(fields, [(2, "future_option"), (6, "descriptors[0].rate_limit.extra")]);
+    let c = config_str(
+        "domain: d\ndescriptors:\n  - key: k\n    quota_mode: true\n    value_to_metric: true\n    metadata: {a: b}\n    rate_limit: {unit: Hour}\n",
+    )
+    .expect("known keys");
+    assert!(c.not_enforced.is_empty(), "{:?}", c.not_enforced);
+    let mut want = rule("d", "d/k", vec![any("k")], Some((0, Unit::Hour)));
+    want.quota_mode = true;
+    assert_eq!(compile(&c), [want]);
 }
 
 #[test]

@@ -41,8 +41,8 @@ fn teg_error_classes() {
     assert_eq!(
         errors(&rules("      - limit: {requests: 0, unit: Second}\n      - limit: {requests: -1, unit: Secs}\n")),
         [
-            "p.yaml:8:27: spec.global.rules[0].limit.requests: must be at least 1, got 0",
-            "p.yaml:9:27: spec.global.rules[1].limit.requests: must be at least 1, got -1",
+            // 0 denies every request (Envoy Gateway allows it); below 0 is an error.
+            "p.yaml:9:27: spec.global.rules[1].limit.requests: must be at least 0, got -1",
             "p.yaml:9:37: spec.global.rules[1].limit.unit: unknown unit \"Secs\" (expected Second, Minute, Hour or Day)",
         ]
     );
@@ -216,7 +216,7 @@ fn ratelimit_config_error_classes() {
     let rl = |body: &str| format!("domain: d\ndescriptors:\n{body}");
     assert_eq!(
         errors(&rl("  - key: k\n    rate_limit: {unit: SECOND, requests_per_unit: -3}\n")),
-        ["p.yaml:4:51: descriptors[0].rate_limit.requests_per_unit: must be at least 1, got -3"]
+        ["p.yaml:4:51: descriptors[0].rate_limit.requests_per_unit: must be at least 0, got -3"]
     );
     assert_eq!(
         errors(&rl(
@@ -306,7 +306,7 @@ fn duplicates_across_documents_and_files() {
 }
 
 #[test]
-fn unknown_fields_are_errors_only_in_the_native_kind() {
+fn unknown_fields_are_errors_in_the_native_kind_and_ratelimit_configs() {
     let native =
         "apiVersion: limiter.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: n}\nspec:\n  futureFeature: 1\n";
     let e = errors(native);
@@ -319,9 +319,10 @@ fn unknown_fields_are_errors_only_in_the_native_kind() {
         let w = warnings(&text);
         assert!(w.iter().any(|w| w.contains("spec.futureFeature")), "{head}: {w:?}");
     }
+    // envoyproxy/ratelimit refuses unknown keys, so a config does too.
     assert_eq!(
-        warnings("domain: d\nfutureFeature: 1\ndescriptors: []\n"),
-        ["2:16 futureFeature: unknown field, ignored"]
+        errors("domain: d\nfutureFeature: 1\ndescriptors: []\n"),
+        ["p.yaml:2:16: futureFeature: unknown key (envoyproxy/ratelimit refuses keys it does not know)"]
     );
 }
 

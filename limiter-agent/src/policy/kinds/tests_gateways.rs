@@ -37,6 +37,12 @@ fn rule_line(r: &Rule) -> String {
             };
             sels.push(format!("hdr {} {m}{}", h.name, if h.invert { " invert" } else { "" }));
         }
+        for h in &s.http {
+            match crate::policy::compile::l7::http_entry(h).value {
+                crate::plan::EntryValue::Exact(v) => sels.push(v),
+                other => sels.push(format!("{other:?}")),
+            }
+        }
     }
     assert_eq!(r.count, Count::Requests, "{}", r.name);
     assert!(r.kernel_guard, "{}", r.name);
@@ -162,11 +168,23 @@ fn envoy_gateway_examples() {
                 kind: K,
                 name: "eg-regex-header",
                 targets: route,
-                rules: &["per-source Global 50/Second+0 [src 0.0.0.0/0 distinct]"],
-                warnings: &[
-                    "20 spec.rateLimit.global.rules[0].clientSelectors[0].headers[0].type: not enforced: RegularExpression header matches (the rule is dropped)",
-                    "17 spec.rateLimit.global.rules[0]: not enforced: rule rule-0 selects on a condition this agent cannot match",
+                rules: &[
+                    "rule-0 Global 5/Minute+0 [x-user-id~=^test-.*]",
+                    "per-source Global 50/Second+0 [src 0.0.0.0/0 distinct]",
                 ],
+                warnings: &[],
+            },
+            Expect {
+                file: "llm-path-method.yaml",
+                kind: K,
+                name: "eg-llm",
+                targets: &["HTTPRoute default/llm-route"],
+                rules: &[
+                    "chat Global 3/Minute+0 [path^=/llm/v1/chat, method=POST]",
+                    "no-debug Global 0/Hour+0 [?debug=1]",
+                    "models Global 1000/168h+0 [path~=/llm/v1/models(\\?.*)?, not method=GET]",
+                ],
+                warnings: &[],
             },
             Expect {
                 file: "source-ip.yaml",
@@ -215,10 +233,10 @@ fn envoy_gateway_examples() {
                 &["11:29 spec.rateLimit.global.rules[0].limit.requests: expected an integer, found a string"],
             ),
             (
-                "zero-requests.yaml",
+                "bad-limits.yaml",
                 &[
-                    "11:29 spec.rateLimit.local.rules[0].limit.requests: must be at least 1, got 0",
-                    "12:29 spec.rateLimit.local.rules[1].limit.requests: must be at least 1, got -5",
+                    "11:38 spec.rateLimit.local.rules[0].limit.unit: unknown unit \"Fortnight\" (expected Second, Minute, Hour or Day)",
+                    "12:29 spec.rateLimit.local.rules[1].limit.requests: must be at least 0, got -5",
                 ],
             ),
         ],
@@ -308,7 +326,7 @@ fn agentgateway_examples() {
 
 #[test]
 fn not_enforced_fields_become_compiler_notices() {
-    let set = load_paths(&[dir("envoy-gateway").join("regex-header.yaml")]).unwrap_or_else(|e| panic!("{e}"));
+    let set = load_paths(&[dir("envoy-gateway").join("anonymous-users.yaml")]).unwrap_or_else(|e| panic!("{e}"));
     let c = super::super::compile(&set);
     let lines: Vec<String> = c
         .notices
@@ -319,8 +337,9 @@ fn not_enforced_fields_become_compiler_notices() {
     assert_eq!(
         lines,
         [
-            "20:25 not enforced: RegularExpression header matches (the rule is dropped)",
-            "17:11 not enforced: rule rule-0 selects on a condition this agent cannot match"
+            "17:5 not enforced by this agent (the gateway does it)",
+            "20:5 not enforced by this agent (the gateway does it)",
+            "36:27 read as: requests without this header (Envoy Gateway itself refuses invert with type Distinct)"
         ]
     );
 }
@@ -364,19 +383,15 @@ fn envoy_gateway_shapes() {
         ["rule-0 Local 1/Second+0 [hdr x-k distinct]", "rule-1 Global 2/8760h+0 []"]
     );
     assert_eq!(p.targets.iter().map(target_line).collect::<Vec<_>>(), ["Gateway ns/ghttp"]);
-    // A path selector drops its rule with warnings; cost is reported, the rule kept.
+    // A path selector (PathPrefix by default) is enforced; cost is reported, the rule kept.
     let p = load_text(&format!(
         "{EG}spec:\n  targetRefs: [{{kind: HTTPRoute, name: r}}]\n  rateLimit:\n    global:\n      rules:\n        - clientSelectors: [{{path: {{value: /x}}}}]\n          limit: {{requests: 1, unit: Second}}\n        - limit: {{requests: 2, unit: Second}}\n          cost: {{request: {{from: Number, number: 1}}}}\n"
     ));
-    assert_eq!(p.rules.iter().map(rule_line).collect::<Vec<_>>(), ["rule-1 Global 2/Second+0 []"]);
     assert_eq!(
-        warning_lines(&p),
-        [
-            "9 spec.rateLimit.global.rules[0].clientSelectors[0].path: not enforced: this agent does not match on it (the rule is dropped)",
-            "9 spec.rateLimit.global.rules[0]: not enforced: rule rule-0 selects on a condition this agent cannot match",
-            "12 spec.rateLimit.global.rules[1].cost: not enforced: every request counts once, per node or shared as scoped",
-        ]
+        p.rules.iter().map(rule_line).collect::<Vec<_>>(),
+        ["rule-0 Global 1/Second+0 [path^=/x]", "rule-1 Global 2/Second+0 []"]
     );
+    assert_eq!(warning_lines(&p), Vec::<String>::new(), "a cost on a global rule is read");
 }
 
 #[test]
@@ -409,7 +424,7 @@ fn envoy_gateway_errors() {
 #[test]
 fn agentgateway_tokens_and_global_are_reported() {
     let p = load_text(
-        "apiVersion: agentgateway.dev/v1alpha1\nkind: AgentgatewayPolicy\nmetadata: {name: a}\nspec:\n  traffic:\n    rateLimit:\n      local:\n        - {tokens: 100, unit: Minutes}\n        - {requests: 5, unit: second}\n      global: {}\n  backend: {}\n",
+        "apiVersion: agentgateway.dev/v1alpha1\nkind: AgentgatewayPolicy\nmetadata: {name: a}\nspec:\n  traffic:\n    rateLimit:\n      local:\n        - {tokens: 100, unit: Minutes}\n        - {requests: 5, unit: second}\n      global: {domain: agw}\n  backend: {}\n",
     );
     assert!(p.targets.is_empty());
     assert_eq!(p.rules.iter().map(rule_line).collect::<Vec<_>>(), ["local-1 Local 5/Second+0 []"]);
@@ -417,8 +432,89 @@ fn agentgateway_tokens_and_global_are_reported() {
         warning_lines(&p),
         [
             "8 spec.traffic.rateLimit.local[0].tokens: not enforced: LLM token limits are counted by agentgateway (the entry is dropped)",
-            "10 spec.traffic.rateLimit.global: not enforced: agentgateway's global rate limits go to its own rate limit service",
+            "10 spec.traffic.rateLimit.global.domain: read: agentgateway computes the descriptors  and sends them to domain `agw`; the limits are the envoyproxy/ratelimit config with `domain: agw` (not enforced from this policy)",
             "11 spec.backend: not enforced by this agent (the gateway does it)",
+        ]
+    );
+}
+
+#[test]
+fn kgateway_gateway_extension_and_agentgateway_global_are_read_and_explained() {
+    let ext = "apiVersion: gateway.kgateway.dev/v1alpha1\nkind: GatewayExtension\nmetadata: {name: rls, namespace: kgateway-system}\nspec:\n  type: RateLimit\n  rateLimit:\n    grpcService: {backendRef: {name: limiter, port: 8081}}\n    domain: api-gateway\n    failOpen: true\n    timeout: 100ms\n";
+    let p = load_text(ext);
+    assert_eq!(p.kind, PolicyKind::GatewayExtension);
+    assert!(p.rules.is_empty());
+    let w = warning_lines(&p);
+    assert!(
+        w.iter().any(|l| l.starts_with("8 spec.rateLimit.domain: read:") && l.contains("`domain: api-gateway`")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(|l| l.starts_with("9 spec.rateLimit.failOpen:") && l.contains("failure_mode_deny: false")),
+        "{w:?}"
+    );
+    assert!(w.iter().any(|l| l.starts_with("10 spec.rateLimit.timeout:") && l.contains("100ms")), "{w:?}");
+    // failOpen defaults to false: denied when the service fails, as kgateway.
+    let p = load_text(&ext.replace("    failOpen: true\n", ""));
+    assert!(warning_lines(&p).iter().any(|l| l.contains("failure_mode_deny: true")), "{:?}", warning_lines(&p));
+    assert_eq!(
+        errors_of(&ext.replace("100ms", "soon")),
+        ["10:14 spec.rateLimit.timeout: invalid duration \"soon\" (expected e.g. 500ms, 10s, 1m, 1h30m)"]
+    );
+
+    let agw = "apiVersion: agentgateway.dev/v1alpha1\nkind: AgentgatewayPolicy\nmetadata: {name: g, namespace: default}\nspec:\n  targetRefs: [{kind: Gateway, name: agw}]\n  traffic:\n    rateLimit:\n      global:\n        backendRef: {name: limiter, port: 8081}\n        domain: agentgateway\n        descriptors:\n          - entries: [{name: remote_address, expression: source.address}, {name: user, expression: jwt.sub}]\n";
+    let p = load_text(agw);
+    assert!(p.rules.is_empty());
+    let w = warning_lines(&p);
+    assert!(
+        w.iter().any(|l| l.starts_with("10 spec.traffic.rateLimit.global.domain: read:")
+            && l.contains("[remote_address, user]")
+            && l.contains("`domain: agentgateway`")),
+        "{w:?}"
+    );
+    assert_eq!(
+        errors_of(&agw.replace(", expression: jwt.sub", "")),
+        ["12:75 spec.traffic.rateLimit.global.descriptors[0].entries[1]: missing field `expression`"]
+    );
+}
+
+#[test]
+fn impossible_selectors_and_costs_are_errors_naming_the_field() {
+    let rule = |body: &str| {
+        format!(
+            "{EG}spec:\n  targetRefs: [{{kind: HTTPRoute, name: r}}]\n  rateLimit:\n    local:\n      rules:\n{body}"
+        )
+    };
+    assert_eq!(
+        errors_of(&rule(
+            "        - clientSelectors: [{headers: [{name: x, type: RegularExpression, value: \"a(b\"}]}]\n          limit: {requests: 1, unit: Second}\n"
+        )),
+        [
+            "9:82 spec.rateLimit.local.rules[0].clientSelectors[0].headers[0].value: invalid regular expression \"a(b\": unclosed group"
+        ]
+    );
+    assert_eq!(
+        errors_of(&rule(
+            "        - clientSelectors: [{path: {type: Glob, value: /x}}]\n          limit: {requests: 1, unit: Second}\n"
+        )),
+        [
+            "9:43 spec.rateLimit.local.rules[0].clientSelectors[0].path.type: unknown type \"Glob\" (expected Exact, PathPrefix or RegularExpression)"
+        ]
+    );
+    assert_eq!(
+        errors_of(&rule(
+            "        - limit: {requests: 1, unit: Second}\n          cost: {request: {from: Number, number: 10}}\n"
+        )),
+        [
+            "10:17 spec.rateLimit.local.rules[0].cost: cost applies to global rules only (a local rule is counted in the proxy)"
+        ]
+    );
+    assert_eq!(
+        errors_of(&rule(
+            "        - clientSelectors: [{methods: [{value: GET}, {value: POST, invert: true}]}]\n          limit: {requests: 1, unit: Second}\n"
+        )),
+        [
+            "9:76 spec.rateLimit.local.rules[0].clientSelectors[0].methods: mixes inverted and plain methods: give all of them `invert: true`, or none"
         ]
     );
 }

@@ -7,8 +7,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{FailureMode, Inner, RedisBackend};
-use crate::l7::RequestDescriptor;
-use crate::l7::{Code, DescriptorStatus, Engine, Match, ReportedLimit, RequestError, RlsRequest, RlsResponse};
+use crate::l7::{
+    Code, DescriptorStatus, Engine, Match, ReportedLimit, RequestDescriptor, RequestError, RlsRequest, RlsResponse,
+    descriptor_key_prefix, overall_code,
+};
 use crate::plan::Unit;
 use crate::plan::l7::Scope;
 
@@ -17,7 +19,15 @@ pub(super) enum Step {
     /// Nothing to count: answer this status as is.
     Done(DescriptorStatus),
     /// Count in Redis (one INCRBY + EXPIRE in the request's pipeline).
-    Count { key: String, hits: u32, limit: ReportedLimit, shadow: bool, window_end: u64, reset: Duration },
+    Count {
+        key: String,
+        hits: u32,
+        limit: ReportedLimit,
+        shadow: bool,
+        quota_mode: bool,
+        window_end: u64,
+        reset: Duration,
+    },
 }
 
 impl RedisBackend {
@@ -39,6 +49,7 @@ impl RedisBackend {
         let replies = if counted == 0 { Ok(Vec::new()) } else { self.inner.round_trip(&steps).await };
 
         let mut statuses = Vec::with_capacity(steps.len());
+        let mut quota = Vec::new();
         let mut replies = match replies {
             Ok(values) => Some(values.into_iter()),
             Err(()) => None,
@@ -46,7 +57,10 @@ impl RedisBackend {
         for step in steps {
             statuses.push(match step {
                 Step::Done(status) => status,
-                Step::Count { key, hits: _, limit, shadow, window_end, reset } => {
+                Step::Count { key, hits: _, limit, shadow, quota_mode, window_end, reset } => {
+                    if quota_mode {
+                        quota.push(statuses.len());
+                    }
                     match replies.as_mut().and_then(Iterator::next) {
                         Some(after) => self.inner.judge(key, after, limit, shadow, (unix_now, window_end), reset),
                         None => self.inner.failure_status(limit, shadow, reset),
@@ -54,14 +68,20 @@ impl RedisBackend {
                 }
             });
         }
-        let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) { Code::OverLimit } else { Code::Ok };
-        Ok(RlsResponse { overall, statuses })
+        Ok(RlsResponse { overall: overall_code(&statuses, &quota), statuses })
     }
 
     /// Matches every descriptor and decides which ones need Redis.
     fn plan(&self, engine: &Engine, req: &RlsRequest, unix_now: u64) -> Vec<Step> {
-        let matches: Vec<Option<Match>> =
-            req.descriptors.iter().map(|d| engine.lookup(&req.domain, &d.entries)).collect();
+        if !engine.has_domain(&req.domain) {
+            return req.descriptors.iter().map(|_| Step::Done(DescriptorStatus::no_limit(None, 0))).collect();
+        }
+        // A descriptor with its own limit skips the config (no rule, no `replaces`).
+        let matches: Vec<Option<Match>> = req
+            .descriptors
+            .iter()
+            .map(|d| if d.limit.is_some() { None } else { engine.lookup(&req.domain, &d.entries) })
+            .collect();
         // `replaces` as envoyproxy/ratelimit applies it: a rule named in the `replaces` of any
         // rule matched by this request is dropped from this request.
         let replaced: Vec<&str> =
@@ -70,6 +90,14 @@ impl RedisBackend {
 
         let mut steps = Vec::with_capacity(matches.len());
         for (descriptor, found) in req.descriptors.iter().zip(&matches) {
+            let hits = descriptor.hits_addend.unwrap_or(request_hits);
+            if let Some(o) = descriptor.limit {
+                // As the reference: a fixed window keyed by the descriptor as sent, no name.
+                let limit = ReportedLimit { name: String::new(), requests_per_unit: o.requests_per_unit, unit: o.unit };
+                let prefix = descriptor_key_prefix(&req.domain, &descriptor.entries);
+                steps.push(self.count_step(&prefix, limit, false, false, hits, unix_now));
+                continue;
+            }
             let Some(found) = found else {
                 steps.push(Step::Done(DescriptorStatus::no_limit(None, 0)));
                 continue;
@@ -84,29 +112,50 @@ impl RedisBackend {
                 continue;
             }
             let Some(limit) = rule.limit else {
-                // `unlimited`: OK, no limit, remaining reported as the reference does.
-                steps.push(Step::Done(DescriptorStatus::no_limit(Some(rule.name.clone()), u32::MAX)));
+                // `unlimited`: OK, no limit, remaining reported as the reference does; an exempt
+                // value: OK, nothing else.
+                let status = if rule.exempt {
+                    DescriptorStatus::no_limit(None, 0)
+                } else {
+                    DescriptorStatus::no_limit(Some(rule.name.clone()), u32::MAX)
+                };
+                steps.push(Step::Done(status));
                 continue;
             };
-            let window = window_seconds(limit.unit);
-            let window_start = unix_now / window * window;
-            let window_end = window_start + window;
-            let reset = Duration::from_secs(window_end - unix_now);
             let reported = ReportedLimit {
-                name: rule.name.clone(),
+                name: rule.limit_name.clone().unwrap_or_else(|| rule.name.clone()),
                 requests_per_unit: u32::try_from(limit.requests).unwrap_or(u32::MAX),
                 unit: limit.unit,
             };
-            let key = format!("{}{}{window_start}", self.inner.config.key_prefix, found.cache_key_prefix);
-            if self.inner.negative_hit(&key, unix_now) {
+            let mut step =
+                self.count_step(&found.cache_key_prefix, reported, rule.shadow, rule.quota_mode, hits, unix_now);
+            if let Step::Count { key, limit, reset, .. } = &step
+                && self.inner.negative_hit(key, unix_now)
+            {
                 self.inner.stats.negative_cache_hits.fetch_add(1, Ordering::Relaxed);
-                steps.push(Step::Done(over_limit_status(reported, rule.shadow, reset)));
-                continue;
+                step = Step::Done(over_limit_status(limit.clone(), rule.shadow, *reset));
             }
-            let hits = descriptor.hits_addend.unwrap_or(request_hits);
-            steps.push(Step::Count { key, hits, limit: reported, shadow: rule.shadow, window_end, reset });
+            steps.push(step);
         }
         steps
+    }
+
+    /// The counter of one descriptor in the current window of its limit's unit.
+    fn count_step(
+        &self,
+        cache_key_prefix: &str,
+        limit: ReportedLimit,
+        shadow: bool,
+        quota_mode: bool,
+        hits: u32,
+        unix_now: u64,
+    ) -> Step {
+        let window = window_seconds(limit.unit);
+        let window_start = unix_now / window * window;
+        let window_end = window_start + window;
+        let reset = Duration::from_secs(window_end - unix_now);
+        let key = format!("{}{cache_key_prefix}{window_start}", self.inner.config.key_prefix);
+        Step::Count { key, hits, limit, shadow, quota_mode, window_end, reset }
     }
 }
 

@@ -33,7 +33,8 @@
 //! reference's keys.
 //!
 //! # Over-limit negative cache
-//! Once a key is seen over its limit, later requests for it in the same window are answered
+//! Off by default, as the reference's local cache (`--redis-local-cache-keys`). When on: once
+//! a key is seen over its limit, later requests for it in the same window are answered
 //! OVER_LIMIT from memory without touching Redis (the reference's `LOCAL_CACHE_SIZE_IN_BYTES`
 //! cache). The entry expires when the window ends. Counts of those skipped requests are not
 //! added to Redis, again like the reference: the window is already exhausted, and the next
@@ -124,7 +125,8 @@ pub struct RedisConfig {
     pub reconnect_backoff_max: Duration,
     /// Most keys the over-limit negative cache holds; when full, expired entries are purged
     /// and, if it is still full, new over-limit keys are simply not cached (they keep going to
-    /// Redis, which stays correct).
+    /// Redis, which stays correct). 0 (the default, as the reference's
+    /// `LOCAL_CACHE_SIZE_IN_BYTES`) turns the cache off: every hit is counted in Redis.
     pub negative_cache_capacity: usize,
 }
 
@@ -137,7 +139,7 @@ impl Default for RedisConfig {
             response_timeout: Duration::from_millis(200),
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(2),
-            negative_cache_capacity: 100_000,
+            negative_cache_capacity: 0,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Envoy Gateway `BackendTrafficPolicy` (`gateway.envoyproxy.io/v1alpha1`), read as Envoy
 //! Gateway reads it. The rule reader here is shared with TEG's `RateLimitFilter` ([`super::teg`])
-//! and the document header reader with agentgateway and kgateway.
+//! the document header reader ([`super::document`]) is shared by every Kubernetes-style kind.
 //!
 //! What the agent takes:
 //! - `metadata.name` / `metadata.namespace` (other metadata, and `status`, are ignored).
@@ -35,15 +35,14 @@
 //! - `circuitBreaker`, `retry`, `timeout`, `loadBalancer`, `healthCheck`, `faultInjection`
 //!   and every other `spec` field, and unknown fields anywhere (this API grows).
 
-mod document;
 mod rules;
 mod selectors;
 
-pub(super) use self::document::{Targets, UNRESOLVED_TARGET_KINDS, drop_rules_without_targets, header};
 pub(super) use self::rules::{Rules, rate_limit};
-use super::ratelimit_config::{Node, Reader};
+use super::document::{Targets, drop_rules_without_targets, finish, header};
 use crate::policy::error::FieldError;
 use crate::policy::model::{Policy, PolicyKind};
+use crate::policy::reader::{Node, Reader};
 use crate::policy::source::deserialize;
 use crate::policy::spec::S;
 
@@ -76,14 +75,6 @@ pub fn load(src: &str) -> Result<Policy, Vec<FieldError>> {
     let mut r = Reader::default();
     let policy = policy(&mut r, &root);
     finish(r, policy)
-}
-
-/// The policy, its warnings attached, or every error found.
-pub(super) fn finish(r: Reader, policy: Option<Policy>) -> Result<Policy, Vec<FieldError>> {
-    match policy {
-        Some(p) if r.errors.is_empty() => Ok(Policy { not_enforced: r.warnings, ..p }),
-        _ => Err(r.errors),
-    }
 }
 
 fn policy(r: &mut Reader, root: &S<Node>) -> Option<Policy> {

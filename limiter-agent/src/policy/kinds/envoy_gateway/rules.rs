@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 
 use super::selectors::{Selector, selector};
+use crate::plan::l7::HitsAddend;
 use crate::plan::{Limit, Unit};
 use crate::policy::error::{ErrorKind, FieldError};
-use crate::policy::kinds::ratelimit_config::{Node, Reader};
-use crate::policy::model::{At, Count, Located, Mode, Rule, Scope};
+use crate::policy::model::{At, Count, Located, Mode, Rule, RuleCost, Scope};
+use crate::policy::reader::{Node, Reader};
 use crate::policy::spec::{S, pos_of};
 use crate::policy::validate::{name_problem, parse_unit};
 
@@ -125,6 +126,7 @@ fn rule(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rule
     let mut shadow = None;
     let mut selectors = Vec::new();
     let mut enforceable = true;
+    let mut cost = None;
     for (k, v) in entries {
         let f = format!("{field}.{k}");
         match k.as_str() {
@@ -151,7 +153,14 @@ fn rule(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rule
                 has_limit = true;
                 limit = read_limit(r, v, &f);
             }
-            "cost" | "shared" => r.warn(v, &f, "not enforced: every request counts once, per node or shared as scoped"),
+            "cost" => cost = read_cost(r, v, &f).map(|c| (c, v, f)),
+            // One counter per rule across its targets is this agent's only way to count, which
+            // is what `shared: true` asks for; `false` (per-target counters) is not.
+            "shared" => {
+                if r.opt_bool(v, &f) == Some(false) {
+                    r.warn(v, &f, "not enforced: the rule's counter is shared across its targets (as shared: true)");
+                }
+            }
             "shadowMode" => {
                 if r.opt_bool(v, &f) == Some(true) {
                     shadow = Some(At::new(pos_of(v), &f));
@@ -181,6 +190,17 @@ fn rule(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rule
     if let Some(at) = shadow {
         rules.shadow.push((name.clone(), at));
     }
+    let cost = match cost {
+        // Envoy Gateway sends costs to the rate limit service only: a local rule is counted in
+        // the proxy, which has no hits_addend.
+        Some((_, v, f)) if scope == Scope::Local => {
+            let message = "cost applies to global rules only (a local rule is counted in the proxy)".to_owned();
+            r.schema(pos_of(v), &f, message);
+            return;
+        }
+        Some((c, _, _)) => c,
+        None => RuleCost::default(),
+    };
     rules.out.push(Rule {
         name,
         scope,
@@ -188,8 +208,80 @@ fn rule(r: &mut Reader, n: &S<Node>, field: &str, scope: Scope, rules: &mut Rule
         count: Count::Requests,
         limit,
         kernel_guard: true,
+        cost,
         at: At::new(pos_of(n), field),
     });
+}
+
+/// `cost: {request: {from: Number | Metadata, number, metadata: {namespace, key}}, response:
+/// ...}`.
+fn read_cost(r: &mut Reader, n: &S<Node>, field: &str) -> Option<RuleCost> {
+    let entries = r.map(n, field)?;
+    let before = r.errors.len();
+    let mut cost = RuleCost::default();
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        match k.as_str() {
+            "request" => cost.request = cost_spec(r, v, &f),
+            "response" => cost.response = cost_spec(r, v, &f),
+            _ => r.unknown_field(v, &f),
+        }
+    }
+    (r.errors.len() == before).then_some(cost)
+}
+
+fn cost_spec(r: &mut Reader, n: &S<Node>, field: &str) -> Option<HitsAddend> {
+    let entries = r.map(n, field)?;
+    let (mut from, mut number, mut metadata) = (None, None, None);
+    for (k, v) in entries {
+        let f = format!("{field}.{k}");
+        match k.as_str() {
+            "from" => from = r.string(v, &f).map(|s| (s, v)),
+            "number" => number = r.int_in(v, &f, 0, i64::from(u32::MAX)).and_then(|x| u64::try_from(x).ok()),
+            "metadata" => {
+                let Some(m) = r.map(v, &f) else { continue };
+                let (mut ns, mut key) = (None, None);
+                for (mk, mv) in m {
+                    let mf = format!("{f}.{mk}");
+                    match mk.as_str() {
+                        "namespace" => ns = r.string(mv, &mf),
+                        "key" => key = r.string(mv, &mf),
+                        _ => r.unknown_field(mv, &mf),
+                    }
+                }
+                match (ns, key) {
+                    (Some(namespace), Some(key)) => metadata = Some(HitsAddend::Metadata { namespace, key }),
+                    (None, _) => r.missing(v, &f, "namespace"),
+                    (_, None) => r.missing(v, &f, "key"),
+                }
+            }
+            _ => r.unknown_field(v, &f),
+        }
+    }
+    match from {
+        Some((f, _)) if f.eq_ignore_ascii_case("number") => match number {
+            Some(n) => Some(HitsAddend::Number(n)),
+            None => {
+                r.missing(n, field, "number");
+                None
+            }
+        },
+        Some((f, _)) if f.eq_ignore_ascii_case("metadata") => {
+            if metadata.is_none() && !entries.iter().any(|(k, _)| k == "metadata") {
+                r.missing(n, field, "metadata");
+            }
+            metadata
+        }
+        Some((f, at)) => {
+            let err = ErrorKind::UnknownValue { what: "from", value: f, expected: "Number or Metadata" };
+            r.errors.push(FieldError::new(pos_of(at), format!("{field}.from"), err));
+            None
+        }
+        None => {
+            r.missing(n, field, "from");
+            None
+        }
+    }
 }
 
 /// `{requests, unit}`.
@@ -201,7 +293,8 @@ fn read_limit(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Limit> {
         match k.as_str() {
             "requests" => {
                 has.0 = true;
-                requests = r.int_in(v, &f, 1, i64::MAX).and_then(|x| u64::try_from(x).ok());
+                // 0 denies every request the rule selects, as Envoy Gateway allows.
+                requests = r.int_in(v, &f, 0, i64::MAX).and_then(|x| u64::try_from(x).ok());
             }
             "unit" => {
                 has.1 = true;
@@ -225,14 +318,15 @@ fn read_limit(r: &mut Reader, n: &S<Node>, field: &str) -> Option<Limit> {
     Some(Limit { requests: requests?, unit: unit?, burst: 0 })
 }
 
-/// The native units plus Envoy Gateway's `Month` and `Year` (30 and 365 days, as Envoy's
-/// rate limit service counts them).
+/// The native units plus Envoy Gateway's `Week`, `Month` and `Year` (7, 30 and 365 days, as
+/// Envoy's rate limit service counts them).
 fn eg_unit(s: &str) -> Option<Unit> {
     if let Some(u) = parse_unit(s) {
         return Some(u);
     }
     let lower = s.trim().to_ascii_lowercase();
     match lower.strip_suffix('s').unwrap_or(&lower) {
+        "week" => Some(Unit::Interval { ns: 7 * NS_PER_DAY }),
         "month" => Some(Unit::Interval { ns: 30 * NS_PER_DAY }),
         "year" => Some(Unit::Interval { ns: 365 * NS_PER_DAY }),
         _ => None,

@@ -1,10 +1,10 @@
-//! What every Kubernetes-style gateway policy has around its rules, read here for Envoy
-//! Gateway and shared with agentgateway and kgateway: the document header (`apiVersion`,
-//! `kind`, `metadata`, `spec`) and Gateway API `targetRefs`.
+//! What every Kubernetes-style gateway policy has around its rules, shared by Envoy Gateway,
+//! TEG, agentgateway and kgateway: the document header (`apiVersion`, `kind`, `metadata`,
+//! `spec`), Gateway API `targetRefs`, and [`finish`].
 
 use crate::policy::error::{ErrorKind, FieldError};
-use crate::policy::kinds::ratelimit_config::{Node, Reader};
 use crate::policy::model::{At, Mode, Policy, PolicyKind, RouteKind, Rule, Target, TargetKind};
+use crate::policy::reader::{Node, Reader};
 use crate::policy::spec::{S, pos_of};
 use crate::policy::validate::name_problem;
 
@@ -184,5 +184,13 @@ impl Targets {
             let kind = TargetKind::Route { kind, name, namespace: namespace.map(str::to_owned), section_name: section };
             self.out.push(Target { kind, at: At::new(pos_of(n), field) });
         }
+    }
+}
+
+/// The policy, its warnings attached, or every error found.
+pub(in crate::policy::kinds) fn finish(r: Reader, policy: Option<Policy>) -> Result<Policy, Vec<FieldError>> {
+    match policy {
+        Some(p) if r.errors.is_empty() => Ok(Policy { not_enforced: r.warnings, ..p }),
+        _ => Err(r.errors),
     }
 }
