@@ -62,12 +62,23 @@ pub fn install_venv() -> Result<()> {
     Ok(())
 }
 
+/// `shared/peer-ratelimit` beside the workspace root or beside one of its ancestors (a worktree
+/// or a clone one level deeper still finds it); the sibling path when none has it, so the
+/// error names where it was expected.
+fn find_suite(root: &std::path::Path) -> PathBuf {
+    root.ancestors()
+        .skip(1)
+        .map(|dir| dir.join("shared/peer-ratelimit"))
+        .find(|dir| dir.join("run_peer_cases.py").is_file())
+        .unwrap_or_else(|| root.join(SUITE_DIR))
+}
+
 /// Runs every case of the suite against a debug build of the agent, with the `local` backend
 /// and then with `redis` (a redis-server the runner starts on a free loopback port). A missing
 /// suite directory is an error, never a skip.
 pub fn run_suite() -> Result<()> {
     let root = util::workspace_root()?;
-    let dir = std::env::var_os(SUITE_ENV).filter(|d| !d.is_empty()).map_or_else(|| root.join(SUITE_DIR), PathBuf::from);
+    let dir = std::env::var_os(SUITE_ENV).filter(|d| !d.is_empty()).map_or_else(|| find_suite(&root), PathBuf::from);
     let runner = dir.join("run_peer_cases.py");
     if !runner.is_file() {
         bail!(
@@ -96,7 +107,8 @@ pub fn run_suite() -> Result<()> {
         util::run(&mut cmd).with_context(|| {
             format!(
                 "envoyproxy/ratelimit conformance ({backend} backend) failed: see the FAIL lines above; rerun one \
-                 with `cd {SUITE_DIR} && {} run_peer_cases.py --agent {} --check-bin {} {} --only ID`",
+                 with `cd {} && {} run_peer_cases.py --agent {} --check-bin {} {} --only ID`",
+                dir.display(),
                 python().map(|p| p.display().to_string()).unwrap_or_default(),
                 agent.display(),
                 agent.display(),
