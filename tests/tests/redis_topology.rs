@@ -318,3 +318,110 @@ fn second_unit_limits_count_in_the_per_second_redis() {
         assert_eq!(per_second.command_calls("incrby").expect("stats"), 2, "second counts on the per-second Redis");
     });
 }
+
+/// The new user, as a program: the agent started with envoyproxy/ratelimit's
+/// environment (`BACKEND_TYPE=redis`, `REDIS_TYPE=cluster`, `REDIS_URL` naming the 3 masters,
+/// `CACHE_KEY_PREFIX`) answers 12 users x 7 calls with exactly 5 allowed per user, writes the
+/// reference's keys on the cluster, logs the settings it used, and names the variables it does
+/// not honour.
+#[test]
+fn the_agent_reads_the_reference_environment_and_counts_on_the_cluster() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry};
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code as ProtoCode;
+    use envoy_types::pb::envoy::service::ratelimit::v3::{
+        RateLimitRequest, rate_limit_service_client::RateLimitServiceClient,
+    };
+
+    let cluster = RedisCluster::start(3).expect("3-master cluster");
+    let dir = limiter_tests::agent::TempDir::new("redis-env");
+    let config = dir.write(
+        "users.yaml",
+        "domain: users\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 5}\n",
+    );
+    let port = limiter_tests::redis::free_port().expect("free port");
+    let listen = format!("127.0.0.1:{port}");
+    let socket = dir.path("agent.sock");
+    let mut child = Command::new(limiter_tests::agent::agent_binary())
+        .args(["run", "--no-metrics", "--no-watch", "--rls-listen", &listen, "--policy"])
+        .arg(&config)
+        .arg("--control-socket")
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        .env("BACKEND_TYPE", "redis")
+        .env("REDIS_SOCKET_TYPE", "tcp")
+        .env("REDIS_TYPE", "cluster")
+        .env("REDIS_URL", cluster.url_list())
+        .env("REDIS_POOL_SIZE", "10")
+        .env("REDIS_PIPELINE_WINDOW", "150us")
+        .env("REDIS_SOMETHING_NEW", "1")
+        .env("CACHE_KEY_PREFIX", "rl_")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start limiter-agent");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().expect("stderr");
+    let _guard = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    while !log.contains("rate limit service:") {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            Err(e) => panic!("the agent did not start serving ({e}):\n{log}"),
+        }
+    }
+    assert!(log.contains("redis: backend cluster 127.0.0.1:"), "settings logged:\n{log}");
+    assert!(log.contains("REDIS_TYPE=cluster") && log.contains("BACKEND_TYPE=redis"), "{log}");
+    assert!(log.contains("REDIS_PIPELINE_WINDOW is set but not honoured"), "{log}");
+    assert!(log.contains("REDIS_SOMETHING_NEW is set but not honoured"), "{log}");
+    assert!(log.contains("redis: connected to cluster"), "{log}");
+
+    let rt = runtime();
+    let (ok, over) = rt.block_on(async {
+        let mut client = RateLimitServiceClient::connect(format!("http://{listen}")).await.expect("connect");
+        let (mut ok, mut over) = (0, 0);
+        for user in 0..12 {
+            for _ in 0..7 {
+                let request = RateLimitRequest {
+                    domain: "users".into(),
+                    descriptors: vec![RateLimitDescriptor {
+                        entries: vec![Entry { key: "user".into(), value: format!("u{user}") }],
+                        ..Default::default()
+                    }],
+                    hits_addend: 0,
+                };
+                let code = client.should_rate_limit(request).await.expect("call").into_inner().overall_code;
+                if code == ProtoCode::Ok as i32 {
+                    ok += 1;
+                } else if code == ProtoCode::OverLimit as i32 {
+                    over += 1;
+                }
+            }
+        }
+        (ok, over)
+    });
+    assert_eq!((ok, over), (60, 24), "5 of 7 calls per user pass, counted on the cluster");
+    let keys = cluster.keys("rl_users_user_*").expect("keys");
+    assert_eq!(keys.len(), 12, "{keys:?}");
+    for key in &keys {
+        assert!(cluster.node_of(key).expect("owner").get_int(key).expect("GET").is_some(), "{key} on its master");
+    }
+}
