@@ -139,9 +139,8 @@ impl Membership {
     /// Membership in any Redis deployment (the rate limit service's own).
     pub fn with_target(target: &RedisTarget, config: MembershipConfig) -> Result<Self, SyncError> {
         let timeouts = Timeouts { connect: config.timeout(), response: config.timeout() };
-        let connector = target
-            .connector(timeouts)
-            .map_err(|source| SyncError::InvalidUrl { url: target.to_string(), source })?;
+        let connector =
+            target.connector(timeouts).map_err(|source| SyncError::InvalidUrl { url: target.to_string(), source })?;
         Ok(Self { url: target.to_string(), connector, conn: None, config, failing: false })
     }
 

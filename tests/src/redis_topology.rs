@@ -22,14 +22,24 @@ impl RedisCluster {
     /// Starts `masters` cluster-mode servers and joins them with `redis-cli --cluster create`,
     /// then waits until every node reports `cluster_state:ok`.
     pub fn start(masters: usize) -> Result<RedisCluster> {
-        assert!(crate::has_tool("redis-cli"), "needs `redis-cli` on PATH: run `cargo xtask setup` (Debian redis-tools)");
+        assert!(
+            crate::has_tool("redis-cli"),
+            "needs `redis-cli` on PATH: run `cargo xtask setup` (Debian redis-tools)"
+        );
         let mut nodes = Vec::new();
         for _ in 0..masters {
             nodes.push(RedisServer::start_with(
                 |_, _| {
-                    ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
-                        .map(str::to_owned)
-                        .to_vec()
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                    ]
+                    .map(str::to_owned)
+                    .to_vec()
                 },
                 None,
             )?);
@@ -60,7 +70,10 @@ impl RedisCluster {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let ok = self.nodes.iter().filter(|n| n.is_running()).all(|n| {
-                n.command(&["CLUSTER", "INFO"]).ok().and_then(|r| r.as_text()).is_some_and(|t| t.contains("cluster_state:ok"))
+                n.command(&["CLUSTER", "INFO"])
+                    .ok()
+                    .and_then(|r| r.as_text())
+                    .is_some_and(|t| t.contains("cluster_state:ok"))
             });
             if ok {
                 return Ok(());

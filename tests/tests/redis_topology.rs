@@ -37,7 +37,11 @@ fn rule(domain: &str, key: &str, requests: u64, unit: Unit) -> L7Rule {
     L7Rule {
         name: format!("{domain}/{key}"),
         domain: domain.to_owned(),
-        entries: vec![EntryMatch { key: key.to_owned(), attribute: Attribute::Descriptor, value: EntryValue::Distinct }],
+        entries: vec![EntryMatch {
+            key: key.to_owned(),
+            attribute: Attribute::Descriptor,
+            value: EntryValue::Distinct,
+        }],
         limit: Some(Limit { requests, unit, burst: 0 }),
         algorithm: Algorithm::FixedWindow,
         scope: Scope::Global,
@@ -260,17 +264,23 @@ fn tls_with_a_password_and_a_client_certificate_counts_and_refuses_the_wrong_one
 
         // A wrong password, a missing client certificate, an unknown CA: no connection, and
         // the failure mode answers (failClosed here) instead of a hang or a crash.
-        let wrong_password = RedisTarget { auth: Some(Auth { username: None, password: "nope".into() }), ..good.clone() };
-        let no_client_cert =
-            RedisTarget { tls: Some(TlsFiles { client_cert: None, client_key: None, ..good.tls.clone().expect("tls") }), ..good.clone() };
+        let wrong_password =
+            RedisTarget { auth: Some(Auth { username: None, password: "nope".into() }), ..good.clone() };
+        let no_client_cert = RedisTarget {
+            tls: Some(TlsFiles { client_cert: None, client_key: None, ..good.tls.clone().expect("tls") }),
+            ..good.clone()
+        };
         let other_ca = TestCa::new("another CA");
         std::fs::write(dir.root().join("other-ca.crt"), other_ca.pem()).expect("write");
         let unknown_ca = RedisTarget {
             tls: Some(TlsFiles { ca: Some(dir.root().join("other-ca.crt")), ..good.tls.clone().expect("tls") }),
             ..good.clone()
         };
-        for (what, target) in [("wrong password", wrong_password), ("no client certificate", no_client_cert), ("unknown CA", unknown_ca)] {
-            let redis = RedisBackend::connect_to(&target, None, config(FailureMode::FailClosed)).await.expect("backend");
+        for (what, target) in
+            [("wrong password", wrong_password), ("no client certificate", no_client_cert), ("unknown CA", unknown_ca)]
+        {
+            let redis =
+                RedisBackend::connect_to(&target, None, config(FailureMode::FailClosed)).await.expect("backend");
             assert!(!redis.is_connected(), "{what}: must not connect");
             let response = decide(&redis, &engine, &request("tls", "user", &["carol"])).await;
             assert_eq!(response.overall, Code::OverLimit, "{what}: failClosed answers");
@@ -329,7 +339,9 @@ fn the_agent_reads_the_reference_environment_and_counts_on_the_cluster() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
-    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry};
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+        RateLimitDescriptor, rate_limit_descriptor::Entry,
+    };
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code as ProtoCode;
     use envoy_types::pb::envoy::service::ratelimit::v3::{
         RateLimitRequest, rate_limit_service_client::RateLimitServiceClient,

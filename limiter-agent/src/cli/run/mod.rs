@@ -77,8 +77,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // attached yet when it does.
     let engine = Arc::new(Engine::new(compiled.l7.clone(), EngineConfig { max_keys: args.rls.l7_max_keys }));
     metrics.watch_engine(Arc::clone(&engine));
-    let settings = redis_args::resolve(args.rls.rls_backend, &args.rls.redis, &|k| std::env::var(k).ok(), &redis_args::env_names())
-        .context("the Redis settings (flags and REDIS_* environment) have errors; nothing was started")?;
+    let settings = redis_args::resolve(
+        args.rls.rls_backend,
+        &args.rls.redis,
+        &|k| std::env::var(k).ok(),
+        &redis_args::env_names(),
+    )
+    .context("the Redis settings (flags and REDIS_* environment) have errors; nothing was started")?;
     let backend = match settings.backend {
         BackendKind::Local => Backend::Local,
         BackendKind::Redis => {

@@ -106,7 +106,10 @@ const NOT_HONOURED: &[(&str, &str)] = &[
     ("REDIS_PERSECOND_PIPELINE_LIMIT", "each call is sent at once, pipelined on one multiplexed connection"),
     ("REDIS_POOL_ON_EMPTY_BEHAVIOR", "there is no pool to run empty: one multiplexed connection per Redis"),
     ("REDIS_POOL_ON_EMPTY_WAIT_DURATION", "there is no pool to run empty: one multiplexed connection per Redis"),
-    ("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "the health service stays SERVING; Redis failures follow --redis-failure-mode"),
+    (
+        "REDIS_HEALTH_CHECK_ACTIVE_CONNECTION",
+        "the health service stays SERVING; Redis failures follow --redis-failure-mode",
+    ),
     ("EXPIRATION_JITTER_MAX_SECONDS", "keys expire exactly one unit after their last hit"),
     ("MEMCACHE_HOST_PORT", "only the redis backend exists here"),
     ("MEMCACHE_SRV", "only the redis backend exists here"),
@@ -235,7 +238,8 @@ fn target_of(
 ) -> anyhow::Result<Option<RedisTarget>> {
     let var = |suffix: &str| format!("{}{suffix}", side.env_prefix);
     let main = side.env_prefix == "REDIS_";
-    let Some(url) = pick(side.url, side.url_flag, &var("URL"), env, used, true).or_else(|| main.then(|| DEFAULT_URL.into()))
+    let Some(url) =
+        pick(side.url, side.url_flag, &var("URL"), env, used, true).or_else(|| main.then(|| DEFAULT_URL.into()))
     else {
         return Ok(None);
     };
@@ -254,7 +258,8 @@ fn target_of(
         }
         None => SocketType::Tcp,
     };
-    let mut target = RedisTarget::parse(topology, socket, &url).with_context(|| format!("{} / {}", side.url_flag, var("URL")))?;
+    let mut target =
+        RedisTarget::parse(topology, socket, &url).with_context(|| format!("{} / {}", side.url_flag, var("URL")))?;
     let auth = match (side.auth_file, env(&var("AUTH"))) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)
@@ -298,7 +303,9 @@ fn target_of(
         }
     }
     if files.client_cert.is_some() != files.client_key.is_some() {
-        bail!("a Redis TLS client certificate needs its key and the key its certificate (REDIS_TLS_CLIENT_CERT, REDIS_TLS_CLIENT_KEY)");
+        bail!(
+            "a Redis TLS client certificate needs its key and the key its certificate (REDIS_TLS_CLIENT_CERT, REDIS_TLS_CLIENT_KEY)"
+        );
     }
     let tls_on = side.tls || env_tls || target.tls.is_some() || (main && files.ca.is_some());
     if tls_on {
@@ -356,7 +363,11 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn resolve_with(flag: Option<BackendKind>, args: &RedisArgs, vars: &[(&str, &str)]) -> anyhow::Result<RedisSettings> {
+    fn resolve_with(
+        flag: Option<BackendKind>,
+        args: &RedisArgs,
+        vars: &[(&str, &str)],
+    ) -> anyhow::Result<RedisSettings> {
         let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let names: Vec<String> = map.keys().cloned().collect();
         resolve(flag, args, &|k| map.get(k).cloned(), &names)
@@ -401,7 +412,12 @@ mod tests {
         let s = resolve_with(
             Some(BackendKind::Redis),
             &args,
-            &[("BACKEND_TYPE", "memcache"), ("REDIS_URL", "x:1,y:2"), ("REDIS_TYPE", "cluster"), ("CACHE_KEY_PREFIX", "env_")],
+            &[
+                ("BACKEND_TYPE", "memcache"),
+                ("REDIS_URL", "x:1,y:2"),
+                ("REDIS_TYPE", "cluster"),
+                ("CACHE_KEY_PREFIX", "env_"),
+            ],
         )
         .expect("resolves");
         assert_eq!(s.target.topology, Topology::Single);

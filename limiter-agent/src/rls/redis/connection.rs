@@ -101,15 +101,12 @@ impl Inner {
         let (second, main): (Vec<_>, Vec<_>) = (0..counts.len()).partition(|&i| counts[i].1);
         let pick = |idx: &[usize]| idx.iter().map(|&i| counts[i].0).collect::<Vec<_>>();
         let (main_counts, second_counts) = (pick(&main), pick(&second));
-        let (main_replies, second_replies) = tokio::join!(
-            self.link_round_trip(&self.main, &main_counts),
-            async {
-                match &self.per_second {
-                    Some(link) if !second_counts.is_empty() => self.link_round_trip(link, &second_counts).await,
-                    _ => Ok(Vec::new()),
-                }
+        let (main_replies, second_replies) = tokio::join!(self.link_round_trip(&self.main, &main_counts), async {
+            match &self.per_second {
+                Some(link) if !second_counts.is_empty() => self.link_round_trip(link, &second_counts).await,
+                _ => Ok(Vec::new()),
             }
-        );
+        });
         let mut out = vec![0; counts.len()];
         for (idx, replies) in [(main, main_replies?), (second, second_replies?)] {
             for (i, v) in idx.into_iter().zip(replies) {

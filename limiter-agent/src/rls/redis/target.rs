@@ -164,15 +164,8 @@ impl RedisTarget {
         } else {
             None
         };
-        let mut target = RedisTarget {
-            topology,
-            master_name,
-            nodes: Vec::new(),
-            tls: None,
-            auth: None,
-            sentinel_auth: None,
-            db: 0,
-        };
+        let mut target =
+            RedisTarget { topology, master_name, nodes: Vec::new(), tls: None, auth: None, sentinel_auth: None, db: 0 };
         for entry in entries {
             let url = if entry.contains("://") {
                 entry.to_owned()

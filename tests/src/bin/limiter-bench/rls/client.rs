@@ -131,7 +131,8 @@ async fn client_task(
         }
         if let Some(pace) = pace {
             tokio::time::sleep_until(due).await;
-            if tokio::time::Instant::now() > due + Duration::from_millis(1) && phase.load(Ordering::Relaxed) == MEASURE {
+            if tokio::time::Instant::now() > due + Duration::from_millis(1) && phase.load(Ordering::Relaxed) == MEASURE
+            {
                 out.late += 1;
             }
             due += pace;
