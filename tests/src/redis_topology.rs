@@ -28,21 +28,15 @@ impl RedisCluster {
         );
         let mut nodes = Vec::new();
         for _ in 0..masters {
-            nodes.push(RedisServer::start_with(
-                |_, _| {
-                    [
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "2000",
-                    ]
-                    .map(str::to_owned)
-                    .to_vec()
-                },
-                None,
-            )?);
+            // The bus port defaults to port + 10000, which may be taken, or past 65535 for a
+            // high ephemeral port: give it a free one of its own.
+            let bus = free_port()?.to_string();
+            let args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                .into_iter()
+                .chain(["--cluster-node-timeout", "2000", "--cluster-port", &bus])
+                .map(str::to_owned)
+                .collect::<Vec<_>>();
+            nodes.push(RedisServer::start_with(|_, _| args, None)?);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
         let out = Command::new("redis-cli")

@@ -387,6 +387,7 @@ fn the_agent_reads_the_reference_environment_and_counts_on_the_cluster() {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("agent: {line}");
             let _ = tx.send(line);
         }
     });
