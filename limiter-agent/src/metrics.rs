@@ -14,6 +14,7 @@
 //! | `limiter_rls_decision_duration_seconds` | | time to decide one `ShouldRateLimit` call (histogram) |
 //! | `limiter_rls_redis_errors_total` | | failed Redis round trips and connection attempts (0 with the local backend) |
 //! | `limiter_rls_redis_failure_mode_answers_total` | | descriptors answered by `failureMode` because Redis was unreachable |
+//! | `limiter_rls_redis_reconnects_total` | | connections remade after a loss (a Sentinel failover, a Cluster or server restart) |
 //! | `limiter_policy_reloads_total` | `outcome` | reloads `applied` and `rejected` (the last good policy stays) |
 //! | `limiter_escalations_total` | `policy` | sources put in the XDP block list by a policy's `penalty` |
 //! | `limiter_l7_tracked_keys` | | keyed L7 counters held (bounded by `--l7-max-keys`) |
@@ -259,6 +260,11 @@ impl Collector for Sources {
                 "limiter_rls_redis_failure_mode_answers",
                 "Descriptors answered by failureMode because Redis was unreachable",
                 redis.failure_mode_answers,
+            ),
+            (
+                "limiter_rls_redis_reconnects",
+                "Redis connections remade after a loss (failover, restart)",
+                redis.reconnects,
             ),
         ];
         for (name, help, value) in counters {

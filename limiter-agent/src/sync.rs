@@ -25,9 +25,9 @@
 use std::time::Duration;
 
 use log::{info, warn};
-use redis::AsyncConnectionConfig;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
+
+use crate::rls::redis::target::{Conn, Connector, RedisTarget, SocketType, TargetError, Timeouts, Topology};
 
 use crate::plan::{KernelPlan, Limit};
 
@@ -81,7 +81,7 @@ pub fn default_node_id() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("invalid Redis URL {url}: {source}")]
-    InvalidUrl { url: String, source: redis::RedisError },
+    InvalidUrl { url: String, source: TargetError },
 }
 
 /// Membership settings.
@@ -120,34 +120,39 @@ return redis.call('ZCARD', KEYS[1])";
 /// This node's membership: one small connection of its own, apart from the rate limit
 /// service's backend.
 pub struct Membership {
-    client: redis::Client,
+    connector: Connector,
     url: String,
-    conn_config: AsyncConnectionConfig,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     config: MembershipConfig,
     /// Whether the last heartbeat failed (so failures and recovery are logged once each).
     failing: bool,
 }
 
 impl Membership {
+    /// Membership in the single Redis at `url`.
     pub fn new(url: &str, config: MembershipConfig) -> Result<Self, SyncError> {
-        let client =
-            redis::Client::open(url).map_err(|source| SyncError::InvalidUrl { url: url.to_owned(), source })?;
-        let conn_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.timeout()))
-            .set_response_timeout(Some(config.timeout()));
-        Ok(Self { client, url: url.to_owned(), conn_config, conn: None, config, failing: false })
+        let target = RedisTarget::parse(Topology::Single, SocketType::Tcp, url)
+            .map_err(|source| SyncError::InvalidUrl { url: crate::rls::redis::target::redact_url(url), source })?;
+        Self::with_target(&target, config)
+    }
+
+    /// Membership in any Redis deployment (the rate limit service's own).
+    pub fn with_target(target: &RedisTarget, config: MembershipConfig) -> Result<Self, SyncError> {
+        let timeouts = Timeouts { connect: config.timeout(), response: config.timeout() };
+        let connector =
+            target.connector(timeouts).map_err(|source| SyncError::InvalidUrl { url: target.to_string(), source })?;
+        Ok(Self { url: target.to_string(), connector, conn: None, config, failing: false })
     }
 
     pub fn config(&self) -> &MembershipConfig {
         &self.config
     }
 
-    async fn connection(&mut self) -> redis::RedisResult<MultiplexedConnection> {
+    async fn connection(&mut self) -> redis::RedisResult<Conn> {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
-        let conn = self.client.get_multiplexed_async_connection_with_config(&self.conn_config).await?;
+        let conn = self.connector.connect().await?;
         self.conn = Some(conn.clone());
         Ok(conn)
     }

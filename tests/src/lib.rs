@@ -12,6 +12,7 @@ pub mod netns;
 pub mod packet;
 pub mod rawsock;
 pub mod redis;
+pub mod redis_topology;
 pub mod tls;
 
 use std::path::Path;

@@ -25,6 +25,10 @@ pub struct RedisServer {
     child: Option<Child>,
     /// The namespace it runs in (name, open fd), if not the caller's.
     netns: Option<(String, File)>,
+    /// More `redis-server` arguments (cluster mode, TLS, a password...).
+    extra: Vec<String>,
+    /// The password [`Self::command`] authenticates with (`--requirepass`).
+    password: Option<String>,
 }
 
 /// One RESP reply.
@@ -76,9 +80,35 @@ impl RedisServer {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("limiter-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut server = RedisServer { port, dir, child: None, netns: None };
+        let mut server = RedisServer { port, dir, child: None, netns: None, extra: Vec::new(), password: None };
         server.spawn()?;
         Ok(server)
+    }
+
+    /// [`Self::start`] with more `redis-server` arguments, made by `extra` from the port and the
+    /// server's own directory (for `--cluster-config-file`, TLS files...), and the password
+    /// [`Self::command`] sends first, if `--requirepass` is among them.
+    pub fn start_with(
+        extra: impl FnOnce(u16, &std::path::Path) -> Vec<String>,
+        password: Option<&str>,
+    ) -> Result<RedisServer> {
+        assert!(
+            crate::has_tool("redis-server"),
+            "needs `redis-server` on PATH: run `cargo xtask setup` (Debian package redis-server)"
+        );
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("limiter-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let extra = extra(port, &dir);
+        let mut server =
+            RedisServer { port, dir, child: None, netns: None, extra, password: password.map(str::to_owned) };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// The server's own directory (removed on drop).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// Starts a server on loopback inside `ns` (an agent there reaches it at [`Self::url`]);
@@ -92,7 +122,14 @@ impl RedisServer {
         let dir = std::env::temp_dir().join(format!("limiter-redis-{}-{}-{port}", std::process::id(), ns.name()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let fd = File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
-        let mut server = RedisServer { port, dir, child: None, netns: Some((ns.name().to_owned(), fd)) };
+        let mut server = RedisServer {
+            port,
+            dir,
+            child: None,
+            netns: Some((ns.name().to_owned(), fd)),
+            extra: Vec::new(),
+            password: None,
+        };
         server.spawn()?;
         Ok(server)
     }
@@ -145,6 +182,7 @@ impl RedisServer {
             .args(["--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -171,18 +209,12 @@ impl RedisServer {
         }
     }
 
-    /// Sends one command on a fresh connection and reads its reply.
+    /// Sends one command on a fresh connection (after `AUTH` when the server has a password)
+    /// and reads its reply.
     pub fn command(&self, args: &[&str]) -> Result<Reply> {
-        let mut stream = self.connect().with_context(|| format!("connecting to redis on port {}", self.port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut request = format!("*{}\r\n", args.len()).into_bytes();
-        for arg in args {
-            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-            request.extend_from_slice(arg.as_bytes());
-            request.extend_from_slice(b"\r\n");
-        }
-        stream.write_all(&request)?;
-        read_reply(&mut BufReader::new(stream))
+        let stream = self.connect().with_context(|| format!("connecting to redis on port {}", self.port))?;
+        let auth: Vec<&str> = self.password.as_deref().map(|p| vec!["AUTH", p]).unwrap_or_default();
+        send_command(stream, &auth, args)
     }
 
     /// A connection from the server's namespace (a socket stays in the namespace it was made in).
@@ -244,6 +276,36 @@ impl Drop for RedisServer {
         let _ = self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// One command to a plain RESP server at `addr` (a sentinel, a cluster node) on a fresh
+/// connection.
+pub fn command_at(addr: SocketAddr, args: &[&str]) -> Result<Reply> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .with_context(|| format!("connecting to redis at {addr}"))?;
+    send_command(stream, &[], args)
+}
+
+/// Sends `first` (if not empty, its reply must not be an error) then `args`; `args`'s reply.
+fn send_command(mut stream: TcpStream, first: &[&str], args: &[&str]) -> Result<Reply> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = Vec::new();
+    for command in [first, args].into_iter().filter(|c| !c.is_empty()) {
+        request.extend_from_slice(format!("*{}\r\n", command.len()).as_bytes());
+        for arg in command {
+            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            request.extend_from_slice(arg.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+    }
+    stream.write_all(&request)?;
+    let mut reader = BufReader::new(stream);
+    if !first.is_empty()
+        && let Reply::Error(e) = read_reply(&mut reader)?
+    {
+        bail!("{}: {e}", first[0]);
+    }
+    read_reply(&mut reader)
 }
 
 /// `cmdstat_incrby:calls=12,usec=...` -> 12 for `incrby`; 0 if it never ran.

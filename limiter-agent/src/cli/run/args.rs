@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use super::redis_args::RedisArgs;
 use crate::{
     control,
     dataplane::AttachMode,
@@ -79,19 +80,16 @@ pub struct RlsArgs {
     pub rls_tls_client_ca: Option<PathBuf>,
     /// Where the counts of `global` L7 rules and envoyproxy/ratelimit configs live: `local`
     /// (this process, per node) or `redis` (shared by every node, the reference service's
-    /// keys). `local` L7 rules are always counted in this process.
-    #[arg(long, value_enum, default_value_t = BackendKind::Local)]
-    pub rls_backend: BackendKind,
-    /// Redis for `--rls-backend redis`.
-    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    /// keys). `local` L7 rules are always counted in this process. [env: BACKEND_TYPE=redis;
+    /// default local]
+    #[arg(long, value_enum)]
+    pub rls_backend: Option<BackendKind>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// Answer for descriptors that need Redis while it is unreachable: failOpen (OK, no
     /// limit) or failClosed (OVER_LIMIT).
     #[arg(long, value_name = "MODE", default_value = "failOpen", value_parser = parse_failure_mode)]
     pub redis_failure_mode: FailureMode,
-    /// Prefix of every Redis key (the reference service's CACHE_KEY_PREFIX).
-    #[arg(long, value_name = "PREFIX", default_value = "")]
-    pub redis_key_prefix: String,
     /// Longest wait for one Redis round trip before the failure mode answers.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     pub redis_timeout: Duration,

@@ -15,6 +15,7 @@
 mod args;
 mod kernel;
 mod nodes;
+mod redis_args;
 mod reload;
 mod stats;
 
@@ -76,17 +77,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // attached yet when it does.
     let engine = Arc::new(Engine::new(compiled.l7.clone(), EngineConfig { max_keys: args.rls.l7_max_keys }));
     metrics.watch_engine(Arc::clone(&engine));
-    let backend = match args.rls.rls_backend {
+    let settings = redis_args::resolve(
+        args.rls.rls_backend,
+        &args.rls.redis,
+        &|k| std::env::var(k).ok(),
+        &redis_args::env_names(),
+    )
+    .context("the Redis settings (flags and REDIS_* environment) have errors; nothing was started")?;
+    let backend = match settings.backend {
         BackendKind::Local => Backend::Local,
         BackendKind::Redis => {
             let config = RedisConfig {
                 failure_mode: args.rls.redis_failure_mode,
-                key_prefix: args.rls.redis_key_prefix.clone(),
+                key_prefix: settings.key_prefix.clone(),
                 response_timeout: args.rls.redis_timeout,
                 negative_cache_capacity: args.rls.redis_local_cache_keys,
                 ..RedisConfig::default()
             };
-            let redis = RedisBackend::connect(&args.rls.redis_url, config).await.context("--redis-url")?;
+            let redis = RedisBackend::connect_to(&settings.target, settings.per_second.as_ref(), config)
+                .await
+                .context("--redis-url")?;
             metrics.watch_redis(redis.clone());
             Backend::Redis(redis)
         }
@@ -152,7 +162,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         l7_max_keys: args.rls.l7_max_keys,
     };
     let mut control = open_control(&args)?;
-    let (nodes, mut nodes_rx) = join_nodes(&args, &compiled.plan, &shutdown_rx, &mut servers).await?;
+    let (nodes, mut nodes_rx) = join_nodes(&args, &settings, &compiled.plan, &shutdown_rx, &mut servers).await?;
     let mut kernel = if args.ifaces.is_empty() {
         info!("no --iface: no XDP program; serving the rate limit service only");
         None

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use log::{error, info, warn};
 use tokio::sync::watch;
 
-use super::{BackendKind, InForce, RunArgs};
+use super::{BackendKind, InForce, RunArgs, redis_args::RedisSettings};
 use crate::{
     dataplane::Dataplane,
     plan::KernelPlan,
@@ -18,6 +18,7 @@ use crate::{
 /// shutdown). Returns the node count and where its changes arrive.
 pub(super) async fn join_nodes(
     args: &RunArgs,
+    settings: &RedisSettings,
     plan: &KernelPlan,
     shutdown: &watch::Receiver<bool>,
     servers: &mut Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
@@ -26,15 +27,15 @@ pub(super) async fn join_nodes(
     if args.ifaces.is_empty() {
         return Ok((1, None));
     }
-    if args.rls.rls_backend != BackendKind::Redis {
+    if settings.backend != BackendKind::Redis {
         if globals > 0 {
             info!("sync: {globals} global kernel rule(s) count on this node only (no --rls-backend redis)");
         }
         return Ok((1, None));
     }
     let node_id = args.rls.node_id.clone().unwrap_or_else(sync::default_node_id);
-    let config = MembershipConfig::new(node_id, &args.rls.redis_key_prefix, args.rls.global_heartbeat);
-    let mut membership = Membership::new(&args.rls.redis_url, config).context("--redis-url")?;
+    let config = MembershipConfig::new(node_id, &settings.key_prefix, args.rls.global_heartbeat);
+    let mut membership = Membership::with_target(&settings.target, config).context("--redis-url")?;
     let (key, id) = (membership.config().key.clone(), membership.config().node_id.clone());
     let nodes = match membership.beat_logged().await {
         Some(n) => {

@@ -60,20 +60,19 @@
 
 mod connection;
 mod decision;
+pub mod target;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{info, warn};
-use redis::AsyncConnectionConfig;
-use redis::aio::MultiplexedConnection;
-use tokio::sync::Notify;
 
-use self::connection::reconnect_task;
+use self::connection::{Link, Which, reconnect_task};
+use self::target::{RedisTarget, SocketType, TargetError, Timeouts, Topology};
 
 /// What the backend answers for a descriptor it cannot count because Redis is unreachable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -149,7 +148,9 @@ impl Default for RedisConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
     #[error("invalid Redis URL {url:?}: {source} (expected e.g. redis://127.0.0.1:6379/0)")]
-    InvalidUrl { url: String, source: redis::RedisError },
+    InvalidUrl { url: String, source: TargetError },
+    #[error("Redis {target}: {source}")]
+    Target { target: String, source: TargetError },
 }
 
 /// Counters of the backend, readable at any time (metrics export them).
@@ -185,17 +186,10 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    client: redis::Client,
-    url: String,
     config: RedisConfig,
-    conn_config: AsyncConnectionConfig,
-    /// The live connection, if any, with a generation number so that a request failing on an
-    /// old connection does not throw away a newer one the reconnect task just made.
-    conn: RwLock<Option<(u64, MultiplexedConnection)>>,
-    /// Wakes the reconnect task (connection lost, or backend dropped).
-    wake: Arc<Notify>,
-    /// Set while the reconnect task owes a connection, so a burst of failing requests wakes it once.
-    reconnecting: AtomicBool,
+    main: Link,
+    /// The reference's `REDIS_PERSECOND`: second-unit limits count here when set.
+    per_second: Option<Box<Link>>,
     /// Over-limit keys and the unix second their window ends.
     negative: Mutex<HashMap<String, u64>>,
     stats: RedisStats,
@@ -204,7 +198,8 @@ struct Inner {
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("url", &self.inner.url)
+            .field("redis", &self.inner.main.connector.describe())
+            .field("per_second", &self.inner.per_second.as_ref().map(|l| l.connector.describe()))
             .field("connected", &self.inner.is_connected())
             .finish_non_exhaustive()
     }
@@ -212,48 +207,64 @@ impl std::fmt::Debug for RedisBackend {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The reconnect task holds only a Weak; waking it lets it see the backend is gone.
-        self.wake.notify_one();
+        // The reconnect tasks hold only a Weak; waking them lets them see the backend is gone.
+        self.main.wake.notify_one();
+        if let Some(link) = &self.per_second {
+            link.wake.notify_one();
+        }
     }
 }
 
 impl RedisBackend {
-    /// Creates the backend and tries to connect once; if Redis is unreachable it still starts
-    /// (answering by `config.failure_mode`) and reconnects in the background. Must be called
-    /// inside a tokio runtime.
+    /// [`RedisBackend::connect_to`] one server at `url` (`redis://`, `rediss://`, `host:port`).
     pub async fn connect(url: &str, config: RedisConfig) -> Result<Self, RedisSetupError> {
-        let client =
-            redis::Client::open(url).map_err(|source| RedisSetupError::InvalidUrl { url: url.to_owned(), source })?;
-        let conn_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout));
+        let target = RedisTarget::parse(Topology::Single, SocketType::Tcp, url)
+            .map_err(|source| RedisSetupError::InvalidUrl { url: target::redact_url(url), source })?;
+        Self::connect_to(&target, None, config).await
+    }
+
+    /// Creates the backend and tries to connect once to each Redis; if one is unreachable it
+    /// still starts (answering by `config.failure_mode`) and reconnects in the background.
+    /// Second-unit limits count in `per_second` when given. Must be called inside a tokio
+    /// runtime.
+    pub async fn connect_to(
+        target: &RedisTarget,
+        per_second: Option<&RedisTarget>,
+        config: RedisConfig,
+    ) -> Result<Self, RedisSetupError> {
+        let timeouts = Timeouts { connect: config.connect_timeout, response: config.response_timeout };
+        let link = |t: &RedisTarget| {
+            t.connector(timeouts)
+                .map(Link::new)
+                .map_err(|source| RedisSetupError::Target { target: t.to_string(), source })
+        };
         let inner = Arc::new(Inner {
-            client,
-            url: url.to_owned(),
+            main: link(target)?,
+            per_second: per_second.map(link).transpose()?.map(Box::new),
             config,
-            conn_config,
-            conn: RwLock::new(None),
-            wake: Arc::new(Notify::new()),
-            reconnecting: AtomicBool::new(true),
             negative: Mutex::new(HashMap::new()),
             stats: RedisStats::default(),
         });
-        match inner.client.get_multiplexed_async_connection_with_config(&inner.conn_config).await {
-            Ok(conn) => {
-                info!("redis: connected to {url}");
-                inner.install(conn);
+        for which in [Which::Main, Which::PerSecond] {
+            let Some(link) = inner.link(which) else { continue };
+            let name = link.connector.describe();
+            match link.connector.connect().await {
+                Ok(conn) => {
+                    info!("redis: connected to {name}");
+                    link.install(conn);
+                }
+                Err(e) => {
+                    inner.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "redis: cannot connect to {name}: {e}; answering {} until it is reachable, retrying in the background",
+                        inner.config.failure_mode
+                    );
+                }
             }
-            Err(e) => {
-                inner.stats.errors.fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    "redis: cannot connect to {url}: {e}; answering {} until it is reachable, retrying in the background",
-                    inner.config.failure_mode
-                );
+            tokio::spawn(reconnect_task(Arc::downgrade(&inner), which, Arc::clone(&link.wake)));
+            if !link.is_connected() {
+                link.wake.notify_one();
             }
-        }
-        tokio::spawn(reconnect_task(Arc::downgrade(&inner), Arc::clone(&inner.wake)));
-        if !inner.is_connected() {
-            inner.wake.notify_one();
         }
         Ok(Self { inner })
     }

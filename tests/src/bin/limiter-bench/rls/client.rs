@@ -1,10 +1,11 @@
-//! The load client: closed-loop tonic clients on one pinned thread, with the latency of every
-//! call.
+//! The load client: tonic clients on one pinned thread, with the latency of every call. Closed
+//! loop (each task sends its next call when the previous one is answered), or paced to a fixed
+//! total rate (each task sends on its own schedule, and at once when it is behind).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code as ProtoCode;
@@ -25,6 +26,9 @@ pub(super) struct TaskOut {
     pub(super) over_limit: u64,
     pub(super) errors: u64,
     pub(super) first_error: Option<String>,
+    /// Paced calls sent more than a millisecond after their scheduled time (the client was
+    /// behind: the rate was not held).
+    pub(super) late: u64,
 }
 
 /// The load client: `concurrency` tasks over `connections` HTTP/2 connections, on one
@@ -41,7 +45,10 @@ pub(super) fn start_client(
     connections: usize,
     phase: Arc<AtomicU8>,
     expected_calls: usize,
+    rate: Option<f64>,
 ) -> Result<Client> {
+    // Each task's share of the total rate.
+    let pace = rate.map(|r| Duration::from_secs_f64(concurrency.max(1) as f64 / r));
     let (ready_tx, ready) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("rls-client".into())
@@ -89,7 +96,8 @@ pub(super) fn start_client(
                     .map(|t| {
                         let client = RateLimitServiceClient::new(channels[t % channels.len()].clone());
                         let offset = t * calls.len() / concurrency.max(1);
-                        tokio::spawn(client_task(client, Arc::clone(&calls), offset, Arc::clone(&phase), capacity))
+                        let task = client_task(client, Arc::clone(&calls), offset, Arc::clone(&phase), capacity, pace);
+                        tokio::spawn(task)
                     })
                     .collect();
                 // SAFETY: gettid has no preconditions.
@@ -111,11 +119,23 @@ async fn client_task(
     mut next: usize,
     phase: Arc<AtomicU8>,
     capacity: usize,
+    pace: Option<Duration>,
 ) -> TaskOut {
-    let mut out = TaskOut { latencies_ns: Vec::with_capacity(capacity), over_limit: 0, errors: 0, first_error: None };
+    let mut out =
+        TaskOut { latencies_ns: Vec::with_capacity(capacity), over_limit: 0, errors: 0, first_error: None, late: 0 };
+    // Tasks start spread over one period, not all at once.
+    let mut due = tokio::time::Instant::now() + pace.map_or(Duration::ZERO, |p| p.mul_f64((next % 97) as f64 / 97.0));
     loop {
         if phase.load(Ordering::Relaxed) == STOP {
             return out;
+        }
+        if let Some(pace) = pace {
+            tokio::time::sleep_until(due).await;
+            if tokio::time::Instant::now() > due + Duration::from_millis(1) && phase.load(Ordering::Relaxed) == MEASURE
+            {
+                out.late += 1;
+            }
+            due += pace;
         }
         let request = calls[next % calls.len()].clone();
         next += 1;

@@ -1,6 +1,7 @@
 //! The rate limit service over gRPC: `ShouldRateLimit` calls per second on one server core,
-//! decisions per server CPU-second, and call latency (p50/p99/p99.9), for the `local` and the
-//! `redis` backend.
+//! decisions per server CPU-second, and call latency (p50/p99/p99.9), for the `local` backend,
+//! the `redis` backend on one server and on a 3-master Redis Cluster, each at saturation
+//! (closed loop) and, for Redis, at a fixed 1,000 calls/s (paced).
 //!
 //! - **Server**: `limiter_agent::rls::serve` (the agent's own gRPC server) in a tokio runtime
 //!   with one worker thread, every runtime thread pinned to [`SERVER_CPU`]. Its CPU time is
@@ -34,8 +35,10 @@ use anyhow::{Context as _, Result, bail};
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use limiter_agent::plan::L7Plan;
+use limiter_agent::rls::redis::target::{RedisTarget, SocketType, Topology};
 use limiter_agent::rls::redis::{RedisBackend, RedisStatsSnapshot};
 use limiter_tests::redis::RedisServer;
+use limiter_tests::redis_topology::RedisCluster;
 use serde_json::{Value, json};
 
 use crate::{Config, median, sys};
@@ -62,6 +65,37 @@ impl BackendKind {
         }
     }
 }
+/// The Redis a run counts in: one server or a cluster (every node emptied, measured, pinned).
+#[derive(Clone, Copy)]
+enum Store<'a> {
+    Single(&'a RedisServer),
+    Cluster(&'a RedisCluster),
+}
+
+impl Store<'_> {
+    fn servers(&self) -> Vec<&RedisServer> {
+        match self {
+            Store::Single(s) => vec![*s],
+            Store::Cluster(c) => c.nodes.iter().collect(),
+        }
+    }
+
+    fn target(&self) -> Result<RedisTarget> {
+        Ok(match self {
+            Store::Single(s) => RedisTarget::parse(Topology::Single, SocketType::Tcp, &s.url())?,
+            Store::Cluster(c) => RedisTarget::parse(Topology::Cluster, SocketType::Tcp, &c.url_list())?,
+        })
+    }
+
+    fn reset(&self) -> Result<()> {
+        self.servers().iter().try_for_each(|s| s.reset())
+    }
+
+    fn cpu_s(&self) -> Result<f64> {
+        self.servers().iter().map(|s| redis_cpu_s(s)).sum()
+    }
+}
+
 /// `used_cpu_sys + used_cpu_user` of redis-server from `INFO cpu`, seconds.
 fn redis_cpu_s(server: &RedisServer) -> Result<f64> {
     let info = server.command(&["INFO", "cpu"])?.as_text().context("INFO cpu reply is not text")?;
@@ -91,18 +125,21 @@ fn pin_redis(server: &RedisServer) -> Result<()> {
 }
 
 /// Sizes of one run.
+#[derive(Clone, Copy)]
 struct Load {
     warmup: Duration,
     seconds: Duration,
     concurrency: usize,
     connections: usize,
+    /// Total calls per second, paced; `None`: closed loop (saturation).
+    rate: Option<f64>,
 }
 
 /// One measured run of one backend.
 fn measure(
     plan: &L7Plan,
     kind: BackendKind,
-    redis: Option<&RedisServer>,
+    redis: Option<Store<'_>>,
     calls: &Arc<[RateLimitRequest]>,
     load: &Load,
     expected_calls: usize,
@@ -110,7 +147,7 @@ fn measure(
     if let Some(r) = redis {
         r.reset().context("emptying redis before the run")?;
     }
-    let server = start_server(plan, kind, redis.map(RedisServer::url).as_deref())?;
+    let server = start_server(plan, kind, redis.map(|r| r.target()).transpose()?)?;
     probe(server.addr, kind)?;
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let client = start_client(
@@ -120,6 +157,7 @@ fn measure(
         load.connections,
         Arc::clone(&phase),
         expected_calls,
+        load.rate,
     )?;
     let client_tid = match client.ready.recv() {
         Ok(Ok(tid)) => tid,
@@ -130,7 +168,7 @@ fn measure(
 
     let server_before = server.cpu_ns();
     let client_before = sys::thread_run_ns(client_tid).context("reading the client thread's run time")?;
-    let redis_before = redis.map(redis_cpu_s).transpose()?;
+    let redis_before = redis.map(|r| r.cpu_s()).transpose()?;
     let stats_before = server.redis.as_ref().map(RedisBackend::stats);
     let t0 = Instant::now();
     phase.store(MEASURE, Ordering::Relaxed);
@@ -139,7 +177,7 @@ fn measure(
     let wall = t0.elapsed().as_secs_f64();
     let server_after = server.cpu_ns();
     let client_after = sys::thread_run_ns(client_tid).context("reading the client thread's run time")?;
-    let redis_after = redis.map(redis_cpu_s).transpose()?;
+    let redis_after = redis.map(|r| r.cpu_s()).transpose()?;
     let stats_after = server.redis.as_ref().map(RedisBackend::stats);
 
     let outs = match client.thread.join() {
@@ -154,6 +192,7 @@ fn measure(
         bail!("{errors} calls to the {} backend failed (first: {first}); the figures would be wrong", kind.name());
     }
     let over_limit: u64 = outs.iter().map(|o| o.over_limit).sum();
+    let late: u64 = outs.iter().map(|o| o.late).sum();
     let mut latencies: Vec<u32> = Vec::with_capacity(outs.iter().map(|o| o.latencies_ns.len()).sum());
     for o in &outs {
         latencies.extend_from_slice(&o.latencies_ns);
@@ -180,6 +219,7 @@ fn measure(
         "p999_us": pct(0.999),
         "max_us": f64::from(latencies[n - 1]) / 1e3,
         "over_limit_share": over_limit as f64 / n as f64,
+        "late_calls": late,
     });
     if let (Some(b), Some(a), Some(rb), Some(ra)) = (stats_before, stats_after, redis_before, redis_after) {
         let d = |f: fn(&RedisStatsSnapshot) -> u64| f(&a).saturating_sub(f(&b));
@@ -239,22 +279,38 @@ pub fn run(cfg: &Config) -> Result<Value> {
         seconds: Duration::from_secs_f64(cfg.rls_seconds),
         concurrency: cfg.rls_concurrency,
         connections: cfg.rls_connections,
+        rate: None,
     };
     // Enough room for 200,000 calls/s over the window.
     let expected_calls = (200_000.0 * cfg.rls_seconds) as usize;
     let redis = RedisServer::start().context("starting redis-server for the redis backend")?;
     pin_redis(&redis)?;
+    let cluster = RedisCluster::start(3).context("starting a 3-master Redis Cluster for the redis backend")?;
+    for node in &cluster.nodes {
+        pin_redis(node)?;
+    }
 
     let mut rows = Vec::new();
-    for kind in [BackendKind::Local, BackendKind::Redis] {
+    // (row label, backend, Redis, paced rate): saturation first, then the fixed 1,000 calls/s
+    // the reference's published Redis Cluster p99 (4.96 ms, envoyproxy/ratelimit#1041) is at.
+    let cases: [(&str, BackendKind, Option<Store<'_>>, Option<f64>); 5] = [
+        ("local", BackendKind::Local, None, None),
+        ("redis", BackendKind::Redis, Some(Store::Single(&redis)), None),
+        ("redis-cluster", BackendKind::Redis, Some(Store::Cluster(&cluster)), None),
+        ("redis @ 1,000/s", BackendKind::Redis, Some(Store::Single(&redis)), Some(1000.0)),
+        ("redis-cluster @ 1,000/s", BackendKind::Redis, Some(Store::Cluster(&cluster)), Some(1000.0)),
+    ];
+    for (label, kind, store, rate) in cases {
+        let load = Load { rate, ..load };
         let mut runs = Vec::new();
         for _ in 0..cfg.runs {
-            let server_redis = (kind == BackendKind::Redis).then_some(&redis);
-            runs.push(measure(&plan, kind, server_redis, &calls, &load, expected_calls)?);
+            runs.push(measure(&plan, kind, store, &calls, &load, expected_calls)?);
         }
         let med = |key: &str| median(&runs.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
         let mut row = json!({
-            "backend": kind.name(),
+            "backend": label,
+            "rate": rate,
+            "late_calls": runs.iter().map(|r| r["late_calls"].as_u64().unwrap_or(0)).sum::<u64>(),
             "runs": runs.len(),
             "calls_per_second": med("calls_per_second"),
             "decisions_per_cpu_second": med("decisions_per_cpu_second"),
@@ -277,8 +333,8 @@ pub fn run(cfg: &Config) -> Result<Value> {
             });
         }
         eprintln!(
-            "rls: {:<5}: {:.0} calls/s, {:.0} per server CPU-second (core {:.0}% busy), p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {:.1}% over limit",
-            kind.name(),
+            "rls: {:<23}: {:.0} calls/s, {:.0} per server CPU-second (core {:.0}% busy), p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {:.1}% over limit",
+            label,
             med("calls_per_second"),
             med("decisions_per_cpu_second"),
             med("server_core_busy") * 100.0,
@@ -291,6 +347,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
         rows.push(row);
     }
     drop(redis);
+    drop(cluster);
     Ok(json!({
         "rows": rows,
         // Settings, not figures (the smoke test skips `config` objects).

@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use limiter_agent::l7::{Engine, EngineConfig};
 use limiter_agent::metrics::Metrics;
 use limiter_agent::plan::L7Plan;
+use limiter_agent::rls::redis::target::RedisTarget;
 use limiter_agent::rls::redis::{RedisBackend, RedisConfig};
 use limiter_agent::rls::{self, Backend, RateLimiter, RlsConfig};
 use tokio::sync::watch;
@@ -32,9 +33,8 @@ pub(super) struct Server {
 }
 
 /// Starts the service on its own pinned thread with a one-worker runtime.
-pub(super) fn start_server(plan: &L7Plan, kind: BackendKind, redis_url: Option<&str>) -> Result<Server> {
+pub(super) fn start_server(plan: &L7Plan, kind: BackendKind, redis: Option<RedisTarget>) -> Result<Server> {
     let plan = plan.clone();
-    let redis_url = redis_url.map(str::to_owned);
     let tids = Arc::new(Mutex::new(Vec::new()));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(SocketAddr, Option<RedisBackend>)>>();
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -57,13 +57,13 @@ pub(super) fn start_server(plan: &L7Plan, kind: BackendKind, redis_url: Option<&
             runtime.block_on(async move {
                 let started = async {
                     let engine = Arc::new(Engine::new(plan, EngineConfig::default()));
-                    let (backend, redis) = match (kind, redis_url) {
-                        (BackendKind::Redis, Some(url)) => {
-                            let redis = RedisBackend::connect(&url, RedisConfig::default())
+                    let (backend, redis) = match (kind, redis) {
+                        (BackendKind::Redis, Some(target)) => {
+                            let redis = RedisBackend::connect_to(&target, None, RedisConfig::default())
                                 .await
-                                .with_context(|| format!("creating the Redis backend for {url}"))?;
+                                .with_context(|| format!("creating the Redis backend for {target}"))?;
                             if !redis.is_connected() {
-                                bail!("the Redis backend did not connect to {url}");
+                                bail!("the Redis backend did not connect to {target}");
                             }
                             (Backend::Redis(redis.clone()), Some(redis))
                         }
