@@ -7,10 +7,14 @@
 //! from, concurrent CPUs serialise perfectly: the admitted total never exceeds
 //! `rate * time + capacity`, with no error term from concurrency.
 //!
-//! The retry loop is bounded ([`CAS_ATTEMPTS`]) for the verifier. A CPU that loses every
-//! attempt refuses the packet (counted as `bucket_contended`): under contention we
-//! under-admit rather than over-admit, and losing four races in a row means other CPUs
-//! admitted four packets in that window, so the bucket is being drained anyway.
+//! A failed compare-and-swap returns the value that beat it, and the next attempt starts from
+//! that value rather than re-reading. Only a loss to another CPU's *charge* (the TAT moved
+//! forward) counts towards [`CAS_CHARGE_LOSSES`]; a loss to a refund (the TAT moved back) is
+//! retried on the fresher state without counting, since a refund only adds credit. A CPU
+//! that loses [`CAS_CHARGE_LOSSES`] races to other CPUs' charges, or runs out of the
+//! [`CAS_ATTEMPTS`] the verifier needs as a bound, refuses the packet (counted as
+//! `bucket_contended`): by then other CPUs admitted that many packets while this one tried,
+//! so the bucket is being drained, and under contention we under-admit rather than over-admit.
 //!
 //! Refunds (when a later bucket drops a packet an earlier one admitted) go through the same
 //! compare-and-swap, with the pure [`limiter_common::refund`] step: it never moves the TAT
@@ -24,13 +28,37 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use limiter_common::{gcra, refund as refund_step};
 
-/// Compare-and-swap attempts before a contended charge gives up.
+/// Compare-and-swap attempts in all, for the verifier's bound.
 pub const CAS_ATTEMPTS: u32 = 4;
+/// Races lost to other CPUs' charges before a charge gives up.
+pub const CAS_CHARGE_LOSSES: u32 = 4;
 
 pub enum Charge {
     Admitted,
     Refused,
     Contended,
+}
+
+/// The bucket's TAT. A plain aligned 8-byte load cannot tear on the 64-bit machines the BPF
+/// JIT runs on, and LLVM's BPF backend cannot select an atomic load before cpu v4; the CAS
+/// is what makes an update safe.
+///
+/// # Safety
+/// `tat` must point to a live bucket value in a BPF map (8-byte aligned by the map).
+#[inline(always)]
+unsafe fn load(tat: *mut u64) -> u64 {
+    // SAFETY: as the caller guarantees.
+    unsafe { core::ptr::read_volatile(tat) }
+}
+
+/// Swaps `seen` for `next`; returns the value found (equal to `seen` on success).
+///
+/// # Safety
+/// As for [`load`].
+#[inline(always)]
+unsafe fn swap(tat: *mut u64, seen: u64, next: u64) -> (u64, bool) {
+    // SAFETY: as the caller guarantees.
+    unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(tat, seen, next) }
 }
 
 /// Charges `cost_ns` to the bucket at `tat`.
@@ -39,21 +67,18 @@ pub enum Charge {
 /// `tat` must point to a live bucket value in a BPF map.
 #[inline(always)]
 pub unsafe fn charge(tat: *mut u64, now_ns: u64, cost_ns: u64, burst_ns: u64) -> Charge {
+    // SAFETY: the caller guarantees `tat` is a map value.
+    let mut seen = unsafe { load(tat) };
     for _ in 0..CAS_ATTEMPTS {
-        // A plain aligned 8-byte load cannot tear on the 64-bit machines the BPF JIT runs on,
-        // and LLVM's BPF backend cannot select an atomic load before cpu v4; the CAS below
-        // is what makes the update safe.
-        // SAFETY: the caller guarantees `tat` is a map value, 8-byte aligned by the map.
-        let seen = unsafe { core::ptr::read_volatile(tat) };
         let Some(next) = gcra(seen, now_ns, cost_ns, burst_ns) else {
             return Charge::Refused;
         };
         // SAFETY: as above.
-        let (_, swapped) =
-            unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(tat, seen, next) };
+        let (found, swapped) = unsafe { swap(tat, seen, next) };
         if swapped {
             return Charge::Admitted;
         }
+        seen = found;
     }
     Charge::Contended
 }
@@ -65,18 +90,18 @@ pub unsafe fn charge(tat: *mut u64, now_ns: u64, cost_ns: u64, burst_ns: u64) ->
 /// As for [`charge`].
 #[inline(always)]
 pub unsafe fn refund(tat: *mut u64, now_ns: u64, cost_ns: u64) {
+    // SAFETY: as in `charge`.
+    let mut seen = unsafe { load(tat) };
     for _ in 0..CAS_ATTEMPTS {
-        // SAFETY: as in `charge`.
-        let seen = unsafe { core::ptr::read_volatile(tat) };
         let next = refund_step(seen, now_ns, cost_ns);
         if next == seen {
             return;
         }
         // SAFETY: as above.
-        let (_, swapped) =
-            unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(tat, seen, next) };
+        let (found, swapped) = unsafe { swap(tat, seen, next) };
         if swapped {
             return;
         }
+        seen = found;
     }
 }
