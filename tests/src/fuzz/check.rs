@@ -24,6 +24,10 @@ pub struct Got {
 /// The program under test, loaded with the fuzz policy and drained buckets.
 pub struct Program {
     dp: Dataplane,
+    /// Counters and parse records after the last frame: the next frame's "before", so each
+    /// frame costs one read of each.
+    stats: Stats,
+    records_seen: Vec<ParseRecord>,
     /// Whether the program writes `PARSE_RECORD` (false only for programs older than it).
     pub records: bool,
 }
@@ -44,14 +48,25 @@ impl Program {
             );
         }
         let (_, record) = dp.test_run_recorded(&model::drain_frames()[0])?;
-        Ok(Program { dp, records: record.is_some() })
+        Ok(Program { stats: dp.stats()?, records_seen: dp.parse_records()?, dp, records: record.is_some() })
+    }
+
+    /// Empties the program's fragment table (the model forgets its own at the same time).
+    pub fn forget_fragments(&mut self) -> anyhow::Result<()> {
+        self.dp.clear_fragments()?;
+        Ok(())
     }
 
     pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<Got> {
-        let before = self.dp.stats()?;
-        let (verdict, record) = self.dp.test_run_recorded(frame)?;
-        let after = self.dp.stats()?;
-        Ok(got(verdict, record, &before, &after))
+        let verdict = self.dp.test_run(frame)?;
+        let stats = self.dp.stats()?;
+        let records = self.dp.parse_records()?;
+        // The slot of the CPU that ran the frame is the one whose sequence number moved.
+        let record = records.iter().zip(&self.records_seen).find(|(a, b)| a.seq != b.seq).map(|(a, _)| *a);
+        let got = got(verdict, record, &self.stats, &stats);
+        self.stats = stats;
+        self.records_seen = records;
+        Ok(got)
     }
 }
 

@@ -64,6 +64,7 @@ pub enum Reading {
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_AUTH: u8 = 51;
 /// Mobility, HIP, Shim6: extension headers (RFC 7045 / IANA) in the generic layout.
 const EXT_GENERIC_UNKNOWN_TO_ETHERPARSE: [u8; 3] = [135, 139, 140];
 
@@ -199,7 +200,21 @@ fn ipv6(frame: &[u8], l3: usize, ip6: &etherparse::LaxIpv6Slice<'_>) -> Reading 
     // etherparse's own walk, resumed where it stops by design (see the two mappings inside).
     loop {
         let (exts, after, r, err) = Ipv6ExtensionsSlice::from_slice_lax(next, rest);
-        for ext in exts {
+        // etherparse's iterator trusts the slice to end at a transport header: where the walk
+        // stopped on an error it would read on past the slice, so it is stepped only while
+        // walked headers remain.
+        let total = exts.slice().len();
+        let mut consumed = 0;
+        let mut iter = exts.into_iter();
+        while consumed < total {
+            let Some(ext) = iter.next() else { break };
+            consumed += match &ext {
+                Ipv6ExtensionSlice::HopByHop(s)
+                | Ipv6ExtensionSlice::Routing(s)
+                | Ipv6ExtensionSlice::DestinationOptions(s) => s.slice().len(),
+                Ipv6ExtensionSlice::Fragment(f) => f.slice().len(),
+                Ipv6ExtensionSlice::Authentication(a) => a.slice().len(),
+            };
             walked += 1;
             if walked > MAX_IPV6_EXT_HEADERS {
                 // Mapping: etherparse has no bound; the program walks MAX_IPV6_EXT_HEADERS
@@ -236,6 +251,11 @@ fn ipv6(frame: &[u8], l3: usize, ip6: &etherparse::LaxIpv6Slice<'_>) -> Reading 
             // ipv6_skip_exthdr that netfilter uses, walks it as an options header. Judging it
             // by its port is never less safe, so the walk goes on through it.
             Some((HeaderSliceError::Content(HeaderError::HopByHopNotAtStart), _)) => true,
+            // Mapping: etherparse refuses an AH whose length field is 0 (8 bytes, shorter than
+            // its 12 fixed bytes). The kernel's ipv6_skip_exthdr (netfilter) walks it as the
+            // length says, and so does the program; the stack drops AH without a security
+            // association anyway. The walk goes on past its 8 bytes.
+            Some((HeaderSliceError::Content(HeaderError::IpAuth(_)), _)) => true,
             // A header cut short or invalid (AH shorter than its fixed part): the chain
             // cannot be followed.
             Some(_) => {
@@ -249,8 +269,11 @@ fn ipv6(frame: &[u8], l3: usize, ip6: &etherparse::LaxIpv6Slice<'_>) -> Reading 
         if !resume {
             break;
         }
-        debug_assert!(next.0 == NEXTHDR_HOP || EXT_GENERIC_UNKNOWN_TO_ETHERPARSE.contains(&next.0));
-        // Both have the generic layout, which etherparse's raw extension header decodes.
+        debug_assert!(
+            next.0 == NEXTHDR_HOP || next.0 == NEXTHDR_AUTH || EXT_GENERIC_UNKNOWN_TO_ETHERPARSE.contains(&next.0)
+        );
+        // All have the generic layout, which etherparse's raw extension header decodes (an AH
+        // with length 0 too: 8 * (0 + 1) = 4 * (0 + 2) bytes).
         let Ok(raw) = Ipv6RawExtHeaderSlice::from_slice(rest) else {
             ip.l4 = L4::Chain;
             return Reading::Ip(ip);
