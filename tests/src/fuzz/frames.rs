@@ -346,9 +346,10 @@ impl Generator {
                 f.bytes.truncate(cut);
                 "truncation"
             }
-            860..870 => {
-                // Every cut of one frame, from the bare Ethernet header up.
-                for cut in 14..len {
+            860..862 => {
+                // Every cut of one frame's headers, from the bare Ethernet header up (rare:
+                // one sweep yields hundreds of frames).
+                for cut in 14..head.max(14) {
                     let mut g = f.clone();
                     g.bytes.truncate(cut);
                     g.shape.mutation = "truncation sweep";
@@ -356,7 +357,7 @@ impl Generator {
                 }
                 "truncation sweep"
             }
-            870..910 => match ip_at(&f.bytes) {
+            862..910 => match ip_at(&f.bytes) {
                 Some((l3, 4)) => {
                     let ihl = self.rng.random_range(0..16u8);
                     f.bytes[l3] = 0x40 | ihl;
