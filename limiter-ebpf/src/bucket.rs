@@ -7,14 +7,16 @@
 //! from, concurrent CPUs serialise perfectly: the admitted total never exceeds
 //! `rate * time + capacity`, with no error term from concurrency.
 //!
-//! A failed compare-and-swap returns the value that beat it, and the next attempt starts from
-//! that value rather than re-reading. Only a loss to another CPU's *charge* (the TAT moved
-//! forward) counts towards [`CAS_CHARGE_LOSSES`]; a loss to a refund (the TAT moved back) is
-//! retried on the fresher state without counting, since a refund only adds credit. A CPU
-//! that loses [`CAS_CHARGE_LOSSES`] races to other CPUs' charges, or runs out of the
-//! [`CAS_ATTEMPTS`] the verifier needs as a bound, refuses the packet (counted as
-//! `bucket_contended`): by then other CPUs admitted that many packets while this one tried,
-//! so the bucket is being drained, and under contention we under-admit rather than over-admit.
+//! A failed compare-and-swap returns the value that beat it, and the next attempt computes
+//! from that value rather than from the stale one: a loss to a refund (which only adds
+//! credit) or to another CPU's charge is retried on the bucket as it now is, and a bucket
+//! that has run out refuses on that fresh state (`Refused`, not contention). Only a CPU that
+//! loses [`CAS_ATTEMPTS`] races in a row gives up and refuses the packet (counted as
+//! `bucket_contended`): by then other CPUs updated the bucket that many times while this one
+//! tried, and under contention we under-admit rather than over-admit. (Counting only losses
+//! to charges, with a larger bound for losses to refunds, is what we would prefer, but the
+//! extra counter multiplies the states the verifier walks past its one-million-instruction
+//! budget; six attempts are what it accepts.)
 //!
 //! Refunds (when a later bucket drops a packet an earlier one admitted) go through the same
 //! compare-and-swap, with the pure [`limiter_common::refund`] step: it never moves the TAT
@@ -28,10 +30,8 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use limiter_common::{gcra, refund as refund_step};
 
-/// Compare-and-swap attempts in all, for the verifier's bound.
-pub const CAS_ATTEMPTS: u32 = 4;
-/// Races lost to other CPUs' charges before a charge gives up.
-pub const CAS_CHARGE_LOSSES: u32 = 4;
+/// Compare-and-swap attempts before a contended update gives up.
+pub const CAS_ATTEMPTS: u32 = 6;
 
 pub enum Charge {
     Admitted,

@@ -24,10 +24,10 @@ use limiter_common::{
     Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config,
     Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES,
     FragmentEntry, FragmentKey, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES,
-    MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP,
-    PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED, PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey,
-    PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES,
-    SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
+    MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED,
+    PARSE_L4_CHAIN, PARSE_L4_TRUNCATED, PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey, PortRules,
+    RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey,
+    SourceBucketKey, XDP_DROP, XDP_PASS, reason,
 };
 
 use core::ffi::c_void;
@@ -202,14 +202,14 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
         // A full table evicts the oldest datagram; an insert that fails anyway leaves the
         // later fragments to be dropped as unknown (the safe side).
         if let Some(key) = fragment_key(packet) {
-            let _ = FRAGMENTS.insert(key, &entry, BPF_ANY);
+            let _ = FRAGMENTS.insert(key, entry, BPF_ANY);
         }
-    } else if let Some(entry) = later {
-        if reason::is_drop(why) {
-            // The datagram cannot be reassembled now: its remaining fragments cost nothing.
-            // SAFETY: as above.
-            unsafe { (*entry).flags |= FRAGMENT_DROPPED };
-        }
+    } else if let Some(entry) = later
+        && reason::is_drop(why)
+    {
+        // The datagram cannot be reassembled now: its remaining fragments cost nothing.
+        // SAFETY: as above.
+        unsafe { (*entry).flags |= FRAGMENT_DROPPED };
     }
     (why, rule)
 }

@@ -8,8 +8,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use limiter_common::{
-    Addr, MAX_IPV6_EXT_HEADERS, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_FRAG_NONE, PARSE_L4_CHAIN,
-    PARSE_L4_COMPLETE, PARSE_L4_NONE, PARSE_L4_TRUNCATED, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ipv4_mapped,
+    Addr, MAX_IPV6_EXT_HEADERS, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_FRAG_NONE, PARSE_L4_CHAIN, PARSE_L4_COMPLETE,
+    PARSE_L4_NONE, PARSE_L4_TRUNCATED, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ipv4_mapped,
 };
 
 /// A header the source address depends on is cut short or invalid.
@@ -293,12 +293,8 @@ fn parse_l4(ctx: &XdpContext, l4: usize, ip_end: usize, packet: &mut Packet) {
             packet.dst_port = u16::from_be_bytes([udp[2], udp[3]]);
             packet.has_ports = true;
         }
-        PROTO_ICMP | PROTO_ICMPV6 => {
-            // Type, code, checksum.
-            if ip_bytes_at::<4>(ctx, l4, ip_end).is_none() {
-                return;
-            }
-        }
+        // Type, code, checksum.
+        PROTO_ICMP | PROTO_ICMPV6 if ip_bytes_at::<4>(ctx, l4, ip_end).is_none() => return,
         // Other transports (GRE, SCTP, ESP...) have no ports we know: any-port rules apply.
         _ => {}
     }

@@ -17,7 +17,8 @@ use aya::{
 pub use entries::{PlanError, RuleIds, SetEntries, layout, list_entry, mapped};
 use limiter_common::{
     Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, ParseRecord, PortKey, PortRules,
-    RuleConfig, RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
+    RuleConfig, RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names,
+    reason,
 };
 use log::{info, warn};
 

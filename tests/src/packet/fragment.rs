@@ -13,7 +13,7 @@ impl Packet {
     /// header, so every extension header of the packet is in the fragmentable part. Panics
     /// unless `size` is a positive multiple of 8.
     pub fn fragments(&self, size: usize, id: u32) -> Vec<Vec<u8>> {
-        assert!(size > 0 && size % 8 == 0, "fragment size {size} is not a positive multiple of 8");
+        assert!(size > 0 && size.is_multiple_of(8), "fragment size {size} is not a positive multiple of 8");
         let built = self.build_with_offsets();
         let bytes = built.bytes;
         let l3 = built.l3;

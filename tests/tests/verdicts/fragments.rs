@@ -74,7 +74,8 @@ fn a_later_fragment_whose_first_was_never_seen_is_dropped_after_the_lists() {
 #[test]
 fn a_connection_limit_holds_for_a_source_that_fragments_every_syn() {
     // The scenario: 2 connections per hour per source on TCP 9000, then 10 SYNs.
-    let conn = || on_port(per_source(rule("conn", CountKind::Connections, 2, Unit::Hour, 0)), PROBE_PORT, Protocol::Tcp);
+    let conn =
+        || on_port(per_source(rule("conn", CountKind::Connections, 2, Unit::Hour, 0)), PROBE_PORT, Protocol::Tcp);
     let syn = |i: u16| Packet::eth().ipv4(CLIENT, SERVER).ip_id(100 + i).tcp(40000 + i, PROBE_PORT).syn();
 
     // 8-byte fragments: every first fragment is tiny and dropped, so no SYN gets through.

@@ -6,9 +6,7 @@ use std::collections::HashSet;
 use limiter_common::{Addr, XDP_DROP, XDP_PASS, ipv4_mapped, reason};
 use limiter_tests::packet::{Packet, garbage_frames};
 
-use crate::{
-    CLIENT, CLIENT6, PROBE_PORT, SERVER, SERVER6, assert_unparsed, judged, strict_any_port, udp4, udp6, with_rules,
-};
+use crate::{CLIENT, assert_unparsed, judged, strict_any_port, udp4, udp6, with_rules};
 
 #[test]
 fn headers_cut_before_the_source_address_are_unparsed() {

@@ -3,16 +3,13 @@
 
 use std::net::Ipv6Addr;
 
-use limiter_agent::{
-    dataplane::LoadOptions,
-    plan::{CountKind, Unit},
-};
+use limiter_agent::dataplane::LoadOptions;
 use limiter_common::{XDP_DROP, XDP_PASS, reason};
 use limiter_tests::packet::Packet;
 
 use crate::{
-    CLIENT, CLIENT6, PROBE_PORT, SERVER, SERVER6, assert_parsed_to_probe, assert_unparsed, judged, load, per_source,
-    plan_with_lists, probe, probe_twice, rule, strict_any_port, udp4, udp6, verdict, with_rules,
+    CLIENT, CLIENT6, PROBE_PORT, SERVER, SERVER6, assert_parsed_to_probe, assert_unparsed, judged, load,
+    plan_with_lists, probe, strict_any_port, udp4, udp6, verdict, with_rules,
 };
 
 #[test]
