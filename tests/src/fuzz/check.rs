@@ -105,10 +105,7 @@ pub fn compare(reading: &Reading, expect: &Expect, got: &Got, records: bool) -> 
         diffs.push(format!("counted as {:?} (expected [{:?}])", got.reasons, expect.reason));
     }
     if got.later_judged != expect.later_judged {
-        diffs.push(format!(
-            "non_first_fragment event {} (expected {})",
-            got.later_judged, expect.later_judged
-        ));
+        diffs.push(format!("non_first_fragment event {} (expected {})", got.later_judged, expect.later_judged));
     }
     if expect.reason == "shared_bucket" {
         if got.refused_by.len() != 1 || !expect.refused_by.iter().any(|r| *r == got.refused_by[0]) {

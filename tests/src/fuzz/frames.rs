@@ -205,7 +205,8 @@ impl Generator {
         let (p, link) = self.tags(Packet::eth());
         let kind = self.rng.random_range(0..100);
         if kind < 6 {
-            let (et, l3) = self.pick(&[(0x0806u16, "ARP"), (0x88cc, "LLDP"), (0x88b5, "experimental"), (0x88e5, "MACsec")]);
+            let (et, l3) =
+                self.pick(&[(0x0806u16, "ARP"), (0x88cc, "LLDP"), (0x88b5, "experimental"), (0x88e5, "MACsec")]);
             let payload = self.payload(60);
             let bytes = p.ethertype(et).payload(&payload).build();
             return Frame { bytes, shape: Shape { link, l3, fragment: "-", l4: "-", mutation: "none" } };
@@ -213,7 +214,10 @@ impl Generator {
         if kind < 8 {
             let len = self.rng.random_range(14..120);
             let bytes = (0..len).map(|_| self.rng.random()).collect();
-            return Frame { bytes, shape: Shape { link: "garbage", l3: "-", fragment: "-", l4: "-", mutation: "none" } };
+            return Frame {
+                bytes,
+                shape: Shape { link: "garbage", l3: "-", fragment: "-", l4: "-", mutation: "none" },
+            };
         }
         let v6 = kind >= 52;
         let later_of = if self.chance(12) && !self.recent.is_empty() {

@@ -59,7 +59,11 @@ impl std::fmt::Display for Disagreement {
         writeln!(f, "  hex: {}", hex(&self.frame))?;
         writeln!(f, "  etherparse: {}", oracle::describe(&self.reading))?;
         writeln!(f, "  expected: {} ({})", if self.expect.drop { "drop" } else { "pass" }, self.expect.reason)?;
-        writeln!(f, "  program: verdict {} counted as {:?}, record {:?}", self.got.verdict, self.got.reasons, self.got.record)?;
+        writeln!(
+            f,
+            "  program: verdict {} counted as {:?}, record {:?}",
+            self.got.verdict, self.got.reasons, self.got.record
+        )?;
         for d in &self.diffs {
             writeln!(f, "  - {d}")?;
         }
@@ -119,7 +123,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Summary)) -> anyhow::Result
                 program.insert(p)
             }
         };
-        if index % CLEAR_FRAGMENTS_EVERY == 0 {
+        if index.is_multiple_of(CLEAR_FRAGMENTS_EVERY) {
             p.forget_fragments()?;
             model.reset();
             summary.clears += 1;

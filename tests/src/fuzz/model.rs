@@ -45,9 +45,30 @@ fn class_nets(class: u8) -> Vec<IpNet> {
 fn rules() -> Vec<Rule> {
     let both = |port| vec![(port, TCP), (port, UDP)];
     vec![
-        Rule { name: "fuzz/port-drop", ports: both(PORT_DROP), nets: vec![], distinct: false, connections: false, drained: true },
-        Rule { name: "fuzz/port-pass", ports: both(PORT_PASS), nets: vec![], distinct: true, connections: false, drained: false },
-        Rule { name: "fuzz/conn", ports: both(PORT_CONN), nets: vec![], distinct: false, connections: true, drained: false },
+        Rule {
+            name: "fuzz/port-drop",
+            ports: both(PORT_DROP),
+            nets: vec![],
+            distinct: false,
+            connections: false,
+            drained: true,
+        },
+        Rule {
+            name: "fuzz/port-pass",
+            ports: both(PORT_PASS),
+            nets: vec![],
+            distinct: true,
+            connections: false,
+            drained: false,
+        },
+        Rule {
+            name: "fuzz/conn",
+            ports: both(PORT_CONN),
+            nets: vec![],
+            distinct: false,
+            connections: true,
+            drained: false,
+        },
         Rule {
             name: "fuzz/any-drop",
             ports: vec![],
@@ -79,7 +100,10 @@ pub fn plan() -> KernelPlan {
                 targets: r
                     .ports
                     .iter()
-                    .map(|&(port, p)| PortTarget { port, protocol: if p == TCP { Protocol::Tcp } else { Protocol::Udp } })
+                    .map(|&(port, p)| PortTarget {
+                        port,
+                        protocol: if p == TCP { Protocol::Tcp } else { Protocol::Udp },
+                    })
                     .collect(),
                 source: SourceSelector { nets: r.nets.clone(), distinct: r.distinct, invert: false },
                 count: if r.connections { CountKind::Connections } else { CountKind::Packets },
@@ -198,10 +222,10 @@ impl Model {
                 let port = d.port;
                 let mut e = self.judge_rules(ip, &src, port, true);
                 e.later_judged = true;
-                if e.drop {
-                    if let Some(d) = self.fragments.get_mut(&key) {
-                        d.dropped = true;
-                    }
+                if e.drop
+                    && let Some(d) = self.fragments.get_mut(&key)
+                {
+                    d.dropped = true;
                 }
                 e
             }
@@ -212,7 +236,8 @@ impl Model {
     fn judge_rules(&self, ip: &Ip, src: &IpAddr, port: Option<(u16, u8)>, later: bool) -> Expect {
         let port_listed = port.is_some_and(|p| self.rules.iter().any(|r| r.ports.contains(&p)));
         let applies = |r: &&Rule| {
-            let on_port = if r.ports.is_empty() { true } else { port_listed && port.is_some_and(|p| r.ports.contains(&p)) };
+            let on_port =
+                if r.ports.is_empty() { true } else { port_listed && port.is_some_and(|p| r.ports.contains(&p)) };
             let source = r.nets.is_empty() || r.nets.iter().any(|n| n.contains(src));
             // Connections: TCP SYN without ACK, UDP datagrams; a later fragment is never a
             // new connection.
@@ -269,9 +294,8 @@ mod tests {
     #[test]
     fn the_model_follows_the_policy() {
         let mut m = Model::new();
-        let from = |class: u8, port: u16| {
-            read(&Packet::eth().ipv4([10, 9, class, 2], [10, 9, 0, 1]).udp(5, port).build())
-        };
+        let from =
+            |class: u8, port: u16| read(&Packet::eth().ipv4([10, 9, class, 2], [10, 9, 0, 1]).udp(5, port).build());
         assert_eq!(m.expect(&from(CLASS_ALLOW, PORT_DROP)).reason, "allow_list");
         assert_eq!(m.expect(&from(CLASS_DENY, 80)).reason, "deny_list");
         assert_eq!(m.expect(&from(5, PORT_DROP)).refused_by, vec!["fuzz/port-drop"]);

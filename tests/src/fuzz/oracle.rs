@@ -7,8 +7,8 @@
 //! two parsers silently agree.
 
 use etherparse::{
-    EtherType, IpNumber, Ipv6ExtensionSlice, Ipv6ExtensionsSlice, Ipv6RawExtHeaderSlice,
-    LaxLinkExtSlice, LaxNetSlice, LaxSlicedPacket, LinkSlice, TcpHeaderSlice, UdpHeaderSlice,
+    EtherType, IpNumber, Ipv6ExtensionSlice, Ipv6ExtensionsSlice, Ipv6RawExtHeaderSlice, LaxLinkExtSlice, LaxNetSlice,
+    LaxSlicedPacket, LinkSlice, TcpHeaderSlice, UdpHeaderSlice,
     err::{Layer, ipv6_exts::HeaderError, ipv6_exts::HeaderSliceError},
 };
 use limiter_common::{Addr, MAX_IPV6_EXT_HEADERS, ipv4_mapped};
@@ -314,15 +314,11 @@ fn transport(data: &[u8], ip: &mut Ip) {
             let Ok(udp) = UdpHeaderSlice::from_slice(data) else { return };
             ip.dst_port = Some(udp.destination_port());
         }
-        IpNumber::ICMP | IpNumber::IPV6_ICMP => {
-            // Mapping: etherparse (like the stack's icmp_rcv and icmpv6_rcv) wants the 8-byte
-            // ICMP header; the program reads type, code and checksum (4 bytes) and judges ICMP
-            // by the lists and any-port rules either way, so the verdict is the same. The
-            // oracle uses the program's documented 4 bytes (FINDINGS notes the difference).
-            if data.len() < 4 {
-                return;
-            }
-        }
+        // Mapping: etherparse (like the stack's icmp_rcv and icmpv6_rcv) wants the 8-byte
+        // ICMP header; the program reads type, code and checksum (4 bytes) and judges ICMP by
+        // the lists and any-port rules either way, so the verdict is the same. The oracle uses
+        // the program's documented 4 bytes.
+        IpNumber::ICMP | IpNumber::IPV6_ICMP if data.len() < 4 => return,
         // GRE, ESP, SCTP, IGMP (etherparse decodes it), no next header...: no ports.
         _ => {}
     }
