@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod envoy;
+pub mod fuzz;
 pub mod netns;
 pub mod packet;
 pub mod rawsock;

@@ -1,6 +1,7 @@
 //! Developer tasks for limiter. Run `cargo xtask --help`.
 
 mod bench;
+mod fuzz;
 mod lint;
 mod peer;
 mod run;
@@ -31,6 +32,9 @@ enum Cmd {
     Run(run::RunArgs),
     /// Set up, build, measure (as root) and write bench/REPORT.md and bench/chart.png.
     Bench(bench::BenchArgs),
+    /// Differential fuzzing (as root): generated and mutated frames through the real XDP
+    /// program, checked against etherparse; writes bench/FUZZ.md.
+    Fuzz(fuzz::FuzzArgs),
     /// rustfmt check, clippy for the host crates and for the eBPF crate's target.
     Lint,
     /// Print `export PATH=...` with bpf-linker first: `eval "$(cargo xtask env)"`.
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => test::cmd(args),
         Cmd::Run(args) => run::cmd(args),
         Cmd::Bench(args) => bench::cmd(args),
+        Cmd::Fuzz(args) => fuzz::cmd(args),
         Cmd::Lint => lint::cmd(),
         Cmd::Env => print_env(),
     };

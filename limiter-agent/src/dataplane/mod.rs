@@ -4,6 +4,7 @@
 //! typed wrappers, and adds context to each aya error.
 
 mod entries;
+mod fragments;
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
