@@ -4,16 +4,19 @@
 //! typed wrappers, and adds context to each aya error.
 
 mod entries;
+pub mod pin;
+mod pinned;
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
     util::nr_cpus,
 };
-pub use entries::{PlanError, RuleIds, SetEntries, layout, list_entry, mapped};
+pub use entries::{IdState, PlanError, RuleIds, SetEntries, fingerprints, layout, list_entry, mapped};
+pub use pinned::Adoption;
 use limiter_common::{
     Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, PortKey, PortRules, RuleConfig,
     RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
@@ -43,6 +46,12 @@ pub enum DataplaneError {
     TestRun(#[source] ProgramError),
     #[error("reading the per-CPU count: {0}")]
     Cpus(String),
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
+    #[error("pinning the XDP program: {0}")]
+    ProgramPin(#[source] aya::pin::PinError),
+    #[error("the XDP link of {iface}: {action}: {detail}")]
+    Link { iface: String, action: &'static str, detail: String },
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -58,6 +67,28 @@ pub enum AttachMode {
     Generic,
     #[default]
     Auto,
+}
+
+impl AttachMode {
+    /// The mode's name, as `attach` reports it (`None` for `auto`).
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            Self::Native => Some("native"),
+            Self::Generic => Some("generic"),
+            Self::Auto => None,
+        }
+    }
+}
+
+/// Where the maps of a load come from.
+#[derive(Clone, Copy)]
+enum MapPins<'a> {
+    /// Fresh maps, not pinned.
+    None,
+    /// The maps pinned in this directory, by name; created and pinned there if missing.
+    Reuse(&'a std::path::Path),
+    /// Fresh maps, pinned in this directory under staged names (an upgrade).
+    Stage(&'a std::path::Path),
 }
 
 /// Load-time settings that size maps or set program-wide behaviour.
@@ -158,6 +189,8 @@ pub struct Dataplane {
     names: BTreeMap<u32, String>,
     current: Option<KernelPlan>,
     options: LoadOptions,
+    /// The pin directory and its record, when the data path is pinned.
+    pinned: Option<pinned::Pinned>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -169,12 +202,22 @@ where
 }
 
 impl Dataplane {
-    /// Loads and verifies the program (not attached yet) with an empty policy.
+    /// Loads and verifies the program (not attached yet) with an empty policy, with maps of
+    /// its own: nothing is pinned, and dropping the `Dataplane` detaches and unloads it all.
+    /// [`Self::open_pinned`] is the pinned variant.
     pub fn load(options: LoadOptions) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::SOURCE_BUCKETS, options.source_entries.max(1))
-            .load(XDP_OBJECT)
-            .map_err(DataplaneError::Load)?;
+        Self::load_with(options, MapPins::None)
+    }
+
+    fn load_with(options: LoadOptions, pins: MapPins<'_>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::SOURCE_BUCKETS, options.source_entries.max(1));
+        if let MapPins::Reuse(dir) = pins {
+            for spec in limiter_common::layout::SHARED_MAPS {
+                loader.map_pin_path(spec.name, dir.join(spec.name));
+            }
+        }
+        let mut ebpf = loader.load(XDP_OBJECT).map_err(DataplaneError::Load)?;
         let logger = if options.debug_log {
             match aya_log::EbpfLogger::init(&mut ebpf) {
                 Ok(l) => Some(l),
@@ -192,6 +235,13 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Verify)?;
         program.load().map_err(DataplaneError::Verify)?;
+        if let MapPins::Stage(dir) = pins {
+            for spec in limiter_common::layout::SHARED_MAPS {
+                let map = ebpf.map(spec.name).ok_or(DataplaneError::MissingMap { name: spec.name })?;
+                map.pin(dir.join(format!("{}{}", spec.name, pin::STAGED)))
+                    .map_err(|error| DataplaneError::Map { name: spec.name, action: "pinning", source: MapError::PinError { name: None, error } })?;
+            }
+        }
         let mut dp = Self {
             config: take(&mut ebpf, names::CONFIG)?,
             allow: take(&mut ebpf, names::ALLOW)?,
@@ -212,8 +262,11 @@ impl Dataplane {
             names: BTreeMap::new(),
             current: None,
             options,
+            pinned: None,
         };
-        dp.write_config()?;
+        if !matches!(pins, MapPins::Reuse(_)) {
+            dp.write_config()?;
+        }
         Ok(dp)
     }
 
@@ -228,6 +281,9 @@ impl Dataplane {
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {
+        if let Some(kept) = self.pinned.as_mut().and_then(|p| p.kept_program.as_mut()) {
+            return Ok(kept);
+        }
         self.ebpf
             .program_mut(names::PROGRAM)
             .ok_or(DataplaneError::MissingMap { name: names::PROGRAM })?
@@ -236,11 +292,19 @@ impl Dataplane {
     }
 
     /// Attaches to `iface` (in the calling thread's network namespace). Returns the mode
-    /// used. The link is detached when the `Dataplane` is dropped.
+    /// used. Unpinned, the link is detached when the `Dataplane` is dropped; pinned, it goes
+    /// through the pinned link of `iface` (see [`Self::open_pinned`]).
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
+        if self.pinned.is_some() {
+            return self.attach_pinned(iface, mode);
+        }
+        self.attach_link(iface, mode).map(|(label, _)| label)
+    }
+
+    fn attach_link(&mut self, iface: &str, mode: AttachMode) -> Result<(&'static str, XdpLinkId)> {
         let program = self.program()?;
         let try_mode = |program: &mut Xdp, m: XdpMode, label: &'static str| {
-            program.attach(iface, m).map(|_| label).map_err(|source| DataplaneError::Attach {
+            program.attach(iface, m).map(|id| (label, id)).map_err(|source| DataplaneError::Attach {
                 iface: iface.to_owned(),
                 mode: label,
                 source,
@@ -250,7 +314,7 @@ impl Dataplane {
             AttachMode::Native => try_mode(program, XdpMode::Driver, "native"),
             AttachMode::Generic => try_mode(program, XdpMode::Skb, "generic"),
             AttachMode::Auto => match try_mode(program, XdpMode::Driver, "native") {
-                Ok(m) => Ok(m),
+                Ok(attached) => Ok(attached),
                 Err(e) => {
                     warn!(
                         "{e}; falling back to generic (skb) mode, which runs after the kernel allocates an skb and costs more per packet"
@@ -324,6 +388,7 @@ impl Dataplane {
         purge.extend_from_slice(self.ids.held());
         self.purge_buckets(&purge)?;
         self.ids.release(&retired);
+        self.persist(plan);
         Ok(applied)
     }
 

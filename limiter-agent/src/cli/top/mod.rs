@@ -47,6 +47,10 @@ pub struct TopArgs {
     /// JSON instead of text: the snapshot plus `rates`, one line per interval.
     #[arg(long)]
     pub json: bool,
+    /// Where a shield is pinned (`run --pin-dir`): with no agent on the socket, `top` reads
+    /// the pinned counters and says that no agent runs.
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
 }
 
 /// What `--json` prints: the newer snapshot with the rates since the older one.
