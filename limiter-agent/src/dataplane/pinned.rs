@@ -221,7 +221,7 @@ impl Dataplane {
             Found::Other(reason) => {
                 let upgrade = Upgrade::read(&dir, reason.clone());
                 let dp = Self::load_with(options, MapPins::Stage(dir.root()))?;
-                let staged = |p: &Path| p.with_file_name(format!("{}{STAGED}", p.display()));
+                let staged = |p: &Path| p.with_file_name(format!("{}{STAGED}", p.file_name().unwrap_or_default().to_string_lossy()));
                 let record_maps = MetaMaps::create_pinned(&staged(&meta_path), &staged(&ids_path))
                     .map_err(map_err("META", "creating"))?;
                 let pinned = Pinned {

@@ -6,7 +6,9 @@
 //!   [`limiter_common::layout::SHARED_MAPS`]);
 //! - `META` and `RULE_IDS`: the agent's record ([`meta`]);
 //! - `prog`: the XDP program;
-//! - `link-<mode>-<iface>`: one XDP link per interface (`mode`: native or generic).
+//! - `link-<mode>-<iface>`: one XDP link per interface (`mode`: native or generic; a dot
+//!   in the interface name, which bpffs refuses, is written `:`, which interface names cannot
+//!   hold).
 //!
 //! One agent per directory: it holds an exclusive `flock` on the directory itself for as long
 //! as it runs, so `top` and `detach` can tell a running agent from a shield left alone.
@@ -32,8 +34,9 @@ pub const PROGRAM_PIN: &str = "prog";
 pub const META_PIN: &str = "META";
 pub const RULE_IDS_PIN: &str = "RULE_IDS";
 const LINK_PREFIX: &str = "link-";
-/// Suffix of pins staged by an upgrade before they replace the old ones.
-pub const STAGED: &str = ".new";
+/// Suffix of pins staged by an upgrade before they replace the old ones. (bpffs refuses
+/// names with a dot: they are reserved.)
+pub const STAGED: &str = "-staged";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -139,7 +142,7 @@ impl PinDir {
 
     /// Where the link of `iface` attached in `mode` is pinned.
     pub fn link_path(&self, iface: &str, mode: &str) -> PathBuf {
-        self.path.join(format!("{LINK_PREFIX}{mode}-{iface}"))
+        self.path.join(format!("{LINK_PREFIX}{mode}-{}", iface.replace('.', ":")))
     }
 
     /// Removes the links of `ifaces` (all links when empty); once no link is left, the
@@ -212,7 +215,7 @@ pub fn links(path: &Path) -> Result<Vec<LinkPin>, PinError> {
         .filter_map(|name| {
             let rest = name.strip_prefix(LINK_PREFIX)?;
             let (mode, iface) = rest.split_once('-')?;
-            Some(LinkPin { iface: iface.to_owned(), mode: mode.to_owned(), path: path.join(&name) })
+            Some(LinkPin { iface: iface.replace(':', "."), mode: mode.to_owned(), path: path.join(&name) })
         })
         .collect())
 }
