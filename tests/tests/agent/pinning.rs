@@ -92,6 +92,10 @@ fn start(topo: &Topology, policy: &Path, pins: &PinDir, extra: &[&str]) -> Agent
     args.extend_from_slice(extra);
     let mut agent = Agent::start(topo, policy, &args);
     agent.wait_for(&["attached to s0"], START);
+    // s1, when shielded too, is attached after s0: wait for it before sending through it.
+    if extra.contains(&"s1") {
+        agent.wait_for(&["attached to s1"], START);
+    }
     agent
 }
 

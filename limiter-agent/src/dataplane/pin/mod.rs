@@ -151,9 +151,12 @@ impl PinDir {
         let links = self.links()?;
         let mut detached = Vec::new();
         for link in links.iter().filter(|l| ifaces.is_empty() || ifaces.contains(&l.iface)) {
-            // With no agent holding it, removing the pin releases the link: the interface is
-            // detached.
+            // With no agent holding it, the pin is the link's last reference. Dropping a pin
+            // releases it from a workqueue, later; closing an fd releases it at once. So hold
+            // an fd across the unlink and close it: the interface is detached on return.
+            let held = sys::obj_get(&link.path).ok();
             std::fs::remove_file(&link.path).map_err(io_err(&link.path, "removing the link pin"))?;
+            drop(held);
             detached.push(link.iface.clone());
         }
         let missing: Vec<&String> = ifaces.iter().filter(|i| !links.iter().any(|l| &l.iface == *i)).collect();
