@@ -235,3 +235,38 @@ pub fn agent_running(path: &Path) -> Option<bool> {
     // A shared lock is granted unless an agent holds the exclusive one; ours goes with `file`.
     sys::try_lock(&file, false).ok().map(|free| !free)
 }
+
+#[cfg(test)]
+mod tests {
+    use limiter_common::layout::{SHARED_MAPS, shared_map};
+
+    /// Maps of the program that are not shared with the agent, so not pinned: each load gets
+    /// its own. A map added to the program must be listed either here or in
+    /// `limiter_common::layout::SHARED_MAPS` (which moves the layout stamp).
+    const PRIVATE_MAPS: &[&str] = &["SCRATCH", "AYA_LOGS", "AYA_LOG_BUF"];
+
+    #[test]
+    fn the_layout_lists_every_map_of_the_compiled_program_as_compiled() {
+        let obj = aya_obj::Object::parse(super::super::XDP_OBJECT).expect("parse the embedded XDP object");
+        let mut shared = Vec::new();
+        for (name, map) in &obj.maps {
+            // Sections such as .rodata and .bss hold globals, not maps the agent shares.
+            if name.starts_with('.') || PRIVATE_MAPS.contains(&name.as_str()) {
+                continue;
+            }
+            let spec = shared_map(name).unwrap_or_else(|| {
+                panic!(
+                    "map {name} of the XDP program is in neither limiter_common::layout::SHARED_MAPS nor \
+                     PRIVATE_MAPS: list it, so the layout stamp covers it"
+                )
+            });
+            let found = (map.map_type(), map.key_size(), map.value_size(), map.max_entries(), map.map_flags());
+            let listed = (spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags);
+            assert_eq!(found, listed, "map {name}: (type, key, value, entries, flags) compiled vs listed");
+            shared.push(name.as_str());
+        }
+        for spec in SHARED_MAPS {
+            assert!(shared.contains(&spec.name), "{} is listed in SHARED_MAPS but not in the program", spec.name);
+        }
+    }
+}
