@@ -4,6 +4,7 @@
 //! typed wrappers, and adds context to each aya error.
 
 mod entries;
+mod observe;
 pub mod pin;
 mod pinned;
 
@@ -16,6 +17,7 @@ use aya::{
     util::nr_cpus,
 };
 pub use entries::{IdState, PlanError, RuleIds, SetEntries, fingerprints, layout, list_entry, mapped};
+pub use observe::PinnedView;
 pub use pinned::Adoption;
 use limiter_common::{
     Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, PortKey, PortRules, RuleConfig,
@@ -434,27 +436,7 @@ impl Dataplane {
 
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
-        let mut stats = Stats::default();
-        for r in 0..STATS_ENTRIES {
-            let per_cpu = self.stats.get(&r, 0).map_err(map_err(names::STATS, "reading"))?;
-            let mut c = Counter::default();
-            for v in per_cpu.iter() {
-                c.packets += v.packets;
-                c.bytes += v.bytes;
-            }
-            stats.reasons.push(c);
-        }
-        for (id, name) in &self.names {
-            let per_cpu = self.rule_stats.get(id, 0).map_err(map_err(names::RULE_STATS, "reading"))?;
-            let mut c = RuleCounter::default();
-            for v in per_cpu.iter() {
-                add(&mut c.passed, &v.passed);
-                add(&mut c.dropped, &v.dropped);
-                add(&mut c.shadow_dropped, &v.shadow_dropped);
-            }
-            stats.rules.insert(name.clone(), c);
-        }
-        Ok(stats)
+        read_stats(&self.stats, &self.rule_stats, &self.names)
     }
 
     /// Tracked per-source bucket entries (walks the LRU table: O(entries), about a
@@ -466,8 +448,7 @@ impl Dataplane {
     /// Sources in the block list whose block has not expired yet (walks the list; it holds
     /// only escalated sources, so it is small).
     pub fn blocked_sources(&self) -> usize {
-        let now = boot_time_ns();
-        self.block.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns > now).count()
+        count_blocked(&self.block)
     }
 
     /// Capacity of the per-source bucket table.
@@ -479,18 +460,7 @@ impl Dataplane {
     /// CPUs. Approximate for sources that were new during a flood (see
     /// `DROPPED_SOURCE_SAMPLE`); exact once a source is tracked.
     pub fn top_dropped_sources(&self, n: usize) -> Result<Vec<(IpAddr, Counter)>> {
-        let mut all: Vec<(IpAddr, Counter)> = Vec::new();
-        for entry in self.dropped_sources.iter() {
-            let (addr, per_cpu) = entry.map_err(map_err(names::DROPPED_SOURCES, "reading"))?;
-            let mut c = Counter::default();
-            for v in per_cpu.iter() {
-                add(&mut c, v);
-            }
-            all.push((addr_to_ip(&addr), c));
-        }
-        all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
-        all.truncate(n);
-        Ok(all)
+        read_top(&self.dropped_sources, n)
     }
 
     /// Puts `addr` (IPv6: its source prefix) in the block list for `duration`.
@@ -564,6 +534,56 @@ impl Dataplane {
             );
         }
     }
+}
+
+/// Counters summed over CPUs, rules named by `names` (id → name).
+fn read_stats(
+    stats_map: &PerCpuArray<MapData, Counter>,
+    rule_stats: &PerCpuArray<MapData, RuleCounter>,
+    names: &BTreeMap<u32, String>,
+) -> Result<Stats> {
+    let mut stats = Stats::default();
+    for r in 0..STATS_ENTRIES {
+        let per_cpu = stats_map.get(&r, 0).map_err(map_err(names::STATS, "reading"))?;
+        let mut c = Counter::default();
+        for v in per_cpu.iter() {
+            add(&mut c, v);
+        }
+        stats.reasons.push(c);
+    }
+    for (id, name) in names {
+        let per_cpu = rule_stats.get(id, 0).map_err(map_err(names::RULE_STATS, "reading"))?;
+        let mut c = RuleCounter::default();
+        for v in per_cpu.iter() {
+            add(&mut c.passed, &v.passed);
+            add(&mut c.dropped, &v.dropped);
+            add(&mut c.shadow_dropped, &v.shadow_dropped);
+        }
+        stats.rules.insert(name.clone(), c);
+    }
+    Ok(stats)
+}
+
+/// Block-list entries that have not expired.
+fn count_blocked(block: &HashMap<MapData, Addr, BlockEntry>) -> usize {
+    let now = boot_time_ns();
+    block.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns > now).count()
+}
+
+/// The `n` sources with the most dropped packets.
+fn read_top(dropped: &PerCpuHashMap<MapData, Addr, Counter>, n: usize) -> Result<Vec<(IpAddr, Counter)>> {
+    let mut all: Vec<(IpAddr, Counter)> = Vec::new();
+    for entry in dropped.iter() {
+        let (addr, per_cpu) = entry.map_err(map_err(names::DROPPED_SOURCES, "reading"))?;
+        let mut c = Counter::default();
+        for v in per_cpu.iter() {
+            add(&mut c, v);
+        }
+        all.push((addr_to_ip(&addr), c));
+    }
+    all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
+    all.truncate(n);
+    Ok(all)
 }
 
 fn add(into: &mut Counter, from: &Counter) {
