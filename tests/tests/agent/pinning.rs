@@ -122,6 +122,28 @@ fn kill_9_under_traffic_and_a_restart_keep_dropping_and_hand_out_no_fresh_burst(
     assert!(xdp_attached(&topo), "XDP stays attached after kill -9");
     let d2 = wait_drops_above(&pins, d1 + 20, "after kill -9, with no agent");
 
+    // `top` finds no agent on the socket and says so, reading the pinned shield instead.
+    let socket = dir.path("nobody.sock");
+    let top = |json: &[&str]| {
+        let out = Command::new(agent_binary())
+            .args(["top", "--once", "--interval", "200ms", "--pin-dir", &pins.arg(), "--socket"])
+            .arg(&socket)
+            .args(json)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "top: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let json: serde_json::Value = serde_json::from_str(&top(&["--json"])).unwrap();
+    let unattended = &json["unattended"];
+    assert_eq!(unattended["agent_stopped_unix_s"], 0, "killed, not stopped: {json}");
+    assert!(unattended["policy"].as_str().is_some_and(|p| p.starts_with("agent-test")), "{json}");
+    assert_eq!(json["interfaces"][0]["name"], "s0", "{json}");
+    assert!(json["rules"][0]["dropped_packets"].as_u64().is_some_and(|d| d >= d1), "{json}");
+    let text = top(&[]);
+    assert!(text.starts_with("NO AGENT RUNNING: the shield pinned in"), "{text}");
+    assert!(text.contains("did not stop cleanly"), "{text}");
+
     let mut agent = start(&topo, &file, &pins, &[]);
     assert!(
         agent.seen.iter().any(|l| l.contains("adopted the shield pinned in") && l.contains("did not stop cleanly")),
