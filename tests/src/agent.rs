@@ -89,11 +89,7 @@ impl PinDir {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let mount = PathBuf::from(format!("/run/limiter-test-{tag}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&mount).unwrap_or_else(|e| panic!("create {}: {e}", mount.display()));
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&mount)
-            .status()
-            .expect("run mount -t bpf");
+        let status = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount).status().expect("run mount -t bpf");
         assert!(status.success(), "mount -t bpf bpf {} failed", mount.display());
         PinDir { mount }
     }

@@ -26,7 +26,8 @@ pub fn run(args: DetachArgs) -> anyhow::Result<()> {
         println!("nothing pinned in {}: no shield to remove", args.pin_dir.display());
         return Ok(());
     };
-    let removed = dir.remove(&args.ifaces).with_context(|| format!("removing the pins in {}", args.pin_dir.display()))?;
+    let removed =
+        dir.remove(&args.ifaces).with_context(|| format!("removing the pins in {}", args.pin_dir.display()))?;
     println!("{removed}");
     Ok(())
 }

@@ -463,6 +463,25 @@ mod tests {
     }
 
     #[test]
+    fn exported_ids_restore_so_unchanged_rules_keep_their_ids_in_the_next_agent() {
+        let (a, b) = (rule("p/a", true, &[80]), rule("p/b", false, &[]));
+        let mut ids = RuleIds::default();
+        let (first, _) = ids.assign(&KernelPlan { rules: vec![a.clone(), b.clone()], ..Default::default() }).unwrap();
+        let (next, exported) = ids.export();
+        let mut restored = RuleIds::restore(next, &exported);
+        let mut b2 = b;
+        b2.limit.requests += 1;
+        let (second, retired) =
+            restored.assign(&KernelPlan { rules: vec![b2, a.clone()], ..Default::default() }).unwrap();
+        assert_eq!(second[1], first[0], "the unchanged rule keeps its id across agents");
+        assert!(!first.contains(&second[0]), "the changed rule gets a fresh id");
+        assert_eq!(retired, vec![first[1]]);
+        // The fingerprint is a fixed function of the rule, not of the process.
+        assert_eq!(RuleIdentity::of(&a).fingerprint(), RuleIdentity::of(&a.clone()).fingerprint());
+        assert_eq!(restored.id_of(RuleIdentity::of(&a).fingerprint()), Some(first[0]));
+    }
+
+    #[test]
     fn lists_carry_the_set_in_their_leading_bits() {
         let net: IpNet = "192.0.2.0/24".parse().unwrap();
         let (prefix, key, _) = list_entry(net, 1, 0);

@@ -5,6 +5,7 @@
 
 mod entries;
 mod observe;
+use observe::{count_blocked, read_stats, read_top};
 pub mod pin;
 mod pinned;
 
@@ -17,13 +18,13 @@ use aya::{
     util::nr_cpus,
 };
 pub use entries::{IdState, PlanError, RuleIds, SetEntries, fingerprints, layout, list_entry, mapped};
-pub use observe::PinnedView;
-pub use pinned::Adoption;
 use limiter_common::{
     Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, PortKey, PortRules, RuleConfig,
-    RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
+    RuleCounter, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
 };
 use log::{info, warn};
+pub use observe::PinnedView;
+pub use pinned::Adoption;
 
 use crate::plan::KernelPlan;
 
@@ -240,8 +241,11 @@ impl Dataplane {
         if let MapPins::Stage(dir) = pins {
             for spec in limiter_common::layout::SHARED_MAPS {
                 let map = ebpf.map(spec.name).ok_or(DataplaneError::MissingMap { name: spec.name })?;
-                map.pin(dir.join(format!("{}{}", spec.name, pin::STAGED)))
-                    .map_err(|error| DataplaneError::Map { name: spec.name, action: "pinning", source: MapError::PinError { name: None, error } })?;
+                map.pin(dir.join(format!("{}{}", spec.name, pin::STAGED))).map_err(|error| DataplaneError::Map {
+                    name: spec.name,
+                    action: "pinning",
+                    source: MapError::PinError { name: None, error },
+                })?;
             }
         }
         let mut dp = Self {
@@ -534,61 +538,6 @@ impl Dataplane {
             );
         }
     }
-}
-
-/// Counters summed over CPUs, rules named by `names` (id → name).
-fn read_stats(
-    stats_map: &PerCpuArray<MapData, Counter>,
-    rule_stats: &PerCpuArray<MapData, RuleCounter>,
-    names: &BTreeMap<u32, String>,
-) -> Result<Stats> {
-    let mut stats = Stats::default();
-    for r in 0..STATS_ENTRIES {
-        let per_cpu = stats_map.get(&r, 0).map_err(map_err(names::STATS, "reading"))?;
-        let mut c = Counter::default();
-        for v in per_cpu.iter() {
-            add(&mut c, v);
-        }
-        stats.reasons.push(c);
-    }
-    for (id, name) in names {
-        let per_cpu = rule_stats.get(id, 0).map_err(map_err(names::RULE_STATS, "reading"))?;
-        let mut c = RuleCounter::default();
-        for v in per_cpu.iter() {
-            add(&mut c.passed, &v.passed);
-            add(&mut c.dropped, &v.dropped);
-            add(&mut c.shadow_dropped, &v.shadow_dropped);
-        }
-        stats.rules.insert(name.clone(), c);
-    }
-    Ok(stats)
-}
-
-/// Block-list entries that have not expired.
-fn count_blocked(block: &HashMap<MapData, Addr, BlockEntry>) -> usize {
-    let now = boot_time_ns();
-    block.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns > now).count()
-}
-
-/// The `n` sources with the most dropped packets.
-fn read_top(dropped: &PerCpuHashMap<MapData, Addr, Counter>, n: usize) -> Result<Vec<(IpAddr, Counter)>> {
-    let mut all: Vec<(IpAddr, Counter)> = Vec::new();
-    for entry in dropped.iter() {
-        let (addr, per_cpu) = entry.map_err(map_err(names::DROPPED_SOURCES, "reading"))?;
-        let mut c = Counter::default();
-        for v in per_cpu.iter() {
-            add(&mut c, v);
-        }
-        all.push((addr_to_ip(&addr), c));
-    }
-    all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
-    all.truncate(n);
-    Ok(all)
-}
-
-fn add(into: &mut Counter, from: &Counter) {
-    into.packets += from.packets;
-    into.bytes += from.bytes;
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

@@ -25,8 +25,7 @@ use limiter_common::{
 use log::{info, warn};
 
 use super::{
-    AttachMode, Dataplane, DataplaneError, LoadOptions, MapPins, Result, boot_time_ns,
-    SetEntries,
+    AttachMode, Dataplane, DataplaneError, LoadOptions, MapPins, Result, SetEntries, boot_time_ns,
     entries::{IdState, RuleIds},
     map_err,
     pin::{
@@ -110,7 +109,7 @@ pub(super) struct Pinned {
 
 enum Found {
     Nothing,
-    Same(MetaMaps, Meta),
+    Same(Box<MetaMaps>, Meta),
     Other(String),
 }
 
@@ -164,7 +163,7 @@ fn inspect(dir: &PinDir, options: &LoadOptions, stamp: u64) -> Result<Found> {
             )));
         }
     }
-    Ok(Found::Same(maps, record))
+    Ok(Found::Same(Box::new(maps), record))
 }
 
 impl Dataplane {
@@ -216,12 +215,25 @@ impl Dataplane {
                     same_program: kept_program.is_some(),
                 };
                 let replace_program = kept_program.is_none();
-                (dp, Pinned { dir, record_maps, record, kept_program, replace_program, upgrade: None, adoption })
+                (
+                    dp,
+                    Pinned {
+                        dir,
+                        record_maps: *record_maps,
+                        record,
+                        kept_program,
+                        replace_program,
+                        upgrade: None,
+                        adoption,
+                    },
+                )
             }
             Found::Other(reason) => {
                 let upgrade = Upgrade::read(&dir, reason.clone());
                 let dp = Self::load_with(options, MapPins::Stage(dir.root()))?;
-                let staged = |p: &Path| p.with_file_name(format!("{}{STAGED}", p.file_name().unwrap_or_default().to_string_lossy()));
+                let staged = |p: &Path| {
+                    p.with_file_name(format!("{}{STAGED}", p.file_name().unwrap_or_default().to_string_lossy()))
+                };
                 let record_maps = MetaMaps::create_pinned(&staged(&meta_path), &staged(&ids_path))
                     .map_err(map_err("META", "creating"))?;
                 let pinned = Pinned {
@@ -317,15 +329,18 @@ impl Dataplane {
         }
         p.record.rule_ids_next = next;
         p.record.kernel_rules = plan.rules.len() as u32;
-        p.record.policy_digest = super::entries::fingerprints(plan).iter().fold(0xcbf2_9ce4_8422_2325u64, |h, f| {
-            (h ^ f).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+        p.record.policy_digest = super::entries::fingerprints(plan)
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, f| (h ^ f).wrapping_mul(0x0000_0100_0000_01b3));
         p.record.set_policy_text(&policy_text(plan));
         if let Err(e) = p.record_maps.write(&p.record) {
             failed = Some(e);
         }
         if let Some(e) = failed {
-            warn!("recording the rule ids in {}: {e} (the next agent may give some rules fresh buckets)", p.dir.root().display());
+            warn!(
+                "recording the rule ids in {}: {e} (the next agent may give some rules fresh buckets)",
+                p.dir.root().display()
+            );
         }
     }
 
@@ -431,7 +446,9 @@ impl Dataplane {
         };
         let link = self.program()?.take_link(id).map_err(|e| err("taking the link")(e.to_string()))?;
         let fd = FdLink::try_from(link).map_err(|_| {
-            err("pinning")("attached through netlink, not a bpf_link: this kernel cannot pin XDP links (needs 5.9)".into())
+            err("pinning")(
+                "attached through netlink, not a bpf_link: this kernel cannot pin XDP links (needs 5.9)".into(),
+            )
         })?;
         let path = self.pinned.as_ref().map(|p| p.dir.link_path(iface, label)).unwrap_or_default();
         fd.pin(&path).map_err(|e| err("pinning")(e.to_string()))?;
@@ -485,7 +502,11 @@ impl Dataplane {
             if let Err(e) = p.record_maps.write(&p.record) {
                 warn!("recording the stop in {}: {e}", p.dir.root().display());
             }
-            info!("leaving the shield in force: pinned in {} (remove it with `limiter-agent detach --pin-dir {}`)", p.dir.root().display(), p.dir.root().display());
+            info!(
+                "leaving the shield in force: pinned in {} (remove it with `limiter-agent detach --pin-dir {}`)",
+                p.dir.root().display(),
+                p.dir.root().display()
+            );
         }
     }
 
@@ -533,6 +554,11 @@ fn policy_text(plan: &KernelPlan) -> String {
     policies.sort_unstable();
     policies.dedup();
     let mut text = if policies.is_empty() { "no kernel rules".to_owned() } else { policies.join(", ") };
-    text.push_str(&format!(" ({} kernel rules, {} allow, {} deny)", plan.rules.len(), plan.allow.len(), plan.deny.len()));
+    text.push_str(&format!(
+        " ({} kernel rules, {} allow, {} deny)",
+        plan.rules.len(),
+        plan.allow.len(),
+        plan.deny.len()
+    ));
     text
 }

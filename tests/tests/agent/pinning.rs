@@ -59,7 +59,13 @@ fn block_map(pins: &PinDir) -> BpfHashMap<MapData, Addr, BlockEntry> {
 }
 
 /// Sends datagrams from client `i` to the server, one every `gap`, until `stop`; counts them.
-fn sender(topo: &Topology, i: usize, gap: Duration, stop: Arc<AtomicBool>, sent: Arc<AtomicUsize>) -> thread::JoinHandle<()> {
+fn sender(
+    topo: &Topology,
+    i: usize,
+    gap: Duration,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+) -> thread::JoinHandle<()> {
     let c = topo.client(i);
     let to: SocketAddr = (c.server.ipv4().unwrap(), UDP_PORT).into();
     let sock = udp_socket(&c.ns, (c.client.ipv4().unwrap(), 0).into()).unwrap();
@@ -277,7 +283,8 @@ fn detach_leaves_no_link_program_or_pin_and_detach_on_exit_restores_the_old_beha
     let dir = crate::TempDir::new("pindetach");
     let file = dir.write("policy.yaml", &policy(5, "Hour"));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
-    let s1_attached = || String::from_utf8_lossy(&topo.server.ip(&["link", "show", "s1"]).unwrap().stdout).contains("xdp");
+    let s1_attached =
+        || String::from_utf8_lossy(&topo.server.ip(&["link", "show", "s1"]).unwrap().stdout).contains("xdp");
 
     let agent = start(&topo, &file, &pins, &["--iface", "s1", "--detach-on-exit"]);
     stop(agent, libc::SIGTERM);

@@ -146,7 +146,11 @@ fn unattended(dir: &Path) -> Option<Snapshot> {
     let meta = control::Meta {
         time_unix_ms: now_ms,
         uptime_s: (now_ms / 1000).saturating_sub(pinned_at),
-        interfaces: view.links.iter().map(|l| control::Interface { name: l.iface.clone(), mode: l.mode.clone() }).collect(),
+        interfaces: view
+            .links
+            .iter()
+            .map(|l| control::Interface { name: l.iface.clone(), mode: l.mode.clone() })
+            .collect(),
         policy: control::PolicyStatus {
             rules: record.map_or(stats.rules.len(), |r| r.kernel_rules as usize),
             last_reload_ok: true,

@@ -16,7 +16,11 @@ pub fn render(now: &Snapshot, rates: &Rates, socket: &Path) -> String {
         let last = if u.agent_stopped_unix_s == 0 {
             format!("its last agent (pid {}) did not stop cleanly", u.last_agent_pid)
         } else {
-            format!("its last agent (pid {}) stopped {} ago", u.last_agent_pid, duration(now_s.saturating_sub(u.agent_stopped_unix_s)))
+            format!(
+                "its last agent (pid {}) stopped {} ago",
+                u.last_agent_pid,
+                duration(now_s.saturating_sub(u.agent_stopped_unix_s))
+            )
         };
         s.push_str(&format!(
             "NO AGENT RUNNING: the shield pinned in {} {} ago still runs on {}\npolicy of the last agent: {} | {} blocked | {last}\n(counters read from the pins; `limiter-agent run` adopts it, `limiter-agent detach` removes it)\n",

@@ -149,10 +149,7 @@ pub struct MetaMaps {
 impl MetaMaps {
     /// Creates both maps (not pinned yet).
     pub fn create() -> Result<Self, MapError> {
-        Ok(Self {
-            meta: Array::create(1, 0)?,
-            rule_ids: Array::create(limiter_common::MAX_RULES, 0)?,
-        })
+        Ok(Self { meta: Array::create(1, 0)?, rule_ids: Array::create(limiter_common::MAX_RULES, 0)? })
     }
 
     /// Opens the maps pinned at `meta` and `rule_ids`; an error when they are missing or of

@@ -83,7 +83,8 @@ pub fn require_bpffs(path: &Path) -> Result<(), PinError> {
     let fs_type = sys::fs_type(existing).map_err(io_err(existing, "reading its filesystem type"))?;
     if fs_type != sys::BPF_FS_MAGIC {
         // Suggest mounting where the directory would live: its parent for the default layout.
-        let mount = if path == Path::new(DEFAULT_PIN_DIR) { "/sys/fs/bpf".to_owned() } else { existing.display().to_string() };
+        let mount =
+            if path == Path::new(DEFAULT_PIN_DIR) { "/sys/fs/bpf".to_owned() } else { existing.display().to_string() };
         return Err(PinError::NotBpffs { path: path.to_owned(), fs_type, mount });
     }
     Ok(())

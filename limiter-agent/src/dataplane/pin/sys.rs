@@ -107,8 +107,11 @@ const LINK_TYPE_XDP: u32 = 6;
 pub fn xdp_link(path: &Path) -> io::Result<XdpLinkState> {
     let fd = obj_get(path)?;
     let mut info = LinkInfo::default();
-    let mut attr =
-        InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<LinkInfo>() as u32, info: (&raw mut info) as u64 };
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: (&raw mut info) as u64,
+    };
     bpf(BPF_OBJ_GET_INFO_BY_FD, (&raw mut attr).cast(), size_of::<InfoAttr>())?;
     if info.link_type != LINK_TYPE_XDP {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("not an XDP link (type {})", info.link_type)));
