@@ -1,6 +1,7 @@
 //! The `limiter-agent` binary, end to end: started in a test namespace on a policy file,
 //! shielding a veth, reloading on SIGHUP (a broken policy leaves the running one in force),
-//! and detaching cleanly on SIGTERM.
+//! leaving the shield in force on SIGTERM until `detach`; `pinning`: the shield across kills,
+//! restarts and upgrades.
 
 // One file per topic; the harness below (agent binary, policy files, traffic) is shared by
 // all of them.
@@ -140,7 +141,7 @@ fn xdp_attached(topo: &Topology) -> bool {
 }
 
 #[test]
-fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_sigterm() {
+fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_leaves_the_shield_on_sigterm_until_detach() {
     require_root();
     let topo = Topology::new("agent", 1).unwrap();
     let dir = TempDir::new("reload");
