@@ -106,6 +106,10 @@ fn start(topo: &Topology, policy: &Path, pins: &PinDir, extra: &[&str]) -> Agent
 }
 
 fn stop(mut agent: Agent, sig: libc::c_int) {
+    // The first stats line comes from the run loop: the agent is past its start.
+    if sig != libc::SIGKILL && !agent.seen.iter().any(|l| l.contains("stats:")) {
+        agent.wait_for(&["stats:"], Duration::from_secs(10));
+    }
     agent.signal(sig);
     agent.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("the agent exits");
 }

@@ -151,6 +151,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         serving: rls_addr,
         l7_max_keys: args.rls.l7_max_keys,
     };
+    // Before anything is attached: a SIGTERM during the start is then handled by the loop
+    // (leave or detach as configured), not by the default action that kills the process.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut control = open_control(&args)?;
     let (nodes, mut nodes_rx) = join_nodes(&args, &compiled.plan, &shutdown_rx, &mut servers).await?;
     let mut kernel = if args.ifaces.is_empty() {
@@ -161,9 +166,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut in_force = InForce { plan: compiled.plan, nodes, l7: compiled.l7, penalties };
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut watcher = PolicyWatcher::new(&args.policies);
     let mut watch_tick = tokio::time::interval(args.watch_interval);
     watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
