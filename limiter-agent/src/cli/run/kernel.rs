@@ -9,7 +9,7 @@ use log::{error, info, warn};
 use super::{RunArgs, stats::stats_line};
 use crate::{
     control::Control,
-    dataplane::{Dataplane, LoadOptions, Stats},
+    dataplane::{Adoption, Dataplane, LoadOptions, Stats},
     metrics::{Metrics, PolicyLabels},
     plan::KernelPlan,
     rls::escalation::BlockOrder,
@@ -23,11 +23,7 @@ pub(super) struct Kernel {
 }
 
 /// Loads the XDP program, applies the kernel plan and attaches to every interface.
-pub(super) fn start_kernel(
-    args: &RunArgs,
-    plan: &KernelPlan,
-    mut control: Option<&mut Control>,
-) -> anyhow::Result<Kernel> {
+pub(super) fn start_kernel(args: &RunArgs, plan: &KernelPlan, control: Option<&mut Control>) -> anyhow::Result<Kernel> {
     let options = LoadOptions {
         source_entries: args.source_entries,
         ipv6_source_prefix: args.ipv6_source_prefix,
@@ -35,12 +31,46 @@ pub(super) fn start_kernel(
         debug_log: args.debug_log,
         record_parse: false,
     };
-    let mut dp = Dataplane::load(options).context("loading the XDP program")?;
+    let mut dp = Dataplane::open_pinned(options, &args.pin_dir, args.layout_salt)
+        .context("loading the XDP program into its pin directory (--pin-dir)")?;
+    let fresh = dp.adoption() == Some(&Adoption::Fresh);
+    if let Some(adoption) = dp.adoption() {
+        info!("{}", adoption.describe(&args.pin_dir));
+    }
+    match shield(args, plan, &mut dp, control) {
+        Ok(()) => {}
+        // A start that fails leaves nothing behind it pinned; an adopted shield stays as it
+        // was found (the pinned policy keeps running).
+        Err(e) if fresh => {
+            if let Err(cleanup) = dp.remove_pins() {
+                warn!("removing what this start pinned: {cleanup:#}");
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e.context("the shield pinned before this agent stays in force")),
+    }
+    let last = dp.stats().context("reading counters")?;
+    Ok(Kernel { dp, last, last_at: Instant::now() })
+}
+
+/// Applies the plan, carries an upgrade's state over, attaches every interface and updates
+/// the pins.
+fn shield(
+    args: &RunArgs,
+    plan: &KernelPlan,
+    dp: &mut Dataplane,
+    mut control: Option<&mut Control>,
+) -> anyhow::Result<()> {
+    // On adopted maps this is the usual double-buffered flip: the pinned policy judges every
+    // packet until the new one is complete, and unchanged rules keep their buckets.
     let applied = dp.apply(plan).context("applying the policy to the kernel maps")?;
     info!(
         "policy applied: {} kernel rules ({} slots, {} port lists), {} allow and {} deny entries",
         applied.rules, applied.rule_slots, applied.port_lists, applied.allow, applied.deny
     );
+    if let Some(line) = dp.carry_over().context("carrying the pinned state over to the new maps")? {
+        info!("{line}");
+    }
     for iface in &args.ifaces {
         let mode = dp.attach(iface, args.xdp_mode).with_context(|| {
             format!("attaching to {iface}: check the name with `ip link`, or try --xdp-mode generic")
@@ -50,8 +80,8 @@ pub(super) fn start_kernel(
             control.attached(iface, mode);
         }
     }
-    let last = dp.stats().context("reading counters")?;
-    Ok(Kernel { dp, last, last_at: Instant::now() })
+    dp.commit_pins(&args.ifaces).context("updating the pins")?;
+    Ok(())
 }
 
 impl Kernel {
@@ -75,12 +105,19 @@ impl Kernel {
         }
     }
 
-    pub(super) fn detach(self, ifaces: &[String]) {
+    /// Exit: leaves the shield in force (pinned), or with `detach` removes it.
+    pub(super) fn exit(self, ifaces: &[String], detach: bool) {
         let Kernel { dp, .. } = self;
         dp.log_summary();
         let stats = dp.stats().ok();
-        drop(dp);
-        info!("detached from {}", ifaces.join(", "));
+        if detach {
+            match dp.remove_pins() {
+                Ok(line) => info!("detached from {}: {line}", ifaces.join(", ")),
+                Err(e) => error!("detaching from {}: {e:#}", ifaces.join(", ")),
+            }
+        } else {
+            dp.leave();
+        }
         if let Some(stats) = stats {
             for (name, c) in &stats.rules {
                 info!(

@@ -4,11 +4,12 @@
 //! Start-up order is chosen so that a failure leaves nothing behind: the policy is compiled
 //! first, then the rate limit service and metrics bind their ports (the usual failure: a port
 //! in use), and only then is XDP loaded and attached. Shutdown (SIGINT/SIGTERM) reverses it:
-//! the servers stop accepting and finish calls in flight, then XDP is detached.
+//! the servers stop accepting and finish calls in flight; the XDP program stays attached and
+//! pinned (`--pin-dir`) for the next agent to adopt, unless `--detach-on-exit`.
 //!
 //! - `args`: the command line (`RunArgs`, `RlsArgs`).
 //! - `reload`: loading the policy set and reloading it while running.
-//! - `kernel`: the XDP half: load, attach, stats tick, escalation, detach.
+//! - `kernel`: the XDP half: load or adopt, attach, stats tick, escalation, leave or detach.
 //! - `nodes`: the Redis node set and this node's share of `global` kernel rules.
 //! - `stats`: the stats line logged at each `--stats-interval`.
 
@@ -161,6 +162,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         serving: rls_addr,
         l7_max_keys: args.rls.l7_max_keys,
     };
+    // Before anything is attached: a SIGTERM during the start is then handled by the loop
+    // (leave or detach as configured), not by the default action that kills the process.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut control = open_control(&args)?;
     let (nodes, mut nodes_rx) = join_nodes(&args, &settings, &compiled.plan, &shutdown_rx, &mut servers).await?;
     let mut kernel = if args.ifaces.is_empty() {
@@ -171,9 +177,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut in_force = InForce { plan: compiled.plan, nodes, l7: compiled.l7, penalties };
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut watcher = PolicyWatcher::new(&args.policies);
     let mut watch_tick = tokio::time::interval(args.watch_interval);
     watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -251,7 +254,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(k) = kernel {
-        k.detach(&args.ifaces);
+        k.exit(&args.ifaces, args.detach_on_exit);
     }
     drop(control);
     Ok(())
