@@ -15,7 +15,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the XDP program, apply the policy and shield the interfaces, and serve the Envoy
-    /// rate limit service and metrics, until SIGINT/SIGTERM (SIGHUP reloads the policy).
+    /// rate limit service and metrics, until SIGINT/SIGTERM (SIGHUP reloads the policy). The
+    /// program stays attached and pinned after exit unless --detach-on-exit.
     Run(Box<cli::run::RunArgs>),
     /// Validate policy files: every error with file, line, column and field.
     Check(cli::check::CheckArgs),
@@ -25,6 +26,9 @@ enum Command {
     /// Live view of a running agent (rates passed and dropped, by reason, rule and source),
     /// read from its control socket.
     Top(cli::top::TopArgs),
+    /// Remove the shield a stopped agent left in force: its XDP links, program and maps
+    /// pinned under --pin-dir (all of them, or one interface's link with --iface).
+    Detach(cli::detach::DetachArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => cli::explain::run(args),
         Command::Top(args) => cli::top::run(args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run_agent(*args).map(|()| ExitCode::SUCCESS),
+        Command::Detach(args) => cli::detach::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

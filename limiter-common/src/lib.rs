@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod bucket;
+pub mod layout;
 pub mod maps;
 pub mod stats;
 

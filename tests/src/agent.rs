@@ -1,5 +1,6 @@
-//! The `limiter-agent` binary and scratch directories for the tests that run it as a program
-//! (`cli`, `top`, `agent`): one place that knows how to build it and where cargo puts it.
+//! The `limiter-agent` binary, scratch directories and pin directories (a bpffs each) for the
+//! tests that run it as a program (`cli`, `top`, `agent`): one place that knows how to build
+//! it and where cargo puts it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,5 +72,56 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A bpffs of its own for one test's agents (`run --pin-dir`), mounted under /run (which
+/// `ip netns exec` keeps visible, unlike /sys/fs/bpf: see TOOLCHAIN.md). Dropping it unmounts
+/// the bpffs, which releases whatever is still pinned there: links detach, programs and maps
+/// go. Declare it before the agents that use it, so it is dropped after them.
+pub struct PinDir {
+    mount: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(tag: &str) -> PinDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mount = PathBuf::from(format!("/run/limiter-test-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&mount).unwrap_or_else(|e| panic!("create {}: {e}", mount.display()));
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&mount)
+            .status()
+            .expect("run mount -t bpf");
+        assert!(status.success(), "mount -t bpf bpf {} failed", mount.display());
+        PinDir { mount }
+    }
+
+    /// The pin directory inside the bpffs (the agent creates it).
+    pub fn path(&self) -> PathBuf {
+        self.mount.join("limiter")
+    }
+
+    /// The path as a `--pin-dir` argument.
+    pub fn arg(&self) -> String {
+        self.path().to_string_lossy().into_owned()
+    }
+
+    /// Names of what is pinned (empty when the directory is gone).
+    pub fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.path())
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // Lazy: an agent killed a moment ago may still hold the directory open.
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = std::fs::remove_dir(&self.mount);
     }
 }

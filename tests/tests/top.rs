@@ -15,7 +15,7 @@ use std::{
 };
 
 use limiter_tests::{
-    agent::{TempDir, agent_binary},
+    agent::{PinDir, TempDir, agent_binary},
     netns::{ChildGuard, Netns, Topology},
     rawsock::udp_socket,
     require_root,
@@ -41,9 +41,12 @@ spec:
 ";
 
 fn top(socket: &Path) -> std::process::Output {
+    // A pin directory that does not exist: these tests read agents through their socket only.
     Command::new(agent_binary())
         .args(["top", "--once", "--json", "--interval", "500ms", "--socket"])
         .arg(socket)
+        .arg("--pin-dir")
+        .arg(socket.with_file_name("no-pins"))
         .output()
         .expect("run limiter-agent top")
 }
@@ -93,10 +96,14 @@ fn top_shows_drops_by_reason_rule_and_source_from_a_running_agent() {
     let policy = dir.path("policy.yaml");
     std::fs::write(&policy, POLICY).unwrap();
     let socket = dir.path("agent.sock");
+    let pins = PinDir::new("top");
+    let pin_arg = pins.arg();
 
     let cmd = topo.server.command(&[
         agent_binary().to_str().unwrap(),
         "run",
+        "--pin-dir",
+        &pin_arg,
         "--iface",
         "s0",
         "--policy",

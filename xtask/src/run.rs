@@ -146,7 +146,9 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
         .arg(&ratelimit)
         .args(["--rls-listen", RLS_LISTEN])
         // `top` shows the live numbers; the agent's own stats line would repeat them.
-        .args(["--stats-interval", "30s", "--control-socket", CONTROL_SOCKET]);
+        .args(["--stats-interval", "30s", "--control-socket", CONTROL_SOCKET])
+        // The demo's interfaces go with it: leave no shield pinned behind.
+        .arg("--detach-on-exit");
     if std::env::var_os("RUST_LOG").is_none() {
         agent_cmd.env("RUST_LOG", "info");
     }

@@ -30,6 +30,24 @@ pub struct Snapshot {
     /// The rate limit service (absent from agents older than this field: all zero).
     #[serde(default)]
     pub rls: RlsStatus,
+    /// Set when no agent runs and the counters were read from a pinned shield (`top`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unattended: Option<Unattended>,
+}
+
+/// A shield that runs without an agent: what its pin directory records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unattended {
+    pub pin_dir: String,
+    /// When the pinned set was made (Unix seconds).
+    pub pinned_at_unix_s: u64,
+    /// The policies in force, as the last agent recorded them.
+    pub policy: String,
+    pub last_agent_pid: u32,
+    /// When the last agent stopped (Unix seconds); 0: it did not stop cleanly (killed).
+    pub agent_stopped_unix_s: u64,
+    /// Sources in the block list whose block has not expired.
+    pub blocked_now: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +201,7 @@ impl Snapshot {
             top_sources,
             sources: meta.sources,
             rls: meta.rls,
+            unattended: None,
         }
     }
 

@@ -43,7 +43,37 @@ pub struct RuleIdentity {
 }
 
 impl RuleIdentity {
-    fn of(rule: &KernelRule) -> Self {
+    /// A hash of every field, stable across agent builds (FNV-1a over a fixed encoding, not
+    /// `std`'s randomly seeded hasher): the pinned record of rule ids is keyed by it, so the
+    /// next agent recognises an unchanged rule.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = Fnv::default();
+        h.bytes(self.name.as_bytes());
+        h.bytes(&[
+            0xff,
+            match self.count {
+                CountKind::Packets => 0,
+                CountKind::Bytes => 1,
+                CountKind::Connections => 2,
+            },
+            self.key_flags,
+            u8::from(self.invert),
+        ]);
+        for v in [self.requests, self.unit_ns, self.burst] {
+            h.bytes(&v.to_le_bytes());
+        }
+        for net in &self.nets {
+            h.bytes(net.to_string().as_bytes());
+            h.bytes(&[0]);
+        }
+        for (port, proto) in &self.targets {
+            h.bytes(&port.to_le_bytes());
+            h.bytes(&[*proto]);
+        }
+        h.0
+    }
+
+    pub fn of(rule: &KernelRule) -> Self {
         let mut targets: Vec<_> = rule.targets.iter().map(|t| (t.port, proto_number(t.protocol))).collect();
         targets.sort_unstable();
         Self {
@@ -60,13 +90,47 @@ impl RuleIdentity {
     }
 }
 
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 ^= u64::from(x);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// The fingerprint of each of `plan`'s rules, in order.
+pub fn fingerprints(plan: &KernelPlan) -> Vec<u64> {
+    plan.rules.iter().map(|r| RuleIdentity::of(r).fingerprint()).collect()
+}
+
+/// An id's state in [`RuleIds`], as recorded in a pinned set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdState {
+    /// Held by the live rule with this fingerprint.
+    Live(u64),
+    /// Retired by the last apply, purged once.
+    Held,
+    /// Purged twice: can be handed out.
+    Free,
+}
+
 /// Stable rule ids. An id keys a rule's buckets and stats, so a rule that is unchanged by a
 /// reload keeps its id (and its bucket state); a retired id is only reused after its buckets
 /// were purged twice: by the apply that retired it and again by the next one (see
 /// [`RuleIds::release`]).
 #[derive(Clone, Debug, Default)]
 pub struct RuleIds {
-    live: HashMap<RuleIdentity, u32>,
+    /// By [`RuleIdentity::fingerprint`].
+    live: HashMap<u64, u32>,
     /// Ids whose buckets were purged and can be handed out again.
     free: Vec<u32>,
     /// Ids retired by the last apply: purged once, not yet free.
@@ -77,8 +141,8 @@ pub struct RuleIds {
 impl RuleIds {
     /// Ids for `plan`'s rules (same order), and the ids that the plan no longer uses.
     pub fn assign(&mut self, plan: &KernelPlan) -> Result<(Vec<u32>, Vec<u32>), PlanError> {
-        let wanted: Vec<RuleIdentity> = plan.rules.iter().map(RuleIdentity::of).collect();
-        let wanted_set: HashSet<&RuleIdentity> = wanted.iter().collect();
+        let wanted = fingerprints(plan);
+        let wanted_set: HashSet<&u64> = wanted.iter().collect();
         let retired: Vec<u32> =
             self.live.iter().filter(|(identity, _)| !wanted_set.contains(identity)).map(|(_, id)| *id).collect();
         let mut next_live = HashMap::new();
@@ -93,6 +157,39 @@ impl RuleIds {
         }
         self.live = next_live;
         Ok((ids, retired))
+    }
+
+    /// Every id handed out so far with its state: what a pinned set records.
+    pub fn export(&self) -> (u32, Vec<(u32, IdState)>) {
+        let mut out: Vec<(u32, IdState)> = self.live.iter().map(|(fp, id)| (*id, IdState::Live(*fp))).collect();
+        out.extend(self.held.iter().map(|id| (*id, IdState::Held)));
+        out.extend(self.free.iter().map(|id| (*id, IdState::Free)));
+        out.sort_by_key(|(id, _)| *id);
+        (self.next, out)
+    }
+
+    /// The ids a pinned set recorded ([`RuleIds::export`]). Ids below `next` that are not
+    /// listed are taken as free.
+    pub fn restore(next: u32, ids: &[(u32, IdState)]) -> Self {
+        let mut out = Self { next: next.min(MAX_RULES), ..Self::default() };
+        let mut seen = HashSet::new();
+        for &(id, state) in ids.iter().filter(|(id, _)| *id < out.next) {
+            seen.insert(id);
+            match state {
+                IdState::Live(fp) => {
+                    out.live.insert(fp, id);
+                }
+                IdState::Held => out.held.push(id),
+                IdState::Free => out.free.push(id),
+            }
+        }
+        out.free.extend((0..out.next).filter(|id| !seen.contains(id)));
+        out
+    }
+
+    /// The id of the live rule with this fingerprint.
+    pub fn id_of(&self, fingerprint: u64) -> Option<u32> {
+        self.live.get(&fingerprint).copied()
     }
 
     /// Ids retired by the previous apply that are still held back: the next apply purges

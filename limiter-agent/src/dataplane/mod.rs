@@ -4,16 +4,21 @@
 //! typed wrappers, and adds context to each aya error.
 
 mod entries;
+mod observe;
+pub mod pin;
+mod pinned;
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
     util::nr_cpus,
 };
-pub use entries::{PlanError, RuleIds, SetEntries, layout, list_entry, mapped};
+pub use entries::{IdState, PlanError, RuleIds, SetEntries, fingerprints, layout, list_entry, mapped};
+pub use observe::PinnedView;
+pub use pinned::Adoption;
 use limiter_common::{
     Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, PortKey, PortRules, RuleConfig,
     RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
@@ -43,6 +48,12 @@ pub enum DataplaneError {
     TestRun(#[source] ProgramError),
     #[error("reading the per-CPU count: {0}")]
     Cpus(String),
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
+    #[error("pinning the XDP program: {0}")]
+    ProgramPin(#[source] aya::pin::PinError),
+    #[error("the XDP link of {iface}: {action}: {detail}")]
+    Link { iface: String, action: &'static str, detail: String },
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -58,6 +69,28 @@ pub enum AttachMode {
     Generic,
     #[default]
     Auto,
+}
+
+impl AttachMode {
+    /// The mode's name, as `attach` reports it (`None` for `auto`).
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            Self::Native => Some("native"),
+            Self::Generic => Some("generic"),
+            Self::Auto => None,
+        }
+    }
+}
+
+/// Where the maps of a load come from.
+#[derive(Clone, Copy)]
+enum MapPins<'a> {
+    /// Fresh maps, not pinned.
+    None,
+    /// The maps pinned in this directory, by name; created and pinned there if missing.
+    Reuse(&'a std::path::Path),
+    /// Fresh maps, pinned in this directory under staged names (an upgrade).
+    Stage(&'a std::path::Path),
 }
 
 /// Load-time settings that size maps or set program-wide behaviour.
@@ -158,6 +191,8 @@ pub struct Dataplane {
     names: BTreeMap<u32, String>,
     current: Option<KernelPlan>,
     options: LoadOptions,
+    /// The pin directory and its record, when the data path is pinned.
+    pinned: Option<pinned::Pinned>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -169,12 +204,22 @@ where
 }
 
 impl Dataplane {
-    /// Loads and verifies the program (not attached yet) with an empty policy.
+    /// Loads and verifies the program (not attached yet) with an empty policy, with maps of
+    /// its own: nothing is pinned, and dropping the `Dataplane` detaches and unloads it all.
+    /// [`Self::open_pinned`] is the pinned variant.
     pub fn load(options: LoadOptions) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::SOURCE_BUCKETS, options.source_entries.max(1))
-            .load(XDP_OBJECT)
-            .map_err(DataplaneError::Load)?;
+        Self::load_with(options, MapPins::None)
+    }
+
+    fn load_with(options: LoadOptions, pins: MapPins<'_>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::SOURCE_BUCKETS, options.source_entries.max(1));
+        if let MapPins::Reuse(dir) = pins {
+            for spec in limiter_common::layout::SHARED_MAPS {
+                loader.map_pin_path(spec.name, dir.join(spec.name));
+            }
+        }
+        let mut ebpf = loader.load(XDP_OBJECT).map_err(DataplaneError::Load)?;
         let logger = if options.debug_log {
             match aya_log::EbpfLogger::init(&mut ebpf) {
                 Ok(l) => Some(l),
@@ -192,6 +237,13 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Verify)?;
         program.load().map_err(DataplaneError::Verify)?;
+        if let MapPins::Stage(dir) = pins {
+            for spec in limiter_common::layout::SHARED_MAPS {
+                let map = ebpf.map(spec.name).ok_or(DataplaneError::MissingMap { name: spec.name })?;
+                map.pin(dir.join(format!("{}{}", spec.name, pin::STAGED)))
+                    .map_err(|error| DataplaneError::Map { name: spec.name, action: "pinning", source: MapError::PinError { name: None, error } })?;
+            }
+        }
         let mut dp = Self {
             config: take(&mut ebpf, names::CONFIG)?,
             allow: take(&mut ebpf, names::ALLOW)?,
@@ -212,8 +264,11 @@ impl Dataplane {
             names: BTreeMap::new(),
             current: None,
             options,
+            pinned: None,
         };
-        dp.write_config()?;
+        if !matches!(pins, MapPins::Reuse(_)) {
+            dp.write_config()?;
+        }
         Ok(dp)
     }
 
@@ -228,6 +283,9 @@ impl Dataplane {
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {
+        if let Some(kept) = self.pinned.as_mut().and_then(|p| p.kept_program.as_mut()) {
+            return Ok(kept);
+        }
         self.ebpf
             .program_mut(names::PROGRAM)
             .ok_or(DataplaneError::MissingMap { name: names::PROGRAM })?
@@ -236,11 +294,19 @@ impl Dataplane {
     }
 
     /// Attaches to `iface` (in the calling thread's network namespace). Returns the mode
-    /// used. The link is detached when the `Dataplane` is dropped.
+    /// used. Unpinned, the link is detached when the `Dataplane` is dropped; pinned, it goes
+    /// through the pinned link of `iface` (see [`Self::open_pinned`]).
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
+        if self.pinned.is_some() {
+            return self.attach_pinned(iface, mode);
+        }
+        self.attach_link(iface, mode).map(|(label, _)| label)
+    }
+
+    fn attach_link(&mut self, iface: &str, mode: AttachMode) -> Result<(&'static str, XdpLinkId)> {
         let program = self.program()?;
         let try_mode = |program: &mut Xdp, m: XdpMode, label: &'static str| {
-            program.attach(iface, m).map(|_| label).map_err(|source| DataplaneError::Attach {
+            program.attach(iface, m).map(|id| (label, id)).map_err(|source| DataplaneError::Attach {
                 iface: iface.to_owned(),
                 mode: label,
                 source,
@@ -250,7 +316,7 @@ impl Dataplane {
             AttachMode::Native => try_mode(program, XdpMode::Driver, "native"),
             AttachMode::Generic => try_mode(program, XdpMode::Skb, "generic"),
             AttachMode::Auto => match try_mode(program, XdpMode::Driver, "native") {
-                Ok(m) => Ok(m),
+                Ok(attached) => Ok(attached),
                 Err(e) => {
                     warn!(
                         "{e}; falling back to generic (skb) mode, which runs after the kernel allocates an skb and costs more per packet"
@@ -324,6 +390,7 @@ impl Dataplane {
         purge.extend_from_slice(self.ids.held());
         self.purge_buckets(&purge)?;
         self.ids.release(&retired);
+        self.persist(plan);
         Ok(applied)
     }
 
@@ -369,27 +436,7 @@ impl Dataplane {
 
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
-        let mut stats = Stats::default();
-        for r in 0..STATS_ENTRIES {
-            let per_cpu = self.stats.get(&r, 0).map_err(map_err(names::STATS, "reading"))?;
-            let mut c = Counter::default();
-            for v in per_cpu.iter() {
-                c.packets += v.packets;
-                c.bytes += v.bytes;
-            }
-            stats.reasons.push(c);
-        }
-        for (id, name) in &self.names {
-            let per_cpu = self.rule_stats.get(id, 0).map_err(map_err(names::RULE_STATS, "reading"))?;
-            let mut c = RuleCounter::default();
-            for v in per_cpu.iter() {
-                add(&mut c.passed, &v.passed);
-                add(&mut c.dropped, &v.dropped);
-                add(&mut c.shadow_dropped, &v.shadow_dropped);
-            }
-            stats.rules.insert(name.clone(), c);
-        }
-        Ok(stats)
+        read_stats(&self.stats, &self.rule_stats, &self.names)
     }
 
     /// Tracked per-source bucket entries (walks the LRU table: O(entries), about a
@@ -401,8 +448,7 @@ impl Dataplane {
     /// Sources in the block list whose block has not expired yet (walks the list; it holds
     /// only escalated sources, so it is small).
     pub fn blocked_sources(&self) -> usize {
-        let now = boot_time_ns();
-        self.block.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns > now).count()
+        count_blocked(&self.block)
     }
 
     /// Capacity of the per-source bucket table.
@@ -414,18 +460,7 @@ impl Dataplane {
     /// CPUs. Approximate for sources that were new during a flood (see
     /// `DROPPED_SOURCE_SAMPLE`); exact once a source is tracked.
     pub fn top_dropped_sources(&self, n: usize) -> Result<Vec<(IpAddr, Counter)>> {
-        let mut all: Vec<(IpAddr, Counter)> = Vec::new();
-        for entry in self.dropped_sources.iter() {
-            let (addr, per_cpu) = entry.map_err(map_err(names::DROPPED_SOURCES, "reading"))?;
-            let mut c = Counter::default();
-            for v in per_cpu.iter() {
-                add(&mut c, v);
-            }
-            all.push((addr_to_ip(&addr), c));
-        }
-        all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
-        all.truncate(n);
-        Ok(all)
+        read_top(&self.dropped_sources, n)
     }
 
     /// Puts `addr` (IPv6: its source prefix) in the block list for `duration`.
@@ -499,6 +534,56 @@ impl Dataplane {
             );
         }
     }
+}
+
+/// Counters summed over CPUs, rules named by `names` (id → name).
+fn read_stats(
+    stats_map: &PerCpuArray<MapData, Counter>,
+    rule_stats: &PerCpuArray<MapData, RuleCounter>,
+    names: &BTreeMap<u32, String>,
+) -> Result<Stats> {
+    let mut stats = Stats::default();
+    for r in 0..STATS_ENTRIES {
+        let per_cpu = stats_map.get(&r, 0).map_err(map_err(names::STATS, "reading"))?;
+        let mut c = Counter::default();
+        for v in per_cpu.iter() {
+            add(&mut c, v);
+        }
+        stats.reasons.push(c);
+    }
+    for (id, name) in names {
+        let per_cpu = rule_stats.get(id, 0).map_err(map_err(names::RULE_STATS, "reading"))?;
+        let mut c = RuleCounter::default();
+        for v in per_cpu.iter() {
+            add(&mut c.passed, &v.passed);
+            add(&mut c.dropped, &v.dropped);
+            add(&mut c.shadow_dropped, &v.shadow_dropped);
+        }
+        stats.rules.insert(name.clone(), c);
+    }
+    Ok(stats)
+}
+
+/// Block-list entries that have not expired.
+fn count_blocked(block: &HashMap<MapData, Addr, BlockEntry>) -> usize {
+    let now = boot_time_ns();
+    block.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns > now).count()
+}
+
+/// The `n` sources with the most dropped packets.
+fn read_top(dropped: &PerCpuHashMap<MapData, Addr, Counter>, n: usize) -> Result<Vec<(IpAddr, Counter)>> {
+    let mut all: Vec<(IpAddr, Counter)> = Vec::new();
+    for entry in dropped.iter() {
+        let (addr, per_cpu) = entry.map_err(map_err(names::DROPPED_SOURCES, "reading"))?;
+        let mut c = Counter::default();
+        for v in per_cpu.iter() {
+            add(&mut c, v);
+        }
+        all.push((addr_to_ip(&addr), c));
+    }
+    all.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
+    all.truncate(n);
+    Ok(all)
 }
 
 fn add(into: &mut Counter, from: &Counter) {

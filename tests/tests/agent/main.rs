@@ -6,6 +6,7 @@
 // all of them.
 mod global;
 mod l7;
+mod pinning;
 
 use std::{
     io::{BufRead, BufReader},
@@ -17,7 +18,7 @@ use std::{
 };
 
 use limiter_tests::{
-    agent::{TempDir, agent_binary},
+    agent::{PinDir, TempDir, agent_binary},
     netns::{ChildGuard, Topology},
     rawsock::udp_socket,
     require_root,
@@ -56,6 +57,8 @@ struct Agent {
     child: ChildGuard,
     lines: Receiver<String>,
     seen: Vec<String>,
+    /// The agent's own bpffs, unless the test gave a `--pin-dir` (dropped after `child`).
+    _pins: Option<PinDir>,
 }
 
 impl Agent {
@@ -64,8 +67,11 @@ impl Agent {
         Agent::start_on(topo, "s0", policy, extra)
     }
 
-    /// Runs the agent in the server namespace shielding `iface`.
+    /// Runs the agent in the server namespace shielding `iface`, pinning into a bpffs of its
+    /// own (removed with it) unless `extra` names a `--pin-dir`.
     fn start_on(topo: &Topology, iface: &str, policy: &Path, extra: &[&str]) -> Agent {
+        let pins = (!extra.contains(&"--pin-dir")).then(|| PinDir::new("agent"));
+        let pin_arg = pins.as_ref().map(PinDir::arg);
         let mut args = vec![
             agent_binary().to_str().unwrap(),
             "run",
@@ -78,6 +84,9 @@ impl Agent {
             "--stats-interval",
             "200ms",
         ];
+        if let Some(arg) = pin_arg.as_deref() {
+            args.extend_from_slice(&["--pin-dir", arg]);
+        }
         args.extend_from_slice(extra);
         let mut cmd = topo.server.command(&args);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
@@ -92,7 +101,7 @@ impl Agent {
                 }
             }
         });
-        Agent { child, lines, seen: Vec::new() }
+        Agent { child, lines, seen: Vec::new(), _pins: pins }
     }
 
     /// Waits (at most `timeout`) for a log line containing every one of `parts`.
@@ -138,8 +147,9 @@ fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_s
     let file = dir.write("policy.yaml", &policy(5, "Hour"));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
 
+    let pins = PinDir::new("reload");
     // Watching is off: this test drives reloads by SIGHUP alone.
-    let mut agent = Agent::start(&topo, dir.root(), &["--no-watch"]);
+    let mut agent = Agent::start(&topo, dir.root(), &["--no-watch", "--pin-dir", &pins.arg()]);
     agent.wait_for(&["attached to s0 in native mode"], Duration::from_secs(30));
     assert!(xdp_attached(&topo));
     assert_eq!(send_and_count(&topo, &server, 20), 5);
@@ -165,19 +175,22 @@ fn agent_enforces_reloads_on_sighup_keeps_the_last_good_policy_and_detaches_on_s
     let text = scrape(&topo, metrics);
     assert!(text.contains("limiter_policy_reloads_total{outcome=\"applied\"} 1"), "{text}");
 
+    // SIGTERM stops the agent and leaves the shield in force; `detach` removes it.
     agent.signal(libc::SIGTERM);
     let status = agent.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
     assert!(status.success(), "agent exit status {status}");
-    assert!(
-        agent.seen.iter().any(|l| l.contains("SIGTERM: detaching")) || {
-            // drain what is left
-            while let Ok(l) = agent.lines.recv_timeout(Duration::from_millis(200)) {
-                agent.seen.push(l);
-            }
-            agent.seen.iter().any(|l| l.contains("detached from s0"))
-        }
-    );
-    assert!(!xdp_attached(&topo), "XDP is detached after SIGTERM");
+    while let Ok(l) = agent.lines.recv_timeout(Duration::from_millis(200)) {
+        agent.seen.push(l);
+    }
+    assert!(agent.seen.iter().any(|l| l.contains("leaving the shield in force")), "{:#?}", agent.seen);
+    assert!(xdp_attached(&topo), "XDP stays attached after SIGTERM");
+    assert_eq!(send_and_count(&topo, &server, 20), 20, "the 50/hour rule still applies, with no agent");
+    assert_eq!(send_and_count(&topo, &server, 20), 10, "...and its bucket empties: 50 in all");
+    let out = Command::new(agent_binary()).args(["detach", "--pin-dir", &pins.arg()]).output().unwrap();
+    assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("detached s0"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!xdp_attached(&topo), "XDP is detached by `detach`");
+    assert!(pins.entries().is_empty(), "nothing left pinned: {:?}", pins.entries());
     assert_eq!(send_and_count(&topo, &server, 20), 20, "traffic flows unlimited after detach");
 }
 

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     control,
-    dataplane::AttachMode,
+    dataplane::{AttachMode, pin},
     rls::{RlsConfig, redis::FailureMode},
 };
 
@@ -46,6 +46,19 @@ pub struct RunArgs {
     /// Local control socket `limiter-agent top` reads (created 0600, removed on exit).
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
     pub control_socket: PathBuf,
+    /// bpffs directory where the program, its XDP links and every map are pinned, so the
+    /// shield outlives this process. An agent that starts adopts what it finds there; one
+    /// agent per directory.
+    #[arg(long, value_name = "DIR", default_value = pin::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// On SIGINT/SIGTERM, detach from every interface and remove the pins (by default the
+    /// program stays attached and pinned; `limiter-agent detach` removes it).
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Tests only: perturbs the layout stamp, so this agent takes a pinned set of its own
+    /// layout for an incompatible one (exercises the upgrade path).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub layout_salt: u64,
     #[command(flatten)]
     pub rls: RlsArgs,
 }

@@ -34,12 +34,21 @@ pub(super) fn start_kernel(
         drop_unparsed: args.drop_unparsed,
         debug_log: args.debug_log,
     };
-    let mut dp = Dataplane::load(options).context("loading the XDP program")?;
+    let mut dp = Dataplane::open_pinned(options, &args.pin_dir, args.layout_salt)
+        .context("loading the XDP program into its pin directory (--pin-dir)")?;
+    if let Some(adoption) = dp.adoption() {
+        info!("{}", adoption.describe(&args.pin_dir));
+    }
+    // On adopted maps this is the usual double-buffered flip: the pinned policy judges every
+    // packet until the new one is complete, and unchanged rules keep their buckets.
     let applied = dp.apply(plan).context("applying the policy to the kernel maps")?;
     info!(
         "policy applied: {} kernel rules ({} slots, {} port lists), {} allow and {} deny entries",
         applied.rules, applied.rule_slots, applied.port_lists, applied.allow, applied.deny
     );
+    if let Some(line) = dp.carry_over().context("carrying the pinned state over to the new maps")? {
+        info!("{line}");
+    }
     for iface in &args.ifaces {
         let mode = dp.attach(iface, args.xdp_mode).with_context(|| {
             format!("attaching to {iface}: check the name with `ip link`, or try --xdp-mode generic")
@@ -49,6 +58,7 @@ pub(super) fn start_kernel(
             control.attached(iface, mode);
         }
     }
+    dp.commit_pins(&args.ifaces).context("updating the pins")?;
     let last = dp.stats().context("reading counters")?;
     Ok(Kernel { dp, last, last_at: Instant::now() })
 }
@@ -74,12 +84,19 @@ impl Kernel {
         }
     }
 
-    pub(super) fn detach(self, ifaces: &[String]) {
+    /// Exit: leaves the shield in force (pinned), or with `detach` removes it.
+    pub(super) fn exit(self, ifaces: &[String], detach: bool) {
         let Kernel { dp, .. } = self;
         dp.log_summary();
         let stats = dp.stats().ok();
-        drop(dp);
-        info!("detached from {}", ifaces.join(", "));
+        if detach {
+            match dp.remove_pins() {
+                Ok(line) => info!("detached from {}: {line}", ifaces.join(", ")),
+                Err(e) => error!("detaching from {}: {e:#}", ifaces.join(", ")),
+            }
+        } else {
+            dp.leave();
+        }
         if let Some(stats) = stats {
             for (name, c) in &stats.rules {
                 info!(

@@ -4,11 +4,12 @@
 //! Start-up order is chosen so that a failure leaves nothing behind: the policy is compiled
 //! first, then the rate limit service and metrics bind their ports (the usual failure: a port
 //! in use), and only then is XDP loaded and attached. Shutdown (SIGINT/SIGTERM) reverses it:
-//! the servers stop accepting and finish calls in flight, then XDP is detached.
+//! the servers stop accepting and finish calls in flight; the XDP program stays attached and
+//! pinned (`--pin-dir`) for the next agent to adopt, unless `--detach-on-exit`.
 //!
 //! - `args`: the command line (`RunArgs`, `RlsArgs`).
 //! - `reload`: loading the policy set and reloading it while running.
-//! - `kernel`: the XDP half: load, attach, stats tick, escalation, detach.
+//! - `kernel`: the XDP half: load or adopt, attach, stats tick, escalation, leave or detach.
 //! - `nodes`: the Redis node set and this node's share of `global` kernel rules.
 //! - `stats`: the stats line logged at each `--stats-interval`.
 
@@ -240,7 +241,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(k) = kernel {
-        k.detach(&args.ifaces);
+        k.exit(&args.ifaces, args.detach_on_exit);
     }
     drop(control);
     Ok(())

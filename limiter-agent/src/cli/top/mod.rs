@@ -34,6 +34,7 @@ pub use self::{
 use crate::{
     cli::run::parse_duration,
     control::{self, Snapshot},
+    dataplane::PinnedView,
 };
 
 #[derive(Debug, clap::Args)]
@@ -50,6 +51,10 @@ pub struct TopArgs {
     /// JSON instead of text: the snapshot plus `rates`, one line per interval.
     #[arg(long)]
     pub json: bool,
+    /// Where a shield is pinned (`run --pin-dir`): with no agent on the socket, `top` reads
+    /// the pinned counters and says that no agent runs.
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
 }
 
 /// What `--json` prints: the newer snapshot with the rates since the older one.
@@ -61,10 +66,10 @@ struct JsonView<'a> {
 }
 
 pub fn run(args: TopArgs) -> anyhow::Result<()> {
-    let first = control::fetch(&args.socket)?;
+    let first = fetch(&args)?;
     if args.once {
         std::thread::sleep(args.interval);
-        let now = fetch_newer(&args.socket, &first)?;
+        let now = if first.unattended.is_some() { fetch(&args)? } else { fetch_newer(&args.socket, &first)? };
         print_view(&args, &first, &now, false)?;
         return Ok(());
     }
@@ -88,7 +93,7 @@ async fn live(args: TopArgs, mut last: Snapshot) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = tick.tick() => {}
         }
-        match control::fetch(&args.socket) {
+        match fetch(&args) {
             Ok(now) => {
                 print_view(&args, &last, &now, redraw)?;
                 last = now;
@@ -126,6 +131,50 @@ impl Drop for Cursor {
         println!("\x1b[?25h");
         let _ = std::io::stdout().flush();
     }
+}
+
+/// The agent's snapshot; with no agent on the socket, one read from the shield pinned in
+/// `--pin-dir` if one runs there without an agent, else the socket's error.
+fn fetch(args: &TopArgs) -> Result<Snapshot, control::ControlError> {
+    control::fetch(&args.socket).or_else(|e| unattended(&args.pin_dir).ok_or(e))
+}
+
+/// A snapshot of the shield pinned in `dir`, when no agent holds it.
+fn unattended(dir: &Path) -> Option<Snapshot> {
+    let view = PinnedView::open(dir).ok()??;
+    if view.agent_running {
+        return None;
+    }
+    let stats = view.stats().ok()?;
+    let top = view.top_dropped_sources(control::TOP_SOURCES).ok()?;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let record = view.record;
+    let pinned_at = record.map_or(0, |r| r.pinned_at_s);
+    let meta = control::Meta {
+        time_unix_ms: now_ms,
+        uptime_s: (now_ms / 1000).saturating_sub(pinned_at),
+        interfaces: view.links.iter().map(|l| control::Interface { name: l.iface.clone(), mode: l.mode.clone() }).collect(),
+        policy: control::PolicyStatus {
+            rules: record.map_or(stats.rules.len(), |r| r.kernel_rules as usize),
+            last_reload_ok: true,
+            ..Default::default()
+        },
+        sources: {
+            let (tracked, capacity) = view.tracked_sources();
+            control::SourceTable { tracked: tracked as u64, capacity: u64::from(capacity), sampled_at_unix_ms: now_ms }
+        },
+        ..Default::default()
+    };
+    let mut snapshot = Snapshot::build(Some((&stats, &top)), meta);
+    snapshot.unattended = Some(control::Unattended {
+        pin_dir: dir.display().to_string(),
+        pinned_at_unix_s: pinned_at,
+        policy: record.map_or_else(|| "unknown (record unreadable)".to_owned(), |r| r.policy_text()),
+        last_agent_pid: record.map_or(0, |r| r.agent_pid),
+        agent_stopped_unix_s: record.map_or(0, |r| r.agent_stopped_s),
+        blocked_now: view.blocked_sources() as u64,
+    });
+    Some(snapshot)
 }
 
 /// Fetches until the agent has published a snapshot newer than `before` (it refreshes about

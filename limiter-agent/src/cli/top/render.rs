@@ -11,6 +11,24 @@ pub fn render(now: &Snapshot, rates: &Rates, socket: &Path) -> String {
     let mut s = String::new();
     let ifaces: Vec<String> = now.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
     let p = &now.policy;
+    if let Some(u) = &now.unattended {
+        let now_s = now.time_unix_ms / 1000;
+        let last = if u.agent_stopped_unix_s == 0 {
+            format!("its last agent (pid {}) did not stop cleanly", u.last_agent_pid)
+        } else {
+            format!("its last agent (pid {}) stopped {} ago", u.last_agent_pid, duration(now_s.saturating_sub(u.agent_stopped_unix_s)))
+        };
+        s.push_str(&format!(
+            "NO AGENT RUNNING: the shield pinned in {} {} ago still runs on {}\npolicy of the last agent: {} | {} blocked | {last}\n(counters read from the pins; `limiter-agent run` adopts it, `limiter-agent detach` removes it)\n",
+            u.pin_dir,
+            duration(now_s.saturating_sub(u.pinned_at_unix_s)),
+            if ifaces.is_empty() { "no interface".to_owned() } else { ifaces.join(", ") },
+            u.policy,
+            u.blocked_now,
+        ));
+        render_kernel(&mut s, now, rates);
+        return s;
+    }
     s.push_str(&format!(
         "limiter-agent {} on {} | up {} | {}\n",
         now.version,
