@@ -123,4 +123,6 @@ fn daemonset_runs_this_versions_image_unprivileged() {
         security["capabilities"]["add"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
     assert!(caps.contains(&"BPF") && caps.contains(&"NET_ADMIN"), "{caps:?}");
     assert!(!caps.contains(&"SYS_ADMIN"), "CAP_BPF and CAP_NET_ADMIN cover loading and attaching: {caps:?}");
+    // Default seccomp profiles refuse bpf() without CAP_SYS_ADMIN.
+    assert_eq!(security["seccompProfile"]["type"], "Unconfined");
 }

@@ -173,6 +173,13 @@ fn run_as_daemonset(tag: &str, ns: &Netns, policies: &Path, run_dir: &Path, bpff
     let caps = strings(&security["capabilities"]["add"]);
     assert!(!caps.is_empty() && !caps.iter().any(|c| c == "SYS_ADMIN"), "capabilities {caps:?}");
     cmd.args(["--cap-drop", "ALL", "--cap-add", &caps.join(",")]);
+    match security["seccompProfile"]["type"].as_str() {
+        Some("Unconfined") => {
+            cmd.args(["--security-opt", "seccomp=unconfined"]);
+        }
+        None | Some("RuntimeDefault") => {}
+        Some(other) => panic!("seccompProfile {other}: the test does not know it"),
+    }
     if security["readOnlyRootFilesystem"] == true {
         cmd.arg("--read-only");
     }

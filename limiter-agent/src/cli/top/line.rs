@@ -13,7 +13,11 @@ const NAMED_DROPS: usize = 3;
 
 /// `up 12s | passed 130/s | dropped 2.0k/s: demo/strangers 1.9k/s, deny_list 40/s | rls: 10 ok/s, 140 over limit/s`
 pub fn render_line(now: &Snapshot, rates: &Rates) -> String {
-    let mut parts = vec![format!("up {}", duration(now.uptime_s))];
+    let mut parts = Vec::new();
+    if let Some(alone) = &now.unattended {
+        parts.push(format!("NO AGENT RUNNING: shield pinned in {} runs alone", alone.pin_dir));
+    }
+    parts.push(format!("up {}", duration(now.uptime_s)));
     if now.has_kernel() {
         parts.push(format!("passed {}/s", si(rates.passed.packets_per_s)));
         // Bucket drops are told by the rule that ran out; the others (deny and block lists,
