@@ -1,14 +1,19 @@
 //! The agent's container image (`cargo xtask image`) runs as deploy/daemonset.yaml runs it: the
 //! test builds the image (cached when current), reads the DaemonSet's container spec (args,
-//! env, capabilities, read-only root, volume mounts) and starts the image with podman exactly
-//! so, not privileged. "Host network" is a test namespace: podman is started inside it
+//! env, capabilities, seccomp, read-only root, volume mounts) and starts the image with podman
+//! exactly so, not privileged. "Host network" is a test namespace: podman is started inside it
 //! (`nsenter --net`), so the container's host network holds the server end `s0` of a veth pair
 //! and nothing of the machine's own. The node's bpffs is a bpffs mounted for this test, the
 //! ConfigMap a scratch directory. A client namespace floods past a per-source limit: the agent
 //! in the container drops what the policy says (counted, seen through `podman exec ...
 //! limiter-agent top`, as `kubectl exec` would), and answers the gRPC health check of its rate
-//! limit service on the port the DaemonSet's readiness probe checks. The container is removed
-//! (`podman rm -f`) even when the test fails.
+//! limit service on the port the DaemonSet's readiness probe checks.
+//!
+//! Then a rollout, as the kubelet does it: the pod is stopped (SIGTERM), the shield keeps
+//! dropping while no pod runs, and the next pod adopts the pinned state (no fresh burst, the
+//! counts go on). Last, `limiter-agent detach` from the image with the node's bpffs mounted
+//! (README's node debug pod) removes the shield: no pin, no XDP, traffic passes. Containers are
+//! removed (`podman rm -f`) even when the test fails.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -19,7 +24,7 @@ use std::{
 };
 
 use limiter_tests::{
-    agent::TempDir,
+    agent::{PinDir, TempDir},
     netns::{Netns, Topology},
     rawsock::{udp_count, udp_socket},
     require_root, require_tool,
@@ -90,28 +95,6 @@ fn strings(v: &Value) -> Vec<String> {
     v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
 }
 
-/// A bpffs mounted for this test (the node's /sys/fs/bpf in the DaemonSet), unmounted on drop,
-/// which frees whatever the agent left pinned there.
-struct Bpffs(TempDir);
-
-impl Bpffs {
-    fn mount() -> Bpffs {
-        let dir = TempDir::new("image-bpffs");
-        output(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.root()));
-        Bpffs(dir)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let path = std::ffi::CString::new(self.0.root().as_os_str().as_encoded_bytes()).expect("path without NUL");
-        // SAFETY: a plain syscall on a NUL-terminated path we own.
-        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!("umount {}: {}", self.0.root().display(), std::io::Error::last_os_error());
-        }
-    }
-}
-
 /// A container started by this test; `podman rm -f` on drop, with its log printed first.
 struct Container(String);
 
@@ -129,6 +112,43 @@ impl Container {
     /// `podman exec NAME limiter-agent ARGS`: what `kubectl exec` runs on a node.
     fn agent(&self, args: &[&str]) -> Output {
         podman().args(["exec", &self.0, "/usr/local/bin/limiter-agent"]).args(args).output().expect("podman exec")
+    }
+
+    /// Waits until the agent's log says it attached to the test's interface.
+    fn wait_attached(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.logs().contains(&format!("attached to {IFACE}")) {
+            assert!(Instant::now() < deadline, "the agent in {} did not attach to {IFACE} within 60s", self.0);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `podman stop`: SIGTERM, as the kubelet sends it once the preStop hook is done; the
+    /// agent must exit cleanly.
+    fn stop(&self) {
+        output(podman().args(["stop", "--time", "15", &self.0]));
+        let out = output(podman().args(["inspect", "--format", "{{.State.ExitCode}}", &self.0]));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "the agent's exit code after SIGTERM");
+    }
+
+    /// The rule's (passed, dropped) packets, once `done` holds for them or after 10 s.
+    fn rule_counts(&self, done: impl Fn(u64, u64) -> bool) -> (u64, u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.agent(&["top", "--once", "--json", "--interval", "500ms"]);
+            assert!(out.status.success(), "top in the container: {}", String::from_utf8_lossy(&out.stderr));
+            let json: Value = serde_json::from_slice(&out.stdout).expect("top --json prints JSON");
+            assert_eq!(json["rules"][0]["name"], "image-test/per-source", "{json}");
+            assert_eq!(json["interfaces"][0]["name"], IFACE, "{json}");
+            assert_eq!(json["version"], env!("CARGO_PKG_VERSION"), "{json}");
+            let rule = &json["rules"][0];
+            let counts = (rule["passed_packets"].as_u64().unwrap(), rule["dropped_packets"].as_u64().unwrap());
+            if done(counts.0, counts.1) || Instant::now() >= deadline {
+                eprintln!("top --json: {json}");
+                return counts;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
 }
 
@@ -155,7 +175,7 @@ fn ulimit(resource: libc::__rlimit_resource_t, name: &str) -> String {
 
 /// `podman run -d` of `tag` as the DaemonSet's pod spec runs it, in `ns`'s network namespace.
 /// Returns the container and the port its readiness probe checks.
-fn run_as_daemonset(tag: &str, ns: &Netns, policies: &Path, run_dir: &Path, bpffs: &Bpffs) -> (Container, u16) {
+fn run_as_daemonset(tag: &str, ns: &Netns, policies: &Path, run_dir: &Path, bpffs: &Path) -> (Container, u16) {
     let pod = daemonset_pod();
     assert_eq!(pod["hostNetwork"], true);
     let spec = &pod["containers"][0];
@@ -211,7 +231,7 @@ fn run_as_daemonset(tag: &str, ns: &Netns, policies: &Path, run_dir: &Path, bpff
             run_dir.to_path_buf()
         } else if volume["hostPath"]["path"] == "/sys/fs/bpf" {
             mounted_bpffs = true;
-            bpffs.0.root().to_path_buf()
+            bpffs.to_path_buf()
         } else {
             panic!("volume {volume}: the test does not know what to mount for it")
         };
@@ -272,15 +292,12 @@ fn the_image_runs_as_the_daemonset_says_enforces_and_answers_health_checks() {
     let topo = Topology::new("image", 1).unwrap();
     let policies = TempDir::with_files("image-policies", &[("shield.yaml", POLICY)]);
     let run_dir = TempDir::new("image-run");
-    let bpffs = Bpffs::mount();
-    // Dropped first (declared last): the container goes before the namespace and the bpffs.
-    let (container, rls_port) = run_as_daemonset(&tag, &topo.server, policies.root(), run_dir.root(), &bpffs);
-
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !container.logs().contains(&format!("attached to {IFACE}")) {
-        assert!(Instant::now() < deadline, "the agent in the container did not attach to {IFACE} within 60s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // The node's /sys/fs/bpf: a bpffs of this test's, unmounted (pins and all) on drop.
+    let pins = PinDir::new("image");
+    let bpffs = pins.path().parent().expect("the pin dir lies in its bpffs").to_path_buf();
+    // Declared after the namespaces and the bpffs: the containers go first.
+    let (first, rls_port) = run_as_daemonset(&tag, &topo.server, policies.root(), run_dir.root(), &bpffs);
+    first.wait_attached();
 
     // The rate limit service answers the readiness probe's health check: SERVING.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -302,26 +319,46 @@ fn the_image_runs_as_the_daemonset_says_enforces_and_answers_health_checks() {
     let receiver = udp_socket(&topo.server, (server_addr, UDP_PORT).into()).unwrap();
     let sender: UdpSocket = udp_socket(&c.ns, (c.client.ipv4().unwrap(), 0).into()).unwrap();
     let to: SocketAddr = (server_addr, UDP_PORT).into();
-    for _ in 0..50 {
-        sender.send_to(b"limiter-image-test", to).unwrap();
-    }
-    let received = udp_count(&receiver, Instant::now() + Duration::from_secs(2), |p| p == b"limiter-image-test").unwrap();
-    assert_eq!(received, 5, "the per-source limit lets 5 of 50 through");
-
-    // The agent counts the 45 it dropped; `kubectl exec ... limiter-agent top` shows them.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let json = loop {
-        let out = container.agent(&["top", "--once", "--json", "--interval", "500ms"]);
-        assert!(out.status.success(), "top in the container: {}", String::from_utf8_lossy(&out.stderr));
-        let json: Value = serde_json::from_slice(&out.stdout).expect("top --json prints JSON");
-        if json["rules"][0]["dropped_packets"] == 45 || Instant::now() >= deadline {
-            break json;
+    let send = |n: usize| -> usize {
+        for _ in 0..n {
+            sender.send_to(b"limiter-image-test", to).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(300));
+        udp_count(&receiver, Instant::now() + Duration::from_secs(2), |p| p == b"limiter-image-test").unwrap()
     };
-    assert_eq!(json["rules"][0]["name"], "image-test/per-source", "{json}");
-    assert_eq!(json["rules"][0]["dropped_packets"], 45, "{json}");
-    assert_eq!(json["rules"][0]["passed_packets"], 5, "{json}");
-    assert_eq!(json["interfaces"][0]["name"], IFACE, "{json}");
-    assert_eq!(json["version"], version, "{json}");
+    assert_eq!(send(50), 5, "the per-source limit lets 5 of 50 through");
+    // The agent counts what it dropped; `kubectl exec ... limiter-agent top` shows it.
+    assert_eq!(first.rule_counts(|_, d| d == 45), (5, 45));
+
+    // Rollout: the pod stops; the pinned shield keeps dropping with no pod on the node.
+    first.stop();
+    assert!(pins.entries().iter().any(|e| e.starts_with("link-")), "pins after the pod stopped: {:?}", pins.entries());
+    assert_eq!(send(10), 0, "no pod runs, the shield still holds the limit");
+
+    // The next pod adopts the pinned state: no fresh burst, and the counts go on.
+    let (second, _) = run_as_daemonset(&tag, &topo.server, policies.root(), run_dir.root(), &bpffs);
+    second.wait_attached();
+    assert_eq!(send(10), 0, "the new pod starts with the old buckets, not a fresh burst");
+    assert_eq!(second.rule_counts(|_, d| d == 65), (5, 65), "counters carried over from the old pod");
+    second.stop();
+    drop(second);
+    drop(first);
+
+    // Removing the shield from the node: `limiter-agent detach` from the image with the node's
+    // bpffs mounted, as from a node debug pod.
+    let out = podman()
+        .args(["run", "--rm", "--network", "none", "--cap-drop", "ALL", "--cap-add", "BPF,NET_ADMIN,PERFMON"])
+        .args(["--security-opt", "seccomp=unconfined"])
+        .args(["--ulimit", &ulimit(libc::RLIMIT_NOFILE, "nofile"), "--ulimit", &ulimit(libc::RLIMIT_NPROC, "nproc")])
+        .arg("--volume")
+        .arg(format!("{}:/sys/fs/bpf", bpffs.display()))
+        .args([&tag, "detach", "--pin-dir", "/sys/fs/bpf/limiter"])
+        .output()
+        .expect("podman run detach");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "detach in a container failed: {said}");
+    assert!(said.contains("detached s0"), "{said}");
+    assert!(pins.entries().is_empty(), "pins left after detach: {:?}", pins.entries());
+    let link = topo.server.ip(&["link", "show", IFACE]).unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "XDP still on {IFACE}");
+    assert_eq!(send(10), 10, "no shield: everything passes");
 }
