@@ -27,8 +27,8 @@ use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use self::{
-    rates::{Rate, Rates, ReasonRate, RlsErrorRate, RlsRates, RlsRuleRate, RuleRate, SourceRate},
     line::render_line,
+    rates::{Rate, Rates, ReasonRate, RlsErrorRate, RlsRates, RlsRuleRate, RuleRate, SourceRate},
     render::render,
 };
 use crate::{
