@@ -77,7 +77,8 @@ fn daemonset_pins_in_the_nodes_bpffs_and_rolls_without_detaching() {
         #[command(flatten)]
         args: limiter_agent::cli::run::RunArgs,
     }
-    let argv = std::iter::once("limiter-agent".to_owned()).chain(args.iter().skip(1).map(|a| a.to_string()));
+    let argv = std::iter::once("limiter-agent".to_owned())
+        .chain(args.iter().skip(1).map(|a| a.replace("$(HOST_IP)", "10.0.0.5")));
     let run = <Run as clap::Parser>::try_parse_from(argv).unwrap_or_else(|e| panic!("the DaemonSet's args: {e}"));
     assert!(!run.args.detach_on_exit, "a pod that exits must leave the shield pinned");
 
