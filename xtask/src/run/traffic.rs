@@ -295,9 +295,9 @@ pub fn envoy_ready(ns: &str, admin: SocketAddr) -> Result<bool> {
         enter_netns(&ns)?;
         let Ok(mut stream) = TcpStream::connect_timeout(&admin, REQUEST_TIMEOUT) else { return Ok(false) };
         stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-        stream.write_all(b"GET /ready HTTP/1.0\r\n\r\n")?;
+        // HTTP/1.1: Envoy answers HTTP/1.0 with 426 unless told to accept it.
+        stream.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
         let mut answer = String::new();
-        // Envoy closes an HTTP/1.0 connection after the answer.
         let _ = stream.read_to_string(&mut answer);
         Ok(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"))
     });
