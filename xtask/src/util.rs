@@ -24,9 +24,21 @@ pub const EBPF_TOOLCHAIN_FILE: &str = "ebpf-toolchain.txt";
 /// The bpf-linker release known to work with aya 0.14 and LLVM 22 (see TOOLCHAIN.md).
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the privileged tests and the demo use.
-pub const DEBIAN_PACKAGES: [&str; 8] =
-    ["iproute2", "nftables", "hping3", "bpftool", "redis-server", "tcpdump", "ethtool", "fonts-dejavu-core"];
+/// Debian packages the privileged tests, the demo and the container image use (podman with
+/// runc, see TOOLCHAIN.md; musl-tools' `musl-gcc` compiles ring's C for the static binary).
+pub const DEBIAN_PACKAGES: [&str; 11] = [
+    "iproute2",
+    "nftables",
+    "hping3",
+    "bpftool",
+    "redis-server",
+    "tcpdump",
+    "ethtool",
+    "fonts-dejavu-core",
+    "podman",
+    "runc",
+    "musl-tools",
+];
 
 /// The workspace root (the parent of the xtask crate).
 pub fn workspace_root() -> Result<PathBuf> {

@@ -286,3 +286,20 @@ impl Body for Client {
         }
     }
 }
+
+/// Whether Envoy's admin endpoint at `admin` in netns `ns` answers `GET /ready` with 200 (it
+/// does once its listeners and clusters are initialised).
+pub fn envoy_ready(ns: &str, admin: SocketAddr) -> Result<bool> {
+    let ns = ns.to_owned();
+    let probe = std::thread::spawn(move || -> Result<bool> {
+        enter_netns(&ns)?;
+        let Ok(mut stream) = TcpStream::connect_timeout(&admin, REQUEST_TIMEOUT) else { return Ok(false) };
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        // HTTP/1.1: Envoy answers HTTP/1.0 with 426 unless told to accept it.
+        stream.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        Ok(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"))
+    });
+    probe.join().map_err(|_| anyhow::anyhow!("the Envoy readiness probe thread panicked"))?
+}

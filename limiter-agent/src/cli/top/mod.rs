@@ -2,13 +2,15 @@
 //!
 //! Rates come from two snapshots: the counter deltas divided by the time between the agent's
 //! reads (`time_unix_ms`), not by how long this client slept; the kernel's packets and the
-//! rate limit service's answers alike. On a terminal each frame
-//! clears the screen and redraws (plain ANSI, works over SSH); piped, frames are printed one
-//! after the other.
+//! rate limit service's answers alike. On a terminal each frame clears the screen and redraws
+//! (plain ANSI, works over SSH); piped, each interval is one summary line (`line`), so a log or
+//! a demo reads as a stream; `--once` prints the full view either way.
 //!
 //! - `rates`: per-second rates between two snapshots.
 //! - `render`: the text view.
+//! - `line`: the one-line summary.
 
+mod line;
 mod rates;
 mod render;
 #[cfg(test)]
@@ -25,6 +27,7 @@ use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use self::{
+    line::render_line,
     rates::{Rate, Rates, ReasonRate, RlsErrorRate, RlsRates, RlsRuleRate, RuleRate, SourceRate},
     render::render,
 };
@@ -102,7 +105,11 @@ async fn live(args: TopArgs, mut last: Snapshot) -> anyhow::Result<()> {
                 if redraw {
                     write!(out, "\x1b[H\x1b[2J")?;
                 }
-                writeln!(out, "limiter-agent top: {e}\n(retrying every {:?}; Ctrl-C to quit)", args.interval)?;
+                if redraw {
+                    writeln!(out, "limiter-agent top: {e}\n(retrying every {:?}; Ctrl-C to quit)", args.interval)?;
+                } else {
+                    writeln!(out, "limiter-agent top: {e} (retrying every {:?})", args.interval)?;
+                }
                 out.flush()?;
             }
         }
@@ -196,9 +203,10 @@ fn print_view(args: &TopArgs, before: &Snapshot, now: &Snapshot, redraw: bool) -
         if redraw {
             write!(out, "\x1b[H\x1b[2J")?;
         }
-        write!(out, "{}", render(now, &rates, &args.socket))?;
-        if !redraw && !args.once {
-            writeln!(out)?;
+        if redraw || args.once {
+            write!(out, "{}", render(now, &rates, &args.socket))?;
+        } else {
+            writeln!(out, "{}", render_line(now, &rates))?;
         }
     }
     out.flush()?;

@@ -212,7 +212,7 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-fn duration(secs: u64) -> String {
+pub(super) fn duration(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
         s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
@@ -221,7 +221,7 @@ fn duration(secs: u64) -> String {
 }
 
 /// `950`, `12.3k`, `4.56M`.
-fn si(x: f64) -> String {
+pub(super) fn si(x: f64) -> String {
     match x {
         x if x < 1000.0 => format!("{x:.0}"),
         x if x < 1e6 => format!("{:.1}k", x / 1e3),

@@ -182,3 +182,29 @@ fn without_xdp_the_view_says_so_and_shows_only_the_rate_limit_service() {
     let text = render(&not_serving, &Rates::default(), Path::new("/s"));
     assert!(text.contains("rate limit service: not serving (--no-rls)"), "{text}");
 }
+
+#[test]
+fn the_piped_line_names_drops_by_rule_and_list_and_the_services_answers() {
+    let with = |ms: u64, dropped: u64, denied: u64, ok: u64, over: u64| {
+        let mut s = Snapshot {
+            interfaces: vec![control::Interface { name: "eth0".into(), mode: "native".into() }],
+            rls: rls(ok, over, 0, 1),
+            ..snap(ms, dropped, 0)
+        };
+        s.reasons.push(ReasonCount { reason: "deny_list".into(), verdict: Verdict::Drop, packets: denied, bytes: 0 });
+        s
+    };
+    let (a, b) = (with(10_000, 100, 10, 10, 2), with(12_000, 4_100, 50, 30, 300));
+    let line = render_line(&b, &Rates::between(&a, &b));
+    assert_eq!(
+        line,
+        "up 12s | passed 0/s | dropped 2.0k/s: demo/per-source 2.0k/s, deny_list 20/s | rls: 10 ok/s, 149 over limit/s"
+    );
+    assert_eq!(line.lines().count(), 1);
+
+    // Nothing dropped: no list after the total. No XDP program: the service alone.
+    let quiet = render_line(&a, &Rates::between(&a, &a));
+    assert!(quiet.contains("| dropped 0/s |"), "{quiet}");
+    let rls_only = Snapshot { version: "0".into(), uptime_s: 5, rls: rls(1, 0, 0, 0), ..Default::default() };
+    assert_eq!(render_line(&rls_only, &Rates::default()), "up 5s | no XDP program | rls: 0 ok/s, 0 over limit/s");
+}
