@@ -517,7 +517,10 @@ mod tests {
         let out = "iproute2 install ok installed\nnftables install ok installed\n\
                    hping3 install ok installed\nbpftool install ok installed\n\
                    redis-server deinstall ok config-files\ntcpdump install ok installed\n";
-        assert_eq!(parse_missing_packages(out), ["redis-server", "ethtool", "fonts-dejavu-core"]);
+        assert_eq!(
+            parse_missing_packages(out),
+            ["redis-server", "ethtool", "fonts-dejavu-core", "xdp-tools", "iptables"]
+        );
     }
 
     #[test]

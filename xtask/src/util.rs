@@ -25,8 +25,20 @@ pub const EBPF_TOOLCHAIN_FILE: &str = "ebpf-toolchain.txt";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the privileged tests and the demo use.
-pub const DEBIAN_PACKAGES: [&str; 8] =
-    ["iproute2", "nftables", "hping3", "bpftool", "redis-server", "tcpdump", "ethtool", "fonts-dejavu-core"];
+pub const DEBIAN_PACKAGES: [&str; 10] = [
+    "iproute2",
+    "nftables",
+    "hping3",
+    "bpftool",
+    "redis-server",
+    "tcpdump",
+    "ethtool",
+    "fonts-dejavu-core",
+    // The bench's peers: `xdp-filter` (a real XDP filter, timed on the same frames) and
+    // `iptables` with `hashlimit` (a per-source meter beside nftables').
+    "xdp-tools",
+    "iptables",
+];
 
 /// The workspace root (the parent of the xtask crate).
 pub fn workspace_root() -> Result<PathBuf> {

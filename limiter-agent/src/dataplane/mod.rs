@@ -482,6 +482,14 @@ impl Dataplane {
         Ok((result.return_value, result.duration))
     }
 
+    /// The loaded program's file descriptor, for benchmarks that run it behind another
+    /// program (a tail call from a harness that varies the frame per run). Valid while `self` lives.
+    pub fn program_fd(&mut self) -> Result<std::os::fd::RawFd> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = self.program()?.fd().map_err(DataplaneError::Verify)?;
+        Ok(fd.as_fd().as_raw_fd())
+    }
+
     /// Forwards the program's aya-log records (only when loaded with `debug_log`).
     pub fn flush_log(&mut self) {
         if let Some(logger) = self.logger.as_mut() {
