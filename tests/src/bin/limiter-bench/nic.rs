@@ -51,6 +51,7 @@ const DENIED_SOURCES: u32 = 900;
 const OFFERED_PPS: u64 = 100_000;
 const SMOKE_OFFERED_PPS: u64 = 20_000;
 const NAPI_CPU: usize = 1;
+const WARM_UP_FRAMES: usize = 200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Filter {
@@ -145,7 +146,7 @@ struct RunResult {
     threads: usize,
 }
 
-fn flood(chain: &Chain, frames: &[Vec<u8>], pps: u64, seconds: f64) -> Result<RunResult> {
+fn flood(chain: &Chain, frames: &[Vec<u8>], warm_up: &[u8], pps: u64, seconds: f64) -> Result<RunResult> {
     // veth has NAPI only while an XDP program is attached (the kernel refuses `threaded` with
     // EIO before), and makes a new one at each attach: so threaded NAPI is turned on here,
     // once the filter of this run is in place.
@@ -161,9 +162,16 @@ fn flood(chain: &Chain, frames: &[Vec<u8>], pps: u64, seconds: f64) -> Result<Ru
         pin_thread_to_cpu(*tid, NAPI_CPU).with_context(|| format!("pinning NAPI thread {tid}"))?;
     }
     // A socket on the port, so admitted frames end in UDP delivery (counted by the MIB even
-    // when its queue is full), not in an ICMP error.
-    let _sock: UdpSocket = udp_socket(&chain.srv, (Ipv4Addr::UNSPECIFIED, PORT).into())?;
+    // when its queue is full), not in an ICMP error. Nobody reads it during the run: the
+    // receiving application's work is not the receive path's.
+    let sock: UdpSocket = udp_socket(&chain.srv, (Ipv4Addr::UNSPECIFIED, PORT).into())?;
     let tx = RawSender::open(&chain.fwd, "g0")?;
+    // A few frames from a source outside the measured set first: the first frames after an
+    // attach or a switch to threaded NAPI can be lost while the new NAPI instance starts.
+    for _ in 0..WARM_UP_FRAMES {
+        tx.send(warm_up)?;
+    }
+    thread::sleep(Duration::from_millis(100));
     let mib_before = reached_udp(&chain.srv)?;
     let napi_before: u64 = chain.napi_threads()?.iter().map(|t| t.1).sum();
     let offered = thread::scope(|s| {
@@ -191,6 +199,10 @@ fn flood(chain: &Chain, frames: &[Vec<u8>], pps: u64, seconds: f64) -> Result<Ru
         .map_err(|_| anyhow::anyhow!("the generator thread panicked"))?
     })?;
     thread::sleep(Duration::from_millis(200));
+    // UDP counts a datagram in InDatagrams when it is read: drain what is still queued.
+    sock.set_nonblocking(true)?;
+    let mut buf = [0u8; 2048];
+    while sock.recv(&mut buf).is_ok() {}
     let after = chain.napi_threads()?;
     let napi_after: u64 = after.iter().map(|t| t.1).sum();
     let mib_after = reached_udp(&chain.srv)?;
@@ -264,6 +276,12 @@ pub fn run(cfg: &Config) -> Result<Value> {
             Packet::eth().dst_mac(chain.shielded_mac).ipv4(src, chain.shielded_ip).udp(40000, PORT).payload(&[0u8; 18]).build()
         })
         .collect();
+    let warm_up = Packet::eth()
+        .dst_mac(chain.shielded_mac)
+        .ipv4(Ipv4Addr::new(10, 79, 0, 1), chain.shielded_ip)
+        .udp(40000, PORT + 1)
+        .payload(&[0u8; 18])
+        .build();
     let trivial = Prog::trivial()?;
     let ifindex = chain.srv.link_info(&chain.shielded)?.0;
     let mut rows = Vec::new();
@@ -275,29 +293,29 @@ pub fn run(cfg: &Config) -> Result<Value> {
             let result = match filter {
                 Filter::None => {
                     let _link = chain.srv.run(|| trivial.attach_native(ifindex))?;
-                    flood(&chain, &frames, pps, cfg.flood_seconds)?
+                    flood(&chain, &frames, &warm_up, pps, cfg.flood_seconds)?
                 }
                 Filter::Limiter => {
                     let mut dp = Dataplane::load(LoadOptions::default()).context("loading the XDP program")?;
                     dp.apply(&limiter_plan())?;
                     chain.srv.run(|| dp.attach(&chain.shielded, AttachMode::Native))?;
-                    flood(&chain, &frames, pps, cfg.flood_seconds)?
+                    flood(&chain, &frames, &warm_up, pps, cfg.flood_seconds)?
                 }
                 Filter::Nftables => {
                     let _link = chain.srv.run(|| trivial.attach_native(ifindex))?;
                     let ruleset = nft_meter_ruleset(&chain.shielded, RATE_PER_SOURCE, RATE_PER_SOURCE);
                     let _nft = NftTable::load_ruleset(&chain.srv, &ruleset)?;
-                    flood(&chain, &frames, pps, cfg.flood_seconds)?
+                    flood(&chain, &frames, &warm_up, pps, cfg.flood_seconds)?
                 }
                 Filter::Iptables => {
                     let _link = chain.srv.run(|| trivial.attach_native(ifindex))?;
                     let _rule = Hashlimit::add(&chain.srv, &format!("lb{run}"))?;
-                    flood(&chain, &frames, pps, cfg.flood_seconds)?
+                    flood(&chain, &frames, &warm_up, pps, cfg.flood_seconds)?
                 }
                 Filter::XdpFilter => {
                     let mut xf = XdpFilter::load(&chain.srv, &chain.shielded)?;
                     xf.deny_sources(&sources[..DENIED_SOURCES as usize])?;
-                    flood(&chain, &frames, pps, cfg.flood_seconds)?
+                    flood(&chain, &frames, &warm_up, pps, cfg.flood_seconds)?
                 }
             };
             let ms_per_mframe = result.napi_s * 1e3 / (result.offered as f64 / 1e6);
