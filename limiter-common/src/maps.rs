@@ -25,6 +25,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const DROPPED_SOURCES: &str = "DROPPED_SOURCES";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const PARSE_RECORD: &str = "PARSE_RECORD";
     /// The XDP program's function name.
     pub const PROGRAM: &str = "limiter";
 }
@@ -50,8 +52,15 @@ pub const DROPPED_SOURCE_ENTRIES: u32 = 16_384;
 pub const DROPPED_SOURCE_SAMPLE: u64 = 16;
 /// Entries in the block list (penalty box).
 pub const BLOCK_ENTRIES: u32 = 65_536;
-/// Extension headers the IPv6 parser walks before it gives up (verdict: unparsed).
-pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
+/// IPv6 extension headers the parser walks. A chain that does not reach the transport
+/// header within this many is dropped after the lists (`header_chain`). Linux itself has no
+/// bound (the packet length is the limit), but the chain RFC 8200 section 4.1 recommends has
+/// at most 7 (hop-by-hop, destination options, routing, fragment, AH, ESP, destination
+/// options again), so 16 is beyond anything legitimate; Cilium gives up after 4.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 16;
+/// Datagrams whose first fragment's port and verdict are remembered for their later
+/// fragments (LRU, shared by all CPUs).
+pub const FRAGMENT_ENTRIES: u32 = 16_384;
 
 /// IP protocol numbers the program distinguishes.
 pub const PROTO_ICMP: u8 = 1;
@@ -84,6 +93,9 @@ const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 /// Emit aya-log debug records for drops (sampled by the log ring; off by default).
 pub const CONFIG_FLAG_DEBUG_LOG: u32 = 1;
+/// Write what the parser read into `PARSE_RECORD` for every frame (tests and the
+/// differential fuzzer only: it costs a map write per packet).
+pub const CONFIG_FLAG_RECORD_PARSE: u32 = 2;
 
 impl Default for Config {
     fn default() -> Self {
@@ -229,6 +241,107 @@ pub struct Bucket {
 
 const _: () = assert!(core::mem::size_of::<Bucket>() == 8);
 
+/// Key of `FRAGMENTS`: one fragmented datagram, as reassembly identifies it (RFC 791: source,
+/// destination, protocol, identification; RFC 8200: source, destination, identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragmentKey {
+    /// Source address, unmasked (see [`Addr`]).
+    pub src: Addr,
+    /// Destination address (see [`Addr`]).
+    pub dst: Addr,
+    /// IPv4 identification (16 bits) or IPv6 fragment identification (32 bits), host order.
+    pub id: u32,
+    /// IPv4 protocol field, or the next header of the IPv6 fragment header.
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 40);
+
+/// Value of `FRAGMENTS`: what the first fragment told about its datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentEntry {
+    /// Destination port of the first fragment, host order; 0 when it had none.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`] when `port` is set, else [`PROTO_ANY`].
+    pub port_protocol: u8,
+    /// `FRAGMENT_*` bits.
+    pub flags: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<FragmentEntry>() == 4);
+
+/// [`FragmentEntry::flags`]: the datagram was dropped (its first fragment, or a later one,
+/// was refused); later fragments are dropped without charging any bucket.
+pub const FRAGMENT_DROPPED: u8 = 1;
+
+/// What the parser read from one frame, written to `PARSE_RECORD` (a one-entry per-CPU array)
+/// when [`CONFIG_FLAG_RECORD_PARSE`] is set. Tests and the differential fuzzer compare it with
+/// an independent parser's reading of the same frame.
+///
+/// `BPF_PROG_TEST_RUN` runs on the calling CPU: read that CPU's slot, or the slot whose `seq`
+/// moved.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ParseRecord {
+    /// Bumped once per recorded frame, per CPU.
+    pub seq: u64,
+    /// Source address as read from the IP header, IPv4-mapped for IPv4, not masked to the
+    /// IPv6 source prefix; network byte order. All zero unless `kind` is [`PARSE_KIND_IP`].
+    pub src: Addr,
+    /// Destination port, host byte order; valid when `has_port` is 1, else 0.
+    pub dst_port: u16,
+    /// [`PARSE_KIND_NOT_IP`], [`PARSE_KIND_UNPARSED`] (no source could be read: truncated
+    /// Ethernet, VLAN or fixed IP header, bad version or IHL, a third VLAN tag, an
+    /// IPv4-mapped IPv6 source) or [`PARSE_KIND_IP`] (a source was read; the frame is judged).
+    pub kind: u8,
+    /// 4 or 6 when `kind` is [`PARSE_KIND_IP`], else 0.
+    pub ip_version: u8,
+    /// The transport protocol reached: IPv4's protocol field; for IPv6, the next-header value
+    /// where the extension-header walk stopped (the transport protocol, the fragment header's
+    /// next header for a later fragment; when `l4` is [`PARSE_L4_CHAIN`], the next-header
+    /// value of the last header read, i.e. the first one not walked: the extension header
+    /// that was cut short, or whatever follows header number `MAX_IPV6_EXT_HEADERS + 1`).
+    /// 0 unless `kind` is [`PARSE_KIND_IP`].
+    pub protocol: u8,
+    /// [`PARSE_FRAG_NONE`] (not fragmented, or an IPv6 atomic fragment: offset 0 and no more
+    /// fragments), [`PARSE_FRAG_FIRST`] (offset 0, more fragments) or [`PARSE_FRAG_LATER`]
+    /// (offset not 0).
+    pub fragment: u8,
+    /// 1 when the destination port was read: TCP with its fixed 20 bytes, or UDP with its 8
+    /// bytes, inside both the frame and the IP length (TCP options are not needed), in a
+    /// frame that is not a later fragment.
+    pub has_port: u8,
+    /// How far the transport header got: `PARSE_L4_*`.
+    pub l4: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<ParseRecord>() == 32);
+
+/// [`ParseRecord::kind`] values.
+pub const PARSE_KIND_NOT_IP: u8 = 0;
+pub const PARSE_KIND_UNPARSED: u8 = 1;
+pub const PARSE_KIND_IP: u8 = 2;
+
+/// [`ParseRecord::fragment`] values.
+pub const PARSE_FRAG_NONE: u8 = 0;
+pub const PARSE_FRAG_FIRST: u8 = 1;
+pub const PARSE_FRAG_LATER: u8 = 2;
+
+/// [`ParseRecord::l4`]: the transport header was read whole (TCP 20 bytes, UDP 8, ICMP and
+/// ICMPv6 4), or the protocol is one whose header the program does not read (GRE, ESP,
+/// IPv6 no-next-header...).
+pub const PARSE_L4_COMPLETE: u8 = 0;
+/// TCP, UDP, ICMP or ICMPv6 whose header does not fit in the frame and the IP length.
+pub const PARSE_L4_TRUNCATED: u8 = 1;
+/// A later fragment: it carries no transport header.
+pub const PARSE_L4_NONE: u8 = 2;
+/// IPv6 only: the extension-header chain was cut short, or longer than
+/// [`MAX_IPV6_EXT_HEADERS`]; the transport header was not reached.
+pub const PARSE_L4_CHAIN: u8 = 3;
+
 /// Converts an IPv4 address (network order octets) to its IPv4-mapped [`Addr`].
 #[inline(always)]
 pub const fn ipv4_mapped(v4: [u8; 4]) -> Addr {
@@ -253,6 +366,9 @@ mod pod {
     unsafe impl aya::Pod for SharedBucketKey {}
     unsafe impl aya::Pod for SourceBucketKey {}
     unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentEntry {}
+    unsafe impl aya::Pod for ParseRecord {}
     unsafe impl aya::Pod for crate::stats::Counter {}
     unsafe impl aya::Pod for crate::stats::RuleCounter {}
 }

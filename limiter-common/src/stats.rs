@@ -28,18 +28,33 @@ pub mod reason {
     pub const DROP_SOURCE_BUCKET: u32 = 10;
     /// A per-(source, port) bucket ran out.
     pub const DROP_SOURCE_PORT_BUCKET: u32 = 11;
-    /// Number of verdict reasons.
-    pub const VERDICT_REASONS: u32 = 12;
+    /// The frame claims TCP or UDP but its first (or only) fragment does not hold the whole
+    /// transport header within the IP length (RFC 1858's tiny fragment, a truncated
+    /// segment): the port or the flags cannot be judged. Dropped after the lists.
+    pub const DROP_L4_TRUNCATED: u32 = 12;
+    /// The IPv6 extension-header chain is cut short, or is longer than the walk bound
+    /// ([`crate::MAX_IPV6_EXT_HEADERS`]): the transport protocol cannot be known. Dropped
+    /// after the lists.
+    pub const DROP_HEADER_CHAIN: u32 = 13;
+    /// A fragment other than the first whose first fragment was not seen (lost, reordered,
+    /// forgotten by the fragment table, or never sent): its port cannot be known.
+    pub const DROP_FRAGMENT_UNKNOWN: u32 = 14;
+    /// A fragment other than the first whose datagram was already dropped (its first
+    /// fragment, or an earlier later fragment, was refused by a bucket).
+    pub const DROP_FRAGMENT_OF_DROPPED: u32 = 15;
+    /// Number of verdict reasons. Drop reasons are `DROP_UNPARSED..VERDICT_REASONS`.
+    pub const VERDICT_REASONS: u32 = 16;
 
     /// A per-source bucket could not be created (table full and eviction failed); the
     /// packet was judged by the other buckets only.
-    pub const EVENT_SOURCE_INSERT_FAILED: u32 = 12;
+    pub const EVENT_SOURCE_INSERT_FAILED: u32 = 16;
     /// A bucket update lost its compare-and-swap race too often and refused the packet.
-    pub const EVENT_BUCKET_CONTENDED: u32 = 13;
-    /// A non-first fragment: no ports, judged by any-port rules only.
-    pub const EVENT_NON_FIRST_FRAGMENT: u32 = 14;
+    pub const EVENT_BUCKET_CONTENDED: u32 = 17;
+    /// A fragment other than the first, judged by the rules of the port its first fragment
+    /// carried.
+    pub const EVENT_NON_FIRST_FRAGMENT: u32 = 18;
     /// Total entries in `STATS`.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 19;
 
     /// Metric label for a reason index.
     pub const fn name(r: u32) -> &'static str {
@@ -56,6 +71,10 @@ pub mod reason {
             DROP_SHARED_BUCKET => "shared_bucket",
             DROP_SOURCE_BUCKET => "source_bucket",
             DROP_SOURCE_PORT_BUCKET => "source_port_bucket",
+            DROP_L4_TRUNCATED => "l4_truncated",
+            DROP_HEADER_CHAIN => "header_chain",
+            DROP_FRAGMENT_UNKNOWN => "fragment_unknown",
+            DROP_FRAGMENT_OF_DROPPED => "fragment_of_dropped",
             EVENT_SOURCE_INSERT_FAILED => "source_insert_failed",
             EVENT_BUCKET_CONTENDED => "bucket_contended",
             EVENT_NON_FIRST_FRAGMENT => "non_first_fragment",

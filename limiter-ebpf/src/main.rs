@@ -21,9 +21,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use limiter_common::{
-    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, COUNT_BYTES, COUNT_CONNECTIONS, Config, Counter,
-    DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES,
-    ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey, PortRules,
+    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config,
+    Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES,
+    FragmentEntry, FragmentKey, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES,
+    MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED,
+    PARSE_L4_CHAIN, PARSE_L4_TRUNCATED, PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey, PortRules,
     RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey,
     SourceBucketKey, XDP_DROP, XDP_PASS, reason,
 };
@@ -32,7 +34,7 @@ use core::ffi::c_void;
 
 use crate::{
     bucket::{Charge, charge, refund},
-    parse::{Packet, parse},
+    parse::{Packet, Parsed, parse},
 };
 
 // All maps, in one place. The agent sizes the per-source table at load time
@@ -74,6 +76,21 @@ static DROPPED_SOURCES: LruPerCpuHashMap<Addr, Counter> = LruPerCpuHashMap::with
 #[map(name = "RULE_STATS")]
 static RULE_STATS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 
+/// The port and verdict of each fragmented datagram's first fragment, for its later
+/// fragments (which carry no ports). LRU: a flood of first fragments only forgets old
+/// datagrams, whose later fragments are then dropped as `fragment_unknown`.
+#[map(name = "FRAGMENTS")]
+static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> = LruHashMap::with_max_entries(FRAGMENT_ENTRIES, 0);
+
+/// Scratch space for [`fragment_key`].
+#[map(name = "FRAGMENT_KEY")]
+static FRAGMENT_KEY: PerCpuArray<FragmentKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the parser read from the last frame, per CPU, when `CONFIG_FLAG_RECORD_PARSE` is set.
+#[map(name = "PARSE_RECORD")]
+static PARSE_RECORD: PerCpuArray<ParseRecord> = PerCpuArray::with_max_entries(1, 0);
+
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 const BPF_F_NO_PREALLOC: u32 = 1;
 /// Debug records are sampled: the first drop of each reason on each CPU, then one in this many.
@@ -86,8 +103,12 @@ pub fn limiter(ctx: XdpContext) -> u32 {
         Some(c) => *c,
         None => Config::default(),
     };
-    let (verdict_reason, rule_id) = match parse(&ctx) {
-        Ok(Some(packet)) => {
+    let parsed = parse(&ctx);
+    if config.flags & CONFIG_FLAG_RECORD_PARSE != 0 {
+        record_parse(&parsed);
+    }
+    let (verdict_reason, rule_id) = match parsed {
+        Parsed::Ip(packet) => {
             let source = source_key_addr(&packet, config.ipv6_source_prefix);
             let (why, rule) = judge(&config, &packet, &source, len);
             if reason::is_drop(why) {
@@ -95,9 +116,9 @@ pub fn limiter(ctx: XdpContext) -> u32 {
             }
             (why, rule)
         }
-        Ok(None) => (reason::PASS_NOT_IP, NO_RULE),
-        Err(_) if config.unparsed_verdict == XDP_DROP => (reason::DROP_UNPARSED, NO_RULE),
-        Err(_) => (reason::PASS_UNPARSED, NO_RULE),
+        Parsed::NotIp => (reason::PASS_NOT_IP, NO_RULE),
+        Parsed::Unparsed if config.unparsed_verdict == XDP_DROP => (reason::DROP_UNPARSED, NO_RULE),
+        Parsed::Unparsed => (reason::PASS_UNPARSED, NO_RULE),
     };
     let seen = count(verdict_reason, len);
     if reason::is_drop(verdict_reason) {
@@ -116,6 +137,8 @@ pub fn limiter(ctx: XdpContext) -> u32 {
 const NO_RULE: u32 = u32::MAX;
 
 /// The verdict reason for an IP packet, and the rule that decided it (or [`NO_RULE`]).
+///
+/// The source is known here, so the lists always apply, whatever the rest of the frame is.
 #[inline(always)]
 fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
     let set = config.active_set & 1;
@@ -133,17 +156,101 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
     if let Some(entry) = DENY.get(&list_key) {
         return (reason::DROP_DENY_LIST, entry.rule_id);
     }
-    if packet.non_first_fragment {
-        let _ = count(reason::EVENT_NON_FIRST_FRAGMENT, len);
+    // Shapes whose port cannot be known. The stack discards them itself (a truncated segment
+    // or header chain; an IPv6 first fragment without the whole header chain, RFC 8200 4.5)
+    // or they exist only to slip past filters (RFC 1858 tiny IPv4 fragments, RFC 3128), so
+    // dropping them costs no legitimate traffic, while judging them by the any-port rules
+    // alone would let them past every port rule.
+    if packet.l4 == PARSE_L4_CHAIN {
+        return (reason::DROP_HEADER_CHAIN, NO_RULE);
+    }
+    if packet.l4 == PARSE_L4_TRUNCATED && (packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP) {
+        return (reason::DROP_L4_TRUNCATED, NO_RULE);
     }
 
+    // Fragmented: the first fragment judges the datagram by its port and leaves the port and
+    // its verdict for the later fragments, which are judged by the same port's rules (as
+    // Cilium does). Each fragment counts as a packet and its bytes; only the first counts as
+    // a connection. One call site of `judge_rules` for every kind of packet: the verifier
+    // walks its rule loops once per call site.
+    let mut port = packet.dst_port;
+    let mut protocol = packet.protocol;
+    let mut has_port = packet.has_ports;
+    let mut later: Option<*mut FragmentEntry> = None;
+    if packet.fragment == PARSE_FRAG_LATER {
+        let Some(entry) = fragment_key(packet).and_then(|key| FRAGMENTS.get_ptr_mut(key)) else {
+            return (reason::DROP_FRAGMENT_UNKNOWN, NO_RULE);
+        };
+        // SAFETY: pointer from a successful map lookup; a racing writer can only set the flag.
+        let e = unsafe { *entry };
+        if e.flags & FRAGMENT_DROPPED != 0 {
+            return (reason::DROP_FRAGMENT_OF_DROPPED, NO_RULE);
+        }
+        let _ = count(reason::EVENT_NON_FIRST_FRAGMENT, len);
+        port = e.port;
+        protocol = e.port_protocol;
+        has_port = e.port_protocol != PROTO_ANY;
+        later = Some(entry);
+    }
+    let (why, rule) = judge_rules(set, packet, source, len, now, port, protocol, has_port);
+    if packet.fragment == PARSE_FRAG_FIRST {
+        let entry = FragmentEntry {
+            port: if packet.has_ports { packet.dst_port } else { 0 },
+            port_protocol: if packet.has_ports { packet.protocol } else { PROTO_ANY },
+            flags: if reason::is_drop(why) { FRAGMENT_DROPPED } else { 0 },
+        };
+        // A full table evicts the oldest datagram; an insert that fails anyway leaves the
+        // later fragments to be dropped as unknown (the safe side).
+        if let Some(key) = fragment_key(packet) {
+            let _ = FRAGMENTS.insert(key, entry, BPF_ANY);
+        }
+    } else if let Some(entry) = later
+        && reason::is_drop(why)
+    {
+        // The datagram cannot be reassembled now: its remaining fragments cost nothing.
+        // SAFETY: as above.
+        unsafe { (*entry).flags |= FRAGMENT_DROPPED };
+    }
+    (why, rule)
+}
+
+/// The datagram a fragment belongs to, as reassembly identifies it, written into this CPU's
+/// `FRAGMENT_KEY` slot: 40 bytes the program's stack (512 bytes for the whole call chain,
+/// rule callbacks included) has no room for.
+#[inline(always)]
+fn fragment_key(packet: &Packet) -> Option<&'static FragmentKey> {
+    let key = FRAGMENT_KEY.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, no other user while this program runs on this CPU.
+    let key = unsafe { &mut *key };
+    key.src = packet.src;
+    key.dst = packet.dst;
+    key.id = packet.frag_id;
+    key.protocol = packet.protocol;
+    key._pad = [0; 3];
+    Some(key)
+}
+
+/// The verdict of the rules of `port` (`has_port`) or of the any-port list, for a packet
+/// that passed the lists.
+#[expect(clippy::too_many_arguments, reason = "inlined: the arguments are registers, not a struct to build")]
+#[inline(always)]
+fn judge_rules(
+    set: u32,
+    packet: &Packet,
+    source: &Addr,
+    len: u64,
+    now: u64,
+    port: u16,
+    protocol: u8,
+    has_port: bool,
+) -> (u32, u32) {
     // The port's own list already includes the any-port rules (the agent merges them), so one
     // lookup finds everything that applies.
     let mut port_key = PortKey { port: 0, protocol: PROTO_ANY, set: set as u8 };
     let mut rules = None;
-    if packet.has_ports {
-        port_key.port = packet.dst_port;
-        port_key.protocol = packet.protocol;
+    if has_port {
+        port_key.port = port;
+        port_key.protocol = protocol;
         rules = PORT_RULES.get_ptr(port_key);
     }
     if rules.is_none() {
@@ -169,6 +276,7 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
     s.port_protocol = port_key.protocol;
     s.packet_protocol = packet.protocol;
     s.tcp_syn = packet.tcp_syn as u8;
+    s.later_fragment = (packet.fragment == PARSE_FRAG_LATER) as u8;
     s.slots = rules.slots;
     s.charged = 0;
     s.applied = 0;
@@ -225,7 +333,9 @@ pub struct Scratch {
     port_protocol: u8,
     packet_protocol: u8,
     tcp_syn: u8,
-    _pad: [u8; 3],
+    /// A fragment other than the first: never a new connection.
+    later_fragment: u8,
+    _pad: [u8; 2],
     slots: [u32; MAX_RULES_PER_PORT],
     /// Bit i: rule i charged its bucket.
     charged: u32,
@@ -309,6 +419,8 @@ fn tokens(s: &Scratch, rule: &RuleConfig) -> Option<u64> {
     }
     match rule.count {
         COUNT_BYTES => Some(s.len),
+        // A datagram is one connection attempt however many fragments carry it.
+        COUNT_CONNECTIONS if s.later_fragment != 0 => None,
         COUNT_CONNECTIONS => match s.packet_protocol {
             PROTO_TCP if s.tcp_syn != 0 => Some(1),
             PROTO_UDP => Some(1),
@@ -423,6 +535,38 @@ fn source_key_addr(packet: &Packet, v6_prefix: u32) -> Addr {
     out[..8].copy_from_slice(&hi.to_be_bytes());
     out[8..].copy_from_slice(&lo.to_be_bytes());
     out
+}
+
+/// Writes what the parser read into this CPU's `PARSE_RECORD` slot.
+#[inline(always)]
+fn record_parse(parsed: &Parsed) {
+    let Some(r) = PARSE_RECORD.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+    let r = unsafe { &mut *r };
+    // Field by field, in place: a whole-struct store would need a 32-byte temporary on the
+    // stack.
+    r.seq += 1;
+    r.src = [0; 16];
+    r.kind = PARSE_KIND_IP;
+    r.ip_version = 0;
+    r.protocol = 0;
+    r.fragment = 0;
+    r.has_port = 0;
+    r.dst_port = 0;
+    r.l4 = 0;
+    match parsed {
+        Parsed::NotIp => r.kind = PARSE_KIND_NOT_IP,
+        Parsed::Unparsed => r.kind = PARSE_KIND_UNPARSED,
+        Parsed::Ip(p) => {
+            r.src = p.src;
+            r.ip_version = if p.is_ipv6 { 6 } else { 4 };
+            r.protocol = p.protocol;
+            r.fragment = p.fragment;
+            r.has_port = p.has_ports as u8;
+            r.dst_port = if p.has_ports { p.dst_port } else { 0 };
+            r.l4 = p.l4;
+        }
+    }
 }
 
 /// Adds a drop to the source's entry in `DROPPED_SOURCES`; a new source gets an entry on one

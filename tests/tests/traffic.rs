@@ -306,32 +306,15 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
-#[test]
-fn concurrent_senders_on_both_cpus_are_admitted_within_two_percent() {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    assert!(cpus >= 2, "needs two CPUs to exercise concurrent bucket updates, found {cpus}");
-    let topo = topology("accuracy", 2);
-    // One shared bucket for both senders: 4000/s, depth 4000 + 1000.
-    const RATE: u64 = 4000;
-    const BURST: u64 = 1000;
-    const SECONDS: u64 = 4;
-    let plan = KernelPlan {
-        rules: vec![rule(
-            "shared",
-            CountKind::Packets,
-            limit(RATE, Unit::Second, BURST),
-            (UDP_PORT, Protocol::Udp),
-            false,
-        )],
-        ..Default::default()
-    };
-    let dp = shield(&topo, &plan, LoadOptions::default());
+/// What each of two senders, pinned one to each CPU and each offering 5x `rate` in 1 ms
+/// steps for `seconds`, got through: (admitted per client, offered in all, first and last
+/// send time in ns since start).
+fn two_cpu_senders(topo: &Topology, rate: u64, seconds: u64) -> (Vec<usize>, usize, u64, u64) {
     let receivers: Vec<RawReceiver> =
         topo.clients.iter().map(|c| RawReceiver::open(&topo.server, &c.server.name).unwrap()).collect();
     let start = Instant::now();
-    let end = start + Duration::from_secs(SECONDS);
-    // Each sender offers 5x the rate, together 10x, paced in 1 ms steps.
-    let per_ms = (RATE * 5 / 1000) as usize;
+    let end = start + Duration::from_secs(seconds);
+    let per_ms = (rate * 5 / 1000) as usize;
     let sent: Vec<(usize, u64, u64)> = thread::scope(|s| {
         let handles: Vec<_> = topo
             .clients
@@ -369,12 +352,42 @@ fn concurrent_senders_on_both_cpus_are_admitted_within_two_percent() {
     let offered: usize = sent.iter().map(|s| s.0).sum();
     let first = sent.iter().map(|s| s.1).min().unwrap();
     let last = sent.iter().map(|s| s.2).max().unwrap();
-    let admitted: usize = receivers
+    let admitted: Vec<usize> = receivers
         .iter()
         .map(|rx| {
             rx.count_matching(Instant::now() + Duration::from_millis(300), |f| is_udp_to(f, UDP_PORT, MARKER)).unwrap()
         })
-        .sum();
+        .collect();
+    (admitted, offered, first, last)
+}
+
+fn two_cpus() {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    assert!(cpus >= 2, "needs two CPUs to exercise concurrent bucket updates, found {cpus}");
+}
+
+#[test]
+fn concurrent_senders_on_both_cpus_are_admitted_within_two_percent() {
+    two_cpus();
+    let topo = topology("accuracy", 2);
+    // One shared bucket for both senders: 4000/s, depth 4000 + 1000.
+    const RATE: u64 = 4000;
+    const BURST: u64 = 1000;
+    const SECONDS: u64 = 4;
+    let plan = KernelPlan {
+        rules: vec![rule(
+            "shared",
+            CountKind::Packets,
+            limit(RATE, Unit::Second, BURST),
+            (UDP_PORT, Protocol::Udp),
+            false,
+        )],
+        ..Default::default()
+    };
+    let dp = shield(&topo, &plan, LoadOptions::default());
+    // Each sender offers 5x the rate, together 10x.
+    let (admitted, offered, first, last) = two_cpu_senders(&topo, RATE, SECONDS);
+    let admitted: usize = admitted.iter().sum();
     let window_s = (last - first) as f64 / 1e9;
     let expected = RATE as f64 * window_s + (RATE + BURST) as f64;
     let error = (admitted as f64 - expected).abs() / expected;
@@ -391,4 +404,54 @@ fn concurrent_senders_on_both_cpus_are_admitted_within_two_percent() {
         "kernel counters agree with the receivers"
     );
     eprintln!("accuracy: contended CAS refusals: {}", stats.reason(reason::EVENT_BUCKET_CONTENDED).packets);
+}
+
+#[test]
+fn a_shared_and_a_per_source_bucket_hit_from_both_cpus_at_once_stay_accurate() {
+    // Both senders charge the shared bucket; the second sender also has a per-source bucket
+    // that refuses most of its packets, so its CPU keeps handing shared charges back (refunds)
+    // while the other CPU charges: the races a refund can cause are exercised on both words.
+    two_cpus();
+    let topo = topology("accuracy2", 2);
+    const RATE: u64 = 4000;
+    const BURST: u64 = 1000;
+    const SOURCE_RATE: u64 = 1000;
+    const SECONDS: u64 = 4;
+    let second = topo.client(1).client.ipv4().unwrap();
+    let mut per_source =
+        rule("per-source", CountKind::Packets, limit(SOURCE_RATE, Unit::Second, 0), (UDP_PORT, Protocol::Udp), true);
+    per_source.source.nets = vec![IpAddr::V4(second).into()];
+    let plan = KernelPlan {
+        rules: vec![
+            rule("shared", CountKind::Packets, limit(RATE, Unit::Second, BURST), (UDP_PORT, Protocol::Udp), false),
+            per_source,
+        ],
+        ..Default::default()
+    };
+    let dp = shield(&topo, &plan, LoadOptions::default());
+    let (admitted, offered, first, last) = two_cpu_senders(&topo, RATE, SECONDS);
+    let window_s = (last - first) as f64 / 1e9;
+    let total: usize = admitted.iter().sum();
+    let expected_total = RATE as f64 * window_s + (RATE + BURST) as f64;
+    let expected_second = SOURCE_RATE as f64 * window_s + SOURCE_RATE as f64;
+    let stats = dp.stats().unwrap();
+    let contended = stats.reason(reason::EVENT_BUCKET_CONTENDED).packets;
+    eprintln!(
+        "accuracy (shared + per-source): offered {offered} over {window_s:.3} s, admitted {admitted:?} (total {total}, expected {expected_total:.0}; second sender expected at most {expected_second:.0}), contended {contended}"
+    );
+    let error = (total as f64 - expected_total).abs() / expected_total;
+    assert!(error <= 0.02, "total admitted {total}, expected {expected_total:.0} (error {:.2}%)", error * 100.0);
+    assert!(
+        admitted[1] as f64 <= expected_second * 1.02,
+        "the second sender's own bucket held: {} admitted, at most {expected_second:.0}",
+        admitted[1]
+    );
+    // (The shared rule's own `passed` also counts charges refunded when the per-source bucket
+    // refused; the verdict counter counts packets.)
+    assert_eq!(
+        stats.reason(reason::PASS_CONFORMING).packets as usize,
+        total,
+        "kernel counters agree with the receivers"
+    );
+    assert_eq!(stats.rules["test/per-source"].passed.packets as usize, admitted[1]);
 }

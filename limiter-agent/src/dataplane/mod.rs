@@ -15,8 +15,9 @@ use aya::{
 };
 pub use entries::{PlanError, RuleIds, SetEntries, layout, list_entry, mapped};
 use limiter_common::{
-    Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, PortKey, PortRules, RuleConfig,
-    RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
+    Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, ParseRecord, PortKey, PortRules,
+    RuleConfig, RuleCounter, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names,
+    reason,
 };
 use log::{info, warn};
 
@@ -72,6 +73,9 @@ pub struct LoadOptions {
     pub drop_unparsed: bool,
     /// Emit aya-log records for drops.
     pub debug_log: bool,
+    /// Have the program write what it parsed from every frame into `PARSE_RECORD`
+    /// ([`Dataplane::test_run_recorded`]); for tests and the fuzzer, it costs per packet.
+    pub record_parse: bool,
 }
 
 impl Default for LoadOptions {
@@ -81,6 +85,7 @@ impl Default for LoadOptions {
             ipv6_source_prefix: 64,
             drop_unparsed: false,
             debug_log: false,
+            record_parse: false,
         }
     }
 }
@@ -149,6 +154,7 @@ pub struct Dataplane {
     rule_stats: PerCpuArray<MapData, RuleCounter>,
     /// LRU per-CPU hash in the kernel: drops per source, for the "top limited sources" view.
     dropped_sources: PerCpuHashMap<MapData, Addr, Counter>,
+    parse_record: PerCpuArray<MapData, ParseRecord>,
     /// Must outlive the program: it owns the log map (see TOOLCHAIN.md).
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ids: RuleIds,
@@ -204,6 +210,7 @@ impl Dataplane {
             stats: take(&mut ebpf, names::STATS)?,
             rule_stats: take(&mut ebpf, names::RULE_STATS)?,
             dropped_sources: take(&mut ebpf, names::DROPPED_SOURCES)?,
+            parse_record: take(&mut ebpf, names::PARSE_RECORD)?,
             ebpf,
             logger,
             ids: RuleIds::default(),
@@ -222,7 +229,8 @@ impl Dataplane {
             active_set: u32::from(self.active_set),
             ipv6_source_prefix: u32::from(self.options.ipv6_source_prefix),
             unparsed_verdict: if self.options.drop_unparsed { XDP_DROP } else { XDP_PASS },
-            flags: if self.options.debug_log { limiter_common::CONFIG_FLAG_DEBUG_LOG } else { 0 },
+            flags: if self.options.debug_log { limiter_common::CONFIG_FLAG_DEBUG_LOG } else { 0 }
+                | if self.options.record_parse { limiter_common::CONFIG_FLAG_RECORD_PARSE } else { 0 },
         };
         self.config.set(0, config, 0).map_err(map_err(names::CONFIG, "writing"))
     }
@@ -488,6 +496,23 @@ impl Dataplane {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let fd = self.program()?.fd().map_err(DataplaneError::Verify)?;
         Ok(fd.as_fd().as_raw_fd())
+    }
+
+    /// The slots of `PARSE_RECORD`, one per possible CPU (see [`ParseRecord`]).
+    pub fn parse_records(&self) -> Result<Vec<ParseRecord>> {
+        let per_cpu = self.parse_record.get(&0, 0).map_err(map_err(names::PARSE_RECORD, "reading"))?;
+        Ok(per_cpu.iter().copied().collect())
+    }
+
+    /// Runs `frame` once like [`Self::test_run`] and returns, with the verdict, what the
+    /// program parsed from it: the `PARSE_RECORD` slot whose sequence number moved. `None`
+    /// when no slot moved (the program was loaded without [`LoadOptions::record_parse`]).
+    pub fn test_run_recorded(&mut self, frame: &[u8]) -> Result<(u32, Option<ParseRecord>)> {
+        let before = self.parse_records()?;
+        let verdict = self.test_run(frame)?;
+        let after = self.parse_records()?;
+        let record = after.iter().zip(&before).find(|(a, b)| a.seq != b.seq).map(|(a, _)| *a);
+        Ok((verdict, record))
     }
 
     /// Forwards the program's aya-log records (only when loaded with `debug_log`).

@@ -25,6 +25,7 @@
 // `Packet::build_with_offsets` stays here: lengths and checksums depend on every layer.
 mod checksum;
 mod ethernet;
+mod fragment;
 mod ipv4;
 mod ipv6;
 mod l4;
@@ -47,6 +48,8 @@ pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
+/// The pre-standard QinQ outer TPID some switches still use (Linux `ETH_P_QINQ1`).
+pub const ETH_P_QINQ1: u16 = 0x9100;
 /// IEEE local experimental ethertype: what a frame without an IP layer carries by default.
 pub const ETH_P_EXPERIMENTAL: u16 = 0x88b5;
 
@@ -57,6 +60,9 @@ pub const NEXTHDR_FRAGMENT: u8 = 44;
 pub const NEXTHDR_AUTH: u8 = 51;
 pub const NEXTHDR_NONE: u8 = 59;
 pub const NEXTHDR_DEST: u8 = 60;
+pub const NEXTHDR_MOBILITY: u8 = 135;
+pub const NEXTHDR_HIP: u8 = 139;
+pub const NEXTHDR_SHIM6: u8 = 140;
 
 /// IP protocol numbers of the upper layers the builder writes.
 pub const IPPROTO_ICMP: u8 = 1;

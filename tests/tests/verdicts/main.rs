@@ -14,9 +14,12 @@
 // One file per topic; the helpers below are shared by all of them.
 mod buckets;
 mod debug_log;
+mod fragments;
 mod lists;
 mod malformed;
 mod parsing;
+mod record;
+mod shapes;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -132,6 +135,29 @@ fn udp4() -> Packet {
 fn udp6() -> Packet {
     Packet::eth().ipv6(CLIENT6, SERVER6).udp(40000, PROBE_PORT).payload(b"limiter")
 }
+/// The lists judge `frame` (sent by [`CLIENT`] or [`CLIENT6`]) whatever follows its source:
+/// denied, it is dropped as denied; allowed, it passes; on neither list it gets `otherwise`
+/// (a verdict reason) under the probe rule and a strict any-port rule.
+fn assert_lists_judge(frame: &[u8], otherwise: u32, what: &str) {
+    let lists = |allow: &[&str], deny: &[&str]| {
+        let mut dp = load(LoadOptions::default());
+        let probe = per_source(rule("probe", CountKind::Packets, 1, Unit::Hour, 0));
+        let probe = on_port(on_port(probe, PROBE_PORT, Protocol::Udp), PROBE_PORT, Protocol::Tcp);
+        dp.apply(&plan_with_lists(allow, deny, vec![probe, strict_any_port()])).expect("apply plan");
+        dp
+    };
+    let sources = ["10.1.0.2/32", "fd00:1::2/128"];
+    let mut dp = lists(&[], &sources);
+    assert_eq!(judged(&mut dp, frame), (XDP_DROP, reason::DROP_DENY_LIST), "{what}: a denied source");
+    let mut dp = lists(&sources, &["0.0.0.0/0", "::/0"]);
+    for _ in 0..3 {
+        assert_eq!(judged(&mut dp, frame), (XDP_PASS, reason::PASS_ALLOW_LIST), "{what}: an allowed source");
+    }
+    let mut dp = lists(&[], &[]);
+    let (_, why) = judged(&mut dp, frame);
+    assert_eq!(reason::name(why), reason::name(otherwise), "{what}: a source on no list");
+}
+
 fn plan_with_lists(allow: &[&str], deny: &[&str], rules: Vec<KernelRule>) -> KernelPlan {
     let entries =
         |nets: &[&str]| nets.iter().map(|n| ListEntry { net: n.parse().unwrap(), policy: "test".into() }).collect();

@@ -3,16 +3,13 @@
 
 use std::net::Ipv6Addr;
 
-use limiter_agent::{
-    dataplane::LoadOptions,
-    plan::{CountKind, Unit},
-};
+use limiter_agent::dataplane::LoadOptions;
 use limiter_common::{XDP_DROP, XDP_PASS, reason};
 use limiter_tests::packet::Packet;
 
 use crate::{
-    CLIENT, CLIENT6, PROBE_PORT, SERVER, SERVER6, assert_parsed_to_probe, assert_unparsed, judged, load, per_source,
-    plan_with_lists, probe, probe_twice, rule, strict_any_port, udp4, udp6, verdict, with_rules,
+    CLIENT, CLIENT6, PROBE_PORT, SERVER, SERVER6, assert_parsed_to_probe, assert_unparsed, judged, load,
+    plan_with_lists, probe, strict_any_port, udp4, udp6, verdict, with_rules,
 };
 
 #[test]
@@ -75,15 +72,6 @@ fn every_ipv6_extension_header_is_walked() {
 }
 
 #[test]
-fn too_many_ipv6_extension_headers_are_unparsed() {
-    let mut p = udp6();
-    for _ in 0..limiter_common::MAX_IPV6_EXT_HEADERS {
-        p = p.dest_opts(0);
-    }
-    assert_unparsed(&p.build(), "more extension headers than the walk allows");
-}
-
-#[test]
 fn ipv6_with_an_ipv4_mapped_source_is_unparsed_not_mistaken_for_ipv4() {
     // Allow-listing 10.1.0.2 must not let ::ffff:10.1.0.2 through as that IPv4 host.
     let mapped = Packet::eth().ipv6(CLIENT.to_ipv6_mapped(), SERVER6).udp(1, PROBE_PORT).build();
@@ -97,23 +85,10 @@ fn ipv6_with_an_ipv4_mapped_source_is_unparsed_not_mistaken_for_ipv4() {
 }
 
 #[test]
-fn later_fragments_have_no_ports_and_are_judged_by_any_port_rules_only() {
-    // Port rules cannot see a later fragment: it passes the probe untouched...
-    let later4 = Packet::eth().ipv4(CLIENT, SERVER).frag_offset(185).protocol(17).payload(&[0; 64]).build();
-    let later6 = Packet::eth().ipv6(CLIENT6, SERVER6).fragment6(185, false, 7).protocol(17).payload(&[0; 64]).build();
-    for (frame, what) in [(&later4, "IPv4 later fragment"), (&later6, "IPv6 later fragment")] {
-        let (first, second, dp) = probe_twice(frame);
-        assert_eq!((first, second), (XDP_PASS, XDP_PASS), "{what}");
-        let stats = dp.stats().unwrap();
-        assert_eq!(stats.reason(reason::EVENT_NON_FIRST_FRAGMENT).packets, 2, "{what}");
-        assert_eq!(stats.reason(reason::PASS_NO_RULE).packets, 2, "{what}");
-    }
-    // ...but an any-port per-source rule counts it.
-    let mut dp = with_rules(vec![per_source(rule("any", CountKind::Packets, 1, Unit::Hour, 0))]);
-    assert_eq!(verdict(&mut dp, &later4), XDP_PASS);
-    assert_eq!(verdict(&mut dp, &later4), XDP_DROP);
-    // The first fragment carries the ports and is judged by port rules like any packet.
+fn first_fragments_carry_the_ports_and_are_judged_by_port_rules() {
+    // Later fragments: `fragments.rs`.
     assert_parsed_to_probe(&udp4().mf().build(), "IPv4 first fragment");
+    assert_parsed_to_probe(&udp6().fragment6(0, true, 7).build(), "IPv6 first fragment");
 }
 
 #[test]
@@ -136,13 +111,11 @@ fn icmp_and_icmpv6_echoes_are_judged_by_any_port_rules() {
     let stats = dp.stats().unwrap();
     assert_eq!(stats.rules["test/strict"].passed.packets, 2);
     assert_eq!(stats.rules["test/strict"].dropped.packets, 2);
-    // An ICMPv6 header cut short is unparsed even where that rule would judge it: another
-    // source, so its bucket is still full, and both copies pass uncharged.
+    // An ICMPv6 header cut short has a source, so the any-port rule judges it too (another
+    // source, whose bucket is still full): the first copy passes, the second is dropped.
     let other6 = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2);
     let cut = Packet::eth().ipv6(other6, SERVER6).icmpv6_echo(7, 1).build_with_offsets();
     let cut = &cut.bytes[..cut.l4 + 3];
-    assert_eq!(judged(&mut dp, cut), (XDP_PASS, reason::PASS_UNPARSED));
-    assert_eq!(judged(&mut dp, cut), (XDP_PASS, reason::PASS_UNPARSED));
-    let whole = Packet::eth().ipv6(other6, SERVER6).icmpv6_echo(7, 1).build();
-    assert_eq!(judged(&mut dp, &whole), (XDP_PASS, reason::PASS_CONFORMING), "the cut copies took no token");
+    assert_eq!(judged(&mut dp, cut), (XDP_PASS, reason::PASS_CONFORMING));
+    assert_eq!(judged(&mut dp, cut), (XDP_DROP, reason::DROP_SOURCE_BUCKET));
 }

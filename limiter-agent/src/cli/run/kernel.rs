@@ -33,6 +33,7 @@ pub(super) fn start_kernel(
         ipv6_source_prefix: args.ipv6_source_prefix,
         drop_unparsed: args.drop_unparsed,
         debug_log: args.debug_log,
+        record_parse: false,
     };
     let mut dp = Dataplane::load(options).context("loading the XDP program")?;
     let applied = dp.apply(plan).context("applying the policy to the kernel maps")?;
