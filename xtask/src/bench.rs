@@ -7,6 +7,7 @@
 //! report is written here.
 
 mod chart;
+mod cost;
 mod report;
 
 use std::path::{Path, PathBuf};
