@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use limiter_common::{
-    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config,
+    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_DENY, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config,
     Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES,
     FragmentEntry, FragmentKey, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES,
     MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED,
@@ -143,7 +143,8 @@ const NO_RULE: u32 = u32::MAX;
 fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
     let set = config.active_set & 1;
     let list_key = Key::new(limiter_common::LIST_KEY_SET_BITS + 128, ListKey { set_be: set.to_be(), addr: packet.src });
-    if ALLOW.get(&list_key).is_some() {
+    // Empty lists are not probed (an LPM lookup costs a helper call even on an empty trie).
+    if config.flags & CONFIG_FLAG_NO_ALLOW == 0 && ALLOW.get(&list_key).is_some() {
         return (reason::PASS_ALLOW_LIST, NO_RULE);
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
@@ -153,7 +154,9 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
             return (reason::DROP_BLOCK_LIST, NO_RULE);
         }
     }
-    if let Some(entry) = DENY.get(&list_key) {
+    if config.flags & CONFIG_FLAG_NO_DENY == 0
+        && let Some(entry) = DENY.get(&list_key)
+    {
         return (reason::DROP_DENY_LIST, entry.rule_id);
     }
     // Shapes whose port cannot be known. The stack discards them itself (a truncated segment

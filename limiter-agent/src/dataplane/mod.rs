@@ -161,6 +161,8 @@ pub struct Dataplane {
     /// Entries written into each set, so the next write into it can delete them first.
     written: [Option<SetEntries>; 2],
     active_set: u8,
+    /// `CONFIG_FLAG_NO_ALLOW` / `CONFIG_FLAG_NO_DENY` for the active set: written with it.
+    list_flags: u32,
     names: BTreeMap<u32, String>,
     current: Option<KernelPlan>,
     options: LoadOptions,
@@ -216,6 +218,7 @@ impl Dataplane {
             ids: RuleIds::default(),
             written: [None, None],
             active_set: 0,
+            list_flags: limiter_common::CONFIG_FLAG_NO_ALLOW | limiter_common::CONFIG_FLAG_NO_DENY,
             names: BTreeMap::new(),
             current: None,
             options,
@@ -230,7 +233,8 @@ impl Dataplane {
             ipv6_source_prefix: u32::from(self.options.ipv6_source_prefix),
             unparsed_verdict: if self.options.drop_unparsed { XDP_DROP } else { XDP_PASS },
             flags: if self.options.debug_log { limiter_common::CONFIG_FLAG_DEBUG_LOG } else { 0 }
-                | if self.options.record_parse { limiter_common::CONFIG_FLAG_RECORD_PARSE } else { 0 },
+                | if self.options.record_parse { limiter_common::CONFIG_FLAG_RECORD_PARSE } else { 0 }
+                | self.list_flags,
         };
         self.config.set(0, config, 0).map_err(map_err(names::CONFIG, "writing"))
     }
@@ -312,6 +316,8 @@ impl Dataplane {
 
         // The flip: from here on every packet is judged by the new set.
         self.active_set = target;
+        self.list_flags = if entries.allow.is_empty() { limiter_common::CONFIG_FLAG_NO_ALLOW } else { 0 }
+            | if entries.deny.is_empty() { limiter_common::CONFIG_FLAG_NO_DENY } else { 0 };
         self.write_config()?;
 
         let applied = Applied {
