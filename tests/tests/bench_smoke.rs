@@ -69,7 +69,11 @@ fn smoke_bench_produces_every_figure() {
     assert_eq!(pp["lists"].as_array().map(Vec::len), Some(4 * lists), "allow and deny, hosts and prefixes, each size");
     let peer = pp["peer"]["rows"].as_array().expect("xdp-filter rows");
     assert!(peer.iter().any(|r| r["path"] == "matched") && peer.iter().any(|r| r["path"] == "unmatched"));
-    assert_eq!(pp["peer"]["limiter_beside"].as_array().map(Vec::len), Some(2), "deny hit and per-source pass beside it");
+    assert_eq!(
+        pp["peer"]["limiter_beside"].as_array().map(Vec::len),
+        Some(2),
+        "deny hit and per-source pass beside it"
+    );
     assert!(pp["new_source"]["cpu_ns"].as_f64().is_some(), "the new-source path is timed");
     assert!(pp["two_cpus"]["both_cpu_ns"].as_f64().is_some(), "the shared bucket is timed from both CPUs");
     assert_eq!(rows("accuracy"), 2, "one and two senders");

@@ -42,7 +42,11 @@ fn goals(r: &Value) -> Vec<Goal> {
             measured: f(&l["cpu_ns"]) / f(&x["cpu_ns"]),
             goal: 1.0,
             unit: "×",
-            detail: format!("{:.1} ns : {:.1} ns (deny list of one host, one source)", f(&l["cpu_ns"]), f(&x["cpu_ns"])),
+            detail: format!(
+                "{:.1} ns : {:.1} ns (deny list of one host, one source)",
+                f(&l["cpu_ns"]),
+                f(&x["cpu_ns"])
+            ),
             bound: "before the list is probed the limiter parses further than xdp-filter (VLAN tags, IPv6 \
                     extension chains, fragments) and reads its config; the deny list is an LPM trie keyed \
                     by a 16-byte address with a set number, where xdp-filter hashes 4 bytes",
@@ -124,11 +128,8 @@ pub fn goals_section(md: &mut String, r: &Value) {
     );
     for g in &goals {
         let met = g.measured <= g.goal;
-        let verdict = if met {
-            "met".to_owned()
-        } else {
-            format!("missed by {:.0}%", (g.measured / g.goal - 1.0) * 100.0)
-        };
+        let verdict =
+            if met { "met".to_owned() } else { format!("missed by {:.0}%", (g.measured / g.goal - 1.0) * 100.0) };
         let fmt = |x: f64| if g.unit == "×" { format!("{x:.2}×") } else { format!("{x:.0}{}", g.unit) };
         let _ = writeln!(md, "| {} | {} | ≤ {} | {verdict} | {} |", g.name, fmt(g.measured), fmt(g.goal), g.detail);
     }
@@ -268,11 +269,16 @@ pub fn per_packet(md: &mut String, pp: &Value, command: &str) {
         pp["peer"]["features"].as_str().unwrap_or("?")
     );
     let _ = writeln!(md, "### Lists of many entries (one source per entry, every entry hit)\n");
-    let _ = writeln!(md, "| list | entries | kind | ns | × trivial | xdp-filter matched, same hosts: ns |\n|---|---:|---|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| list | entries | kind | ns | × trivial | xdp-filter matched, same hosts: ns |\n|---|---:|---|---:|---:|---:|"
+    );
     for row in arr(&pp["lists"]) {
         let n = f(&row["entries"]);
         let peer = if row["kind"] == "hosts" && row["list"] == "deny" {
-            peer_row(pp, "matched", "entries", n).map(|x| format!("{:.1}", f(&x["cpu_ns"]))).unwrap_or("– (map holds 10,000)".into())
+            peer_row(pp, "matched", "entries", n)
+                .map(|x| format!("{:.1}", f(&x["cpu_ns"])))
+                .unwrap_or("– (map holds 10,000)".into())
         } else {
             String::new()
         };

@@ -134,7 +134,11 @@ fn name16(name: &str) -> [u8; 16] {
 /// i32 imm, little endian).
 mod insn {
     pub fn raw(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-        u64::from(code) | (u64::from(dst) << 8) | (u64::from(src) << 12) | (u64::from(off as u16) << 16) | (u64::from(imm as u32) << 32)
+        u64::from(code)
+            | (u64::from(dst) << 8)
+            | (u64::from(src) << 12)
+            | (u64::from(off as u16) << 16)
+            | (u64::from(imm as u32) << 32)
     }
     pub fn mov_reg(dst: u8, src: u8) -> u64 {
         raw(0xbf, dst, src, 0, 0)
@@ -203,7 +207,10 @@ fn prog_load(insns: &[u64], name: &str) -> Result<OwnedFd> {
         Ok(fd) => Ok(owned(fd)),
         Err(e) => {
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-            bail!("BPF_PROG_LOAD of {name}: {e} (are you root?); verifier log:\n{}", String::from_utf8_lossy(&log[..end]))
+            bail!(
+                "BPF_PROG_LOAD of {name}: {e} (are you root?); verifier log:\n{}",
+                String::from_utf8_lossy(&log[..end])
+            )
         }
     }
 }
@@ -216,12 +223,8 @@ fn map_create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, n
 
 /// Writes one element of the map behind `fd` (key and value in the map's own layout).
 pub fn map_update(fd: RawFd, key: &[u8], value: &[u8]) -> Result<()> {
-    let mut attr = MapElemAttr {
-        map_fd: fd as u32,
-        key: key.as_ptr() as u64,
-        value: value.as_ptr() as u64,
-        ..Default::default()
-    };
+    let mut attr =
+        MapElemAttr { map_fd: fd as u32, key: key.as_ptr() as u64, value: value.as_ptr() as u64, ..Default::default() };
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("BPF_MAP_UPDATE_ELEM")?;
     Ok(())
 }
@@ -275,7 +278,9 @@ impl Prog {
             // XDP_FLAGS_DRV_MODE
             flags: 1 << 2,
         };
-        Ok(owned(bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching XDP natively to ifindex {ifindex}"))?))
+        Ok(owned(
+            bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching XDP natively to ifindex {ifindex}"))?,
+        ))
     }
 
     pub fn from_pin(path: &Path) -> Result<Self> {

@@ -242,8 +242,23 @@ impl<'a> Hashlimit<'a> {
         let burst = RATE_PER_SOURCE.to_string();
         let port = PORT.to_string();
         let args: Vec<String> = [
-            "PREROUTING", "-p", "udp", "--dport", &port, "-m", "hashlimit", "--hashlimit-mode", "srcip",
-            "--hashlimit-above", &rate, "--hashlimit-burst", &burst, "--hashlimit-name", name, "-j", "DROP",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            &port,
+            "-m",
+            "hashlimit",
+            "--hashlimit-mode",
+            "srcip",
+            "--hashlimit-above",
+            &rate,
+            "--hashlimit-burst",
+            &burst,
+            "--hashlimit-name",
+            name,
+            "-j",
+            "DROP",
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -273,7 +288,12 @@ pub fn run(cfg: &Config) -> Result<Value> {
     let frames: Vec<Vec<u8>> = sources
         .iter()
         .map(|&src| {
-            Packet::eth().dst_mac(chain.shielded_mac).ipv4(src, chain.shielded_ip).udp(40000, PORT).payload(&[0u8; 18]).build()
+            Packet::eth()
+                .dst_mac(chain.shielded_mac)
+                .ipv4(src, chain.shielded_ip)
+                .udp(40000, PORT)
+                .payload(&[0u8; 18])
+                .build()
         })
         .collect();
     let warm_up = Packet::eth()

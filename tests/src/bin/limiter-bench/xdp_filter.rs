@@ -120,7 +120,10 @@ impl<'a> XdpFilter<'a> {
         let key = u32::from_ne_bytes(first.octets());
         let written = self.ipv4.get(&key, 0).context("reading back xdp-filter's entry")?;
         if written.iter().any(|v| v & 0xff != MODE_SRC) {
-            bail!("xdp-filter wrote an IPv4 entry this bench does not understand: {:?}", written.iter().collect::<Vec<_>>());
+            bail!(
+                "xdp-filter wrote an IPv4 entry this bench does not understand: {:?}",
+                written.iter().collect::<Vec<_>>()
+            );
         }
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting possible CPUs")?;
         for addr in rest {

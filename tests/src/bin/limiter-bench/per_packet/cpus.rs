@@ -75,7 +75,10 @@ pub fn run(cfg: &Config) -> Result<Value> {
         lim_both.push((a + b) / 2.0);
     }
     let counted = dp.stats()?.reason(reason::PASS_CONFORMING).packets - before;
-    ensure!(counted > 0 && counted % (3 * u64::from(cfg.repeat)) == 0, "per-port pass took another path: {counted} runs counted");
+    ensure!(
+        counted > 0 && counted % (3 * u64::from(cfg.repeat)) == 0,
+        "per-port pass took another path: {counted} runs counted"
+    );
     let out = json!({
         "check": s.check,
         "path": s.path,

@@ -216,11 +216,23 @@ pub fn lists(cfg: &Config, trivial: &TrivialXdp) -> Result<Vec<Value>> {
                 } else {
                     guarded(KernelPlan { deny: entries, ..Default::default() })
                 };
-                let (verdict, reason_id) =
-                    if list == "allow" { (XDP_PASS, reason::PASS_ALLOW_LIST) } else { (XDP_DROP, reason::DROP_DENY_LIST) };
+                let (verdict, reason_id) = if list == "allow" {
+                    (XDP_PASS, reason::PASS_ALLOW_LIST)
+                } else {
+                    (XDP_DROP, reason::DROP_DENY_LIST)
+                };
                 let what = format!("{list} list of {n} {kind}");
-                let (m, _) =
-                    measure_limiter(cfg, trivial, what, &plan, LoadOptions::default(), sources, n.max(100), verdict, reason_id)?;
+                let (m, _) = measure_limiter(
+                    cfg,
+                    trivial,
+                    what,
+                    &plan,
+                    LoadOptions::default(),
+                    sources,
+                    n.max(100),
+                    verdict,
+                    reason_id,
+                )?;
                 eprintln!(
                     "per-packet: {list} list hit, {n:>7} {kind:<8}: {:6.1} ns, x{:.1} trivial",
                     m.cpu_ns, m.ratio

@@ -42,7 +42,11 @@ fn measure_filter(
         &cycler,
         sources,
         Expect {
-            what: format!("xdp-filter {} over {} sources", if matched { "matched" } else { "unmatched" }, sources.count),
+            what: format!(
+                "xdp-filter {} over {} sources",
+                if matched { "matched" } else { "unmatched" },
+                sources.count
+            ),
             verdict: action,
             counted: Box::new(move || action_packets(stats, action)),
         },
@@ -88,7 +92,9 @@ pub fn run(cfg: &Config, trivial: &TrivialXdp) -> Result<Value> {
     drop(filter);
     // The limiter's one-source figures again, measured right beside the peer's, for the ratios.
     let mut limiter = Vec::new();
-    for s in scenarios().into_iter().filter(|s| matches!((s.check, s.path), ("deny hit", _) | ("per-source bucket", "pass"))) {
+    for s in
+        scenarios().into_iter().filter(|s| matches!((s.check, s.path), ("deny hit", _) | ("per-source bucket", "pass")))
+    {
         let (m, _) = measure_limiter(
             cfg,
             trivial,
