@@ -147,8 +147,10 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
     if config.flags & CONFIG_FLAG_NO_ALLOW == 0 && ALLOW.get(&list_key).is_some() {
         return (reason::PASS_ALLOW_LIST, NO_RULE);
     }
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // The clock is read only where it is needed (a block entry, then the buckets): a list
+    // hit never pays for it.
     if let Some(block) = BLOCK.get_ptr(source) {
+        let now = unsafe { bpf_ktime_get_boot_ns() };
         // SAFETY: pointer from a successful map lookup.
         if unsafe { (*block).expires_at_ns } > now {
             return (reason::DROP_BLOCK_LIST, NO_RULE);
@@ -195,6 +197,7 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
         has_port = e.port_protocol != PROTO_ANY;
         later = Some(entry);
     }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
     let (why, rule) = judge_rules(set, packet, source, len, now, port, protocol, has_port);
     if packet.fragment == PARSE_FRAG_FIRST {
         let entry = FragmentEntry {
@@ -287,9 +290,14 @@ fn judge_rules(
     s.refused_rule = NO_RULE;
     s.refused_flags = 0;
     let n = if rules.len > MAX_RULES_PER_PORT as u32 { MAX_RULES_PER_PORT as u32 } else { rules.len };
-    // SAFETY: bpf_loop calls `judge_rule` n times; a null context is allowed, the callback
-    // finds its state in SCRATCH.
-    unsafe { bpf_loop(n, judge_rule as *mut c_void, core::ptr::null_mut(), 0) };
+    if n == 1 {
+        // The common case, one rule for the port: a direct call skips `bpf_loop`'s own cost.
+        judge_rule(0, core::ptr::null_mut());
+    } else {
+        // SAFETY: bpf_loop calls `judge_rule` n times; a null context is allowed, the callback
+        // finds its state in SCRATCH.
+        unsafe { bpf_loop(n, judge_rule as *mut c_void, core::ptr::null_mut(), 0) };
+    }
 
     if s.refused_rule != NO_RULE {
         if s.charged != 0 {
