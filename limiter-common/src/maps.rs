@@ -96,6 +96,12 @@ pub const CONFIG_FLAG_DEBUG_LOG: u32 = 1;
 /// Write what the parser read into `PARSE_RECORD` for every frame (tests and the
 /// differential fuzzer only: it costs a map write per packet).
 pub const CONFIG_FLAG_RECORD_PARSE: u32 = 2;
+/// The active set's allow list is empty: the program skips its lookup. Written together with
+/// `active_set`, so it always describes the set in force. Negative on purpose: an agent that
+/// does not know the flag leaves it clear, and the list is probed as before.
+pub const CONFIG_FLAG_NO_ALLOW: u32 = 4;
+/// The active set's deny list is empty (as [`CONFIG_FLAG_NO_ALLOW`]).
+pub const CONFIG_FLAG_NO_DENY: u32 = 8;
 
 impl Default for Config {
     fn default() -> Self {

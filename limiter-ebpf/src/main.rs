@@ -21,13 +21,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use limiter_common::{
-    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config,
-    Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES,
-    FragmentEntry, FragmentKey, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES,
-    MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED,
-    PARSE_L4_CHAIN, PARSE_L4_TRUNCATED, PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey, PortRules,
-    RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey,
-    SourceBucketKey, XDP_DROP, XDP_PASS, reason,
+    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_DENY,
+    CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config, Counter, DEFAULT_SOURCE_ENTRIES,
+    DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey,
+    KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PARSE_FRAG_FIRST,
+    PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig,
+    RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
 };
 
 use core::ffi::c_void;
@@ -143,17 +143,22 @@ const NO_RULE: u32 = u32::MAX;
 fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
     let set = config.active_set & 1;
     let list_key = Key::new(limiter_common::LIST_KEY_SET_BITS + 128, ListKey { set_be: set.to_be(), addr: packet.src });
-    if ALLOW.get(&list_key).is_some() {
+    // Empty lists are not probed (an LPM lookup costs a helper call even on an empty trie).
+    if config.flags & CONFIG_FLAG_NO_ALLOW == 0 && ALLOW.get(&list_key).is_some() {
         return (reason::PASS_ALLOW_LIST, NO_RULE);
     }
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // The clock is read only where it is needed (a block entry, then the buckets): a list
+    // hit never pays for it.
     if let Some(block) = BLOCK.get_ptr(source) {
+        let now = unsafe { bpf_ktime_get_boot_ns() };
         // SAFETY: pointer from a successful map lookup.
         if unsafe { (*block).expires_at_ns } > now {
             return (reason::DROP_BLOCK_LIST, NO_RULE);
         }
     }
-    if let Some(entry) = DENY.get(&list_key) {
+    if config.flags & CONFIG_FLAG_NO_DENY == 0
+        && let Some(entry) = DENY.get(&list_key)
+    {
         return (reason::DROP_DENY_LIST, entry.rule_id);
     }
     // Shapes whose port cannot be known. The stack discards them itself (a truncated segment
@@ -192,6 +197,7 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
         has_port = e.port_protocol != PROTO_ANY;
         later = Some(entry);
     }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
     let (why, rule) = judge_rules(set, packet, source, len, now, port, protocol, has_port);
     if packet.fragment == PARSE_FRAG_FIRST {
         let entry = FragmentEntry {
@@ -284,9 +290,14 @@ fn judge_rules(
     s.refused_rule = NO_RULE;
     s.refused_flags = 0;
     let n = if rules.len > MAX_RULES_PER_PORT as u32 { MAX_RULES_PER_PORT as u32 } else { rules.len };
-    // SAFETY: bpf_loop calls `judge_rule` n times; a null context is allowed, the callback
-    // finds its state in SCRATCH.
-    unsafe { bpf_loop(n, judge_rule as *mut c_void, core::ptr::null_mut(), 0) };
+    if n == 1 {
+        // The common case, one rule for the port: a direct call skips `bpf_loop`'s own cost.
+        judge_rule(0, core::ptr::null_mut());
+    } else {
+        // SAFETY: bpf_loop calls `judge_rule` n times; a null context is allowed, the callback
+        // finds its state in SCRATCH.
+        unsafe { bpf_loop(n, judge_rule as *mut c_void, core::ptr::null_mut(), 0) };
+    }
 
     if s.refused_rule != NO_RULE {
         if s.charged != 0 {

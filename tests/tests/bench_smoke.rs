@@ -12,7 +12,7 @@ use serde_json::Value;
 /// RLS section's `checks`: Redis errors, failure-mode answers), or RLS shares of over-limit
 /// traffic, which a toy-sized run on a busy machine may not reach (checked as finite and >= 0
 /// below), rather than figures.
-const NOT_FIGURES: [&str; 8] = [
+const NOT_FIGURES: [&str; 9] = [
     "machine",
     "config",
     "signed_error_pct_runs",
@@ -21,6 +21,8 @@ const NOT_FIGURES: [&str; 8] = [
     "checks",
     "over_limit_share",
     "negative_cache_hits_per_call",
+    // Per-source inserts that failed on the new-source path: zero in a good run.
+    "insert_failures",
 ];
 
 /// Every number under `v`, with its path, skipping [`NOT_FIGURES`].
@@ -61,6 +63,19 @@ fn smoke_bench_produces_every_figure() {
     assert!(occupancies >= 2, "the smoke run measures several occupancies");
     assert_eq!(rows("per_packet"), 8 * occupancies, "8 check/path scenarios at each occupancy");
     assert_eq!(rows("flood"), 4, "no filter, limiter native and generic, nftables");
+    assert_eq!(rows("nic"), 5, "NIC-like: no filter, limiter, nftables, iptables, xdp-filter");
+    let pp = &results["per_packet"];
+    let lists = results["config"]["list_sizes"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(pp["lists"].as_array().map(Vec::len), Some(4 * lists), "allow and deny, hosts and prefixes, each size");
+    let peer = pp["peer"]["rows"].as_array().expect("xdp-filter rows");
+    assert!(peer.iter().any(|r| r["path"] == "matched") && peer.iter().any(|r| r["path"] == "unmatched"));
+    assert_eq!(
+        pp["peer"]["limiter_beside"].as_array().map(Vec::len),
+        Some(2),
+        "deny hit and per-source pass beside it"
+    );
+    assert!(pp["new_source"]["cpu_ns"].as_f64().is_some(), "the new-source path is timed");
+    assert!(pp["two_cpus"]["both_cpu_ns"].as_f64().is_some(), "the shared bucket is timed from both CPUs");
     assert_eq!(rows("accuracy"), 2, "one and two senders");
     assert!(rows("memory") >= 2);
     assert!(results["agent"]["policy"].as_array().map(Vec::len).unwrap_or(0) >= 4);

@@ -7,6 +7,7 @@
 //! report is written here.
 
 mod chart;
+mod cost;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use serde_json::Value;
 use crate::{setup, util};
 
 /// Sections `limiter-bench` knows (see `tests/src/bin/limiter-bench/main.rs`).
-pub const SECTIONS: [&str; 6] = ["per_packet", "flood", "accuracy", "memory", "agent", "rls"];
+pub const SECTIONS: [&str; 7] = ["per_packet", "nic", "flood", "accuracy", "memory", "agent", "rls"];
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -26,7 +27,7 @@ pub struct BenchArgs {
     /// written to target/bench-smoke/ unless --out-dir is given. Its numbers mean nothing.
     #[arg(long)]
     pub smoke: bool,
-    /// Run only these sections (comma-separated): per_packet, flood, accuracy, memory, agent, rls.
+    /// Run only these sections (comma-separated): per_packet, nic, flood, accuracy, memory, agent, rls.
     /// Written to target/bench-only/ unless --out-dir is given, so the committed report stays whole.
     /// The other sections of a results.json already in the output directory (from a run of the
     /// same kind, smoke or not) are kept: `--only rls --out-dir bench` refreshes that section of

@@ -559,7 +559,7 @@ mod tests {
                    redis-server deinstall ok config-files\ntcpdump install ok installed\n";
         assert_eq!(
             parse_missing_packages(out),
-            ["redis-server", "ethtool", "fonts-dejavu-core", "podman", "runc", "musl-tools"]
+            ["redis-server", "ethtool", "fonts-dejavu-core", "podman", "runc", "musl-tools", "xdp-tools", "iptables"]
         );
     }
 

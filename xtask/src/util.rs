@@ -24,9 +24,9 @@ pub const EBPF_TOOLCHAIN_FILE: &str = "ebpf-toolchain.txt";
 /// The bpf-linker release known to work with aya 0.14 and LLVM 22 (see TOOLCHAIN.md).
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the privileged tests, the demo and the container image use (podman with
-/// runc, see TOOLCHAIN.md; musl-tools' `musl-gcc` compiles ring's C for the static binary).
-pub const DEBIAN_PACKAGES: [&str; 11] = [
+/// Debian packages the privileged tests, the demo, the bench and the container image use (podman
+/// with runc, see TOOLCHAIN.md; musl-tools' `musl-gcc` compiles ring's C for the static binary).
+pub const DEBIAN_PACKAGES: [&str; 13] = [
     "iproute2",
     "nftables",
     "hping3",
@@ -38,6 +38,10 @@ pub const DEBIAN_PACKAGES: [&str; 11] = [
     "podman",
     "runc",
     "musl-tools",
+    // The bench's peers: `xdp-filter` (a real XDP filter, timed on the same frames) and
+    // `iptables` with `hashlimit` (a per-source meter beside nftables').
+    "xdp-tools",
+    "iptables",
 ];
 
 /// The workspace root (the parent of the xtask crate).

@@ -195,6 +195,8 @@ pub struct Dataplane {
     /// Entries written into each set, so the next write into it can delete them first.
     written: [Option<SetEntries>; 2],
     active_set: u8,
+    /// `CONFIG_FLAG_NO_ALLOW` / `CONFIG_FLAG_NO_DENY` for the active set: written with it.
+    list_flags: u32,
     names: BTreeMap<u32, String>,
     current: Option<KernelPlan>,
     options: LoadOptions,
@@ -272,6 +274,7 @@ impl Dataplane {
             ids: RuleIds::default(),
             written: [None, None],
             active_set: 0,
+            list_flags: limiter_common::CONFIG_FLAG_NO_ALLOW | limiter_common::CONFIG_FLAG_NO_DENY,
             names: BTreeMap::new(),
             current: None,
             options,
@@ -289,7 +292,8 @@ impl Dataplane {
             ipv6_source_prefix: u32::from(self.options.ipv6_source_prefix),
             unparsed_verdict: if self.options.drop_unparsed { XDP_DROP } else { XDP_PASS },
             flags: if self.options.debug_log { limiter_common::CONFIG_FLAG_DEBUG_LOG } else { 0 }
-                | if self.options.record_parse { limiter_common::CONFIG_FLAG_RECORD_PARSE } else { 0 },
+                | if self.options.record_parse { limiter_common::CONFIG_FLAG_RECORD_PARSE } else { 0 }
+                | self.list_flags,
         };
         self.config.set(0, config, 0).map_err(map_err(names::CONFIG, "writing"))
     }
@@ -382,6 +386,8 @@ impl Dataplane {
 
         // The flip: from here on every packet is judged by the new set.
         self.active_set = target;
+        self.list_flags = if entries.allow.is_empty() { limiter_common::CONFIG_FLAG_NO_ALLOW } else { 0 }
+            | if entries.deny.is_empty() { limiter_common::CONFIG_FLAG_NO_DENY } else { 0 };
         self.write_config()?;
 
         let applied = Applied {
@@ -527,6 +533,14 @@ impl Dataplane {
         opts.repeat = repeat.max(1);
         let result = program.test_run(opts).map_err(DataplaneError::TestRun)?;
         Ok((result.return_value, result.duration))
+    }
+
+    /// The loaded program's file descriptor, for benchmarks that run it behind another
+    /// program (a tail call from a harness that varies the frame per run). Valid while `self` lives.
+    pub fn program_fd(&mut self) -> Result<std::os::fd::RawFd> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = self.program()?.fd().map_err(DataplaneError::Verify)?;
+        Ok(fd.as_fd().as_raw_fd())
     }
 
     /// The slots of `PARSE_RECORD`, one per possible CPU (see [`ParseRecord`]).

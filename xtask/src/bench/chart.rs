@@ -106,7 +106,7 @@ fn per_packet(results: &Value, area: &Area<'_>) -> DrawResult {
             .collect();
         chart
             .draw_series(bars)?
-            .label(format!("{} tracked sources", crate::bench::report::thousands(*occ)))
+            .label(format!("{} distinct sources", crate::bench::report::thousands(*occ)))
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
     }
     chart

@@ -5,11 +5,11 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-fn f(v: &Value) -> f64 {
+pub fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
-fn rows(v: &Value) -> &[Value] {
+pub fn rows(v: &Value) -> &[Value] {
     v["rows"].as_array().map(Vec::as_slice).unwrap_or(&[])
 }
 
@@ -26,14 +26,9 @@ pub fn thousands(n: f64) -> String {
     if n < 0.0 { format!("-{out}") } else { out }
 }
 
-fn repeat_cmd(base: &str, section: &str) -> String {
+pub fn repeat_cmd(base: &str, section: &str) -> String {
     let smoke = if base.contains("--smoke") { " --smoke" } else { "" };
     format!("`sudo -E cargo xtask bench{smoke} --only {section}` (writes target/bench-only/)")
-}
-
-/// The per-packet row for (check, path, occupancy).
-fn find<'a>(pp: &'a Value, check: &str, path: &str, occupancy: f64) -> Option<&'a Value> {
-    rows(pp).iter().find(|r| r["check"] == check && r["path"] == path && f(&r["occupancy"]) == occupancy)
 }
 
 pub fn markdown(r: &Value, command: &str) -> String {
@@ -68,9 +63,13 @@ pub fn markdown(r: &Value, command: &str) -> String {
         f(&m["memory_kib"]) / 1024.0 / 1024.0
     );
     kept_sections(&mut md, r, command);
+    super::cost::goals_section(&mut md, r);
     headline(&mut md, r);
     if r.get("per_packet").is_some() {
-        per_packet(&mut md, &r["per_packet"], command);
+        super::cost::per_packet(&mut md, &r["per_packet"], command);
+    }
+    if r.get("nic").is_some() {
+        super::cost::nic(&mut md, &r["nic"], command);
     }
     if r.get("flood").is_some() {
         flood(&mut md, &r["flood"], command);
@@ -110,24 +109,10 @@ fn kept_sections(md: &mut String, r: &Value, command: &str) {
 
 /// The figures the README quotes.
 fn headline(md: &mut String, r: &Value) {
-    let mut lines = Vec::new();
-    if let Some(pp) = r.get("per_packet") {
-        let ratios: Vec<f64> = rows(pp).iter().map(|x| f(&x["ratio"])).filter(|x| x.is_finite()).collect();
-        let ns: Vec<f64> = rows(pp).iter().map(|x| f(&x["ns"])).filter(|x| x.is_finite()).collect();
-        if !ratios.is_empty() {
-            let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = ratios.iter().copied().fold(0.0, f64::max);
-            let nlo = ns.iter().copied().fold(f64::INFINITY, f64::min);
-            let nhi = ns.iter().copied().fold(0.0, f64::max);
-            lines.push(format!(
-                "- Per packet, in the kernel: {nlo:.0}–{nhi:.0} ns depending on the check, {lo:.1}×–{hi:.1}× a trivial XDP program (XDP_PASS only, {:.1} ns median).",
-                crate::bench::report::median(&rows(pp).iter().map(|x| f(&x["trivial_cpu_ns"])).collect::<Vec<_>>())
-            ));
-        }
-    }
+    let mut lines = super::cost::headline_lines(r);
     if let Some(fl) = r.get("flood") {
         lines.push(format!(
-            "- Veth flood ({} offered packets/s from {} sources, {}/s allowed per source): CPU per million packets limiter (XDP native) : nftables meter = {:.2}, limiter (XDP generic) : nftables = {:.2}.",
+            "- Veth flood, skb path ({} offered packets/s from {} sources, {}/s allowed per source): CPU per million packets limiter (XDP native) : nftables meter = {:.2}, limiter (XDP generic) : nftables = {:.2}.",
             thousands(f(&fl["offered_pps"])),
             fl["sources"],
             fl["rate_per_source"],
@@ -192,81 +177,6 @@ pub fn median(xs: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-}
-
-fn per_packet(md: &mut String, pp: &Value, command: &str) {
-    let _ = writeln!(md, "## Per-packet cost (BPF_PROG_TEST_RUN)\n");
-    let _ = writeln!(
-        md,
-        "How: the real XDP program is loaded and given a plan with the check under test plus a filler rule \
-         (a bucket per source and port on UDP 7000). The per-source table (LRU hash, default capacity \
-         1,048,576) is filled to the occupancy by running one frame per distinct source through the \
-         program itself. A 64-byte UDP frame that takes the path under test then runs `repeat` = {} and \
-         2 × {} times through `BPF_PROG_TEST_RUN`, right after a trivial XDP program (two raw \
-         instructions, `r0 = XDP_PASS; exit`, loaded with `bpf(BPF_PROG_LOAD)`) on the same frame. \
-         Every run is checked: the verdict and the program's own reason counter must show the intended \
-         path for every repetition (a drop scenario's bucket is exhausted by the warm-up).\n",
-        thousands(f(&pp["repeat"])),
-        thousands(f(&pp["repeat"]))
-    );
-    let _ = writeln!(
-        md,
-        "- **kernel ns**: the kernel's own mean duration per run (whole nanoseconds) from the 2 × repeat call.\n\
-         - **CPU ns**: thread CPU time of the 2 × repeat call minus that of the repeat call, divided by \
-         repeat. This cancels the fixed cost of a call (for XDP with repeat > 1 the kernel flips a static key \
-         around the loop) and has sub-nanosecond resolution, which the ~10 ns baseline needs.\n\
-         - **× trivial**: CPU ns of the limiter / CPU ns of the trivial program, per run (back to back), then \
-         the median.\n\nRepeat: {}\n",
-        repeat_cmd(command, "per_packet")
-    );
-    let mut occupancies: Vec<f64> = rows(pp).iter().map(|x| f(&x["occupancy"])).collect();
-    occupancies.dedup();
-    let mut seen = Vec::new();
-    let _ = write!(md, "| check | path |");
-    for o in &occupancies {
-        let _ = write!(md, " {} sources: kernel ns | CPU ns | × trivial |", thousands(*o));
-    }
-    let _ = writeln!(md);
-    let _ = write!(md, "|---|---|");
-    for _ in &occupancies {
-        let _ = write!(md, "---:|---:|---:|");
-    }
-    let _ = writeln!(md);
-    for row in rows(pp) {
-        let (check, path) = (row["check"].as_str().unwrap_or("?"), row["path"].as_str().unwrap_or("?"));
-        if seen.contains(&(check, path)) {
-            continue;
-        }
-        seen.push((check, path));
-        let _ = write!(md, "| {check} | {path} |");
-        for o in &occupancies {
-            match find(pp, check, path, *o) {
-                Some(x) => {
-                    let _ = write!(md, " {:.0} | {:.1} | {:.1} |", f(&x["ns"]), f(&x["cpu_ns"]), f(&x["ratio"]));
-                }
-                None => {
-                    let _ = write!(md, " – | – | – |");
-                }
-            }
-        }
-        let _ = writeln!(md);
-    }
-    let _ = write!(md, "| trivial XDP (baseline) | pass |");
-    for o in &occupancies {
-        let tr: Vec<f64> =
-            rows(pp).iter().filter(|x| f(&x["occupancy"]) == *o).map(|x| f(&x["trivial_cpu_ns"])).collect();
-        let tk: Vec<f64> = rows(pp).iter().filter(|x| f(&x["occupancy"]) == *o).map(|x| f(&x["trivial_ns"])).collect();
-        let _ = write!(md, " {:.0} | {:.1} | 1.0 |", median(&tk), median(&tr));
-    }
-    let _ = writeln!(md, "\n");
-    let _ = writeln!(
-        md,
-        "Reading it: allow and deny hits end after LPM lookups; bucket checks add the port-list lookup, \
-         the rule evaluation through `bpf_loop`, a bucket lookup-or-create and a compare-and-swap; drops \
-         also feed the sampled top-dropped-sources table. `BPF_PROG_TEST_RUN` repeats one frame, so the \
-         bucket entry stays in cache: with a large table and real traffic from many sources, cache misses \
-         add to these figures.\n"
-    );
 }
 
 fn flood(md: &mut String, fl: &Value, command: &str) {

@@ -92,26 +92,35 @@ impl Filter {
 /// The nftables ruleset: one dynamic set keyed by source address, each element with its own
 /// `limit` (a token bucket of rate + burst), in a netdev ingress chain on the server veth.
 fn nft_ruleset(iface: &str) -> String {
+    nft_meter_ruleset(iface, RATE_PER_SOURCE, NFT_BURST)
+}
+
+/// The same shape for any rate and depth (the NIC-like flood uses its own).
+pub fn nft_meter_ruleset(iface: &str, rate: u64, depth: u64) -> String {
     format!(
         "table netdev limiter_bench {{\n\
          \tset per_source {{ type ipv4_addr; size 65536; flags dynamic,timeout; timeout 60s; }}\n\
          \tchain ingress {{\n\
          \t\ttype filter hook ingress device \"{iface}\" priority -500; policy accept;\n\
-         \t\tmeta protocol ip udp dport {PORT} update @per_source {{ ip saddr limit rate over {RATE_PER_SOURCE}/second burst {NFT_BURST} packets }} counter drop\n\
+         \t\tmeta protocol ip udp dport {PORT} update @per_source {{ ip saddr limit rate over {rate}/second burst {depth} packets }} counter drop\n\
          \t}}\n\
          }}\n"
     )
 }
 
 /// Loads the nftables ruleset into `ns`; the table is deleted on drop (and with the namespace).
-struct NftTable<'a> {
+pub struct NftTable<'a> {
     ns: &'a Netns,
 }
 
 impl<'a> NftTable<'a> {
     fn load(ns: &'a Netns, iface: &str) -> Result<Self> {
+        Self::load_ruleset(ns, &nft_ruleset(iface))
+    }
+
+    pub fn load_ruleset(ns: &'a Netns, ruleset: &str) -> Result<Self> {
         let path = std::env::temp_dir().join(format!("limiter-bench-{}.nft", std::process::id()));
-        std::fs::write(&path, nft_ruleset(iface)).context("writing the nftables ruleset")?;
+        std::fs::write(&path, ruleset).context("writing the nftables ruleset")?;
         let path_str = path.to_string_lossy().into_owned();
         let out = ns.output(&["nft", "-f", &path_str]);
         let _ = std::fs::remove_file(&path);
@@ -158,7 +167,7 @@ fn udp_mib() -> Result<(u64, u64)> {
     Ok((get("InDatagrams")?, get("RcvbufErrors")?))
 }
 
-fn reached_udp(ns: &Netns) -> Result<u64> {
+pub fn reached_udp(ns: &Netns) -> Result<u64> {
     let (delivered, rcvbuf) = ns.run(udp_mib)?;
     Ok(delivered + rcvbuf)
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! limiter-bench [--smoke] [--only SECTION[,SECTION...]] --out FILE.json
 //! ```
-//! Sections: `per_packet`, `flood`, `accuracy`, `memory`, `agent`, `rls`. `--smoke` runs every
+//! Sections: `per_packet`, `nic`, `flood`, `accuracy`, `memory`, `agent`, `rls`. `--smoke` runs every
 //! section at toy sizes (a few iterations) so the test suite can check that the bench still
 //! produces every figure; its numbers mean nothing.
 //!
@@ -12,11 +12,14 @@
 
 mod accuracy;
 mod agent;
+mod bpf;
 mod flood;
 mod memory;
+mod nic;
 mod per_packet;
 mod rls;
 mod sys;
+mod xdp_filter;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -32,8 +35,12 @@ pub struct Config {
     pub runs: usize,
     /// `BPF_PROG_TEST_RUN` repeat count per measured run.
     pub repeat: u32,
-    /// Per-source table occupancies for the per-packet cost.
+    /// Distinct sources the per-packet harness cycles through.
     pub occupancies: Vec<u32>,
+    /// Allow and deny list sizes for the per-packet cost.
+    pub list_sizes: Vec<u32>,
+    /// Per-source table capacity for the new-source path (filled before it is timed).
+    pub new_source_capacity: u32,
     /// Length of one flood run, seconds.
     pub flood_seconds: f64,
     /// Length of one accuracy run, seconds.
@@ -61,6 +68,8 @@ impl Config {
             runs: 5,
             repeat: 1_000_000,
             occupancies: vec![1, 10_000, 1_000_000],
+            list_sizes: vec![1, 1_000, 100_000],
+            new_source_capacity: limiter_common::DEFAULT_SOURCE_ENTRIES,
             flood_seconds: 3.0,
             accuracy_seconds: 2.0,
             memory_occupancies: vec![1, 10_000, 1_000_000],
@@ -79,6 +88,8 @@ impl Config {
             runs: 3,
             repeat: 200_000,
             occupancies: vec![1, 100],
+            list_sizes: vec![1, 100],
+            new_source_capacity: 4_096,
             flood_seconds: 0.3,
             accuracy_seconds: 0.3,
             memory_occupancies: vec![1, 1_000],
@@ -92,7 +103,7 @@ impl Config {
     }
 }
 
-pub const SECTIONS: [&str; 6] = ["per_packet", "flood", "accuracy", "memory", "agent", "rls"];
+pub const SECTIONS: [&str; 7] = ["per_packet", "nic", "flood", "accuracy", "memory", "agent", "rls"];
 
 /// Median of a non-empty sample (mean of the middle two for even sizes).
 pub fn median(xs: &[f64]) -> f64 {
@@ -160,18 +171,20 @@ fn main() -> Result<()> {
             "runs": cfg.runs,
             "repeat": cfg.repeat,
             "occupancies": cfg.occupancies,
+            "list_sizes": cfg.list_sizes,
             "flood_seconds": cfg.flood_seconds,
             "accuracy_seconds": cfg.accuracy_seconds,
             "rls_seconds": cfg.rls_seconds,
         }),
     );
-    let trivial = sys::TrivialXdp::load()?;
+    let trivial = bpf::TrivialXdp::trivial()?;
     let mut section_seconds = serde_json::Map::new();
     for section in &args.only {
         let t = Instant::now();
         eprintln!("limiter-bench: {section}");
         let value: Value = match section.as_str() {
             "per_packet" => per_packet::run(&cfg, &trivial)?,
+            "nic" => nic::run(&cfg)?,
             "flood" => flood::run(&cfg)?,
             "accuracy" => accuracy::run(&cfg)?,
             "memory" => memory::run(&cfg)?,

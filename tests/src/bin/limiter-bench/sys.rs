@@ -1,109 +1,11 @@
-//! Thin wrappers over the few kernel interfaces the bench reads directly: the `bpf(2)`
-//! syscall (to load the trivial baseline program and run it through `BPF_PROG_TEST_RUN`),
-//! `/proc/<pid>/fdinfo` of BPF map fds (kernel memory), `/proc/stat` (softirq time), thread
-//! CPU time and CPU affinity.
+//! Thin wrappers over the few kernel interfaces the bench reads directly (besides `bpf(2)`,
+//! in `bpf.rs`): `/proc/<pid>/fdinfo` of BPF map fds (kernel memory), scheduler run times,
+//! thread CPU time and CPU affinity.
 
 use std::io;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-
-/// `union bpf_attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`; the kernel requires
-/// every byte past the fields it knows to be zero, which `Default` guarantees.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
-/// `union bpf_attr` for `BPF_PROG_TEST_RUN` (the `test` member).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, initialised repr(C) bpf_attr prefix and its size is passed.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
-}
-
-/// The smallest XDP program: `r0 = XDP_PASS; exit`. Built from raw instructions, so the
-/// baseline needs no toolchain and has nothing in it but the kernel's own per-run overhead.
-pub struct TrivialXdp {
-    fd: OwnedFd,
-}
-
-impl TrivialXdp {
-    pub fn load() -> Result<Self> {
-        // struct bpf_insn: u8 code, u8 dst:4|src:4, i16 off, i32 imm (little endian).
-        let insns: [u64; 2] = [
-            // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 2 (XDP_PASS)
-            0xb7 | (2u64 << 32),
-            // BPF_JMP | BPF_EXIT
-            0x95,
-        ];
-        let license = b"GPL\0";
-        let mut name = [0u8; 16];
-        name[..11].copy_from_slice(b"trivial_xdp");
-        let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_XDP,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name: name,
-            ..Default::default()
-        };
-        let fd = bpf(BPF_PROG_LOAD, &mut attr).context("BPF_PROG_LOAD of the trivial XDP program (are you root?)")?;
-        // SAFETY: the kernel returned a new fd that nobody else owns.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
-    }
-
-    /// Runs the program `repeat` times on `frame`; returns (verdict, kernel mean ns per run).
-    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        let mut attr = TestRunAttr {
-            prog_fd: self.fd.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat,
-            ..Default::default()
-        };
-        bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN of the trivial XDP program")?;
-        Ok((attr.retval, Duration::from_nanos(u64::from(attr.duration))))
-    }
-}
 
 /// One BPF map fd of this process as `/proc/self/fdinfo` describes it.
 #[derive(Clone, Debug, Default)]
