@@ -36,6 +36,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn rule(domain: &str, key: &str, requests: u64, unit: Unit) -> L7Rule {
     L7Rule {
         name: format!("{domain}/{key}"),
+        limit_name: None,
         domain: domain.to_owned(),
         entries: vec![EntryMatch {
             key: key.to_owned(),
@@ -43,10 +44,14 @@ fn rule(domain: &str, key: &str, requests: u64, unit: Unit) -> L7Rule {
             value: EntryValue::Distinct,
         }],
         limit: Some(Limit { requests, unit, burst: 0 }),
+        exempt: false,
+        quota_mode: false,
         algorithm: Algorithm::FixedWindow,
         scope: Scope::Global,
         shadow: false,
         replaces: Vec::new(),
+        cost_request: None,
+        cost_response: None,
         targets: Vec::new(),
     }
 }
@@ -64,6 +69,7 @@ fn request(domain: &str, key: &str, values: &[&str]) -> RlsRequest {
             .map(|v| RequestDescriptor {
                 entries: vec![DescriptorEntry { key: key.to_owned(), value: (*v).to_owned() }],
                 hits_addend: None,
+                limit: None,
             })
             .collect(),
         hits_addend: 0,
@@ -310,10 +316,12 @@ fn second_unit_limits_count_in_the_per_second_redis() {
                 RequestDescriptor {
                     entries: vec![DescriptorEntry { key: "minute".into(), value: "m".into() }],
                     hits_addend: None,
+                    limit: None,
                 },
                 RequestDescriptor {
                     entries: vec![DescriptorEntry { key: "second".into(), value: "s".into() }],
                     hits_addend: None,
+                    limit: None,
                 },
             ],
             hits_addend: 0,
