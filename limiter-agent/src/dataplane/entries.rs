@@ -236,6 +236,15 @@ pub struct SetEntries {
     pub names: BTreeMap<u32, String>,
 }
 
+impl SetEntries {
+    /// `CONFIG_FLAG_NO_ALLOW` / `CONFIG_FLAG_NO_DENY` for this set: the program skips the
+    /// probe of a list its active set leaves empty.
+    pub fn list_flags(&self) -> u32 {
+        (if self.allow.is_empty() { limiter_common::CONFIG_FLAG_NO_ALLOW } else { 0 })
+            | if self.deny.is_empty() { limiter_common::CONFIG_FLAG_NO_DENY } else { 0 }
+    }
+}
+
 /// Lays out `plan` as the entries of policy set `set`, with rule ids from `ids`.
 pub fn layout(plan: &KernelPlan, set: u8, ids: &[u32]) -> Result<SetEntries, PlanError> {
     let mut out = SetEntries::default();

@@ -386,8 +386,7 @@ impl Dataplane {
 
         // The flip: from here on every packet is judged by the new set.
         self.active_set = target;
-        self.list_flags = if entries.allow.is_empty() { limiter_common::CONFIG_FLAG_NO_ALLOW } else { 0 }
-            | if entries.deny.is_empty() { limiter_common::CONFIG_FLAG_NO_DENY } else { 0 };
+        self.list_flags = entries.list_flags();
         self.write_config()?;
 
         let applied = Applied {

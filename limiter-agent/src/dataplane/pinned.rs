@@ -269,6 +269,9 @@ impl Dataplane {
         for set in 0..2u8 {
             self.written[usize::from(set)] = Some(self.scan_set(set));
         }
+        // The adopted active set's lists: rewriting CONFIG with "empty" flags before the policy
+        // flip would let a denied source past the deny list it still holds.
+        self.list_flags = self.written[usize::from(self.active_set)].as_ref().map_or(0, SetEntries::list_flags);
         let entries = record_maps.ids(record.rule_ids_next).map_err(map_err("RULE_IDS", "reading"))?;
         let mut ids = Vec::new();
         for (id, e) in entries {
