@@ -72,6 +72,11 @@ pub struct Packet {
     pub fragment: u8,
     /// IP identification of a fragment (IPv4: 16 bits, IPv6: 32 bits), host order.
     pub frag_id: u32,
+    /// The protocol that keys the fragment table (`limiter_common::FragmentKey::protocol`):
+    /// IPv4's protocol field, or the IPv6 fragment header's next header. Not `protocol`,
+    /// which for an IPv6 first fragment is the transport past any headers that follow the
+    /// fragment header, while its later fragments only carry the fragment header's value.
+    pub frag_protocol: u8,
     /// How far the transport header got: `PARSE_L4_*`.
     pub l4: u8,
 }
@@ -179,6 +184,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
         tcp_syn: false,
         fragment,
         frag_id: u16::from_be_bytes([header[4], header[5]]) as u32,
+        frag_protocol: header[9],
         l4: PARSE_L4_NONE,
     };
     if fragment != PARSE_FRAG_LATER {
@@ -212,6 +218,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
     let mut offset = l3 + IPV6_HLEN;
     let mut fragment = PARSE_FRAG_NONE;
     let mut frag_id = 0u32;
+    let mut frag_protocol = 0u8;
     // Where the walk ended: the transport header (`PARSE_L4_COMPLETE` until parse_l4 says
     // otherwise), a later fragment, or a chain cut short or past the bound.
     let mut ended = PARSE_L4_CHAIN;
@@ -237,6 +244,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
                 let offset_flags = u16::from_be_bytes([frag[2], frag[3]]);
                 if fragment == PARSE_FRAG_NONE {
                     frag_id = u32::from_be_bytes([frag[4], frag[5], frag[6], frag[7]]);
+                    frag_protocol = frag[0];
                 }
                 if offset_flags >> 3 != 0 {
                     fragment = PARSE_FRAG_LATER;
@@ -265,6 +273,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
         tcp_syn: false,
         fragment,
         frag_id,
+        frag_protocol,
         l4: ended,
     };
     if ended == PARSE_L4_COMPLETE {
