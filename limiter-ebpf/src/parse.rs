@@ -227,15 +227,18 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
     // range after all of them.
     for _ in 0..MAX_IPV6_EXT_HEADERS + 1 {
         match next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP | IPPROTO_SHIM6 => {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP | IPPROTO_SHIM6
+            | IPPROTO_AH => {
                 let Some(ext) = ip_bytes_at::<2>(ctx, offset, ip_end) else { break };
+                let size = if next == IPPROTO_AH { (ext[1] as usize + 2) * 4 } else { (ext[1] as usize + 1) * 8 };
+                // The whole header must be there, not just its first two bytes: the stack
+                // drops a chain cut inside a header, and following the cut header's next
+                // header would judge whatever it names (or a port read from its bytes).
+                if ip_bytes_at::<1>(ctx, offset + size - 1, ip_end).is_none() {
+                    break;
+                }
                 next = ext[0];
-                offset += (ext[1] as usize + 1) * 8;
-            }
-            IPPROTO_AH => {
-                let Some(ext) = ip_bytes_at::<2>(ctx, offset, ip_end) else { break };
-                next = ext[0];
-                offset += (ext[1] as usize + 2) * 4;
+                offset += size;
             }
             IPPROTO_FRAGMENT => {
                 let Some(frag) = ip_bytes_at::<8>(ctx, offset, ip_end) else { break };
