@@ -115,6 +115,23 @@ fn ip_bytes_at<const N: usize>(ctx: &XdpContext, offset: usize, ip_end: usize) -
     bytes_at::<N>(ctx, offset).ok()
 }
 
+/// An IPv6 extension header the walk follows (every one in IANA's list but ESP, whose
+/// payload is encrypted: it ends the walk like a transport).
+#[inline(always)]
+fn is_extension(next: u8) -> bool {
+    matches!(
+        next,
+        IPPROTO_HOPOPTS
+            | IPPROTO_ROUTING
+            | IPPROTO_FRAGMENT
+            | IPPROTO_AH
+            | IPPROTO_DSTOPTS
+            | IPPROTO_MH
+            | IPPROTO_HIP
+            | IPPROTO_SHIM6
+    )
+}
+
 #[inline(always)]
 fn is_vlan(ether_type: u16) -> bool {
     ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD || ether_type == ETH_P_QINQ1
@@ -225,7 +242,13 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
     // A bounded walk: MAX_IPV6_EXT_HEADERS headers, and one more step to see the transport.
     // Each header is at most 2 KiB, so `offset` stays below the verifier's 64 KiB packet
     // range after all of them.
-    for _ in 0..MAX_IPV6_EXT_HEADERS + 1 {
+    for i in 0..MAX_IPV6_EXT_HEADERS + 1 {
+        // The extra step only looks at what follows header number MAX_IPV6_EXT_HEADERS: a
+        // transport ends the walk; an extension header, a fragment header too, is past the
+        // bound (a later fragment there must not be looked up, nor a first one recorded).
+        if i == MAX_IPV6_EXT_HEADERS && is_extension(next) {
+            break;
+        }
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP | IPPROTO_SHIM6
             | IPPROTO_AH => {
