@@ -309,7 +309,7 @@ pub struct ParseRecord {
     /// where the extension-header walk stopped (the transport protocol, the fragment header's
     /// next header for a later fragment; when `l4` is [`PARSE_L4_CHAIN`], the next-header
     /// value of the last header read, i.e. the first one not walked: the extension header
-    /// that was cut short, or whatever follows header number `MAX_IPV6_EXT_HEADERS + 1`).
+    /// that was cut short, or header number `MAX_IPV6_EXT_HEADERS + 1`, which is not walked).
     /// 0 unless `kind` is [`PARSE_KIND_IP`].
     pub protocol: u8,
     /// [`PARSE_FRAG_NONE`] (not fragmented, or an IPv6 atomic fragment: offset 0 and no more

@@ -231,7 +231,7 @@ fn fragment_key(packet: &Packet) -> Option<&'static FragmentKey> {
     key.src = packet.src;
     key.dst = packet.dst;
     key.id = packet.frag_id;
-    key.protocol = packet.protocol;
+    key.protocol = packet.frag_protocol;
     key._pad = [0; 3];
     Some(key)
 }

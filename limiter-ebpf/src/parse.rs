@@ -72,6 +72,11 @@ pub struct Packet {
     pub fragment: u8,
     /// IP identification of a fragment (IPv4: 16 bits, IPv6: 32 bits), host order.
     pub frag_id: u32,
+    /// The protocol that keys the fragment table (`limiter_common::FragmentKey::protocol`):
+    /// IPv4's protocol field, or the IPv6 fragment header's next header. Not `protocol`,
+    /// which for an IPv6 first fragment is the transport past any headers that follow the
+    /// fragment header, while its later fragments only carry the fragment header's value.
+    pub frag_protocol: u8,
     /// How far the transport header got: `PARSE_L4_*`.
     pub l4: u8,
 }
@@ -108,6 +113,23 @@ fn ip_bytes_at<const N: usize>(ctx: &XdpContext, offset: usize, ip_end: usize) -
         return None;
     }
     bytes_at::<N>(ctx, offset).ok()
+}
+
+/// An IPv6 extension header the walk follows (every one in IANA's list but ESP, whose
+/// payload is encrypted: it ends the walk like a transport).
+#[inline(always)]
+fn is_extension(next: u8) -> bool {
+    matches!(
+        next,
+        IPPROTO_HOPOPTS
+            | IPPROTO_ROUTING
+            | IPPROTO_FRAGMENT
+            | IPPROTO_AH
+            | IPPROTO_DSTOPTS
+            | IPPROTO_MH
+            | IPPROTO_HIP
+            | IPPROTO_SHIM6
+    )
 }
 
 #[inline(always)]
@@ -179,6 +201,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
         tcp_syn: false,
         fragment,
         frag_id: u16::from_be_bytes([header[4], header[5]]) as u32,
+        frag_protocol: header[9],
         l4: PARSE_L4_NONE,
     };
     if fragment != PARSE_FRAG_LATER {
@@ -212,23 +235,33 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
     let mut offset = l3 + IPV6_HLEN;
     let mut fragment = PARSE_FRAG_NONE;
     let mut frag_id = 0u32;
+    let mut frag_protocol = 0u8;
     // Where the walk ended: the transport header (`PARSE_L4_COMPLETE` until parse_l4 says
     // otherwise), a later fragment, or a chain cut short or past the bound.
     let mut ended = PARSE_L4_CHAIN;
     // A bounded walk: MAX_IPV6_EXT_HEADERS headers, and one more step to see the transport.
     // Each header is at most 2 KiB, so `offset` stays below the verifier's 64 KiB packet
     // range after all of them.
-    for _ in 0..MAX_IPV6_EXT_HEADERS + 1 {
+    for i in 0..MAX_IPV6_EXT_HEADERS + 1 {
+        // The extra step only looks at what follows header number MAX_IPV6_EXT_HEADERS: a
+        // transport ends the walk; an extension header, a fragment header too, is past the
+        // bound (a later fragment there must not be looked up, nor a first one recorded).
+        if i == MAX_IPV6_EXT_HEADERS && is_extension(next) {
+            break;
+        }
         match next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP | IPPROTO_SHIM6 => {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP | IPPROTO_SHIM6
+            | IPPROTO_AH => {
                 let Some(ext) = ip_bytes_at::<2>(ctx, offset, ip_end) else { break };
+                let size = if next == IPPROTO_AH { (ext[1] as usize + 2) * 4 } else { (ext[1] as usize + 1) * 8 };
+                // The whole header must be there, not just its first two bytes: the stack
+                // drops a chain cut inside a header, and following the cut header's next
+                // header would judge whatever it names (or a port read from its bytes).
+                if ip_bytes_at::<1>(ctx, offset + size - 1, ip_end).is_none() {
+                    break;
+                }
                 next = ext[0];
-                offset += (ext[1] as usize + 1) * 8;
-            }
-            IPPROTO_AH => {
-                let Some(ext) = ip_bytes_at::<2>(ctx, offset, ip_end) else { break };
-                next = ext[0];
-                offset += (ext[1] as usize + 2) * 4;
+                offset += size;
             }
             IPPROTO_FRAGMENT => {
                 let Some(frag) = ip_bytes_at::<8>(ctx, offset, ip_end) else { break };
@@ -237,6 +270,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
                 let offset_flags = u16::from_be_bytes([frag[2], frag[3]]);
                 if fragment == PARSE_FRAG_NONE {
                     frag_id = u32::from_be_bytes([frag[4], frag[5], frag[6], frag[7]]);
+                    frag_protocol = frag[0];
                 }
                 if offset_flags >> 3 != 0 {
                     fragment = PARSE_FRAG_LATER;
@@ -265,6 +299,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
         tcp_syn: false,
         fragment,
         frag_id,
+        frag_protocol,
         l4: ended,
     };
     if ended == PARSE_L4_COMPLETE {

@@ -138,3 +138,30 @@ fn a_packet_rule_counts_each_fragment_of_an_ipv6_datagram() {
     assert_eq!(judged(&mut dp, &next[0]), (XDP_DROP, reason::DROP_SOURCE_PORT_BUCKET));
     assert_eq!(judged(&mut dp, &next[1]), (XDP_DROP, reason::DROP_FRAGMENT_OF_DROPPED));
 }
+
+#[test]
+fn ipv6_fragments_are_keyed_by_the_fragment_headers_next_header() {
+    // Fuzz finding F1 (issue 10): a datagram with a destination-options header after the
+    // fragment header (RFC 8200 allows it in the fragmentable part). Every fragment's fragment
+    // header names 60; the first fragment's transport, past the options, is UDP. The table
+    // was keyed by the latter for first fragments and the former for later ones.
+    let r = on_port(per_source(rule("port", CountKind::Packets, 3, Unit::Hour, 0)), PROBE_PORT, Protocol::Udp);
+    let mut dp = with_rules(vec![r]);
+    let udp6 = Packet::eth().ipv6(CLIENT6, SERVER6).dest_opts(0).udp(40000, PROBE_PORT).payload(&[1; 24]);
+    // 16 bytes a fragment: the first carries the options and the UDP header.
+    let frags = udp6.fragments(16, 7);
+    assert_eq!(frags.len(), 3);
+    assert_eq!(frags[1][14 + 40], 60, "the fragment header names the destination options");
+    assert_eq!(judged(&mut dp, &frags[0]), (XDP_PASS, reason::PASS_CONFORMING), "first fragment");
+    assert_eq!(judged(&mut dp, &frags[1]), (XDP_PASS, reason::PASS_CONFORMING), "second: charged to the port");
+    assert_eq!(judged(&mut dp, &frags[2]), (XDP_PASS, reason::PASS_CONFORMING), "third");
+    let stats = dp.stats().unwrap();
+    assert_eq!(stats.reason(reason::EVENT_NON_FIRST_FRAGMENT).packets, 2, "later fragments judged by the port");
+    assert_eq!(stats.rules["test/port"].passed.packets, 3);
+    // A later fragment with the same source, destination and id whose fragment header names
+    // UDP belongs to another datagram: it must not pick up this one's port.
+    let plain = Packet::eth().ipv6(CLIENT6, SERVER6).udp(40000, PROBE_PORT).payload(&[1; 24]);
+    let other = plain.fragments(8, 7).remove(1);
+    assert_eq!(other[14 + 40], 17);
+    assert_eq!(judged(&mut dp, &other), (XDP_DROP, reason::DROP_FRAGMENT_UNKNOWN), "fragment header naming UDP");
+}

@@ -159,15 +159,21 @@ fn classify(frame: &[u8]) -> Option<Expected> {
             let chain = Some(Expected::Dropped(reason::DROP_HEADER_CHAIN));
             let ext = |at: usize, n: usize| if at + n <= ip_end { bytes(at, n) } else { None };
             let (mut next, mut at) = (h[6], l3 + 40);
-            for _ in 0..=limiter_common::MAX_IPV6_EXT_HEADERS {
+            for i in 0..=limiter_common::MAX_IPV6_EXT_HEADERS {
+                // The extra step follows no extension header: past the bound.
+                if i == limiter_common::MAX_IPV6_EXT_HEADERS && matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140)
+                {
+                    return chain;
+                }
                 match next {
-                    0 | 43 | 60 | 135 | 139 | 140 => {
+                    0 | 43 | 60 | 135 | 139 | 140 | 51 => {
                         let Some(e) = ext(at, 2) else { return chain };
-                        (next, at) = (e[0], at + 8 * (usize::from(e[1]) + 1));
-                    }
-                    51 => {
-                        let Some(e) = ext(at, 2) else { return chain };
-                        (next, at) = (e[0], at + 4 * (usize::from(e[1]) + 2));
+                        let size = if next == 51 { 4 * (usize::from(e[1]) + 2) } else { 8 * (usize::from(e[1]) + 1) };
+                        // The whole header must be there, not just its first two bytes.
+                        if ext(at + size - 1, 1).is_none() {
+                            return chain;
+                        }
+                        (next, at) = (e[0], at + size);
                     }
                     44 => {
                         let Some(e) = ext(at, 8) else { return chain };

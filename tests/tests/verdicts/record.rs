@@ -52,7 +52,7 @@ fn the_parse_record_says_what_the_program_read() {
         (syn.fragments(8, 0).remove(0), ip(v4, 4, 6, PARSE_FRAG_FIRST, None, PARSE_L4_TRUNCATED), "tiny fragment"),
         (syn.fragments(8, 0).remove(1), ip(v4, 4, 6, PARSE_FRAG_LATER, None, PARSE_L4_NONE), "later fragment"),
         (udp6().build(), ip(v6, 6, 17, PARSE_FRAG_NONE, Some(PROBE_PORT), PARSE_L4_COMPLETE), "IPv6/UDP"),
-        (chain.build(), ip(v6, 6, 17, PARSE_FRAG_NONE, None, PARSE_L4_CHAIN), "chain past the bound"),
+        (chain.build(), ip(v6, 6, 60, PARSE_FRAG_NONE, None, PARSE_L4_CHAIN), "chain past the bound"),
         (
             syn6.clone().payload(&[0; 16]).fragments(24, 3).remove(0),
             ip(v6, 6, 6, PARSE_FRAG_FIRST, Some(PROBE_PORT), PARSE_L4_COMPLETE),

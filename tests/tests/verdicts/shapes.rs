@@ -72,9 +72,51 @@ fn the_extension_header_walk_reaches_its_bound_and_drops_past_it() {
     // next header is unknown) is the same.
     let cut = udp6().dest_opts(0).hop_by_hop(2).build_with_offsets();
     assert_lists_judge(&cut.bytes[..cut.l3 + 40 + 8 + 1], reason::DROP_HEADER_CHAIN, "chain cut short");
-    // Cut after the last extension header's next-header byte: the transport is known to be
-    // UDP, and its header is missing.
-    assert_lists_judge(&cut.bytes[..cut.l3 + 40 + 8 + 12], reason::DROP_L4_TRUNCATED, "cut after the chain");
+    // Cut inside the last extension header, past its next-header byte: the header is not
+    // all there, so the chain is cut short too (the UDP named in it is not followed).
+    assert_lists_judge(&cut.bytes[..cut.l3 + 40 + 8 + 12], reason::DROP_HEADER_CHAIN, "cut inside a header");
+    // Cut after the whole chain: the transport is known to be UDP, and its header is missing.
+    assert_lists_judge(&cut.bytes[..cut.l3 + 40 + 8 + 24 + 4], reason::DROP_L4_TRUNCATED, "cut after the chain");
+}
+
+#[test]
+fn an_extension_header_cut_short_by_the_frame_or_the_ip_length_is_a_cut_chain() {
+    // Fuzz finding F2 (issue 10): a 24-byte hop-by-hop header of which 8 bytes are present.
+    // Only its first two bytes used to be checked, so the walk went on to the next header it
+    // names: GRE (no ports) passed as no_rule, UDP was called a truncated transport.
+    for (next, what) in [(47, "GRE"), (17, "UDP")] {
+        let p = Packet::eth().ipv6(CLIENT6, SERVER6).hop_by_hop(2).protocol(next);
+        let frame = p.clone().truncate_to(14 + 40 + 8).build();
+        assert_lists_judge(&frame, reason::DROP_HEADER_CHAIN, &format!("hop-by-hop naming {what}, cut by the frame"));
+        // The same cut made by the payload length, the frame carrying bytes past it.
+        let frame = p.ip_len(8).payload(&[0; 24]).build();
+        assert_lists_judge(&frame, reason::DROP_HEADER_CHAIN, &format!("hop-by-hop naming {what}, cut by the length"));
+    }
+    // An authentication header counts 4-byte units: one of 16 bytes cut after 8.
+    let frame = udp6().ah(2).build_with_offsets();
+    assert_lists_judge(&frame.bytes[..frame.l3 + 40 + 8], reason::DROP_HEADER_CHAIN, "AH cut short");
+}
+
+#[test]
+fn a_fragment_header_past_the_walks_bound_is_not_followed() {
+    // Fuzz finding F3 (issue 10): the walk's extra step, there to see the transport, used to
+    // process a fragment header as header number MAX_IPV6_EXT_HEADERS + 1: a later fragment
+    // was looked up in the fragment table (and judged by a first fragment's port).
+    let past = |offset: u16, more: bool| {
+        let mut p = udp6();
+        for _ in 0..MAX_IPV6_EXT_HEADERS {
+            p = p.dest_opts(0);
+        }
+        p.fragment6(offset, more, 7).build()
+    };
+    assert_lists_judge(&past(3, false), reason::DROP_HEADER_CHAIN, "later fragment header past the bound");
+    assert_lists_judge(&past(0, true), reason::DROP_HEADER_CHAIN, "first fragment header past the bound");
+    // With a first fragment of the same datagram (source, destination, id 7, next header UDP)
+    // in the table, the frame past the bound is still dropped, not judged by its port.
+    let mut dp = with_rules(vec![]);
+    let first = udp6().fragment6(0, true, 7).build();
+    assert_eq!(judged(&mut dp, &first), (XDP_PASS, reason::PASS_NO_RULE), "the first fragment");
+    assert_eq!(judged(&mut dp, &past(3, false)), (XDP_DROP, reason::DROP_HEADER_CHAIN), "past the bound");
 }
 
 #[test]
