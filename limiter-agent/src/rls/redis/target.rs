@@ -351,6 +351,7 @@ pub struct Timeouts {
     pub response: Duration,
 }
 
+#[expect(clippy::large_enum_variant, reason = "one per Redis, built once at start: its size never matters")]
 enum ConnectorKind {
     Single(Client),
     Cluster(redis::cluster::ClusterClient),

@@ -54,6 +54,7 @@ const NAPI_CPU: usize = 1;
 const WARM_UP_FRAMES: usize = 200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(clippy::enum_variant_names, reason = "XdpFilter is the peer's own name (xdp-tools' xdp-filter)")]
 enum Filter {
     None,
     Limiter,
