@@ -87,7 +87,11 @@ fn smoke_bench_produces_every_figure() {
     }
     let rls = results["rls"]["rows"].as_array().expect("RLS rows");
     let backends: Vec<&str> = rls.iter().filter_map(|r| r["backend"].as_str()).collect();
-    assert_eq!(backends, ["local", "redis"], "the RLS section measures both backends");
+    assert_eq!(
+        backends,
+        ["local", "redis", "redis-cluster", "redis @ 1,000/s", "redis-cluster @ 1,000/s"],
+        "the RLS section measures both backends at saturation, and Redis and the 3-master cluster at a fixed rate"
+    );
     for row in rls {
         for figure in ["calls_per_second", "decisions_per_cpu_second", "p50_us", "p99_us", "p999_us"] {
             let x = row[figure].as_f64().unwrap_or(f64::NAN);
