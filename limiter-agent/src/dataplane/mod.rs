@@ -20,8 +20,9 @@ use aya::{
 };
 pub use entries::{IdState, PlanError, RuleIds, SetEntries, fingerprints, layout, list_entry, mapped};
 use limiter_common::{
-    Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, ParseRecord, PortKey, PortRules,
-    RuleConfig, RuleCounter, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
+    Addr, BlockEntry, Bucket, Config, Counter, LIST_HOST_PREFIX, ListKey, ListValue, MAX_RULES, ParseRecord, PortKey,
+    PortRules, RuleConfig, RuleCounter, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names,
+    reason,
 };
 use log::{info, warn};
 pub use observe::PinnedView;
@@ -178,6 +179,8 @@ pub struct Dataplane {
     config: Array<MapData, Config>,
     allow: LpmTrie<MapData, ListKey, ListValue>,
     deny: LpmTrie<MapData, ListKey, ListValue>,
+    allow_hosts: HashMap<MapData, Key<ListKey>, ListValue>,
+    deny_hosts: HashMap<MapData, Key<ListKey>, ListValue>,
     block: HashMap<MapData, Addr, BlockEntry>,
     port_rules: HashMap<MapData, PortKey, PortRules>,
     rules: Array<MapData, RuleConfig>,
@@ -262,6 +265,8 @@ impl Dataplane {
             config: take(&mut ebpf, names::CONFIG)?,
             allow: take(&mut ebpf, names::ALLOW)?,
             deny: take(&mut ebpf, names::DENY)?,
+            allow_hosts: take(&mut ebpf, names::ALLOW_HOSTS)?,
+            deny_hosts: take(&mut ebpf, names::DENY_HOSTS)?,
             block: take(&mut ebpf, names::BLOCK)?,
             port_rules: take(&mut ebpf, names::PORT_RULES)?,
             rules: take(&mut ebpf, names::RULES)?,
@@ -276,7 +281,7 @@ impl Dataplane {
             ids: RuleIds::default(),
             written: [None, None],
             active_set: 0,
-            list_flags: limiter_common::CONFIG_FLAG_NO_ALLOW | limiter_common::CONFIG_FLAG_NO_DENY,
+            list_flags: SetEntries::default().list_flags(),
             block_empty: true,
             names: BTreeMap::new(),
             current: None,
@@ -377,10 +382,22 @@ impl Dataplane {
             self.port_rules.insert(key, list, 0).map_err(map_err(names::PORT_RULES, "writing a port list"))?;
         }
         for (prefix, key, value) in &entries.allow {
-            self.allow.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::ALLOW, "inserting"))?;
+            if *prefix == LIST_HOST_PREFIX {
+                self.allow_hosts
+                    .insert(Key::new(*prefix, *key), value, 0)
+                    .map_err(map_err(names::ALLOW_HOSTS, "inserting"))?;
+            } else {
+                self.allow.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::ALLOW, "inserting"))?;
+            }
         }
         for (prefix, key, value) in &entries.deny {
-            self.deny.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::DENY, "inserting"))?;
+            if *prefix == LIST_HOST_PREFIX {
+                self.deny_hosts
+                    .insert(Key::new(*prefix, *key), value, 0)
+                    .map_err(map_err(names::DENY_HOSTS, "inserting"))?;
+            } else {
+                self.deny.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::DENY, "inserting"))?;
+            }
         }
         // Fresh ids must start with empty counters.
         let fresh: Vec<u32> = rule_ids.iter().copied().filter(|id| !self.names.contains_key(id)).collect();
@@ -422,10 +439,21 @@ impl Dataplane {
             ignore_missing(self.port_rules.remove(key)).map_err(map_err(names::PORT_RULES, "removing"))?;
         }
         for (prefix, key, _) in &old.allow {
-            ignore_missing(self.allow.remove(&Key::new(*prefix, *key))).map_err(map_err(names::ALLOW, "removing"))?;
+            if *prefix == LIST_HOST_PREFIX {
+                ignore_missing(self.allow_hosts.remove(&Key::new(*prefix, *key)))
+                    .map_err(map_err(names::ALLOW_HOSTS, "removing"))?;
+            } else {
+                ignore_missing(self.allow.remove(&Key::new(*prefix, *key)))
+                    .map_err(map_err(names::ALLOW, "removing"))?;
+            }
         }
         for (prefix, key, _) in &old.deny {
-            ignore_missing(self.deny.remove(&Key::new(*prefix, *key))).map_err(map_err(names::DENY, "removing"))?;
+            if *prefix == LIST_HOST_PREFIX {
+                ignore_missing(self.deny_hosts.remove(&Key::new(*prefix, *key)))
+                    .map_err(map_err(names::DENY_HOSTS, "removing"))?;
+            } else {
+                ignore_missing(self.deny.remove(&Key::new(*prefix, *key))).map_err(map_err(names::DENY, "removing"))?;
+            }
         }
         // RULES slots are overwritten, not deleted (array).
         Ok(())

@@ -107,10 +107,11 @@ fn goals(r: &Value) -> Vec<Goal> {
             bound: "the kernel's LRU hash element: 48 bytes of its own (hash-chain node, LRU node, hash) \
                     plus the key and the value each rounded up to 8, plus a 16-byte hash bucket per slot \
                     (the bucket array is sized to the capacity rounded up to a power of two); with the \
-                    24-byte key (rule id, port, protocol, 16-byte source) and the 8-byte bucket that is \
-                    48 + 24 + 8 + 16 = 96. 80 leaves 16 bytes for key and value together, less than an \
-                    IPv6 source alone: only a hashed key (with collisions) or a table the kernel does not \
-                    offer gets there",
+                    24-byte key (rule id, port, protocol, 16-byte source) and the 16-byte bucket (the \
+                    TAT and the refund word that keeps refunds out of the charges' compare-and-swap) \
+                    that is 48 + 24 + 16 + 16 = 104. 80 leaves 16 bytes for key and value together, less \
+                    than an IPv6 source alone: only a hashed key (with collisions) or a table the kernel \
+                    does not offer gets there",
         });
     }
     out
