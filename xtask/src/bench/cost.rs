@@ -310,13 +310,17 @@ pub fn per_packet(md: &mut String, pp: &Value, command: &str) {
         "### One shared bucket from both CPUs\n\nA per-port bucket (one bucket for all sources) hit by \
          `BPF_PROG_TEST_RUN` calls started together on CPU 0 and CPU 1: **{:.1} ns** per run on each CPU, \
          against {:.1} ns from one CPU alone ({:.2}×); the trivial program the same two ways: {:.1} and {:.1} \
-         ns ({:.2}×, what the machine adds when both CPUs are busy).\n",
+         ns ({:.2}×, what the machine adds when both CPUs are busy). With both CPUs doing nothing but \
+         charging that one bucket, {} of {} charges lost six compare-and-swaps in a row to the other CPU's \
+         charges and refused their packet (`bucket_contended`, the safe side).\n",
         f(&two["both_cpu_ns"]),
         f(&two["alone_cpu_ns"]),
         f(&two["slowdown"]),
         f(&two["trivial_both_cpu_ns"]),
         f(&two["trivial_alone_cpu_ns"]),
-        f(&two["trivial_slowdown"])
+        f(&two["trivial_slowdown"]),
+        thousands(f(&two["contended_refusals"])),
+        thousands(f(&two["runs_total"]))
     );
 }
 
