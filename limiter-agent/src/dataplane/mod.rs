@@ -9,6 +9,7 @@ mod observe;
 use observe::{count_blocked, read_stats, read_top};
 pub mod pin;
 mod pinned;
+mod shares;
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -54,6 +55,8 @@ pub enum DataplaneError {
     Pin(#[from] pin::PinError),
     #[error("pinning the XDP program: {0}")]
     ProgramPin(#[source] aya::pin::PinError),
+    #[error("rule {rule} of the plan in force has no id (agent state out of sync; reload the policy)")]
+    NoRuleId { rule: String },
     #[error("the XDP link of {iface}: {action}: {detail}")]
     Link { iface: String, action: &'static str, detail: String },
 }
@@ -198,7 +201,11 @@ pub struct Dataplane {
     /// `CONFIG_FLAG_NO_ALLOW` / `CONFIG_FLAG_NO_DENY` for the active set: written with it.
     list_flags: u32,
     names: BTreeMap<u32, String>,
+    /// The plan in force as given (global rules at their policy limit: their identity).
     current: Option<KernelPlan>,
+    /// This node's shares of `global` rules, by rule name: the limit their buckets enforce
+    /// instead of the policy's (see [`Dataplane::set_shares`]).
+    shares: BTreeMap<String, crate::plan::Limit>,
     options: LoadOptions,
     /// The pin directory and its record, when the data path is pinned.
     pinned: Option<pinned::Pinned>,
@@ -277,6 +284,7 @@ impl Dataplane {
             list_flags: limiter_common::CONFIG_FLAG_NO_ALLOW | limiter_common::CONFIG_FLAG_NO_DENY,
             names: BTreeMap::new(),
             current: None,
+            shares: BTreeMap::new(),
             options,
             pinned: None,
         };
@@ -343,21 +351,24 @@ impl Dataplane {
         }
     }
 
-    /// The plan currently enforced, if any.
+    /// The plan currently enforced, if any, as given: `global` rules at their policy limit
+    /// ([`Self::shares`] holds what their buckets enforce).
     pub fn current_plan(&self) -> Option<&KernelPlan> {
         self.current.as_ref()
     }
 
     /// Applies `plan` atomically: writes it into the inactive policy set, then flips the set
     /// the program reads with one store. Buckets of rules that did not change are kept; on
-    /// error nothing the program reads has changed.
+    /// error nothing the program reads has changed. `global` rules named in the shares in
+    /// force ([`Self::set_shares`]) enforce their share; their identity (and so whether they
+    /// keep their buckets) is that of the policy's limit.
     pub fn apply(&mut self, plan: &KernelPlan) -> Result<Applied> {
         let target = 1 - self.active_set;
         // Lay out first: a plan that does not fit fails before any map is touched. Ids are
         // assigned on a copy and committed only once the flip has happened.
         let mut ids = self.ids.clone();
         let (rule_ids, retired) = ids.assign(plan)?;
-        let entries = layout(plan, target, &rule_ids)?;
+        let entries = layout(&shares::with_shares(plan, &self.shares), target, &rule_ids)?;
         let kept = rule_ids.iter().filter(|id| self.names.contains_key(id)).count();
 
         self.clear_set(target)?;
