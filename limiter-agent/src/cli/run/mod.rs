@@ -65,8 +65,17 @@ struct InForce {
     view: Option<Arc<sync::demand::View>>,
     /// `--global-share-floor`.
     share_floor: f64,
+    /// The requests of each share when the shares were last logged.
+    logged_shares: std::collections::BTreeMap<String, u64>,
     l7: L7Plan,
     penalties: Penalties,
+}
+
+impl InForce {
+    /// Live nodes in the last view (1 without one).
+    fn nodes(&self) -> u64 {
+        self.view.as_ref().map_or(1, |v| v.nodes.len() as u64)
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -180,7 +189,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let shares = shares_in(&compiled.plan, view.as_deref(), share_floor);
         Some(start_kernel(&args, &compiled.plan, shares, control.as_mut())?)
     };
-    let mut in_force = InForce { plan: compiled.plan, view, share_floor, l7: compiled.l7, penalties };
+    let mut in_force =
+        InForce { plan: compiled.plan, view, share_floor, logged_shares: Default::default(), l7: compiled.l7, penalties };
     // The sync period: this node's counters go to the sync task, which publishes the demand
     // they make and sends back the view its shares follow.
     let mut sync_tick = tokio::time::interval(args.rls.global_heartbeat);

@@ -111,7 +111,9 @@ pub(super) async fn next_view(link: &mut Option<SyncLink>) -> Option<Arc<View>> 
 }
 
 /// Puts in force this node's shares in `view`, in place (buckets and rule ids kept). A share
-/// that fails to apply is logged; the next view, or the next stats tick, retries it.
+/// that fails to apply is logged; the next view, or the next stats tick, retries it. Shares
+/// are logged (info) when one moved by a tenth of its limit or more since last logged, so a
+/// shift shows in the log without a line every period.
 pub(super) fn reshare(dp: &mut Dataplane, in_force: &mut InForce, view: Option<Arc<View>>) {
     if view.is_some() {
         in_force.view = view;
@@ -121,8 +123,19 @@ pub(super) fn reshare(dp: &mut Dataplane, in_force: &mut InForce, view: Option<A
         return;
     }
     let text = shares_text(&shares);
+    let moved = in_force.plan.rules.iter().filter(|r| r.global).any(|r| {
+        let (Some(new), old) = (shares.get(&r.name), in_force.logged_shares.get(&r.name)) else { return false };
+        old.is_none_or(|old| new.requests.abs_diff(*old) >= (r.limit.requests / 10).max(1))
+    });
     match dp.set_shares(shares) {
-        Ok(changed) => debug!("sync: {changed} global kernel rule(s) re-shared: {text}"),
+        Ok(changed) => {
+            if moved {
+                in_force.logged_shares = dp.shares().iter().map(|(name, l)| (name.clone(), l.requests)).collect();
+                info!("sync: shares of {} live: {text}", sync::nodes_text(in_force.nodes()));
+            } else {
+                debug!("sync: {changed} global kernel rule(s) re-shared: {text}");
+            }
+        }
         Err(e) => error!("sync: putting the new shares in force failed, the previous ones stay (retried): {e:#}"),
     }
 }

@@ -98,7 +98,7 @@ pub(super) fn reload(
             Ok(a) => {
                 kernel_note = format!("{} kernel rules, {} kept their bucket state", a.rules, a.kept);
                 let globals = sync::global_rules(&compiled.plan);
-                let nodes = in_force.view.as_ref().map_or(1, |v| v.nodes.len() as u64);
+                let nodes = in_force.nodes();
                 if nodes > 1 && globals > 0 {
                     kernel_note.push_str(&format!(
                         ", {globals} global rule(s) shared by demand across {}",
