@@ -129,13 +129,24 @@ pub fn shares(plan: &KernelPlan, view: &View, floor: f64) -> BTreeMap<String, Li
     plan.rules.iter().filter(|r| r.global).map(|r| (r.name.clone(), share_of(r.limit, &r.name, view, floor))).collect()
 }
 
+/// A global rule's cumulative offered count, and which rule counted it: the rule's
+/// fingerprint (a reload that changes the rule gives it fresh counters, so counts of two
+/// fingerprints do not subtract).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offered {
+    pub fingerprint: u64,
+    pub count: u64,
+}
+
 /// What each global rule of `plan` was offered so far on this node (its counters: passed,
 /// dropped and shadow-dropped, in packets, or in bytes for `count: Bytes`).
-pub fn offered(plan: &KernelPlan, stats: &Stats) -> BTreeMap<String, u64> {
+pub fn offered(plan: &KernelPlan, stats: &Stats) -> BTreeMap<String, Offered> {
+    let fingerprints = crate::dataplane::fingerprints(plan);
     plan.rules
         .iter()
-        .filter(|r| r.global)
-        .filter_map(|r| {
+        .zip(fingerprints)
+        .filter(|(r, _)| r.global)
+        .filter_map(|(r, fingerprint)| {
             let c = stats.rules.get(&r.name)?;
             let total = match r.count {
                 CountKind::Bytes => c.passed.bytes + c.dropped.bytes + c.shadow_dropped.bytes,
@@ -143,7 +154,7 @@ pub fn offered(plan: &KernelPlan, stats: &Stats) -> BTreeMap<String, u64> {
                     c.passed.packets + c.dropped.packets + c.shadow_dropped.packets
                 }
             };
-            Some((r.name.clone(), total))
+            Some((r.name.clone(), Offered { fingerprint, count: total }))
         })
         .collect()
 }
@@ -151,22 +162,22 @@ pub fn offered(plan: &KernelPlan, stats: &Stats) -> BTreeMap<String, u64> {
 /// Turns counter readings into smoothed demand (see the module docs).
 #[derive(Debug, Default)]
 pub struct Smoother {
-    last: Option<(Instant, BTreeMap<String, u64>)>,
+    last: Option<(Instant, BTreeMap<String, Offered>)>,
     demand: Demand,
 }
 
 impl Smoother {
     /// The demand after a reading of the cumulative counts `counts` taken at `at`. The first
-    /// reading gives no rate yet (demand 0); a counter that went backwards (the rule was
-    /// re-created by a reload) counts from 0.
-    pub fn observe(&mut self, at: Instant, counts: &BTreeMap<String, u64>) -> &Demand {
+    /// reading gives no rate yet (demand 0); a rule re-created by a reload (another
+    /// fingerprint) counts from 0.
+    pub fn observe(&mut self, at: Instant, counts: &BTreeMap<String, Offered>) -> &Demand {
         if let Some((then, before)) = &self.last {
             let secs = at.saturating_duration_since(*then).as_secs_f64();
             if secs > 0.0 {
                 let mut next = Demand::new();
-                for (rule, &now) in counts {
-                    let prev = before.get(rule).copied().unwrap_or(0);
-                    let delta = if now >= prev { now - prev } else { now };
+                for (rule, now) in counts {
+                    let prev = before.get(rule).filter(|p| p.fingerprint == now.fingerprint).map_or(0, |p| p.count);
+                    let delta = now.count.saturating_sub(prev);
                     let rate = delta as f64 / secs;
                     next.insert(rule.clone(), smooth(self.demand.get(rule).copied().unwrap_or(0.0), rate));
                 }

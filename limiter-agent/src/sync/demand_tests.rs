@@ -9,6 +9,11 @@ fn view(this: &str, demand: &[(&str, f64)]) -> View {
     View::new(this, nodes, demand)
 }
 
+/// Rule "r"'s cumulative count `n`, under fingerprint 1.
+fn one(n: u64) -> BTreeMap<String, Offered> {
+    BTreeMap::from([("r".to_owned(), Offered { fingerprint: 1, count: n })])
+}
+
 #[test]
 fn split_sums_to_the_total_whatever_the_weights() {
     for total in [0, 1, 2, 7, 20, 100, 1_000_003, u64::from(u32::MAX), 1 << 60] {
@@ -126,7 +131,7 @@ fn a_shift_is_followed_within_four_periods() {
         counts[0] += rates[0] / 2;
         counts[1] += rates[1] / 2;
         let d: Vec<f64> = (0..2)
-            .map(|i| smoothers[i].observe(*at, &BTreeMap::from([("r".to_owned(), counts[i])])).get("r").copied().unwrap_or(0.0))
+            .map(|i| smoothers[i].observe(*at, &one(counts[i])).get("r").copied().unwrap_or(0.0))
             .collect();
         split(limit, &d, DEFAULT_FLOOR)
     };
@@ -152,15 +157,19 @@ fn smoothing_rises_at_once_and_decays_by_half() {
     assert_eq!(smooth(100.0, 50.0), 75.0);
     let mut s = Smoother::default();
     let t0 = Instant::now();
-    let counts = |n: u64| BTreeMap::from([("r".to_owned(), n)]);
+    let counts = one;
     assert!(s.observe(t0, &counts(100)).is_empty(), "the first reading gives no rate");
     assert_eq!(s.observe(t0 + Duration::from_secs(2), &counts(300))["r"], 100.0);
-    // A counter that went backwards (a reload re-created the rule) counts from zero.
     assert_eq!(s.observe(t0 + Duration::from_secs(3), &counts(500))["r"], 200.0);
-    assert_eq!(s.observe(t0 + Duration::from_secs(4), &counts(50))["r"], 125.0);
+    // A reload re-created the rule (another fingerprint): its count starts from zero, even
+    // when it happens to be above the old one's.
+    let recreated = BTreeMap::from([("r".to_owned(), Offered { fingerprint: 2, count: 550 })]);
+    assert_eq!(s.observe(t0 + Duration::from_secs(4), &recreated)["r"], 550.0);
+    let recreated = BTreeMap::from([("r".to_owned(), Offered { fingerprint: 2, count: 560 })]);
+    assert_eq!(s.observe(t0 + Duration::from_secs(5), &recreated)["r"], 280.0);
     // Same instant twice: nothing changes.
-    assert_eq!(s.observe(t0 + Duration::from_secs(4), &counts(60))["r"], 125.0);
-    assert_eq!(s.demand()["r"], 125.0);
+    assert_eq!(s.observe(t0 + Duration::from_secs(5), &recreated)["r"], 280.0);
+    assert_eq!(s.demand()["r"], 280.0);
 }
 
 #[test]
@@ -190,7 +199,11 @@ fn offered_counts_every_judged_packet_of_global_rules() {
         stats.rules.insert(name.into(), rc);
     }
     let o = offered(&plan, &stats);
-    assert_eq!(o, BTreeMap::from([("p/pk".to_owned(), 8), ("p/by".to_owned(), 800)]));
+    let counts: Vec<(&str, u64)> = o.iter().map(|(n, o)| (n.as_str(), o.count)).collect();
+    assert_eq!(counts, [("p/by", 800), ("p/pk", 8)]);
+    let fps = crate::dataplane::fingerprints(&plan);
+    assert_eq!(o["p/pk"].fingerprint, fps[0]);
+    assert_eq!(o["p/by"].fingerprint, fps[1]);
 }
 
 #[test]

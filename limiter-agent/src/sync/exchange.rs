@@ -4,8 +4,9 @@
 //! the Redis time of its last publication and its demand (JSON, tokens per second per global
 //! rule). One script, on one key (so it also runs on a Redis Cluster), writes this node's
 //! field, deletes the fields older than [`super::STALE_HEARTBEATS`] periods (a node that
-//! stopped publishing vanishes with them), renews the hash's own TTL to the same span (when
-//! every node is gone, so is the hash) and returns the rest. The node set
+//! stopped publishing vanishes with them), renews the hash's own TTL (when every node is
+//! gone, so is the hash, after [`KEY_TTL_MS`] or three periods, whichever is longer) and
+//! returns the rest. The node set
 //! (`<prefix>limiter:nodes`) says which nodes are live; the hash says what they want.
 //!
 //! Nothing here is on the packet path: the agent's main loop sends the counters over a watch
@@ -23,15 +24,19 @@ use tokio::sync::watch;
 
 use super::{
     Membership, STALE_HEARTBEATS,
-    demand::{Demand, Smoother, View},
+    demand::{Demand, Offered, Smoother, View},
     nodes_text,
 };
 
 /// The hash of published demand (after the `--redis-key-prefix`).
 pub const DEMAND_KEY: &str = "limiter:demand";
 
+/// The demand hash's own TTL (at least): garbage collection once every node is gone. Dead
+/// nodes leave through the staleness of their field, much sooner.
+pub const KEY_TTL_MS: u64 = 60_000;
+
 /// KEYS[1]: the demand hash; ARGV[1]: node id; ARGV[2]: its demand (JSON); ARGV[3]:
-/// staleness in ms. Returns `[node, demand, node, demand, ...]` of the fresh fields.
+/// staleness in ms; ARGV[4]: the hash's TTL in ms. Returns `[node, demand, node, demand, ...]` of the fresh fields.
 const EXCHANGE_SCRIPT: &str = "\
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -50,14 +55,14 @@ for i = 1, #all, 2 do
     table.insert(out, string.sub(v, sp + 1))
   end
 end
-redis.call('PEXPIRE', KEYS[1], stale)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return out";
 
 /// Cumulative offered counts of the global rules, read from the kernel at one instant.
 #[derive(Clone, Debug, Default)]
 pub struct Reading {
     pub at: Option<Instant>,
-    pub counts: BTreeMap<String, u64>,
+    pub counts: BTreeMap<String, Offered>,
 }
 
 impl Membership {
@@ -73,6 +78,7 @@ impl Membership {
             .arg(&self.config.node_id)
             .arg(json)
             .arg(self.config.stale_ms())
+            .arg(self.config.stale_ms().max(KEY_TTL_MS))
             .query_async::<Vec<String>>(&mut conn)
             .await;
         let flat = match result {
