@@ -119,7 +119,8 @@ fn views_one_period_apart_can_sum_above_the_limit_but_not_where_the_traffic_is()
 #[test]
 fn a_shift_is_followed_within_four_periods() {
     // All of the traffic moves from node a to node b. b's demand counts at once; a's halves
-    // each period. Shares follow from views one period old (the slowest node's).
+    // each period. (In the agents, add up to two periods: the first full reading after the
+    // move, and the other nodes reading it.)
     let limit = 1000u64;
     let mut smoothers = [Smoother::default(), Smoother::default()];
     let start = Instant::now();
