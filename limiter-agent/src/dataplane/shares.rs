@@ -96,12 +96,8 @@ impl Dataplane {
         if changed.is_empty() {
             return Ok(());
         }
-        let keys: Vec<SharedBucketKey> = self
-            .shared_buckets
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| changed.contains_key(&k.rule_id))
-            .collect();
+        let keys: Vec<SharedBucketKey> =
+            self.shared_buckets.keys().filter_map(|k| k.ok()).filter(|k| changed.contains_key(&k.rule_id)).collect();
         for key in keys {
             let Some((old, new)) = changed.get(&key.rule_id) else { continue };
             let bucket = match self.shared_buckets.get(&key, 0) {

@@ -131,9 +131,8 @@ fn a_shift_is_followed_within_four_periods() {
         *at += period;
         counts[0] += rates[0] / 2;
         counts[1] += rates[1] / 2;
-        let d: Vec<f64> = (0..2)
-            .map(|i| smoothers[i].observe(*at, &one(counts[i])).get("r").copied().unwrap_or(0.0))
-            .collect();
+        let d: Vec<f64> =
+            (0..2).map(|i| smoothers[i].observe(*at, &one(counts[i])).get("r").copied().unwrap_or(0.0)).collect();
         split(limit, &d, DEFAULT_FLOOR)
     };
     step(&mut smoothers, &mut counts, &mut at, [0, 0]);

@@ -215,11 +215,7 @@ impl Membership {
     pub async fn leave(&mut self) -> redis::RedisResult<()> {
         let mut conn = self.connection().await?;
         redis::cmd("ZREM").arg(&self.config.key).arg(&self.config.node_id).query_async::<i64>(&mut conn).await?;
-        redis::cmd("HDEL")
-            .arg(&self.config.demand_key)
-            .arg(&self.config.node_id)
-            .query_async::<i64>(&mut conn)
-            .await?;
+        redis::cmd("HDEL").arg(&self.config.demand_key).arg(&self.config.node_id).query_async::<i64>(&mut conn).await?;
         Ok(())
     }
 

@@ -189,8 +189,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let shares = shares_in(&compiled.plan, view.as_deref(), share_floor);
         Some(start_kernel(&args, &compiled.plan, shares, control.as_mut())?)
     };
-    let mut in_force =
-        InForce { plan: compiled.plan, view, share_floor, logged_shares: Default::default(), l7: compiled.l7, penalties };
+    let mut in_force = InForce {
+        plan: compiled.plan,
+        view,
+        share_floor,
+        logged_shares: Default::default(),
+        l7: compiled.l7,
+        penalties,
+    };
     // The sync period: this node's counters go to the sync task, which publishes the demand
     // they make and sends back the view its shares follow.
     let mut sync_tick = tokio::time::interval(args.rls.global_heartbeat);
