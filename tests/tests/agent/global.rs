@@ -71,6 +71,9 @@ fn global_kernel_rule_follows_the_demand_published_in_redis() {
     agent.wait_for(&["attached to s0"], Duration::from_secs(30));
     assert_eq!(members(&redis), ["other-node", "this-node"]);
     assert_eq!(send_and_count(&topo, &server, 30), 10, "this node's floor: 5% of 400 over 2 nodes");
+    let text = crate::scrape(&topo, ([127, 0, 0, 1], 9091).into());
+    assert!(text.contains("limiter_global_nodes 2"), "{text}");
+    assert!(text.contains("limiter_global_share_requests{rule=\"global-test/udp-global\"} 10"), "{text}");
 
     // This node's demand is published, under a TTL.
     let published = redis.command(&["HGET", "limiter:demand", "this-node"]).unwrap().as_text().unwrap();

@@ -234,7 +234,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Some(view) = next_view(&mut sync_link) => {
                 if let Some(k) = kernel.as_mut() {
-                    reshare(&mut k.dp, &mut in_force, Some(view));
+                    reshare(&mut k.dp, &mut in_force, Some(view), &metrics);
                 }
             }
             Some(order) = orders_rx.recv() => {
@@ -250,7 +250,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 // A share that failed to apply is retried here until it holds.
                 if let Some(k) = kernel.as_mut() && sync_link.is_some() {
-                    reshare(&mut k.dp, &mut in_force, None);
+                    reshare(&mut k.dp, &mut in_force, None, &metrics);
                 }
                 if let Some(escalator) = limiter.escalation() {
                     escalator.sweep(Instant::now());

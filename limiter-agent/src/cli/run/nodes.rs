@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use super::{BackendKind, InForce, RunArgs, redis_args::RedisSettings};
 use crate::{
     dataplane::Dataplane,
+    metrics::Metrics,
     plan::{KernelPlan, Limit},
     sync::{
         self, Membership, MembershipConfig,
@@ -114,12 +115,13 @@ pub(super) async fn next_view(link: &mut Option<SyncLink>) -> Option<Arc<View>> 
 /// that fails to apply is logged; the next view, or the next stats tick, retries it. Shares
 /// are logged (info) when one moved by a tenth of its limit or more since last logged, so a
 /// shift shows in the log without a line every period.
-pub(super) fn reshare(dp: &mut Dataplane, in_force: &mut InForce, view: Option<Arc<View>>) {
+pub(super) fn reshare(dp: &mut Dataplane, in_force: &mut InForce, view: Option<Arc<View>>, metrics: &Metrics) {
     if view.is_some() {
         in_force.view = view;
     }
     let shares = shares_in(&in_force.plan, in_force.view.as_deref(), in_force.share_floor);
     if dp.shares() == &shares {
+        metrics.global_shares(in_force.nodes(), dp.shares());
         return;
     }
     let text = shares_text(&shares);
@@ -138,6 +140,7 @@ pub(super) fn reshare(dp: &mut Dataplane, in_force: &mut InForce, view: Option<A
         }
         Err(e) => error!("sync: putting the new shares in force failed, the previous ones stay (retried): {e:#}"),
     }
+    metrics.global_shares(in_force.nodes(), dp.shares());
 }
 
 /// `p/r=120/Second+10` for each share, for logs.
