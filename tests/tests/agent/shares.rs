@@ -158,16 +158,17 @@ fn stop_all(agents: Vec<Agent>) {
 /// Two nodes. All traffic on node 0 (the shape of an attack): together they admit 0.9x to
 /// 1.05x of the global limit, node 0 nearly all of it (the other keeps its floor). All of it
 /// moves to node 1: within the warm-up (a few sync periods) node 1 admits 0.9x to 1.05x.
-/// Spread evenly: the sum stays within 1.05x, and each node admits about half.
+/// Spread evenly: the sum stays within 1.05x, and each node admits about half. Redis down:
+/// the last shares stay in force; back: they follow the traffic again.
 #[test]
 fn two_agents_shares_follow_the_traffic_to_one_node_across_and_spread() {
     require_root();
     let topo = Topology::new("shares2", 2).unwrap();
-    let redis = limiter_tests::redis::RedisServer::start_in(&topo.server).unwrap();
+    let mut redis = limiter_tests::redis::RedisServer::start_in(&topo.server).unwrap();
     let dir = TempDir::new("shares2");
     dir.write("policy.yaml", &policy());
     let server = udp_socket(&topo.server, (IpAddr::from(Ipv4Addr::UNSPECIFIED), UDP_PORT).into()).unwrap();
-    let agents = start_agents(&topo, &dir, &redis.url(), 2);
+    let mut agents = start_agents(&topo, &dir, &redis.url(), 2);
 
     let (on_one, secs) = offer(&topo, &server, &[0]);
     let r = ratio(on_one.iter().sum(), secs);
@@ -190,6 +191,25 @@ fn two_agents_shares_follow_the_traffic_to_one_node_across_and_spread() {
         let part = *n as f64 / spread.iter().sum::<u64>() as f64;
         assert!((0.35..=0.65).contains(&part), "node {i} admitted {part:.2} of the sum: {spread:?}");
     }
+
+    // Redis goes away: each node keeps its last shares, which still sum to the limit. They
+    // come from the last views, read while both nodes' demand decayed after the spread
+    // traffic stopped (each seeing the other's one period late): node 0's is about half, a
+    // third to two thirds. With all traffic back on node 0, it admits that, not the limit.
+    redis.stop().unwrap();
+    agents[0].wait_for(&["heartbeat to redis", "failed", "keeping the last known shares"], Duration::from_secs(10));
+    let (frozen, secs) = offer(&topo, &server, &[0]);
+    let r = ratio(frozen.iter().sum(), secs);
+    eprintln!("redis down, all on node 0: admitted {frozen:?} in {secs:.1} s: {r:.3}x the limit");
+    assert!((0.25..=0.75).contains(&r), "redis down: node 0 keeps its last share: {frozen:?} is {r:.3}x");
+
+    // Redis back (empty): the nodes rejoin and publish again, and node 0's share grows back.
+    redis.restart().unwrap();
+    agents[0].wait_for(&["reachable again"], Duration::from_secs(10));
+    let (back, secs) = offer(&topo, &server, &[0]);
+    let r = ratio(back.iter().sum(), secs);
+    eprintln!("redis back, all on node 0: admitted {back:?} in {secs:.1} s: {r:.3}x the limit");
+    assert!((0.9..=1.05).contains(&r), "redis back: {back:?} is {r:.3}x the limit");
     stop_all(agents);
 }
 
