@@ -22,10 +22,10 @@ use aya::{
 pub use entries::{IdState, PlanError, RuleIds, SetEntries, fingerprints, layout, list_entry, mapped};
 use limiter_common::{
     Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, ParseRecord, PortKey, PortRules,
-    RuleConfig, RuleCounter, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
+    RuleConfig, RuleCounter, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names,
 };
 use log::{info, warn};
-pub use observe::PinnedView;
+pub use observe::{PinnedView, Stats};
 pub use pinned::Adoption;
 
 use crate::plan::KernelPlan;
@@ -124,41 +124,6 @@ impl Default for LoadOptions {
             debug_log: false,
             record_parse: false,
         }
-    }
-}
-
-/// Counters summed over CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Indexed by `limiter_common::reason::*`.
-    pub reasons: Vec<Counter>,
-    /// Per rule name, for the rules of the applied plan.
-    pub rules: BTreeMap<String, RuleCounter>,
-}
-
-impl Stats {
-    pub fn reason(&self, r: u32) -> Counter {
-        self.reasons.get(r as usize).copied().unwrap_or_default()
-    }
-
-    /// Packets and bytes passed, over all pass reasons.
-    pub fn passed(&self) -> Counter {
-        self.sum(|r| !reason::is_drop(r))
-    }
-
-    /// Packets and bytes dropped, over all drop reasons.
-    pub fn dropped(&self) -> Counter {
-        self.sum(reason::is_drop)
-    }
-
-    fn sum(&self, pick: impl Fn(u32) -> bool) -> Counter {
-        let mut c = Counter::default();
-        for r in (0..reason::VERDICT_REASONS).filter(|&r| pick(r)) {
-            let x = self.reason(r);
-            c.packets += x.packets;
-            c.bytes += x.bytes;
-        }
-        c
     }
 }
 
