@@ -43,13 +43,16 @@ fn goals(r: &Value) -> Vec<Goal> {
             goal: 1.0,
             unit: "×",
             detail: format!(
-                "{:.1} ns : {:.1} ns (deny list of one host, one source)",
+                "{:.1} ns : {:.1} ns (the deny-hit check, a deny list of one prefix holding the source, \
+                 measured right beside the peer)",
                 f(&l["cpu_ns"]),
                 f(&x["cpu_ns"])
             ),
             bound: "before the list is probed the limiter parses further than xdp-filter (VLAN tags, IPv6 \
-                    extension chains, fragments) and reads its config; the deny list is an LPM trie keyed \
-                    by a 16-byte address with a set number, where xdp-filter hashes 4 bytes",
+                    extension chains, fragments) and reads its config; its prefix lists are LPM tries and its \
+                    host lists hashes keyed by a set number and a 16-byte address (IPv4 mapped into IPv6), \
+                    where xdp-filter hashes 4 bytes; and every drop also updates the top-dropped-sources \
+                    table",
         });
     }
     if let (Some(l), Some(x)) = (beside(pp, "per-source bucket"), peer_row(pp, "unmatched", "sources", 1.0)) {
