@@ -305,11 +305,13 @@ pub fn run(cfg: &Config) -> Result<Value> {
         .build();
     let trivial = Prog::trivial()?;
     let ifindex = chain.srv.link_info(&chain.shielded)?.0;
-    let mut rows = Vec::new();
-    let mut cpu_of = Vec::new();
-    for filter in Filter::ALL {
-        let mut runs = Vec::new();
-        for run in 0..cfg.runs {
+    // Round robin: run 1 of every filter, then run 2 of every filter, and so on. The receive
+    // cost on a shared VM drifts by a factor of two or three over a minute (other work, the
+    // host); taking each filter's runs in one block would hand that drift to whichever filter
+    // ran in the bad minute.
+    let mut runs_of: Vec<Vec<(RunResult, f64)>> = Filter::ALL.iter().map(|_| Vec::new()).collect();
+    for run in 0..cfg.runs {
+        for (filter, runs) in Filter::ALL.into_iter().zip(runs_of.iter_mut()) {
             // A fresh filter per run, so each starts with full buckets.
             let result = match filter {
                 Filter::None => {
@@ -351,6 +353,10 @@ pub fn run(cfg: &Config) -> Result<Value> {
             );
             runs.push((result, ms_per_mframe));
         }
+    }
+    let mut rows = Vec::new();
+    let mut cpu_of = Vec::new();
+    for (filter, runs) in Filter::ALL.into_iter().zip(runs_of) {
         let col = |f: &dyn Fn(&(RunResult, f64)) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         let cpu = col(&|r| r.1);
         cpu_of.push((filter, cpu));
