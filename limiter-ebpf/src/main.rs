@@ -11,6 +11,7 @@
 
 mod bucket;
 mod parse;
+mod synproxy;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -25,9 +26,10 @@ use limiter_common::{
     CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config, Counter, DEFAULT_SOURCE_ENTRIES,
     DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey,
     KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PARSE_FRAG_FIRST,
-    PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED,
+    PARSE_FRAG_LATER, PARSE_FRAG_NONE, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED,
     PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig,
     RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
+    synproxy::CONFIG_FLAG_SYNPROXY,
 };
 
 use core::ffi::c_void;
@@ -110,7 +112,7 @@ pub fn limiter(ctx: XdpContext) -> u32 {
     let (verdict_reason, rule_id) = match parsed {
         Parsed::Ip(packet) => {
             let source = source_key_addr(&packet, config.ipv6_source_prefix);
-            let (why, rule) = judge(&config, &packet, &source, len);
+            let (why, rule) = judge(&ctx, &config, &packet, &source, len);
             if reason::is_drop(why) {
                 note_dropped_source(&source, why, len);
             }
@@ -140,7 +142,7 @@ const NO_RULE: u32 = u32::MAX;
 ///
 /// The source is known here, so the lists always apply, whatever the rest of the frame is.
 #[inline(always)]
-fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
+fn judge(ctx: &XdpContext, config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
     let set = config.active_set & 1;
     let list_key = Key::new(limiter_common::LIST_KEY_SET_BITS + 128, ListKey { set_be: set.to_be(), addr: packet.src });
     // Empty lists are not probed (an LPM lookup costs a helper call even on an empty trie).
@@ -197,8 +199,16 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
         has_port = e.port_protocol != PROTO_ANY;
         later = Some(entry);
     }
+    // The SYN proxy of the port, if any, answers SYNs and checks cookies (it may end the frame
+    // there); a segment with a valid cookie comes back as a new connection.
+    let validated = config.flags & CONFIG_FLAG_SYNPROXY != 0
+        && packet.protocol == PROTO_TCP
+        && packet.has_ports
+        && packet.fragment == PARSE_FRAG_NONE
+        && synproxy::hand_off(ctx, set, packet.dst_port);
+    let tcp_syn = packet.tcp_syn || validated;
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let (why, rule) = judge_rules(set, packet, source, len, now, port, protocol, has_port);
+    let (why, rule) = judge_rules(set, packet, tcp_syn, source, len, now, port, protocol, has_port);
     if packet.fragment == PARSE_FRAG_FIRST {
         let entry = FragmentEntry {
             port: if packet.has_ports { packet.dst_port } else { 0 },
@@ -243,6 +253,7 @@ fn fragment_key(packet: &Packet) -> Option<&'static FragmentKey> {
 fn judge_rules(
     set: u32,
     packet: &Packet,
+    tcp_syn: bool,
     source: &Addr,
     len: u64,
     now: u64,
@@ -281,7 +292,7 @@ fn judge_rules(
     s.port = port_key.port;
     s.port_protocol = port_key.protocol;
     s.packet_protocol = packet.protocol;
-    s.tcp_syn = packet.tcp_syn as u8;
+    s.tcp_syn = tcp_syn as u8;
     s.later_fragment = (packet.fragment == PARSE_FRAG_LATER) as u8;
     s.slots = rules.slots;
     s.charged = 0;

@@ -9,6 +9,8 @@ mod observe;
 use observe::{count_blocked, read_stats, read_top};
 pub mod pin;
 mod pinned;
+mod synproxy;
+pub use synproxy::{SynproxyHost, wscale_for};
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -54,6 +56,8 @@ pub enum DataplaneError {
     Pin(#[from] pin::PinError),
     #[error("pinning the XDP program: {0}")]
     ProgramPin(#[source] aya::pin::PinError),
+    #[error("SYN proxy: {0}")]
+    Synproxy(String),
     #[error("the XDP link of {iface}: {action}: {detail}")]
     Link { iface: String, action: &'static str, detail: String },
 }
@@ -189,6 +193,7 @@ pub struct Dataplane {
     /// LRU per-CPU hash in the kernel: drops per source, for the "top limited sources" view.
     dropped_sources: PerCpuHashMap<MapData, Addr, Counter>,
     parse_record: PerCpuArray<MapData, ParseRecord>,
+    synproxy: synproxy::SynproxyMaps,
     /// Must outlive the program: it owns the log map (see TOOLCHAIN.md).
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ids: RuleIds,
@@ -246,6 +251,7 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Verify)?;
         program.load().map_err(DataplaneError::Verify)?;
+        synproxy::load_program(&mut ebpf)?;
         if let MapPins::Stage(dir) = pins {
             for spec in limiter_common::layout::SHARED_MAPS {
                 let map = ebpf.map(spec.name).ok_or(DataplaneError::MissingMap { name: spec.name })?;
@@ -269,6 +275,7 @@ impl Dataplane {
             rule_stats: take(&mut ebpf, names::RULE_STATS)?,
             dropped_sources: take(&mut ebpf, names::DROPPED_SOURCES)?,
             parse_record: take(&mut ebpf, names::PARSE_RECORD)?,
+            synproxy: synproxy::SynproxyMaps::take(&mut ebpf)?,
             ebpf,
             logger,
             ids: RuleIds::default(),
@@ -293,7 +300,12 @@ impl Dataplane {
             unparsed_verdict: if self.options.drop_unparsed { XDP_DROP } else { XDP_PASS },
             flags: if self.options.debug_log { limiter_common::CONFIG_FLAG_DEBUG_LOG } else { 0 }
                 | if self.options.record_parse { limiter_common::CONFIG_FLAG_RECORD_PARSE } else { 0 }
-                | self.list_flags,
+                | self.list_flags
+                | if self.synproxy.any_in_set(self.active_set) {
+                    limiter_common::synproxy::CONFIG_FLAG_SYNPROXY
+                } else {
+                    0
+                },
         };
         self.config.set(0, config, 0).map_err(map_err(names::CONFIG, "writing"))
     }
@@ -378,6 +390,7 @@ impl Dataplane {
         for (prefix, key, value) in &entries.deny {
             self.deny.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::DENY, "inserting"))?;
         }
+        self.synproxy.write_set(target, plan)?;
         // Fresh ids must start with empty counters.
         let fresh: Vec<u32> = rule_ids.iter().copied().filter(|id| !self.names.contains_key(id)).collect();
         for id in fresh {
@@ -454,6 +467,17 @@ impl Dataplane {
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
         read_stats(&self.stats, &self.rule_stats, &self.names)
+    }
+
+    /// The SYN proxy's counters summed over CPUs, indexed by
+    /// `limiter_common::synproxy::event`.
+    pub fn synproxy_stats(&self) -> Result<Vec<Counter>> {
+        self.synproxy.stats()
+    }
+
+    /// What the proxy's SYN-ACKs announce (and the nftables `synproxy` statement must match).
+    pub fn synproxy_host(&self) -> SynproxyHost {
+        self.synproxy.host
     }
 
     /// Tracked per-source bucket entries (walks the LRU table: O(entries), about a
