@@ -51,12 +51,10 @@ pub fn ruleset(ports: &[u16], host: SynproxyHost) -> String {
          \tchain input {{\n\
          \t\ttype filter hook input priority filter; policy accept;\n\
          \t\tmeta nfproto ipv4 tcp dport {{ {set} }} ct state invalid,untracked {}\n\
-         \t\tmeta nfproto ipv6 tcp dport {{ {set} }} ct state invalid,untracked {}\n\
-         \t\ttcp dport {{ {set} }} ct state invalid drop\n\
+         \t\tmeta nfproto ipv4 tcp dport {{ {set} }} ct state invalid drop\n\
          \t}}\n\
          }}\n",
         opts(host.mss4),
-        opts(host.mss6),
     ));
     script
 }
@@ -82,6 +80,76 @@ fn nft(script: &str) -> Result<(), SynproxyError> {
     Ok(())
 }
 
+/// The IPv6 rules, as `ip6tables-legacy` commands: nftables' own `synproxy` expression
+/// checks an IPv6 segment's checksum with the IPv4 routine (`nf_ip_checksum` in
+/// `nft_synproxy_do_eval`), so every IPv6 ACK whose checksum the driver did not already
+/// verify (XDP on veth, many virtual NICs) is dropped there without a count; `iptables-nft`
+/// translates `-j SYNPROXY` into that same expression. The xtables target
+/// (`ip6t_SYNPROXY`) checks with the IPv6 routine.
+fn v6_commands(ports: &[u16], host: SynproxyHost) -> Vec<Vec<String>> {
+    let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    let rule = |tail: &[&str]| {
+        let head = ["-A", V6_CHAIN, "-p", "tcp", "-m", "multiport", "--dports", &ports, "-m", "conntrack"];
+        head.iter().chain(tail).map(|s| (*s).to_owned()).collect::<Vec<String>>()
+    };
+    let wscale = host.wscale.to_string();
+    let mss = host.mss6.to_string();
+    vec![
+        rule(&[
+            "--ctstate",
+            "INVALID,UNTRACKED",
+            "-j",
+            "SYNPROXY",
+            "--sack-perm",
+            "--timestamp",
+            "--wscale",
+            &wscale,
+            "--mss",
+            &mss,
+        ]),
+        rule(&["--ctstate", "INVALID", "-j", "DROP"]),
+    ]
+}
+
+const V6_CHAIN: &str = "LIMITER_SYNPROXY";
+const IP6TABLES: &str = "ip6tables-legacy";
+
+fn ip6tables(args: &[&str]) -> Result<bool, SynproxyError> {
+    let out = Command::new(IP6TABLES).args(args).output().map_err(SynproxyError::Spawn)?;
+    Ok(out.status.success())
+}
+
+fn ip6tables_checked(args: &[String]) -> Result<(), SynproxyError> {
+    let out = Command::new(IP6TABLES).args(args).output().map_err(SynproxyError::Spawn)?;
+    if !out.status.success() {
+        return Err(SynproxyError::Nft {
+            status: format!("{IP6TABLES} {}: {}", args.join(" "), out.status),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Replaces the IPv6 chain's rules and makes sure INPUT jumps to it (idempotent).
+fn apply_v6(ports: &[u16], host: SynproxyHost) -> Result<(), SynproxyError> {
+    let _ = ip6tables(&["-N", V6_CHAIN])?;
+    ip6tables_checked(&["-F".to_owned(), V6_CHAIN.to_owned()])?;
+    for cmd in v6_commands(ports, host) {
+        ip6tables_checked(&cmd)?;
+    }
+    if !ip6tables(&["-C", "INPUT", "-j", V6_CHAIN])? {
+        ip6tables_checked(&["-I".to_owned(), "INPUT".to_owned(), "-j".to_owned(), V6_CHAIN.to_owned()])?;
+    }
+    Ok(())
+}
+
+fn remove_v6() -> Result<(), SynproxyError> {
+    while ip6tables(&["-D", "INPUT", "-j", V6_CHAIN])? {}
+    let _ = ip6tables(&["-F", V6_CHAIN])?;
+    let _ = ip6tables(&["-X", V6_CHAIN])?;
+    Ok(())
+}
+
 fn set_loose(value: &str) -> Result<(), SynproxyError> {
     std::fs::write(LOOSE, value).map_err(|source| SynproxyError::Sysctl { path: LOOSE, source })
 }
@@ -93,6 +161,7 @@ pub fn apply(ports: &[u16], host: SynproxyHost) -> Result<(), SynproxyError> {
         return remove();
     }
     nft(&ruleset(ports, host))?;
+    apply_v6(ports, host)?;
     // After the table: its conntrack expressions are what load nf_conntrack, which owns the
     // sysctl.
     set_loose("0")
@@ -102,6 +171,7 @@ pub fn apply(ports: &[u16], host: SynproxyHost) -> Result<(), SynproxyError> {
 /// connections in progress). Idempotent.
 pub fn remove() -> Result<(), SynproxyError> {
     nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))?;
+    remove_v6()?;
     if std::path::Path::new(LOOSE).exists() { set_loose("1") } else { Ok(()) }
 }
 
@@ -125,8 +195,17 @@ mod tests {
         let s = ruleset(&[9100, 443], host);
         assert!(s.starts_with("table inet limiter_synproxy\ndelete table inet limiter_synproxy\n"));
         assert!(s.contains("meta nfproto ipv4 tcp dport { 9100, 443 } ct state invalid,untracked synproxy mss 1460 wscale 9 timestamp sack-perm"));
-        assert!(s.contains("meta nfproto ipv6 tcp dport { 9100, 443 } ct state invalid,untracked synproxy mss 1440 wscale 9"));
-        assert!(s.contains("tcp dport { 9100, 443 } ct state invalid drop"));
+        assert!(s.contains("meta nfproto ipv4 tcp dport { 9100, 443 } ct state invalid drop"));
+        let v6 = v6_commands(&[9100, 443], host);
+        assert_eq!(
+            v6[0].join(" "),
+            "-A LIMITER_SYNPROXY -p tcp -m multiport --dports 9100,443 -m conntrack --ctstate INVALID,UNTRACKED \
+             -j SYNPROXY --sack-perm --timestamp --wscale 9 --mss 1440"
+        );
+        assert_eq!(
+            v6[1].join(" "),
+            "-A LIMITER_SYNPROXY -p tcp -m multiport --dports 9100,443 -m conntrack --ctstate INVALID -j DROP"
+        );
         assert_eq!(ruleset(&[], host).lines().count(), 2);
     }
 }

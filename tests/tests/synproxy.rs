@@ -325,3 +325,4 @@ fn legitimate_ipv6_clients_connect_through_a_spoofed_syn_flood() {
     assert_through_the_flood(&topo, &sh.dp, &o, true);
 }
 
+
