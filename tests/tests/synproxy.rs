@@ -83,17 +83,16 @@ struct Shield<'a> {
 fn shield<'a>(topo: &'a Topology, plan: &KernelPlan) -> Shield<'a> {
     require_tool("nft");
     let mut dp = Dataplane::load(LoadOptions::default()).expect("load the XDP programs");
-    dp.apply(plan).expect("apply the plan");
     let ifaces: Vec<String> = topo.clients.iter().map(|c| c.server.name.clone()).collect();
-    let host = dp.synproxy_host();
-    let ports: Vec<u16> = plan.synproxy.iter().map(|t| t.port).collect();
     let nft = NftGuard(&topo.server);
+    // Applied in the server namespace: the plan's proxied ports bring the netfilter half there.
     topo.server.run(|| {
+        dp.apply(plan).expect("apply the plan");
         for iface in &ifaces {
             assert_eq!(dp.attach(iface, AttachMode::Native).expect("attach XDP"), "native");
         }
-        nft::apply(&ports, host).expect("install the nftables SYNPROXY rules");
     });
+    assert!(topo.server.run(nft::installed), "the plan installed the nftables table");
     let peers = topo
         .clients
         .iter()

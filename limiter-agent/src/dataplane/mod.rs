@@ -391,6 +391,13 @@ impl Dataplane {
             self.deny.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::DENY, "inserting"))?;
         }
         self.synproxy.write_set(target, plan)?;
+        // netfilter's half first: from the flip on, ACKs with cookies need it.
+        let old_ports = self.current.as_ref().map(synproxy::ports);
+        let new_ports = synproxy::ports(plan);
+        if !new_ports.is_empty() && old_ports.as_ref() != Some(&new_ports) {
+            crate::synproxy::apply(&new_ports, self.synproxy.host)
+                .map_err(|e| DataplaneError::Synproxy(format!("installing the netfilter half: {e}")))?;
+        }
         // Fresh ids must start with empty counters.
         let fresh: Vec<u32> = rule_ids.iter().copied().filter(|id| !self.names.contains_key(id)).collect();
         for id in fresh {
@@ -411,6 +418,13 @@ impl Dataplane {
             deny: entries.deny.len(),
             kept,
         };
+        if new_ports.is_empty() && old_ports.is_some_and(|p| !p.is_empty()) {
+            // The program no longer answers cookies; the handshakes it answered in the last
+            // moments cannot complete any more, as when a NIC's SYN cookies stop.
+            if let Err(e) = crate::synproxy::remove() {
+                warn!("SYN proxy: removing the netfilter half: {e}");
+            }
+        }
         self.names = entries.names;
         self.current = Some(plan.clone());
         self.ids = ids;

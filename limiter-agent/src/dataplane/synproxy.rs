@@ -115,6 +115,10 @@ impl SynproxyMaps {
     /// Replaces the entries of (inactive) `set` with the plan's proxied ports.
     pub(super) fn write_set(&mut self, set: u8, plan: &KernelPlan) -> Result<()> {
         self.clear_set(set)?;
+        if !plan.synproxy.is_empty() {
+            // The namespace applying the plan is the one whose listeners the SYN-ACKs speak for.
+            self.host = SynproxyHost::detect();
+        }
         for target in &plan.synproxy {
             let value = entry(target.mode, self.host)?;
             self.ports
@@ -150,6 +154,14 @@ impl SynproxyMaps {
             })
             .collect()
     }
+}
+
+/// The proxied ports of `plan`, sorted.
+pub(super) fn ports(plan: &KernelPlan) -> Vec<u16> {
+    let mut ports: Vec<u16> = plan.synproxy.iter().map(|t| t.port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 fn entry(mode: SynproxyMode, host: SynproxyHost) -> Result<SynproxyPort> {
