@@ -8,6 +8,7 @@
 mod global;
 mod l7;
 mod pinning;
+mod synproxy;
 
 use std::{
     io::{BufRead, BufReader},
