@@ -39,9 +39,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     Bucket, Counter, PortKey,
-    synproxy::{
-        PROG_MAIN, PROG_SYNPROXY, PROGRAMS_ENTRIES, SYNPROXY_MODE_THRESHOLD, SynproxyPort, event, port_key,
-    },
+    synproxy::{PROG_MAIN, PROG_SYNPROXY, PROGRAMS_ENTRIES, SYNPROXY_MODE_THRESHOLD, SynproxyPort, event, port_key},
 };
 
 use crate::bucket::{Charge, charge};
@@ -120,7 +118,7 @@ pub fn hand_off(ctx: &XdpContext, set: u32, port: u16) -> bool {
             return back == BACK_CONNECTION;
         }
     }
-    if SYNPROXY_PORTS.get_ptr(&port_key(port, set as u8)).is_none() {
+    if SYNPROXY_PORTS.get_ptr(port_key(port, set as u8)).is_none() {
         return false;
     }
     // SAFETY: the context is this program's own.
@@ -323,7 +321,7 @@ fn proxy(ctx: &XdpContext) -> Result<u32, u32> {
     // A SYN.
     let port = be16(f, l4 + 2) as u16;
     let set = crate::CONFIG.get(0).map(|c| c.active_set & 1).unwrap_or(0);
-    let Some(cfg) = SYNPROXY_PORTS.get_ptr(&port_key(port, set as u8)) else { return Err(BACK_CONTINUE) };
+    let Some(cfg) = SYNPROXY_PORTS.get_ptr(port_key(port, set as u8)) else { return Err(BACK_CONTINUE) };
     // SAFETY: a live map value; the agent never writes the active set's entries.
     let cfg = unsafe { &*cfg };
     if cfg.mode == SYNPROXY_MODE_THRESHOLD && below_threshold(port, cfg) {

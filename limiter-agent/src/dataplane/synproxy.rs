@@ -13,8 +13,7 @@ use limiter_common::{
     Counter, PortKey,
     bucket::BucketParams,
     synproxy::{
-        PROG_MAIN, PROG_SYNPROXY, SYNPROXY_MODE_ALWAYS, SYNPROXY_MODE_THRESHOLD, SynproxyPort, event, names,
-        port_key,
+        PROG_MAIN, PROG_SYNPROXY, SYNPROXY_MODE_ALWAYS, SYNPROXY_MODE_THRESHOLD, SynproxyPort, event, names, port_key,
     },
 };
 

@@ -207,7 +207,11 @@ impl Validator {
                 }
             },
             _ => {
-                self.err(&spec.mode, format!("{field}.mode"), unknown("synProxy mode", &spec.mode.value, "Always, Threshold or Off"));
+                self.err(
+                    &spec.mode,
+                    format!("{field}.mode"),
+                    unknown("synProxy mode", &spec.mode.value, "Always, Threshold or Off"),
+                );
                 None
             }
         }

@@ -68,8 +68,9 @@ fn the_netfilter_half_lives_with_the_pinned_shield_and_detach_removes_it() {
     c.ns.run(|| peer.attach(&c.client.name, AttachMode::Native).unwrap());
     let listener = topo.server.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT))).unwrap();
     let server: SocketAddr = (c.server.ipv4().unwrap(), PORT).into();
-    let connects =
-        || c.ns.run(|| TcpStream::connect_timeout(&server, Duration::from_secs(2)).map(|_| ()).map_err(|e| e.to_string()));
+    let connects = || {
+        c.ns.run(|| TcpStream::connect_timeout(&server, Duration::from_secs(2)).map(|_| ()).map_err(|e| e.to_string()))
+    };
     let installed = || topo.server.run(nft::installed);
     let start = || {
         // A control socket of its own: other agents may run on this machine.

@@ -54,9 +54,7 @@ fn ceiling_plan(mode: Option<SynproxyMode>) -> KernelPlan {
             shadow: false,
             global: false,
         }],
-        synproxy: mode
-            .map(|mode| vec![SynproxyTarget { port: PORT, mode, policy: "test".into() }])
-            .unwrap_or_default(),
+        synproxy: mode.map(|mode| vec![SynproxyTarget { port: PORT, mode, policy: "test".into() }]).unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -190,9 +188,8 @@ fn tcp_info(s: &TcpStream) -> TcpInfo {
     // SAFETY: plain C struct, zero is valid; getsockopt writes at most `len` bytes into it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
-    };
+    let rc =
+        unsafe { libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
     assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
     TcpInfo {
         options: info.tcpi_options,
@@ -246,12 +243,10 @@ struct Outcome {
 fn flood_scenario(topo: &Topology, dp: &Dataplane, v6: bool) -> Outcome {
     let echo = Echo::start(&topo.server, v6);
     let (attacker, legit) = (topo.client(0), topo.client(1));
-    let attacked: IpAddr = if v6 { attacker.server.ipv6().unwrap().into() } else { attacker.server.ipv4().unwrap().into() };
-    let server: SocketAddr = if v6 {
-        (legit.server.ipv6().unwrap(), PORT).into()
-    } else {
-        (legit.server.ipv4().unwrap(), PORT).into()
-    };
+    let attacked: IpAddr =
+        if v6 { attacker.server.ipv6().unwrap().into() } else { attacker.server.ipv4().unwrap().into() };
+    let server: SocketAddr =
+        if v6 { (legit.server.ipv6().unwrap(), PORT).into() } else { (legit.server.ipv4().unwrap(), PORT).into() };
     let tx = RawSender::open(&attacker.ns, &attacker.client.name).unwrap();
     let opens_before = tcp_counter(&topo.server, "Tcp", "PassiveOpens");
     let overflows_before = tcp_counter(&topo.server, "TcpExt", "ListenOverflows");
@@ -300,11 +295,8 @@ fn flood_scenario(topo: &Topology, dp: &Dataplane, v6: bool) -> Outcome {
 }
 
 fn assert_through_the_flood(topo: &Topology, dp: &Dataplane, o: &Outcome, v6: bool) {
-    let legit_ip: IpAddr = if v6 {
-        topo.client(1).client.ipv6().unwrap().into()
-    } else {
-        topo.client(1).client.ipv4().unwrap().into()
-    };
+    let legit_ip: IpAddr =
+        if v6 { topo.client(1).client.ipv6().unwrap().into() } else { topo.client(1).client.ipv4().unwrap().into() };
     let names: Vec<String> = dp
         .synproxy_stats()
         .unwrap()
@@ -357,6 +349,3 @@ fn legitimate_ipv6_clients_connect_through_a_spoofed_syn_flood() {
     let o = flood_scenario(&topo, &sh.dp, true);
     assert_through_the_flood(&topo, &sh.dp, &o, true);
 }
-
-
-

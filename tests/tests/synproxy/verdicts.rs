@@ -29,7 +29,13 @@ fn malformed_segments_and_bad_cookies_are_dropped_and_syns_answered() {
         vec![
             ("SYN", run(seg(src, dst, PORT).syn().build())),
             ("SYN v6", run(seg(src6, dst6, PORT).syn().build())),
-            ("SYN with options", run(seg(src, dst, PORT).syn().tcp_options(&[2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 9, 0, 0, 0, 0, 1, 3, 3, 7]).build())),
+            (
+                "SYN with options",
+                run(seg(src, dst, PORT)
+                    .syn()
+                    .tcp_options(&[2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 9, 0, 0, 0, 0, 1, 3, 3, 7])
+                    .build()),
+            ),
             ("ACK, bad cookie", run(seg(src, dst, PORT).ack().ack_num(12345).build())),
             ("ACK v6, bad cookie", run(seg(src6, dst6, PORT).ack().ack_num(12345).build())),
             ("ACK with data, bad cookie", run(seg(src, dst, PORT).ack().ack_num(777).payload(b"GET /").build())),

@@ -361,7 +361,10 @@ fn stricter(a: SynproxyMode, b: SynproxyMode) -> SynproxyMode {
     match (a, b) {
         (SynproxyMode::Threshold(x), SynproxyMode::Threshold(y)) => {
             // Compare rates: requests per nanosecond, as x.requests / x_ns vs y.requests / y_ns.
-            let (xr, yr) = (u128::from(x.requests) * u128::from(y.unit.as_ns()), u128::from(y.requests) * u128::from(x.unit.as_ns()));
+            let (xr, yr) = (
+                u128::from(x.requests) * u128::from(y.unit.as_ns()),
+                u128::from(y.requests) * u128::from(x.unit.as_ns()),
+            );
             SynproxyMode::Threshold(if xr <= yr { x } else { y })
         }
         _ => SynproxyMode::Always,
@@ -446,9 +449,11 @@ fn compile_policy(
     }
     if p.mode == Mode::Shadow && p.targets.iter().any(|t| t.syn_proxy.is_some()) {
         // A shadow policy never drops; the proxy drops bad cookies, so it stays off.
-        out.notices.push(notice(&p.targets[0].at, None, NoticeKind::NotEnforced {
-            what: "synProxy (the policy is in Shadow mode)".into(),
-        }));
+        out.notices.push(notice(
+            &p.targets[0].at,
+            None,
+            NoticeKind::NotEnforced { what: "synProxy (the policy is in Shadow mode)".into() },
+        ));
     } else {
         synproxy_targets(p, &index, &mut out.plan.synproxy);
     }
