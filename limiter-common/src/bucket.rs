@@ -132,6 +132,75 @@ pub const fn refund(tat_ns: u64, now_ns: u64, cost_ns: u64) -> u64 {
     if back > now_ns { back } else { now_ns }
 }
 
+/// Compare-and-swap attempts before a charge gives up and refuses the packet
+/// (`bucket_contended`). Only other CPUs' charges can make a swap fail (refunds never touch
+/// the swapped word), so this many failures in a row means this many other packets took
+/// this bucket's tokens while we tried.
+pub const CAS_ATTEMPTS: u32 = 6;
+
+/// A bucket as the lock-free loop sees it: the kernel's is a map value ([`crate::Bucket`])
+/// updated with atomic instructions; the unit tests' is a cell whose races they script.
+pub trait BucketWords {
+    /// Reads `tat_ns`.
+    fn load_tat(&mut self) -> u64;
+    /// Reads `refunded_ns`.
+    fn load_refunded(&mut self) -> u64;
+    /// Replaces `seen` with `next` in `tat_ns` if it still holds `seen`; returns the value
+    /// found (equal to `seen` when it swapped) and whether it swapped.
+    fn compare_exchange_tat(&mut self, seen: u64, next: u64) -> (u64, bool);
+    /// Adds `cost_ns` to `refunded_ns`, atomically.
+    fn add_refunded(&mut self, cost_ns: u64);
+}
+
+/// Outcome of [`charge`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charge {
+    Admitted,
+    /// The bucket, as it stood at the last attempt, had no room.
+    Refused,
+    /// [`CAS_ATTEMPTS`] races lost to other CPUs' charges.
+    Contended,
+}
+
+/// The GCRA state a bucket's two words stand for: its TAT less every refund, where a TAT at
+/// or before now (0 included) is a full bucket.
+///
+/// Refunds beyond what the bucket owes (a refund landing on a bucket recreated since the
+/// charge, or gone idle, or charged at a later time by another CPU) drive this below now, which
+/// [`gcra`] treats as full: never more credit than a full bucket, and never a wrap.
+#[inline(always)]
+pub const fn effective_tat(tat_ns: u64, refunded_ns: u64) -> u64 {
+    tat_ns.saturating_sub(refunded_ns)
+}
+
+/// Charges `cost_ns` to a bucket at `now_ns`: the lock-free loop the kernel runs.
+///
+/// Charges compare-and-swap `tat_ns`; refunds only add to `refunded_ns`, so they never make a
+/// charge's swap fail, and a busy bucket with room admits. The refund total is read once; the
+/// new TAT is written back with that same total added, so the bucket's state afterwards is
+/// exactly the charge applied to the state it was computed from, and a refund that lands
+/// between the read and the swap counts afterwards instead (it is not lost).
+///
+/// A failed swap returns the value that beat it (another CPU's charge, or the agent resetting
+/// the bucket), and the next attempt computes from it: a bucket that ran out refuses on the
+/// fresh state.
+#[inline(always)]
+pub fn charge<W: BucketWords>(word: &mut W, now_ns: u64, cost_ns: u64, burst_ns: u64) -> Charge {
+    let refunded = word.load_refunded();
+    let mut seen = word.load_tat();
+    for _ in 0..CAS_ATTEMPTS {
+        let Some(next) = gcra(effective_tat(seen, refunded), now_ns, cost_ns, burst_ns) else {
+            return Charge::Refused;
+        };
+        let (found, swapped) = word.compare_exchange_tat(seen, next.saturating_add(refunded));
+        if swapped {
+            return Charge::Admitted;
+        }
+        seen = found;
+    }
+    Charge::Contended
+}
+
 /// Tokens still available at `now_ns` in a bucket whose TAT is `tat_ns` (for reporting, e.g.
 /// `x-ratelimit-remaining`).
 pub const fn remaining_tokens(params: &BucketParams, tat_ns: u64, now_ns: u64) -> u64 {
@@ -322,5 +391,131 @@ mod tests {
         assert_eq!(remaining_tokens(&p, tat, T0), 6);
         admit(&mut tat, &p, T0, 1, 100);
         assert_eq!(remaining_tokens(&p, tat, T0), 0);
+    }
+
+    /// Two bucket words whose races the test scripts: before each swap, `other_cpu` may
+    /// charge or refund as another CPU would.
+    struct Scripted<F: FnMut(u32, &mut Bucket2)> {
+        words: Bucket2,
+        swaps: u32,
+        other_cpu: F,
+    }
+
+    #[derive(Clone, Copy, Default)]
+    struct Bucket2 {
+        tat: u64,
+        refunded: u64,
+    }
+
+    impl Bucket2 {
+        fn state(&self) -> u64 {
+            effective_tat(self.tat, self.refunded)
+        }
+    }
+
+    impl<F: FnMut(u32, &mut Bucket2)> BucketWords for Scripted<F> {
+        fn load_tat(&mut self) -> u64 {
+            self.words.tat
+        }
+        fn load_refunded(&mut self) -> u64 {
+            self.words.refunded
+        }
+        fn compare_exchange_tat(&mut self, seen: u64, next: u64) -> (u64, bool) {
+            (self.other_cpu)(self.swaps, &mut self.words);
+            self.swaps += 1;
+            if self.words.tat == seen {
+                self.words.tat = next;
+                (seen, true)
+            } else {
+                (self.words.tat, false)
+            }
+        }
+        fn add_refunded(&mut self, cost_ns: u64) {
+            self.words.refunded += cost_ns;
+        }
+    }
+
+    fn refund_words(b: &mut Bucket2, cost: u64) {
+        b.refunded += cost;
+    }
+
+    #[test]
+    fn refunds_from_other_cpus_never_fail_a_charge_and_are_not_lost() {
+        // A busy bucket with room: another CPU refunds before each of our swaps.
+        let p = BucketParams::for_packets(1000, NS_PER_SECOND, 100).unwrap();
+        let cost = p.cost_ns(1);
+        let mut b = Scripted {
+            words: Bucket2 { tat: T0 + 50 * cost, refunded: 0 },
+            swaps: 0,
+            other_cpu: |_, b: &mut Bucket2| refund_words(b, cost),
+        };
+        assert_eq!(charge(&mut b, T0, cost, p.burst_ns), Charge::Admitted);
+        assert_eq!(b.swaps, 1, "a refund does not make the swap fail");
+        // Ours taken, theirs given back: the state is where it started.
+        assert_eq!(b.words.state(), T0 + 50 * cost);
+    }
+
+    #[test]
+    fn losses_to_charges_are_retried_on_the_fresh_state_then_given_up() {
+        let p = BucketParams::for_packets(1000, NS_PER_SECOND, 100).unwrap();
+        let cost = p.cost_ns(1);
+        // Another CPU charges before every swap, while the bucket has room.
+        let mut b = Scripted {
+            words: Bucket2 { tat: T0, refunded: 0 },
+            swaps: 0,
+            other_cpu: |_, b: &mut Bucket2| b.tat += cost,
+        };
+        assert_eq!(charge(&mut b, T0, cost, p.burst_ns), Charge::Contended);
+        assert_eq!(b.swaps, CAS_ATTEMPTS);
+        // Five losses, then the swap wins from the state the winners left.
+        let mut b = Scripted {
+            words: Bucket2 { tat: T0, refunded: 0 },
+            swaps: 0,
+            other_cpu: |n, b: &mut Bucket2| {
+                if n < 5 {
+                    b.tat += cost
+                }
+            },
+        };
+        assert_eq!(charge(&mut b, T0, cost, p.burst_ns), Charge::Admitted);
+        assert_eq!(b.words.state(), T0 + 6 * cost);
+        // The winner drained the bucket meanwhile: the retry sees it and refuses, it does not
+        // admit from the stale state.
+        let full = T0 + p.burst_ns;
+        let mut b = Scripted {
+            words: Bucket2 { tat: full - cost, refunded: 0 },
+            swaps: 0,
+            other_cpu: |n, b: &mut Bucket2| {
+                if n == 0 {
+                    b.tat += cost
+                }
+            },
+        };
+        assert_eq!(charge(&mut b, T0, cost, p.burst_ns), Charge::Refused);
+        assert_eq!(b.words.state(), full);
+    }
+
+    #[test]
+    fn refunds_never_fill_beyond_full_nor_poison_a_recreated_bucket() {
+        let p = BucketParams::for_packets(3, NS_PER_HOUR, 0).unwrap();
+        let cost = p.cost_ns(1);
+        let quiet = |_: u32, _: &mut Bucket2| {};
+        // A refund landing on a bucket recreated since the charge (both words 0): it stays a
+        // full bucket of 3, not one of 4, and not one near u64::MAX that refuses forever.
+        let mut b = Scripted { words: Bucket2::default(), swaps: 0, other_cpu: quiet };
+        b.add_refunded(cost);
+        let admitted = (0..10).filter(|_| charge(&mut b, T0, cost, p.burst_ns) == Charge::Admitted).count();
+        assert_eq!(admitted, 3);
+        // One charge refunded gives exactly one token back.
+        b.add_refunded(cost);
+        let admitted = (0..10).filter(|_| charge(&mut b, T0, cost, p.burst_ns) == Charge::Admitted).count();
+        assert_eq!(admitted, 1);
+        // Refunds piled on an idle bucket (older timestamps) are worth nothing past full.
+        for _ in 0..100 {
+            b.add_refunded(cost);
+        }
+        let later = T0 + 2 * NS_PER_HOUR;
+        let admitted = (0..10).filter(|_| charge(&mut b, later, cost, p.burst_ns) == Charge::Admitted).count();
+        assert_eq!(admitted, 3);
     }
 }

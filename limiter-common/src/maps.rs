@@ -102,6 +102,11 @@ pub const CONFIG_FLAG_RECORD_PARSE: u32 = 2;
 pub const CONFIG_FLAG_NO_ALLOW: u32 = 4;
 /// The active set's deny list is empty (as [`CONFIG_FLAG_NO_ALLOW`]).
 pub const CONFIG_FLAG_NO_DENY: u32 = 8;
+/// The block list holds no entry: the program skips its lookup (a hash lookup of a source
+/// nobody blocked is one cache miss per packet once sources are many). The agent clears it
+/// before it inserts an entry and sets it after it removes the last, so no entry is ever
+/// skipped.
+pub const CONFIG_FLAG_NO_BLOCK: u32 = 16;
 
 impl Default for Config {
     fn default() -> Self {
@@ -238,14 +243,22 @@ pub struct SourceBucketKey {
 const _: () = assert!(core::mem::size_of::<SourceBucketKey>() == 24);
 
 /// Value of both bucket maps: the GCRA state (see [`crate::bucket`]).
+///
+/// Two words so that a refund never races a charge: charges compare-and-swap `tat_ns`,
+/// refunds only add to `refunded_ns`, and the bucket's state is their difference (see
+/// [`crate::bucket::charge`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Bucket {
-    /// Theoretical arrival time, `CLOCK_BOOTTIME` ns; 0 = new and full.
+    /// Theoretical arrival time, `CLOCK_BOOTTIME` ns, plus every refund so far; 0 = new and
+    /// full.
     pub tat_ns: u64,
+    /// Credit handed back by refunds since the bucket was created, in nanoseconds of the
+    /// bucket's clock. Only ever grows (it would wrap after 584 years of refunds).
+    pub refunded_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Bucket>() == 8);
+const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 
 /// Key of `FRAGMENTS`: one fragmented datagram, as reassembly identifies it (RFC 791: source,
 /// destination, protocol, identification; RFC 8200: source, destination, identification).

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use limiter_common::{
-    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_DENY,
+    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_BLOCK, CONFIG_FLAG_NO_DENY,
     CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config, Counter, DEFAULT_SOURCE_ENTRIES,
     DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey,
     KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PARSE_FRAG_FIRST,
@@ -152,7 +152,9 @@ fn judge(ctx: &XdpContext, config: &Config, packet: &Packet, source: &Addr, len:
     }
     // The clock is read only where it is needed (a block entry, then the buckets): a list
     // hit never pays for it.
-    if let Some(block) = BLOCK.get_ptr(source) {
+    if config.flags & CONFIG_FLAG_NO_BLOCK == 0
+        && let Some(block) = BLOCK.get_ptr(source)
+    {
         let now = unsafe { bpf_ktime_get_boot_ns() };
         // SAFETY: pointer from a successful map lookup.
         if unsafe { (*block).expires_at_ns } > now {
@@ -429,7 +431,7 @@ extern "C" fn refund_rule(index: u64, _ctx: *mut c_void) -> i64 {
     // creating it here would only make a bucket nobody charged.
     if let Some(tat) = existing_bucket(s, rule) {
         // SAFETY: pointer from a successful map lookup.
-        unsafe { refund(tat, s.now, rule.bucket.cost_ns(tokens)) };
+        unsafe { refund(tat, rule.bucket.cost_ns(tokens)) };
     }
     0
 }
@@ -455,7 +457,7 @@ fn tokens(s: &Scratch, rule: &RuleConfig) -> Option<u64> {
 
 /// The bucket `rule` charges for this packet, created full on first use.
 #[inline(always)]
-fn bucket(s: &Scratch, rule: &RuleConfig) -> Option<*mut u64> {
+fn bucket(s: &Scratch, rule: &RuleConfig) -> Option<*mut Bucket> {
     if rule.key_flags & KEY_BY_SOURCE == 0 {
         lookup_or_create(&SHARED_BUCKETS, &shared_key(s, rule))
     } else {
@@ -465,11 +467,11 @@ fn bucket(s: &Scratch, rule: &RuleConfig) -> Option<*mut u64> {
 
 /// The bucket `rule` charged for this packet, if it still exists; never creates one.
 #[inline(always)]
-fn existing_bucket(s: &Scratch, rule: &RuleConfig) -> Option<*mut u64> {
+fn existing_bucket(s: &Scratch, rule: &RuleConfig) -> Option<*mut Bucket> {
     if rule.key_flags & KEY_BY_SOURCE == 0 {
-        SHARED_BUCKETS.get_ptr_mut(shared_key(s, rule)).map(|b| b as *mut u64)
+        SHARED_BUCKETS.get_ptr_mut(shared_key(s, rule))
     } else {
-        SOURCE_BUCKETS.get_ptr_mut(source_key(s, rule)).map(|b| b as *mut u64)
+        SOURCE_BUCKETS.get_ptr_mut(source_key(s, rule))
     }
 }
 
@@ -492,22 +494,22 @@ fn source_key(s: &Scratch, rule: &RuleConfig) -> SourceBucketKey {
 }
 
 #[inline(always)]
-fn lookup_or_create(map: &HashMap<SharedBucketKey, Bucket>, key: &SharedBucketKey) -> Option<*mut u64> {
+fn lookup_or_create(map: &HashMap<SharedBucketKey, Bucket>, key: &SharedBucketKey) -> Option<*mut Bucket> {
     if let Some(b) = map.get_ptr_mut(key) {
-        return Some(b as *mut u64);
+        return Some(b);
     }
     // Lost a race with another CPU creating it: that is fine, NOEXIST keeps theirs.
-    let _ = map.insert(key, Bucket { tat_ns: 0 }, BPF_NOEXIST);
-    map.get_ptr_mut(key).map(|b| b as *mut u64)
+    let _ = map.insert(key, Bucket { tat_ns: 0, refunded_ns: 0 }, BPF_NOEXIST);
+    map.get_ptr_mut(key)
 }
 
 #[inline(always)]
-fn lookup_or_create_lru(map: &LruHashMap<SourceBucketKey, Bucket>, key: &SourceBucketKey) -> Option<*mut u64> {
+fn lookup_or_create_lru(map: &LruHashMap<SourceBucketKey, Bucket>, key: &SourceBucketKey) -> Option<*mut Bucket> {
     if let Some(b) = map.get_ptr_mut(key) {
-        return Some(b as *mut u64);
+        return Some(b);
     }
-    let _ = map.insert(key, Bucket { tat_ns: 0 }, BPF_NOEXIST);
-    map.get_ptr_mut(key).map(|b| b as *mut u64)
+    let _ = map.insert(key, Bucket { tat_ns: 0, refunded_ns: 0 }, BPF_NOEXIST);
+    map.get_ptr_mut(key)
 }
 
 /// Whether the rule's source selector selects `src`.

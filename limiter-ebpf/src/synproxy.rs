@@ -419,7 +419,7 @@ fn below_threshold(port: u16, cfg: &SynproxyPort) -> bool {
     let Some(meter) = SYNPROXY_METERS.get_ptr_mut(u32::from(port)) else { return false };
     let now = unsafe { bpf_ktime_get_boot_ns() };
     // SAFETY: pointer from a successful map lookup.
-    matches!(unsafe { charge(meter as *mut u64, now, cfg.cost_ns, cfg.burst_ns) }, Charge::Admitted)
+    matches!(unsafe { charge(meter, now, cfg.cost_ns, cfg.burst_ns) }, Charge::Admitted)
 }
 
 /// Reads the SYN's window scale, SACK permitted and timestamp options into `s`.

@@ -202,6 +202,8 @@ pub struct Dataplane {
     active_set: u8,
     /// `CONFIG_FLAG_NO_ALLOW` / `CONFIG_FLAG_NO_DENY` for the active set: written with it.
     list_flags: u32,
+    /// The block list holds no entry (`CONFIG_FLAG_NO_BLOCK`).
+    block_empty: bool,
     names: BTreeMap<u32, String>,
     current: Option<KernelPlan>,
     options: LoadOptions,
@@ -282,6 +284,7 @@ impl Dataplane {
             written: [None, None],
             active_set: 0,
             list_flags: limiter_common::CONFIG_FLAG_NO_ALLOW | limiter_common::CONFIG_FLAG_NO_DENY,
+            block_empty: true,
             names: BTreeMap::new(),
             current: None,
             options,
@@ -301,6 +304,7 @@ impl Dataplane {
             flags: if self.options.debug_log { limiter_common::CONFIG_FLAG_DEBUG_LOG } else { 0 }
                 | if self.options.record_parse { limiter_common::CONFIG_FLAG_RECORD_PARSE } else { 0 }
                 | self.list_flags
+                | if self.block_empty { limiter_common::CONFIG_FLAG_NO_BLOCK } else { 0 }
                 | if self.synproxy.any_in_set(self.active_set) {
                     limiter_common::synproxy::CONFIG_FLAG_SYNPROXY
                 } else {
@@ -522,13 +526,19 @@ impl Dataplane {
     pub fn block(&mut self, addr: IpAddr, duration: Duration) -> Result<()> {
         let key = self.block_key(addr);
         let expires_at_ns = boot_time_ns().saturating_add(duration.as_nanos().min(u128::from(u64::MAX)) as u64);
+        // The program must look the list up before the entry exists, not after.
+        if self.block_empty {
+            self.block_empty = false;
+            self.write_config()?;
+        }
         self.block.insert(key, BlockEntry { expires_at_ns }, 0).map_err(map_err(names::BLOCK, "inserting"))
     }
 
     /// Removes `addr` from the block list.
     pub fn unblock(&mut self, addr: IpAddr) -> Result<()> {
         let key = self.block_key(addr);
-        ignore_missing(self.block.remove(&key)).map_err(map_err(names::BLOCK, "removing"))
+        ignore_missing(self.block.remove(&key)).map_err(map_err(names::BLOCK, "removing"))?;
+        self.refresh_block_flag()
     }
 
     /// Deletes expired block entries; returns how many.
@@ -539,7 +549,20 @@ impl Dataplane {
         for k in &expired {
             ignore_missing(self.block.remove(k)).map_err(map_err(names::BLOCK, "removing"))?;
         }
+        if !expired.is_empty() {
+            self.refresh_block_flag()?;
+        }
         Ok(expired.len())
+    }
+
+    /// Sets `CONFIG_FLAG_NO_BLOCK` once the block list is empty (only the agent writes it).
+    fn refresh_block_flag(&mut self) -> Result<()> {
+        let empty = self.block.keys().next().is_none();
+        if empty != self.block_empty {
+            self.block_empty = empty;
+            self.write_config()?;
+        }
+        Ok(())
     }
 
     fn block_key(&self, addr: IpAddr) -> Addr {

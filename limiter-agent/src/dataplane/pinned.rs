@@ -272,6 +272,7 @@ impl Dataplane {
         // The adopted active set's lists: rewriting CONFIG with "empty" flags before the policy
         // flip would let a denied source past the deny list it still holds.
         self.list_flags = self.written[usize::from(self.active_set)].as_ref().map_or(0, SetEntries::list_flags);
+        self.block_empty = self.block.keys().next().is_none();
         let entries = record_maps.ids(record.rule_ids_next).map_err(map_err("RULE_IDS", "reading"))?;
         let mut ids = Vec::new();
         for (id, e) in entries {
@@ -360,9 +361,14 @@ impl Dataplane {
                 for (k, v) in old.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns > now) {
                     self.block.insert(k, v, 0).map_err(map_err(names::BLOCK, "carrying over"))?;
                     blocked += 1;
+                    self.block_empty = false;
                 }
             }
             None => reset.push("block list (unreadable)"),
+        }
+        if blocked > 0 {
+            // The fresh CONFIG was written with an empty block list.
+            self.write_config()?;
         }
         let moved: StdHashMap<u32, u32> =
             up.ids.iter().filter_map(|(old, fp)| self.ids.id_of(*fp).map(|new| (*old, new))).collect();

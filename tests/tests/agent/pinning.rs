@@ -20,9 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use limiter_agent::dataplane::boot_time_ns;
-use limiter_common::{Addr, BlockEntry, Counter, ipv4_mapped, names, reason};
+use limiter_common::{Addr, BlockEntry, CONFIG_FLAG_NO_BLOCK, Config, Counter, ipv4_mapped, names, reason};
 use limiter_tests::{agent::PinDir, netns::Topology, rawsock::udp_socket, require_root};
 
 use crate::{Agent, MARKER, UDP_PORT, agent_binary, policy, send_from_client_and_count, xdp_attached};
@@ -56,6 +56,18 @@ fn wait_drops_above(pins: &PinDir, above: u64, what: &str) -> u64 {
 fn block_map(pins: &PinDir) -> BpfHashMap<MapData, Addr, BlockEntry> {
     let data = MapData::from_pin(pins.path().join(names::BLOCK)).expect("open the pinned BLOCK");
     BpfHashMap::try_from(Map::from_map_data(data).unwrap()).expect("BLOCK is a hash")
+}
+
+/// Writes a block entry into the pinned list as any writer besides the agent must: clearing
+/// `CONFIG_FLAG_NO_BLOCK` first, or the program skips the (empty-until-now) list.
+fn block_pinned(pins: &PinDir, addr: Addr, expires_at_ns: u64) {
+    let data = MapData::from_pin(pins.path().join(names::CONFIG)).expect("open the pinned CONFIG");
+    let mut config: Array<MapData, Config> =
+        Array::try_from(Map::from_map_data(data).unwrap()).expect("CONFIG is an array");
+    let mut c = config.get(&0, 0).unwrap();
+    c.flags &= !CONFIG_FLAG_NO_BLOCK;
+    config.set(0, c, 0).unwrap();
+    block_map(pins).insert(addr, BlockEntry { expires_at_ns }, 0).unwrap();
 }
 
 /// Sends datagrams from client `i` to the server, one every `gap`, until `stop`; counts them.
@@ -187,11 +199,10 @@ fn a_blocked_source_stays_blocked_across_a_restart_and_expiry_and_buckets_work_w
 
     // Block client 0 for an hour and client 1 for two seconds, in the pinned block list.
     let (long, short) = (topo.client(0).client.ipv4().unwrap(), topo.client(1).client.ipv4().unwrap());
-    let mut block = block_map(&pins);
     let now = boot_time_ns();
-    block.insert(ipv4_mapped(long.octets()), BlockEntry { expires_at_ns: now + 3_600_000_000_000 }, 0).unwrap();
+    block_pinned(&pins, ipv4_mapped(long.octets()), now + 3_600_000_000_000);
     let short_expiry = now + 2_000_000_000;
-    block.insert(ipv4_mapped(short.octets()), BlockEntry { expires_at_ns: short_expiry }, 0).unwrap();
+    block_pinned(&pins, ipv4_mapped(short.octets()), short_expiry);
     assert_eq!(send_from_client_and_count(&topo, 0, &server, 10), 0, "client 0 blocked");
 
     stop(agent, libc::SIGKILL);
