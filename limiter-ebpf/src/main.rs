@@ -110,10 +110,21 @@ pub fn limiter(ctx: XdpContext) -> u32 {
     if config.flags & CONFIG_FLAG_RECORD_PARSE != 0 {
         record_parse(&parsed);
     }
+    // The SYN proxy of the port, if any (synproxy.rs), answers SYNs and checks cookies; it may
+    // end the frame there. A segment with a valid cookie comes back to be judged below as a new
+    // connection (`judge_rules`). Here, where little is live, so the stack does not grow.
+    if config.flags & CONFIG_FLAG_SYNPROXY != 0
+        && let Parsed::Ip(p) = &parsed
+        && p.protocol == PROTO_TCP
+        && p.has_ports
+        && p.fragment == PARSE_FRAG_NONE
+    {
+        synproxy::hand_off(&ctx, config.active_set & 1, p.dst_port);
+    }
     let (verdict_reason, rule_id) = match parsed {
         Parsed::Ip(packet) => {
             let source = source_key_addr(&packet, config.ipv6_source_prefix);
-            let (why, rule) = judge(&ctx, &config, &packet, &source, len);
+            let (why, rule) = judge(&config, &packet, &source, len);
             if reason::is_drop(why) {
                 note_dropped_source(&source, why, len);
             }
@@ -143,7 +154,7 @@ const NO_RULE: u32 = u32::MAX;
 ///
 /// The source is known here, so the lists always apply, whatever the rest of the frame is.
 #[inline(always)]
-fn judge(ctx: &XdpContext, config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
+fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
     let set = config.active_set & 1;
     let list_key = Key::new(limiter_common::LIST_KEY_SET_BITS + 128, ListKey { set_be: set.to_be(), addr: packet.src });
     // Empty lists are not probed (an LPM lookup costs a helper call even on an empty trie).
@@ -202,16 +213,8 @@ fn judge(ctx: &XdpContext, config: &Config, packet: &Packet, source: &Addr, len:
         has_port = e.port_protocol != PROTO_ANY;
         later = Some(entry);
     }
-    // The SYN proxy of the port, if any, answers SYNs and checks cookies (it may end the frame
-    // there); a segment with a valid cookie comes back as a new connection.
-    let validated = config.flags & CONFIG_FLAG_SYNPROXY != 0
-        && packet.protocol == PROTO_TCP
-        && packet.has_ports
-        && packet.fragment == PARSE_FRAG_NONE
-        && synproxy::hand_off(ctx, set, packet.dst_port);
-    let tcp_syn = packet.tcp_syn || validated;
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let (why, rule) = judge_rules(set, packet, tcp_syn, source, len, now, port, protocol, has_port);
+    let (why, rule) = judge_rules(set, packet, source, len, now, port, protocol, has_port);
     if packet.fragment == PARSE_FRAG_FIRST {
         let entry = FragmentEntry {
             port: if packet.has_ports { packet.dst_port } else { 0 },
@@ -256,7 +259,6 @@ fn fragment_key(packet: &Packet) -> Option<&'static FragmentKey> {
 fn judge_rules(
     set: u32,
     packet: &Packet,
-    tcp_syn: bool,
     source: &Addr,
     len: u64,
     now: u64,
@@ -295,7 +297,7 @@ fn judge_rules(
     s.port = port_key.port;
     s.port_protocol = port_key.protocol;
     s.packet_protocol = packet.protocol;
-    s.tcp_syn = tcp_syn as u8;
+    s.tcp_syn = (packet.tcp_syn || (packet.protocol == PROTO_TCP && synproxy::take_validated())) as u8;
     s.later_fragment = (packet.fragment == PARSE_FRAG_LATER) as u8;
     s.slots = rules.slots;
     s.charged = 0;

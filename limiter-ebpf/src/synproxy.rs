@@ -25,6 +25,7 @@
 
 use core::ffi::c_void;
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_sock_tuple, iphdr, ipv6hdr, tcphdr, xdp_action},
@@ -38,7 +39,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    Bucket, Counter, PortKey,
+    Addr, Bucket, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_BLOCK, CONFIG_FLAG_NO_DENY, Config, Counter, LIST_KEY_SET_BITS,
+    ListKey, PortKey, ipv4_mapped,
     synproxy::{PROG_MAIN, PROG_SYNPROXY, PROGRAMS_ENTRIES, SYNPROXY_MODE_THRESHOLD, SynproxyPort, event, port_key},
 };
 
@@ -87,6 +89,13 @@ pub struct Handoff {
     data: u64,
     data_end: u64,
     back: u32,
+    /// The main program's `SYNPROXY_PORTS` key, here rather than on its stack, which has no
+    /// room left (512 bytes for the whole call chain).
+    key: PortKey,
+    /// The frame the main program is judging came back from the proxy with a valid cookie:
+    /// read (and cleared) by [`take_validated`], so no register of the main program holds it
+    /// across the calls in between.
+    validated: u32,
     _pad: u32,
 }
 
@@ -100,14 +109,14 @@ const BACK_CONTINUE: u32 = 1;
 const BACK_CONNECTION: u32 = 2;
 
 /// Called by the main program, after the lists, for an unfragmented TCP segment to `port`.
-/// Returns true for a segment the proxy validated as a new connection (it has come back from
-/// the proxy program). For a segment of a proxied port met for the first time it does not
-/// return: the proxy program takes over (and comes back through a tail call, or ends the
-/// frame itself). Returns false when the port has no proxy, or the proxy program is not in
-/// the table (an agent setting up): the segment is then judged as without the proxy.
+/// For a segment of a proxied port met for the first time it does not return: the proxy
+/// program takes over (and comes back through a tail call, or ends the frame itself). When it
+/// returns, the segment is judged by the rules: as a new connection if the proxy validated its
+/// cookie ([`take_validated`]), else as without the proxy (no proxy on the port, a segment
+/// the proxy handed back, or no proxy program in the table: an agent setting up).
 #[inline(always)]
-pub fn hand_off(ctx: &XdpContext, set: u32, port: u16) -> bool {
-    let Some(h) = SYNPROXY_HANDOFF.get_ptr_mut(0) else { return false };
+pub fn hand_off(ctx: &XdpContext, set: u32, port: u16) {
+    let Some(h) = SYNPROXY_HANDOFF.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU slot; programs run to completion on their CPU, tail calls included.
     let h = unsafe { &mut *h };
     if h.back != BACK_NONE {
@@ -115,15 +124,27 @@ pub fn hand_off(ctx: &XdpContext, set: u32, port: u16) -> bool {
         h.back = BACK_NONE;
         // The note is for this frame: the proxy wrote it just before jumping here.
         if h.data == ctx.data() as u64 && h.data_end == ctx.data_end() as u64 {
-            return back == BACK_CONNECTION;
+            h.validated = (back == BACK_CONNECTION) as u32;
+            return;
         }
     }
-    if SYNPROXY_PORTS.get_ptr(port_key(port, set as u8)).is_none() {
-        return false;
+    h.key = port_key(port, set as u8);
+    if SYNPROXY_PORTS.get_ptr(&h.key).is_none() {
+        return;
     }
     // SAFETY: the context is this program's own.
     unsafe { PROGRAMS.tail_call(ctx, PROG_SYNPROXY) };
-    false
+}
+
+/// Whether the frame being judged came back from the proxy with a valid cookie; clears it.
+#[inline(always)]
+pub fn take_validated() -> bool {
+    let Some(h) = SYNPROXY_HANDOFF.get_ptr_mut(0) else { return false };
+    // SAFETY: as in `hand_off`.
+    let h = unsafe { &mut *h };
+    let v = h.validated != 0;
+    h.validated = 0;
+    v
 }
 
 #[xdp]
@@ -318,9 +339,19 @@ fn proxy(ctx: &XdpContext) -> Result<u32, u32> {
         }
     }
 
-    // A SYN.
+    // A SYN. The main program has not judged the lists yet (it hands over first, where its
+    // stack has room): they apply here before anything is answered.
+    let config = match crate::CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    };
+    match lists(f, v6, &config) {
+        Lists::Proxy => {}
+        Lists::Allowed => return Err(BACK_CONTINUE),
+        Lists::Denied => return Err(BACK_CONTINUE),
+    }
     let port = be16(f, l4 + 2) as u16;
-    let set = crate::CONFIG.get(0).map(|c| c.active_set & 1).unwrap_or(0);
+    let set = config.active_set & 1;
     let Some(cfg) = SYNPROXY_PORTS.get_ptr(port_key(port, set as u8)) else { return Err(BACK_CONTINUE) };
     // SAFETY: a live map value; the agent never writes the active set's entries.
     let cfg = unsafe { &*cfg };
@@ -411,6 +442,59 @@ fn has_socket(ctx: &XdpContext, f: &[u8; FRAME], v6: bool, l4: usize) -> bool {
         bpf_sk_release(sk.cast());
         state != TCP_LISTEN
     }
+}
+
+/// An IPv6 source as the block list keys it: masked to the source prefix (`source_key_addr`).
+#[inline(always)]
+fn masked(src: &Addr, v6_prefix: u32) -> Addr {
+    let prefix = if v6_prefix == 0 || v6_prefix > 128 { 128 } else { v6_prefix };
+    let hi = u64::from_be_bytes(crate::half(src, 0)) & crate::mask64(prefix);
+    let lo = u64::from_be_bytes(crate::half(src, 8)) & crate::mask64(prefix.saturating_sub(64));
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&hi.to_be_bytes());
+    out[8..].copy_from_slice(&lo.to_be_bytes());
+    out
+}
+
+enum Lists {
+    Proxy,
+    /// Allow-listed: never limited, so never proxied either; the listener answers.
+    Allowed,
+    /// Denied or blocked: the main program drops it (and counts it there).
+    Denied,
+}
+
+/// What the allow, block and deny lists say of the SYN's source, as the main program reads
+/// them (`judge`), so a source they drop never gets a SYN-ACK.
+#[inline(always)]
+fn lists(f: &[u8; FRAME], v6: bool, config: &Config) -> Lists {
+    let mut src: Addr = ipv4_mapped([at(f, 26), at(f, 27), at(f, 28), at(f, 29)]);
+    if v6 {
+        let mut i = 0;
+        while i < 16 {
+            src[i] = f[ETH_HLEN + 8 + i];
+            i += 1;
+        }
+    }
+    let set = config.active_set & 1;
+    let key = Key::new(LIST_KEY_SET_BITS + 128, ListKey { set_be: set.to_be(), addr: src });
+    if config.flags & CONFIG_FLAG_NO_ALLOW == 0 && crate::ALLOW.get(&key).is_some() {
+        return Lists::Allowed;
+    }
+    if config.flags & CONFIG_FLAG_NO_DENY == 0 && crate::DENY.get(&key).is_some() {
+        return Lists::Denied;
+    }
+    if config.flags & CONFIG_FLAG_NO_BLOCK == 0 {
+        let source = if v6 { masked(&src, config.ipv6_source_prefix) } else { src };
+        if let Some(block) = crate::BLOCK.get_ptr(&source) {
+            let now = unsafe { bpf_ktime_get_boot_ns() };
+            // SAFETY: pointer from a successful map lookup.
+            if unsafe { (*block).expires_at_ns } > now {
+                return Lists::Denied;
+            }
+        }
+    }
+    Lists::Proxy
 }
 
 /// Whether the port's meter admits this SYN (threshold mode: the rate is below the threshold).

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use limiter_agent::{
     dataplane::{Dataplane, LoadOptions},
-    plan::SynproxyMode,
+    plan::{ListEntry, SynproxyMode},
 };
 use limiter_common::synproxy::event;
 use limiter_tests::{netns::Netns, packet::Packet, require_root, require_tool};
@@ -24,7 +24,11 @@ fn malformed_segments_and_bad_cookies_are_dropped_and_syns_answered() {
     let (src6, dst6): (IpAddr, IpAddr) = ("2001:db8::7".parse().unwrap(), "2001:db8::1".parse().unwrap());
     let seg = |s: IpAddr, d: IpAddr, port: u16| Packet::eth().ip(s, d).tcp(40_000, port).seq(1000);
     let verdicts = ns.run(|| {
-        dp.apply(&ceiling_plan(Some(SynproxyMode::Always))).expect("apply");
+        let mut plan = ceiling_plan(Some(SynproxyMode::Always));
+        let entry = |net: &str| ListEntry { net: net.parse().unwrap(), policy: "test".into() };
+        plan.deny = vec![entry("203.0.113.0/24")];
+        plan.allow = vec![entry("198.18.0.0/15")];
+        dp.apply(&plan).expect("apply");
         let mut run = |frame: Vec<u8>| dp.test_run(&frame).expect("test run");
         vec![
             ("SYN", run(seg(src, dst, PORT).syn().build())),
@@ -46,12 +50,16 @@ fn malformed_segments_and_bad_cookies_are_dropped_and_syns_answered() {
             ("SYN, bad IP checksum", run(seg(src, dst, PORT).syn().bad_ip_checksum().build())),
             ("RST", run(seg(src, dst, PORT).rst().build())),
             ("ACK to another port", run(seg(src, dst, PORT + 1).ack().ack_num(12345).build())),
+            // The lists apply before anything is answered: no SYN-ACK to a denied source; an
+            // allow-listed one is never limited, so never proxied either.
+            ("SYN from a denied source", run(seg(Ipv4Addr::new(203, 0, 113, 9).into(), dst, PORT).syn().build())),
+            ("SYN from an allowed source", run(seg(Ipv4Addr::new(198, 18, 0, 9).into(), dst, PORT).syn().build())),
         ]
     });
     const TX: u32 = 3;
     const DROP: u32 = 1;
     const PASS: u32 = 2;
-    let expected = [TX, TX, TX, DROP, DROP, DROP, DROP, DROP, DROP, DROP, DROP, PASS, PASS];
+    let expected = [TX, TX, TX, DROP, DROP, DROP, DROP, DROP, DROP, DROP, DROP, PASS, PASS, DROP, PASS];
     for ((what, got), want) in verdicts.iter().zip(expected) {
         assert_eq!(*got, want, "{what}: verdict {got}, expected {want}");
     }
