@@ -29,11 +29,10 @@ use limiter_agent::{
 use limiter_common::synproxy::event;
 use limiter_tests::{
     netns::{Netns, Topology},
-    packet::Packet,
     rawsock::RawSender,
     require_root, require_tool,
 };
-use rand::{Rng, SeedableRng, rngs::SmallRng};
+use rand::{SeedableRng, rngs::SmallRng};
 
 mod clients;
 mod verdicts;
@@ -94,15 +93,7 @@ fn shield<'a>(topo: &'a Topology, plan: &KernelPlan) -> Shield<'a> {
         }
     });
     assert!(topo.server.run(nft::installed), "the plan installed the nftables table");
-    let peers = topo
-        .clients
-        .iter()
-        .map(|c| {
-            let mut peer = Dataplane::load(LoadOptions::default()).expect("load the client-side program");
-            c.ns.run(|| peer.attach(&c.client.name, AttachMode::Native).expect("attach XDP to the client side"));
-            peer
-        })
-        .collect();
+    let peers = limiter_tests::synproxy::client_side_xdp(topo).expect("client-side XDP programs");
     Shield { dp, _peers: peers, _nft: nft }
 }
 
@@ -213,19 +204,9 @@ fn exchange(server: SocketAddr, i: usize) -> (bool, bool) {
     (true, echoed)
 }
 
-/// A SYN from a random spoofed source, as `hping3 -S --rand-source` sends (no options).
+/// A SYN from a random spoofed source to the proxied port.
 fn spoofed_syn(rng: &mut SmallRng, dst_mac: [u8; 6], dst: IpAddr) -> Vec<u8> {
-    let src: IpAddr = match dst {
-        IpAddr::V4(_) => Ipv4Addr::new(10, rng.random_range(128..=255), rng.random(), rng.random_range(1..=254)).into(),
-        IpAddr::V6(_) => Ipv6Addr::new(0xfd00, 0xdead, rng.random(), rng.random(), 0, 0, rng.random(), 1).into(),
-    };
-    Packet::eth()
-        .dst_mac(dst_mac)
-        .ip(src, dst)
-        .tcp(rng.random_range(1024..=65535), PORT)
-        .seq(rng.random())
-        .syn()
-        .build()
+    limiter_tests::synproxy::spoofed_syn(rng, dst_mac, dst, PORT)
 }
 
 struct Outcome {
