@@ -248,7 +248,7 @@ fn synproxy(md: &mut String, sp: &Value, command: &str) {
         "SYN-ACKs answered per second per core: **{}** ({:.0} ns per SYN-ACK: the program on a SYN to a proxied \
          port, {:.0} ns, less a trivial XDP program on the same frame, {:.0} ns; kernel-measured through \
          `BPF_PROG_TEST_RUN`, {} single runs per measurement, since each run rewrites the frame into its \
-         SYN-ACK; median of runs). The same SYN with the proxy off (judged by the rules, passed): {:.0} ns. \
+         SYN-ACK; median of runs). The same SYN with the proxy off (no rule on the port; parsed, judged, passed): {:.0} ns. \
          Not the NIC-like injection of the cost section: XDP_TX on veth needs the peer's NAPI, which that \
          harness does not model.\n",
         thousands(f(&c["synacks_per_second_per_core"])),
