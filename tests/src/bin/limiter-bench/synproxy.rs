@@ -14,6 +14,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -163,7 +164,9 @@ fn success(cfg: &Config, multiple: u64, proxy: bool) -> Result<Value> {
         let server: SocketAddr = (legit.server.ipv4().unwrap(), PORT).into();
         let rate = CEILING * multiple;
         let attempts = (seconds * 10.0) as usize;
+        let done = AtomicBool::new(false);
         let made = thread::scope(|s| -> Result<usize> {
+            let done = &done;
             s.spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(multiple);
                 let start = Instant::now();
@@ -171,7 +174,10 @@ fn success(cfg: &Config, multiple: u64, proxy: bool) -> Result<Value> {
                 // Paced in 1 ms steps, as evenly as hping3's `-i u1000`: a generator that sends
                 // in coarser bursts leaves the shared bucket's refills to whoever comes between
                 // two bursts, which flatters the unproxied rows.
-                while start.elapsed().as_secs_f64() < seconds + 1.5 {
+                // Until the legitimate client is done (each failed attempt takes its whole second,
+                // so the series outlasts its nominal length), bounded.
+                let bound = seconds + 1.5 + attempts as f64;
+                while !done.load(Ordering::Relaxed) && start.elapsed().as_secs_f64() < bound {
                     let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
                     while sent < due {
                         let _ = tx.send(&spoofed_syn(&mut rng, mac, attacked, PORT));
@@ -198,6 +204,7 @@ fn success(cfg: &Config, multiple: u64, proxy: bool) -> Result<Value> {
                     })
                     .count()
             });
+            done.store(true, Ordering::Relaxed);
             // Drain the accept queue so it never fills.
             while listener.accept().is_ok() {}
             Ok(made)
