@@ -99,8 +99,10 @@ fn the_netfilter_half_lives_with_the_pinned_shield_and_detach_removes_it() {
     connects().expect("connect through the proxy with no agent running");
     assert!(pinned_synacks(&pins) > answered, "answered in XDP with no agent");
 
-    // A restart re-applies the same table (idempotent) and keeps answering.
+    // A restart adopts the pinned shield (tail-call table included), re-applies the same table
+    // (idempotent) and keeps answering.
     let agent = start();
+    assert!(agent.seen.iter().any(|l| l.contains("adopted the shield pinned in")), "{:#?}", agent.seen);
     assert!(installed());
     let answered = pinned_synacks(&pins);
     connects().expect("connect after a restart");
