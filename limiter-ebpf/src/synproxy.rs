@@ -129,7 +129,12 @@ pub fn hand_off(ctx: &XdpContext, set: u32, port: u16) {
         }
     }
     h.key = port_key(port, set as u8);
-    if SYNPROXY_PORTS.get_ptr(&h.key).is_none() {
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "the key must stay in the map value: by value it would be copied onto the main program's stack"
+    )]
+    let missing = SYNPROXY_PORTS.get_ptr(&h.key).is_none();
+    if missing {
         return;
     }
     // SAFETY: the context is this program's own.
@@ -486,7 +491,7 @@ fn lists(f: &[u8; FRAME], v6: bool, config: &Config) -> Lists {
     }
     if config.flags & CONFIG_FLAG_NO_BLOCK == 0 {
         let source = if v6 { masked(&src, config.ipv6_source_prefix) } else { src };
-        if let Some(block) = crate::BLOCK.get_ptr(&source) {
+        if let Some(block) = crate::BLOCK.get_ptr(source) {
             let now = unsafe { bpf_ktime_get_boot_ns() };
             // SAFETY: pointer from a successful map lookup.
             if unsafe { (*block).expires_at_ns } > now {
