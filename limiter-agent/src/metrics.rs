@@ -39,7 +39,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -89,6 +89,11 @@ pub struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KernelRuleLabels {
+    pub rule: String,
 }
 
 /// A labelled counter that can be read back as well as scraped: the `Family` that is
@@ -153,6 +158,10 @@ pub struct Metrics {
     pub rls_decision_seconds: Histogram,
     pub policy_reloads: Family<OutcomeLabels, Counter>,
     pub escalations: CounterFamily<PolicyLabels>,
+    /// Live nodes in this node's last view of the node set (global kernel rules).
+    pub global_nodes: Gauge,
+    /// This node's share of each global kernel rule, in requests per the rule's unit.
+    pub global_shares: Family<KernelRuleLabels, Gauge>,
     sources: Arc<Sources>,
 }
 
@@ -210,6 +219,18 @@ impl Metrics {
             "Sources put in the XDP block list by a policy's penalty",
             escalations.family.clone(),
         );
+        let global_nodes = Gauge::default();
+        registry.register(
+            "limiter_global_nodes",
+            "Live nodes sharing the global kernel rules, in this node's last view (1 alone)",
+            global_nodes.clone(),
+        );
+        let global_shares = Family::<KernelRuleLabels, Gauge>::default();
+        registry.register(
+            "limiter_global_share_requests",
+            "This node's share of each global kernel rule's limit, in requests per the rule's unit",
+            global_shares.clone(),
+        );
         let sources = Arc::new(Sources::default());
         registry.register_collector(Box::new(Arc::clone(&sources)));
         Metrics {
@@ -220,6 +241,8 @@ impl Metrics {
             rls_decision_seconds,
             policy_reloads,
             escalations,
+            global_nodes,
+            global_shares,
             sources,
         }
     }
@@ -232,6 +255,17 @@ impl Metrics {
     /// Exports the L7 engine's counter occupancy on every scrape.
     pub fn watch_engine(&self, engine: Arc<Engine>) {
         *self.sources.engine.lock().unwrap_or_else(PoisonError::into_inner) = Some(engine);
+    }
+
+    /// Exports the shares of global kernel rules in force and the live nodes they follow.
+    pub fn global_shares(&self, nodes: u64, shares: &std::collections::BTreeMap<String, crate::plan::Limit>) {
+        self.global_nodes.set(i64::try_from(nodes).unwrap_or(i64::MAX));
+        // Rules a reload removed must not linger: rebuilt whole (a handful of rules).
+        self.global_shares.clear();
+        for (rule, limit) in shares {
+            let requests = i64::try_from(limit.requests).unwrap_or(i64::MAX);
+            self.global_shares.get_or_create(&KernelRuleLabels { rule: rule.clone() }).set(requests);
+        }
     }
 
     pub fn reload(&self, applied: bool) {

@@ -150,6 +150,11 @@ pub trait BucketWords {
     fn compare_exchange_tat(&mut self, seen: u64, next: u64) -> (u64, bool);
     /// Adds `cost_ns` to `refunded_ns`, atomically.
     fn add_refunded(&mut self, cost_ns: u64);
+    /// Replaces `seen` with `next` in `tat_ns` if it still holds `seen`, on the rare path that
+    /// repairs a bucket (the kernel's keeps it out of line, off the hot path's stack frame).
+    fn set_back(&mut self, seen: u64, next: u64) {
+        let _ = self.compare_exchange_tat(seen, next);
+    }
 }
 
 /// Outcome of [`charge`].
@@ -189,7 +194,16 @@ pub fn charge<W: BucketWords>(word: &mut W, now_ns: u64, cost_ns: u64, burst_ns:
     let refunded = word.load_refunded();
     let mut seen = word.load_tat();
     for _ in 0..CAS_ATTEMPTS {
-        let Some(next) = gcra(effective_tat(seen, refunded), now_ns, cost_ns, burst_ns) else {
+        let state = effective_tat(seen, refunded);
+        let Some(next) = gcra(state, now_ns, cost_ns, burst_ns) else {
+            // A bucket is never more than empty. A state further ahead comes only from a bucket
+            // recreated between this loop's two reads (LRU reuse of the element: the old
+            // owner's refund total read, the new owner's TAT swapped): set it back to empty so
+            // it refills from now, rather than refusing for as long as the stale total says.
+            let empty = now_ns.saturating_add(burst_ns);
+            if state > empty {
+                word.set_back(seen, empty.saturating_add(refunded));
+            }
             return Charge::Refused;
         };
         let (found, swapped) = word.compare_exchange_tat(seen, next.saturating_add(refunded));
@@ -517,5 +531,24 @@ mod tests {
         let later = T0 + 2 * NS_PER_HOUR;
         let admitted = (0..10).filter(|_| charge(&mut b, later, cost, p.burst_ns) == Charge::Admitted).count();
         assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn a_state_beyond_empty_is_set_back_to_empty_and_refills() {
+        // What a charge racing an element's reuse can leave: the old owner's refund total
+        // added to the new owner's TAT, far beyond an empty bucket.
+        let p = BucketParams::for_packets(10, NS_PER_SECOND, 0).unwrap();
+        let cost = p.cost_ns(1);
+        let mut b = Scripted {
+            words: Bucket2 { tat: T0 + 3600 * NS_PER_SECOND, refunded: 0 },
+            swaps: 0,
+            other_cpu: |_, _: &mut Bucket2| {},
+        };
+        assert_eq!(charge(&mut b, T0, cost, p.burst_ns), Charge::Refused);
+        assert_eq!(b.words.state(), T0 + p.burst_ns, "set back to empty");
+        // One second later the bucket has refilled as any empty bucket does.
+        let admitted =
+            (0..20).filter(|_| charge(&mut b, T0 + NS_PER_SECOND, cost, p.burst_ns) == Charge::Admitted).count();
+        assert_eq!(admitted, 10);
     }
 }

@@ -79,6 +79,8 @@ pub const SHARED_MAPS: &[MapSpec] = &[
     spec!(names::CONFIG, map_type::ARRAY, u32, Config, 1, 0),
     spec!(names::ALLOW, map_type::LPM_TRIE, LpmKey<ListKey>, ListValue, LIST_ENTRIES, MAP_F_NO_PREALLOC),
     spec!(names::DENY, map_type::LPM_TRIE, LpmKey<ListKey>, ListValue, LIST_ENTRIES, MAP_F_NO_PREALLOC),
+    spec!(names::ALLOW_HOSTS, map_type::HASH, LpmKey<ListKey>, ListValue, LIST_ENTRIES, MAP_F_NO_PREALLOC),
+    spec!(names::DENY_HOSTS, map_type::HASH, LpmKey<ListKey>, ListValue, LIST_ENTRIES, MAP_F_NO_PREALLOC),
     spec!(names::BLOCK, map_type::HASH, Addr, BlockEntry, BLOCK_ENTRIES, MAP_F_NO_PREALLOC),
     spec!(names::PORT_RULES, map_type::HASH, PortKey, PortRules, 4 * 65_536, MAP_F_NO_PREALLOC),
     spec!(names::RULES, map_type::ARRAY, u32, RuleConfig, 2 * MAX_RULES, 0),

@@ -17,6 +17,8 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const ALLOW: &str = "ALLOW";
     pub const DENY: &str = "DENY";
+    pub const ALLOW_HOSTS: &str = "ALLOW_HOSTS";
+    pub const DENY_HOSTS: &str = "DENY_HOSTS";
     pub const BLOCK: &str = "BLOCK";
     pub const PORT_RULES: &str = "PORT_RULES";
     pub const RULES: &str = "RULES";
@@ -42,7 +44,8 @@ pub const MAX_RULES_PER_PORT: usize = 16;
 pub const DEFAULT_SOURCE_ENTRIES: u32 = 1 << 20;
 /// Capacity of the shared (per-port aggregate) bucket table.
 pub const SHARED_BUCKET_ENTRIES: u32 = 16_384;
-/// Entries in each of the allow and deny LPM tries, across both sets.
+/// Entries in each of the allow and deny lists (each trie and each host hash), across both
+/// sets.
 pub const LIST_ENTRIES: u32 = 262_144;
 /// Sources tracked in `DROPPED_SOURCES` (the "top limited sources" view), per CPU, LRU.
 pub const DROPPED_SOURCE_ENTRIES: u32 = 16_384;
@@ -96,12 +99,18 @@ pub const CONFIG_FLAG_DEBUG_LOG: u32 = 1;
 /// Write what the parser read into `PARSE_RECORD` for every frame (tests and the
 /// differential fuzzer only: it costs a map write per packet).
 pub const CONFIG_FLAG_RECORD_PARSE: u32 = 2;
-/// The active set's allow list is empty: the program skips its lookup. Written together with
-/// `active_set`, so it always describes the set in force. Negative on purpose: an agent that
+/// The active set's allow list holds no prefix shorter than a host: the program skips the
+/// `ALLOW` trie (its hosts are in `ALLOW_HOSTS`, see [`CONFIG_FLAG_NO_ALLOW_HOSTS`]). Written
+/// together with `active_set`, so it always describes the set in force. Negative on purpose: an agent that
 /// does not know the flag leaves it clear, and the list is probed as before.
 pub const CONFIG_FLAG_NO_ALLOW: u32 = 4;
 /// The active set's deny list is empty (as [`CONFIG_FLAG_NO_ALLOW`]).
 pub const CONFIG_FLAG_NO_DENY: u32 = 8;
+/// The active set's allow list holds no single host ([`LIST_HOST_PREFIX`]): `ALLOW_HOSTS` is
+/// not probed. `CONFIG_FLAG_NO_ALLOW` then says the same of its prefixes (the trie).
+pub const CONFIG_FLAG_NO_ALLOW_HOSTS: u32 = 32;
+/// The active set's deny list holds no single host (as [`CONFIG_FLAG_NO_ALLOW_HOSTS`]).
+pub const CONFIG_FLAG_NO_DENY_HOSTS: u32 = 64;
 /// The block list holds no entry: the program skips its lookup (a hash lookup of a source
 /// nobody blocked is one cache miss per packet once sources are many). The agent clears it
 /// before it inserts an entry and sets it after it removes the last, so no entry is ever
@@ -129,6 +138,14 @@ const _: () = assert!(core::mem::size_of::<ListKey>() == 20);
 
 /// Bits of [`ListKey`] before the address starts.
 pub const LIST_KEY_SET_BITS: u32 = 32;
+
+/// Prefix length of a list entry for one host (IPv4 /32 or IPv6 /128). Such entries live in
+/// the `ALLOW_HOSTS` / `DENY_HOSTS` hashes (keyed by the trie key with this prefix length),
+/// not in the tries:
+/// one hash lookup instead of a trie walk whose depth grows with the list (a 100,000-host
+/// trie is some 17 nodes deep, each a cache miss). A host is the longest prefix there is, so
+/// looking the hash up first gives the trie's own answer.
+pub const LIST_HOST_PREFIX: u32 = LIST_KEY_SET_BITS + 128;
 
 /// Value of the `ALLOW` and `DENY` tries: the rule (policy) that put the entry there, for stats.
 #[repr(C)]

@@ -58,11 +58,30 @@ impl BucketWords for MapBucket {
         }
     }
 
+    fn set_back(&mut self, seen: u64, next: u64) {
+        set_back(self.0, seen, next);
+    }
+
     #[inline(always)]
     fn add_refunded(&mut self, cost_ns: u64) {
         // SAFETY: as in `load_tat`.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*self.0).refunded_ns, cost_ns) };
     }
+}
+
+/// The rare repair of a bucket found beyond empty (see `limiter_common::bucket::charge`), as a
+/// BPF subprogram: inlined, its registers would be spilled into the rule callback's frame, and
+/// the call chain's stack is at its 512-byte limit.
+#[inline(never)]
+extern "C" fn set_back(bucket: *mut Bucket, seen: u64, next: u64) {
+    // SAFETY: called only by `MapBucket::set_back`, with its live map value.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
+            &raw mut (*bucket).tat_ns,
+            seen,
+            next,
+        )
+    };
 }
 
 /// Charges `cost_ns` to `bucket`.

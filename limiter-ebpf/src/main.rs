@@ -22,13 +22,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use limiter_common::{
-    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_BLOCK, CONFIG_FLAG_NO_DENY,
-    CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES, COUNT_CONNECTIONS, Config, Counter, DEFAULT_SOURCE_ENTRIES,
-    DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE, FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey,
-    KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PARSE_FRAG_FIRST,
-    PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED,
-    PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig,
-    RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
+    Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_ALLOW_HOSTS,
+    CONFIG_FLAG_NO_BLOCK, CONFIG_FLAG_NO_DENY, CONFIG_FLAG_NO_DENY_HOSTS, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES,
+    COUNT_CONNECTIONS, Config, Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE,
+    FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES,
+    LIST_HOST_PREFIX, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER,
+    PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED, PROTO_ANY, PROTO_TCP,
+    PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter,
+    SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
 };
 // The SYN proxy's hook (synproxy.rs), kept apart from the list above.
 use limiter_common::{PARSE_FRAG_NONE, synproxy::CONFIG_FLAG_SYNPROXY};
@@ -52,6 +53,15 @@ static ALLOW: LpmTrie<ListKey, ListValue> = LpmTrie::with_max_entries(LIST_ENTRI
 
 #[map(name = "DENY")]
 static DENY: LpmTrie<ListKey, ListValue> = LpmTrie::with_max_entries(LIST_ENTRIES, 0);
+
+/// Single hosts of the allow and deny lists (see `LIST_HOST_PREFIX`). Keyed by the tries' own
+/// key (its prefix length always `LIST_HOST_PREFIX`), so one key on the stack serves both
+/// kinds of lookup: the stack has no room for a second.
+#[map(name = "ALLOW_HOSTS")]
+static ALLOW_HOSTS: HashMap<Key<ListKey>, ListValue> = HashMap::with_max_entries(LIST_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "DENY_HOSTS")]
+static DENY_HOSTS: HashMap<Key<ListKey>, ListValue> = HashMap::with_max_entries(LIST_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "BLOCK")]
 static BLOCK: HashMap<Addr, BlockEntry> = HashMap::with_max_entries(limiter_common::BLOCK_ENTRIES, BPF_F_NO_PREALLOC);
@@ -156,8 +166,14 @@ const NO_RULE: u32 = u32::MAX;
 #[inline(always)]
 fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32) {
     let set = config.active_set & 1;
-    let list_key = Key::new(limiter_common::LIST_KEY_SET_BITS + 128, ListKey { set_be: set.to_be(), addr: packet.src });
-    // Empty lists are not probed (an LPM lookup costs a helper call even on an empty trie).
+    let list_key = Key::new(LIST_HOST_PREFIX, ListKey { set_be: set.to_be(), addr: packet.src });
+    // Empty lists are not probed (a lookup costs a helper call even on an empty map). Hosts
+    // first: one hash lookup, and a host is the longest match the trie could give.
+    // SAFETY (both host lookups): the value is only read here, and the agent writes a set's
+    // entries before it makes the set active.
+    if config.flags & CONFIG_FLAG_NO_ALLOW_HOSTS == 0 && unsafe { ALLOW_HOSTS.get(&list_key) }.is_some() {
+        return (reason::PASS_ALLOW_LIST, NO_RULE);
+    }
     if config.flags & CONFIG_FLAG_NO_ALLOW == 0 && ALLOW.get(&list_key).is_some() {
         return (reason::PASS_ALLOW_LIST, NO_RULE);
     }
@@ -171,6 +187,11 @@ fn judge(config: &Config, packet: &Packet, source: &Addr, len: u64) -> (u32, u32
         if unsafe { (*block).expires_at_ns } > now {
             return (reason::DROP_BLOCK_LIST, NO_RULE);
         }
+    }
+    if config.flags & CONFIG_FLAG_NO_DENY_HOSTS == 0
+        && let Some(entry) = unsafe { DENY_HOSTS.get(&list_key) }
+    {
+        return (reason::DROP_DENY_LIST, entry.rule_id);
     }
     if config.flags & CONFIG_FLAG_NO_DENY == 0
         && let Some(entry) = DENY.get(&list_key)

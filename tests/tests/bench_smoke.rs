@@ -12,7 +12,7 @@ use serde_json::Value;
 /// RLS section's `checks`: Redis errors, failure-mode answers), or RLS shares of over-limit
 /// traffic, which a toy-sized run on a busy machine may not reach (checked as finite and >= 0
 /// below), rather than figures.
-const NOT_FIGURES: [&str; 13] = [
+const NOT_FIGURES: [&str; 14] = [
     "machine",
     "config",
     "signed_error_pct_runs",
@@ -23,6 +23,8 @@ const NOT_FIGURES: [&str; 13] = [
     "negative_cache_hits_per_call",
     // Per-source inserts that failed on the new-source path: zero in a good run.
     "insert_failures",
+    // Charges refused after six lost compare-and-swaps with both CPUs on one bucket: rare.
+    "contended_refusals",
     // Counts that are rightly 0 on some rows: no per-source entry for a list hit, no call
     // behind the fixed-rate schedule.
     "tracked",

@@ -229,7 +229,8 @@ pub struct SetEntries {
     /// `(slot, config)`; the map index is `set * MAX_RULES + slot`.
     pub rules: Vec<(u32, RuleConfig)>,
     pub ports: Vec<(PortKey, PortRules)>,
-    /// `(prefix_len, key, value)` for the LPM tries.
+    /// `(prefix_len, key, value)`: single hosts (`LIST_HOST_PREFIX`) go to the host hashes,
+    /// the rest to the LPM tries.
     pub allow: Vec<(u32, ListKey, ListValue)>,
     pub deny: Vec<(u32, ListKey, ListValue)>,
     /// Rule id → rule name, for stats.
@@ -237,11 +238,19 @@ pub struct SetEntries {
 }
 
 impl SetEntries {
-    /// `CONFIG_FLAG_NO_ALLOW` / `CONFIG_FLAG_NO_DENY` for this set: the program skips the
-    /// probe of a list its active set leaves empty.
+    /// `CONFIG_FLAG_NO_ALLOW[_HOSTS]` / `CONFIG_FLAG_NO_DENY[_HOSTS]` for this set: the
+    /// program skips the probe of a map its active set leaves empty.
     pub fn list_flags(&self) -> u32 {
-        (if self.allow.is_empty() { limiter_common::CONFIG_FLAG_NO_ALLOW } else { 0 })
-            | if self.deny.is_empty() { limiter_common::CONFIG_FLAG_NO_DENY } else { 0 }
+        use limiter_common::{
+            CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_ALLOW_HOSTS, CONFIG_FLAG_NO_DENY, CONFIG_FLAG_NO_DENY_HOSTS,
+            LIST_HOST_PREFIX,
+        };
+        let flags = |list: &[(u32, ListKey, ListValue)], no_prefixes: u32, no_hosts: u32| {
+            let hosts = list.iter().filter(|(p, _, _)| *p == LIST_HOST_PREFIX).count();
+            (if hosts == list.len() { no_prefixes } else { 0 }) | if hosts == 0 { no_hosts } else { 0 }
+        };
+        flags(&self.allow, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_ALLOW_HOSTS)
+            | flags(&self.deny, CONFIG_FLAG_NO_DENY, CONFIG_FLAG_NO_DENY_HOSTS)
     }
 }
 

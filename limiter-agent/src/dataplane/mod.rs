@@ -3,6 +3,7 @@
 //! [`Dataplane`] is the only owner of the `Ebpf` object; it takes every map out once, into
 //! typed wrappers, and adds context to each aya error.
 
+mod block;
 mod entries;
 mod fragments;
 mod observe;
@@ -11,6 +12,7 @@ pub mod pin;
 mod pinned;
 mod synproxy;
 pub use synproxy::{SynproxyHost, wscale_for};
+mod shares;
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -22,11 +24,11 @@ use aya::{
 };
 pub use entries::{IdState, PlanError, RuleIds, SetEntries, fingerprints, layout, list_entry, mapped};
 use limiter_common::{
-    Addr, BlockEntry, Bucket, Config, Counter, ListKey, ListValue, MAX_RULES, ParseRecord, PortKey, PortRules,
-    RuleConfig, RuleCounter, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, ipv4_mapped, names, reason,
+    Addr, BlockEntry, Bucket, Config, Counter, LIST_HOST_PREFIX, ListKey, ListValue, MAX_RULES, ParseRecord, PortKey,
+    PortRules, RuleConfig, RuleCounter, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, names,
 };
 use log::{info, warn};
-pub use observe::PinnedView;
+pub use observe::{PinnedView, Stats};
 pub use pinned::Adoption;
 
 use crate::plan::KernelPlan;
@@ -58,6 +60,8 @@ pub enum DataplaneError {
     ProgramPin(#[source] aya::pin::PinError),
     #[error("SYN proxy: {0}")]
     Synproxy(String),
+    #[error("rule {rule} of the plan in force has no id (agent state out of sync; reload the policy)")]
+    NoRuleId { rule: String },
     #[error("the XDP link of {iface}: {action}: {detail}")]
     Link { iface: String, action: &'static str, detail: String },
 }
@@ -128,41 +132,6 @@ impl Default for LoadOptions {
     }
 }
 
-/// Counters summed over CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Indexed by `limiter_common::reason::*`.
-    pub reasons: Vec<Counter>,
-    /// Per rule name, for the rules of the applied plan.
-    pub rules: BTreeMap<String, RuleCounter>,
-}
-
-impl Stats {
-    pub fn reason(&self, r: u32) -> Counter {
-        self.reasons.get(r as usize).copied().unwrap_or_default()
-    }
-
-    /// Packets and bytes passed, over all pass reasons.
-    pub fn passed(&self) -> Counter {
-        self.sum(|r| !reason::is_drop(r))
-    }
-
-    /// Packets and bytes dropped, over all drop reasons.
-    pub fn dropped(&self) -> Counter {
-        self.sum(reason::is_drop)
-    }
-
-    fn sum(&self, pick: impl Fn(u32) -> bool) -> Counter {
-        let mut c = Counter::default();
-        for r in (0..reason::VERDICT_REASONS).filter(|&r| pick(r)) {
-            let x = self.reason(r);
-            c.packets += x.packets;
-            c.bytes += x.bytes;
-        }
-        c
-    }
-}
-
 /// Summary of an applied plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
@@ -182,6 +151,8 @@ pub struct Dataplane {
     config: Array<MapData, Config>,
     allow: LpmTrie<MapData, ListKey, ListValue>,
     deny: LpmTrie<MapData, ListKey, ListValue>,
+    allow_hosts: HashMap<MapData, Key<ListKey>, ListValue>,
+    deny_hosts: HashMap<MapData, Key<ListKey>, ListValue>,
     block: HashMap<MapData, Addr, BlockEntry>,
     port_rules: HashMap<MapData, PortKey, PortRules>,
     rules: Array<MapData, RuleConfig>,
@@ -205,7 +176,11 @@ pub struct Dataplane {
     /// The block list holds no entry (`CONFIG_FLAG_NO_BLOCK`).
     block_empty: bool,
     names: BTreeMap<u32, String>,
+    /// The plan in force as given (global rules at their policy limit: their identity).
     current: Option<KernelPlan>,
+    /// This node's shares of `global` rules, by rule name: the limit their buckets enforce
+    /// instead of the policy's (see [`Dataplane::set_shares`]).
+    shares: BTreeMap<String, crate::plan::Limit>,
     options: LoadOptions,
     /// The pin directory and its record, when the data path is pinned.
     pinned: Option<pinned::Pinned>,
@@ -268,6 +243,8 @@ impl Dataplane {
             config: take(&mut ebpf, names::CONFIG)?,
             allow: take(&mut ebpf, names::ALLOW)?,
             deny: take(&mut ebpf, names::DENY)?,
+            allow_hosts: take(&mut ebpf, names::ALLOW_HOSTS)?,
+            deny_hosts: take(&mut ebpf, names::DENY_HOSTS)?,
             block: take(&mut ebpf, names::BLOCK)?,
             port_rules: take(&mut ebpf, names::PORT_RULES)?,
             rules: take(&mut ebpf, names::RULES)?,
@@ -283,10 +260,11 @@ impl Dataplane {
             ids: RuleIds::default(),
             written: [None, None],
             active_set: 0,
-            list_flags: limiter_common::CONFIG_FLAG_NO_ALLOW | limiter_common::CONFIG_FLAG_NO_DENY,
+            list_flags: SetEntries::default().list_flags(),
             block_empty: true,
             names: BTreeMap::new(),
             current: None,
+            shares: BTreeMap::new(),
             options,
             pinned: None,
         };
@@ -359,21 +337,24 @@ impl Dataplane {
         }
     }
 
-    /// The plan currently enforced, if any.
+    /// The plan currently enforced, if any, as given: `global` rules at their policy limit
+    /// ([`Self::shares`] holds what their buckets enforce).
     pub fn current_plan(&self) -> Option<&KernelPlan> {
         self.current.as_ref()
     }
 
     /// Applies `plan` atomically: writes it into the inactive policy set, then flips the set
     /// the program reads with one store. Buckets of rules that did not change are kept; on
-    /// error nothing the program reads has changed.
+    /// error nothing the program reads has changed. `global` rules named in the shares in
+    /// force ([`Self::set_shares`]) enforce their share; their identity (and so whether they
+    /// keep their buckets) is that of the policy's limit.
     pub fn apply(&mut self, plan: &KernelPlan) -> Result<Applied> {
         let target = 1 - self.active_set;
         // Lay out first: a plan that does not fit fails before any map is touched. Ids are
         // assigned on a copy and committed only once the flip has happened.
         let mut ids = self.ids.clone();
         let (rule_ids, retired) = ids.assign(plan)?;
-        let entries = layout(plan, target, &rule_ids)?;
+        let entries = layout(&shares::with_shares(plan, &self.shares), target, &rule_ids)?;
         let kept = rule_ids.iter().filter(|id| self.names.contains_key(id)).count();
 
         self.clear_set(target)?;
@@ -389,10 +370,22 @@ impl Dataplane {
             self.port_rules.insert(key, list, 0).map_err(map_err(names::PORT_RULES, "writing a port list"))?;
         }
         for (prefix, key, value) in &entries.allow {
-            self.allow.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::ALLOW, "inserting"))?;
+            if *prefix == LIST_HOST_PREFIX {
+                self.allow_hosts
+                    .insert(Key::new(*prefix, *key), value, 0)
+                    .map_err(map_err(names::ALLOW_HOSTS, "inserting"))?;
+            } else {
+                self.allow.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::ALLOW, "inserting"))?;
+            }
         }
         for (prefix, key, value) in &entries.deny {
-            self.deny.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::DENY, "inserting"))?;
+            if *prefix == LIST_HOST_PREFIX {
+                self.deny_hosts
+                    .insert(Key::new(*prefix, *key), value, 0)
+                    .map_err(map_err(names::DENY_HOSTS, "inserting"))?;
+            } else {
+                self.deny.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::DENY, "inserting"))?;
+            }
         }
         self.synproxy.write_set(target, plan)?;
         // netfilter's half first: from the flip on, ACKs with cookies need it.
@@ -449,10 +442,21 @@ impl Dataplane {
             ignore_missing(self.port_rules.remove(key)).map_err(map_err(names::PORT_RULES, "removing"))?;
         }
         for (prefix, key, _) in &old.allow {
-            ignore_missing(self.allow.remove(&Key::new(*prefix, *key))).map_err(map_err(names::ALLOW, "removing"))?;
+            if *prefix == LIST_HOST_PREFIX {
+                ignore_missing(self.allow_hosts.remove(&Key::new(*prefix, *key)))
+                    .map_err(map_err(names::ALLOW_HOSTS, "removing"))?;
+            } else {
+                ignore_missing(self.allow.remove(&Key::new(*prefix, *key)))
+                    .map_err(map_err(names::ALLOW, "removing"))?;
+            }
         }
         for (prefix, key, _) in &old.deny {
-            ignore_missing(self.deny.remove(&Key::new(*prefix, *key))).map_err(map_err(names::DENY, "removing"))?;
+            if *prefix == LIST_HOST_PREFIX {
+                ignore_missing(self.deny_hosts.remove(&Key::new(*prefix, *key)))
+                    .map_err(map_err(names::DENY_HOSTS, "removing"))?;
+            } else {
+                ignore_missing(self.deny.remove(&Key::new(*prefix, *key))).map_err(map_err(names::DENY, "removing"))?;
+            }
         }
         // RULES slots are overwritten, not deleted (array).
         Ok(())
@@ -520,61 +524,6 @@ impl Dataplane {
     /// `DROPPED_SOURCE_SAMPLE`); exact once a source is tracked.
     pub fn top_dropped_sources(&self, n: usize) -> Result<Vec<(IpAddr, Counter)>> {
         read_top(&self.dropped_sources, n)
-    }
-
-    /// Puts `addr` (IPv6: its source prefix) in the block list for `duration`.
-    pub fn block(&mut self, addr: IpAddr, duration: Duration) -> Result<()> {
-        let key = self.block_key(addr);
-        let expires_at_ns = boot_time_ns().saturating_add(duration.as_nanos().min(u128::from(u64::MAX)) as u64);
-        // The program must look the list up before the entry exists, not after.
-        if self.block_empty {
-            self.block_empty = false;
-            self.write_config()?;
-        }
-        self.block.insert(key, BlockEntry { expires_at_ns }, 0).map_err(map_err(names::BLOCK, "inserting"))
-    }
-
-    /// Removes `addr` from the block list.
-    pub fn unblock(&mut self, addr: IpAddr) -> Result<()> {
-        let key = self.block_key(addr);
-        ignore_missing(self.block.remove(&key)).map_err(map_err(names::BLOCK, "removing"))?;
-        self.refresh_block_flag()
-    }
-
-    /// Deletes expired block entries; returns how many.
-    pub fn expire_blocks(&mut self) -> Result<usize> {
-        let now = boot_time_ns();
-        let expired: Vec<Addr> =
-            self.block.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.expires_at_ns <= now).map(|(k, _)| k).collect();
-        for k in &expired {
-            ignore_missing(self.block.remove(k)).map_err(map_err(names::BLOCK, "removing"))?;
-        }
-        if !expired.is_empty() {
-            self.refresh_block_flag()?;
-        }
-        Ok(expired.len())
-    }
-
-    /// Sets `CONFIG_FLAG_NO_BLOCK` once the block list is empty (only the agent writes it).
-    fn refresh_block_flag(&mut self) -> Result<()> {
-        let empty = self.block.keys().next().is_none();
-        if empty != self.block_empty {
-            self.block_empty = empty;
-            self.write_config()?;
-        }
-        Ok(())
-    }
-
-    fn block_key(&self, addr: IpAddr) -> Addr {
-        match addr {
-            IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
-            IpAddr::V6(v6) => {
-                let prefix = u32::from(self.options.ipv6_source_prefix.min(128));
-                let bits = u128::from_be_bytes(v6.octets());
-                let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
-                (bits & mask).to_be_bytes()
-            }
-        }
     }
 
     /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN` (no interface needed)

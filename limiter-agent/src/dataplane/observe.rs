@@ -10,15 +10,50 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
-use limiter_common::{Addr, BlockEntry, Bucket, Counter, RuleCounter, STATS_ENTRIES, SourceBucketKey, names};
+use limiter_common::{Addr, BlockEntry, Bucket, Counter, RuleCounter, STATS_ENTRIES, SourceBucketKey, names, reason};
 
 use super::{
-    Result, Stats, addr_to_ip, boot_time_ns, map_err,
+    Result, addr_to_ip, boot_time_ns, map_err,
     pin::{
         self, LinkPin, META_PIN, RULE_IDS_PIN,
         meta::{Meta, MetaMaps, id_state},
     },
 };
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Indexed by `limiter_common::reason::*`.
+    pub reasons: Vec<Counter>,
+    /// Per rule name, for the rules of the applied plan.
+    pub rules: BTreeMap<String, RuleCounter>,
+}
+
+impl Stats {
+    pub fn reason(&self, r: u32) -> Counter {
+        self.reasons.get(r as usize).copied().unwrap_or_default()
+    }
+
+    /// Packets and bytes passed, over all pass reasons.
+    pub fn passed(&self) -> Counter {
+        self.sum(|r| !reason::is_drop(r))
+    }
+
+    /// Packets and bytes dropped, over all drop reasons.
+    pub fn dropped(&self) -> Counter {
+        self.sum(reason::is_drop)
+    }
+
+    fn sum(&self, pick: impl Fn(u32) -> bool) -> Counter {
+        let mut c = Counter::default();
+        for r in (0..reason::VERDICT_REASONS).filter(|&r| pick(r)) {
+            let x = self.reason(r);
+            c.packets += x.packets;
+            c.bytes += x.bytes;
+        }
+        c
+    }
+}
 
 /// A pinned set, seen from outside.
 pub struct PinnedView {

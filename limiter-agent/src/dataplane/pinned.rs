@@ -9,7 +9,7 @@
 use std::{collections::HashMap as StdHashMap, path::Path};
 
 use aya::{
-    maps::{HashMap, Map, MapData, MapInfo},
+    maps::{HashMap, Map, MapData, MapInfo, lpm_trie::Key},
     programs::{
         ProgramInfo, Xdp,
         links::{FdLink, PinnedLink},
@@ -18,7 +18,7 @@ use aya::{
 };
 use aya_obj::programs::XdpAttachType;
 use limiter_common::{
-    Addr, BlockEntry, Bucket, ListKey, ListValue, PortRules, SharedBucketKey, SourceBucketKey,
+    Addr, BlockEntry, Bucket, LIST_HOST_PREFIX, ListKey, ListValue, PortRules, SharedBucketKey, SourceBucketKey,
     layout::{LAYOUT_STAMP, SHARED_MAPS, map_type},
     names,
 };
@@ -301,6 +301,16 @@ impl Dataplane {
                 .map(|k| (k.prefix_len(), k.data(), ListValue::default()))
                 .collect()
         };
+        let hosts = |hash: &HashMap<MapData, Key<ListKey>, ListValue>| -> Vec<(u32, ListKey, ListValue)> {
+            hash.keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.data().set_be == set_be)
+                .map(|k| (LIST_HOST_PREFIX, k.data(), ListValue::default()))
+                .collect()
+        };
+        let (mut allow, mut deny) = (lpm(&self.allow), lpm(&self.deny));
+        allow.extend(hosts(&self.allow_hosts));
+        deny.extend(hosts(&self.deny_hosts));
         SetEntries {
             ports: self
                 .port_rules
@@ -309,8 +319,8 @@ impl Dataplane {
                 .filter(|k| k.set == set)
                 .map(|k| (k, PortRules::default()))
                 .collect(),
-            allow: lpm(&self.allow),
-            deny: lpm(&self.deny),
+            allow,
+            deny,
             ..SetEntries::default()
         }
     }

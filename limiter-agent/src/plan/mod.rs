@@ -78,7 +78,7 @@ pub struct KernelRule {
     /// Count and report, never drop (policy `mode: Shadow`).
     pub shadow: bool,
     /// A `rateLimit.global` rule: with `--rls-backend redis` each node enforces its share of
-    /// `limit` (see [`crate::sync::shared_plan`]); `false` counts the whole limit on this node.
+    /// `limit` following its demand (see [`crate::sync`]); `false` counts the whole limit on this node.
     /// Kernel guards of global L7 rules are `false`: a guard is a coarse backstop and must not
     /// cut connections whose requests the shared L7 count would admit.
     pub global: bool,

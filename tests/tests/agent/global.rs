@@ -38,23 +38,31 @@ fn members(redis: &limiter_tests::redis::RedisServer) -> Vec<String> {
     m
 }
 
-/// A global kernel rule with `--rls-backend redis`: while a second node is a member of the
-/// Redis node set, the agent admits its half; a reload applies the half of the new limit; once
-/// the other node leaves, the full limit. At SIGTERM the agent leaves the set.
+/// A global kernel rule with `--rls-backend redis`: the agent joins the node set, publishes
+/// its demand in the demand hash (with a TTL), and enforces the share the published demand
+/// gives it. Another node that claims all the demand leaves this one its floor (5% of the
+/// limit split over 2 nodes); a reload applies the floor of the new limit; once the other
+/// node's demand is gone, this one gets all but the other's floor. At SIGTERM the agent
+/// leaves the set and the hash.
 #[test]
-fn global_kernel_rule_is_shared_across_the_nodes_in_redis() {
+fn global_kernel_rule_follows_the_demand_published_in_redis() {
     require_root();
     let topo = Topology::new("share", 1).unwrap();
     // Inside the server namespace, where the agent runs, on its loopback.
     let redis = limiter_tests::redis::RedisServer::start_in(&topo.server).unwrap();
     // The other node, scored an hour ahead on Redis's clock: live for the whole test without
-    // a heartbeat of its own.
+    // a heartbeat of its own, and claiming a huge demand.
     let time = redis.command(&["TIME"]).unwrap().as_strings();
-    let ahead = time[0].parse::<u64>().unwrap() * 1000 + 3_600_000;
-    redis.command(&["ZADD", "limiter:nodes", &ahead.to_string(), "other-node"]).unwrap();
+    let ahead = (time[0].parse::<u64>().unwrap() * 1000 + 3_600_000).to_string();
+    redis.command(&["ZADD", "limiter:nodes", &ahead, "other-node"]).unwrap();
+    let claim = |demand: f64| {
+        let value = format!("{ahead} {{\"global-test/udp-global\":{demand}}}");
+        redis.command(&["HSET", "limiter:demand", "other-node", &value]).unwrap();
+    };
+    claim(1e9);
 
     let dir = TempDir::new("share");
-    dir.write("policy.yaml", &global_policy(20));
+    dir.write("policy.yaml", &global_policy(400));
     let server = udp_socket(&topo.server, (Ipv4Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();
     let url = redis.url();
     let args = ["--no-watch", "--rls-backend", "redis", "--redis-url", &url, "--node-id", "this-node"];
@@ -62,23 +70,40 @@ fn global_kernel_rule_is_shared_across_the_nodes_in_redis() {
     agent.wait_for(&["sync: joined limiter:nodes as this-node", "2 nodes live"], Duration::from_secs(30));
     agent.wait_for(&["attached to s0"], Duration::from_secs(30));
     assert_eq!(members(&redis), ["other-node", "this-node"]);
-    assert_eq!(send_and_count(&topo, &server, 30), 10, "this node's share: 20/2");
+    assert_eq!(send_and_count(&topo, &server, 30), 10, "this node's floor: 5% of 400 over 2 nodes");
+    let text = crate::scrape(&topo, ([127, 0, 0, 1], 9091).into());
+    assert!(text.contains("limiter_global_nodes 2"), "{text}");
+    assert!(text.contains("limiter_global_share_requests{rule=\"global-test/udp-global\"} 10"), "{text}");
 
-    // A reload applies the share of the new limit.
-    dir.write("policy.yaml", &global_policy(40));
+    // This node's demand is published, under a TTL.
+    let published = redis.command(&["HGET", "limiter:demand", "this-node"]).unwrap().as_text().unwrap();
+    let (at, json) = published.split_once(' ').unwrap();
+    assert!(at.parse::<u64>().is_ok(), "{published}");
+    assert!(json.contains("\"global-test/udp-global\":"), "{published}");
+    let ttl = redis.command(&["PTTL", "limiter:demand"]).unwrap().as_int().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "the hash expires a minute after the last node: {ttl} ms");
+
+    // A reload applies the share of the new limit (a new rule, with a fresh bucket).
+    dir.write("policy.yaml", &global_policy(800));
     agent.signal(libc::SIGHUP);
-    agent.wait_for(&["policy reloaded", "1 global rule(s) shared across 2 nodes"], Duration::from_secs(5));
-    assert_eq!(send_and_count(&topo, &server, 30), 20, "this node's share: 40/2");
+    agent.wait_for(&["policy reloaded", "1 global rule(s) shared by demand across 2 nodes"], Duration::from_secs(5));
+    assert_eq!(send_and_count(&topo, &server, 30), 20, "this node's floor: 5% of 800 over 2 nodes");
 
-    // The other node leaves: the agent notices at a heartbeat and takes the whole limit.
-    redis.command(&["ZREM", "limiter:nodes", "other-node"]).unwrap();
-    agent.wait_for(&["sync: 1 node live (was 2)", "shared across 1 node"], Duration::from_secs(10));
-    assert_eq!(send_and_count(&topo, &server, 60), 40, "the whole limit on the only node");
+    // The other node's demand falls to nothing; a reload (fresh bucket) then shows the share
+    // this node's own demand wins: all but the other's floor.
+    claim(0.0);
+    agent.wait_for(&["sync: shares of 2 nodes live", "global-test/udp-global=780/Hour"], Duration::from_secs(10));
+    dir.write("policy.yaml", &global_policy(1200));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for(&["policy reloaded"], Duration::from_secs(5));
+    assert_eq!(send_and_count(&topo, &server, 60), 60, "1170 of 1200 for this node");
 
     agent.signal(libc::SIGTERM);
     let status = agent.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
     assert!(status.success(), "agent exit status {status}");
-    assert!(members(&redis).is_empty(), "the agent left the node set at shutdown");
+    assert_eq!(members(&redis), ["other-node"], "the agent left the node set at shutdown");
+    let fields = redis.command(&["HKEYS", "limiter:demand"]).unwrap().as_strings();
+    assert_eq!(fields, ["other-node"], "and the demand hash");
 }
 
 /// Both layers under `rateLimit.global`: a shared kernel bucket of `udp_per_hour` packets and
@@ -109,10 +134,11 @@ spec:
 }
 
 /// Two real agents, each shielding its own veth (two nodes' NICs) and serving its own rate
-/// limit service, share one `redis-server`: they find each other in the node set and each
-/// admits half of the global kernel rule, so both together admit the limit; the L7 rule's
-/// count is one across both services, whichever a gateway asks; when one agent stops, the
-/// other takes the whole kernel limit.
+/// limit service, share one `redis-server`: they find each other in the node set; before
+/// any demand each admits half of the global kernel rule, and together they never admit more
+/// than the limit; the L7 rule's count is one across both services, whichever a gateway asks;
+/// when one agent stops, the other is alone in the node set. (`shares.rs` follows demand
+/// with real traffic.)
 #[test]
 fn two_agents_sharing_one_redis_split_the_kernel_limit_and_share_the_l7_count() {
     const OK: i32 = 1;
@@ -144,12 +170,15 @@ fn two_agents_sharing_one_redis_split_the_kernel_limit_and_share_the_l7_count() 
     let mut second = start(1);
     second.wait_for(&["sync: joined limiter:nodes as node-1", "2 nodes live"], Duration::from_secs(30));
     second.wait_for(&["attached to s1"], Duration::from_secs(30));
-    first.wait_for(&["sync: 2 nodes live (was 1)", "re-applied"], Duration::from_secs(10));
+    first.wait_for(&["sync: 2 nodes live (was 1)"], Duration::from_secs(10));
     assert_eq!(members(&redis), ["node-0", "node-1"]);
 
-    // Kernel: each node admits its half of 20; together, the limit.
+    // Kernel: before any demand, equal parts: node 0 admits its half of 20. Its demand then
+    // takes most of the limit to node 0, whose bucket is empty: node 1 admits what is left of
+    // its share, at least its floor (1), and both together no more than the limit.
     assert_eq!(send_from_client_and_count(&topo, 0, &server, 30), 10, "node 0's share: 20/2");
-    assert_eq!(send_from_client_and_count(&topo, 1, &server, 30), 10, "node 1's share: 20/2");
+    let node1 = send_from_client_and_count(&topo, 1, &server, 30);
+    assert!((1..=10).contains(&node1), "node 1 admitted {node1}: its floor at least, 20 in all at most");
 
     // L7: one count in Redis for both services. Alternate between them: 6 OK in all, then
     // over the limit on either.
@@ -164,14 +193,14 @@ fn two_agents_sharing_one_redis_split_the_kernel_limit_and_share_the_l7_count() 
     let count = redis.command(&["GET", &keys[0]]).unwrap().as_int();
     assert_eq!(count, Some(8), "every call counted once, over-limit ones too (as the reference service does)");
 
-    // The second agent stops: it leaves the set, and the first takes the whole limit (the
-    // re-applied rule starts with a full bucket).
+    // The second agent stops: it leaves the set, and the first is alone (its share grows to
+    // the whole limit; the tokens its bucket holds are kept, so nothing is handed out at once).
     second.signal(libc::SIGTERM);
     let status = second.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");
     assert!(status.success(), "second agent exit status {status}");
-    first.wait_for(&["sync: 1 node live (was 2)", "shared across 1 node"], Duration::from_secs(10));
+    first.wait_for(&["sync: 1 node live (was 2)"], Duration::from_secs(10));
     assert_eq!(members(&redis), ["node-0"]);
-    assert_eq!(send_and_count(&topo, &server, 30), 20, "the whole limit on the only node");
+    assert_eq!(send_and_count(&topo, &server, 30), 0, "node 0's bucket stays empty: 20 per hour in all");
 
     first.signal(libc::SIGTERM);
     let status = first.child.wait_timeout(Duration::from_secs(10)).unwrap().expect("agent exits on SIGTERM");

@@ -8,6 +8,7 @@
 mod global;
 mod l7;
 mod pinning;
+mod shares;
 mod synproxy;
 
 use std::{

@@ -272,3 +272,54 @@ fn a_plan_that_does_not_fit_is_rejected_and_the_old_one_stays() {
     assert_eq!(verdict(&mut dp, &frame), XDP_PASS);
     assert_eq!(verdict(&mut dp, &frame), XDP_DROP, "the old rule is still enforced");
 }
+
+/// A `global` rule's share changes in place: the rule keeps its counters and its bucket; a
+/// shared bucket keeps its tokens (a bigger share is earned at its rate, not handed out as a
+/// fresh burst); a reload with the same policy limit keeps the share in force; per-source
+/// buckets keep their state.
+#[test]
+fn a_global_rules_share_changes_in_place_and_keeps_its_bucket() {
+    use std::collections::BTreeMap;
+
+    use limiter_agent::{dataplane::Dataplane, plan::Limit};
+    let mut global = rule("global", CountKind::Packets, 400, Unit::Hour, 0);
+    global.global = true;
+    let plan = KernelPlan { rules: vec![global.clone()], ..Default::default() };
+    let share = |requests| BTreeMap::from([(global.name.clone(), Limit { requests, unit: Unit::Hour, burst: 0 })]);
+    let mut dp = load(LoadOptions::default());
+    dp.apply_shared(&plan, share(10)).expect("apply with a share");
+    let frame = udp4().build();
+    let admit = |dp: &mut Dataplane, n| (0..n).filter(|_| verdict(dp, &frame) == XDP_PASS).count();
+    assert_eq!(admit(&mut dp, 4), 4, "4 of the share of 10");
+    // The share grows to 390: the 6 tokens left stay 6, not 390 at once.
+    assert_eq!(dp.set_shares(share(390)).unwrap(), 1, "one rule re-shared");
+    assert_eq!(admit(&mut dp, 20), 6, "the tokens left under the old share");
+    let stats = dp.stats().unwrap();
+    assert_eq!(stats.rules["test/global"].passed.packets, 10, "the counters go on: same rule id");
+    assert_eq!(stats.rules["test/global"].dropped.packets, 14);
+    // The same shares again change nothing.
+    assert_eq!(dp.set_shares(share(390)).unwrap(), 0);
+    // A reload with the same policy keeps the rule (id, counters, empty bucket) and its share.
+    let applied = dp.apply(&plan).unwrap();
+    assert_eq!(applied.kept, 1);
+    assert_eq!(admit(&mut dp, 5), 0);
+    assert_eq!(dp.stats().unwrap().rules["test/global"].dropped.packets, 19);
+    // A new policy limit is a new rule: fresh bucket, the full limit without a share for it.
+    let mut changed = global.clone();
+    changed.limit.requests = 3;
+    dp.apply_shared(&KernelPlan { rules: vec![changed], ..Default::default() }, BTreeMap::new()).unwrap();
+    assert_eq!(admit(&mut dp, 5), 3);
+
+    // Per source: the bucket is kept as it is (its depth and rate scale together).
+    let mut dp = load(LoadOptions::default());
+    let mut src = per_source(rule("src", CountKind::Packets, 100, Unit::Hour, 0));
+    src.global = true;
+    let plan = KernelPlan { rules: vec![src.clone()], ..Default::default() };
+    let share = |requests| BTreeMap::from([(src.name.clone(), Limit { requests, unit: Unit::Hour, burst: 0 })]);
+    dp.apply_shared(&plan, share(4)).unwrap();
+    assert_eq!(admit(&mut dp, 10), 4, "the source's share of 4");
+    dp.set_shares(share(8)).unwrap();
+    assert_eq!(admit(&mut dp, 10), 0, "an empty bucket stays empty");
+    let other = Packet::eth().ipv4(OTHER, SERVER).udp(40000, PROBE_PORT).payload(b"limiter").build();
+    assert_eq!((0..10).filter(|_| verdict(&mut dp, &other) == XDP_PASS).count(), 8, "a new source gets the new share");
+}

@@ -59,3 +59,42 @@ fn allow_listed_sources_are_not_blocked() {
     dp.block(IpAddr::V4(CLIENT), Duration::from_secs(3600)).unwrap();
     assert_eq!(verdict(&mut dp, &udp4().build()), XDP_PASS);
 }
+
+/// Single hosts live in hashes beside the prefix tries (`LIST_HOST_PREFIX`): together they
+/// must answer as one longest-prefix list, and leave with their policy set.
+#[test]
+fn single_hosts_and_prefixes_answer_as_one_list_and_go_with_their_set() {
+    let mut dp = load(LoadOptions::default());
+    let v4 = |a: [u8; 4]| Packet::eth().ipv4(std::net::Ipv4Addr::from(a), SERVER).udp(1, 2).build();
+    let v6 = |a: Ipv6Addr| Packet::eth().ipv6(a, SERVER6).udp(1, 2).build();
+    let host6 = Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, 0, 5);
+    dp.apply(&plan_with_lists(
+        &["10.9.0.7/32", "fd00:9::/64"],
+        &["10.9.0.0/24", "10.8.0.5/32", &format!("{host6}/128"), "fd00:9::/32"],
+        vec![],
+    ))
+    .unwrap();
+    // An allowed host inside a denied prefix, and an allowed prefix inside a denied one.
+    assert_eq!(verdict(&mut dp, &v4([10, 9, 0, 7])), XDP_PASS);
+    assert_eq!(verdict(&mut dp, &v6(Ipv6Addr::new(0xfd00, 9, 0, 0, 0, 0, 0, 1))), XDP_PASS);
+    assert_eq!(dp.stats().unwrap().reason(reason::PASS_ALLOW_LIST).packets, 2);
+    // Denied by prefix, by host (IPv4 and IPv6); their neighbours pass.
+    assert_eq!(verdict(&mut dp, &v4([10, 9, 0, 8])), XDP_DROP);
+    assert_eq!(verdict(&mut dp, &v6(Ipv6Addr::new(0xfd00, 9, 1, 0, 0, 0, 0, 1))), XDP_DROP);
+    assert_eq!(verdict(&mut dp, &v4([10, 8, 0, 5])), XDP_DROP);
+    assert_eq!(verdict(&mut dp, &v6(host6)), XDP_DROP);
+    assert_eq!(dp.stats().unwrap().reason(reason::DROP_DENY_LIST).packets, 4);
+    assert_eq!(verdict(&mut dp, &v4([10, 8, 0, 6])), XDP_PASS);
+    assert_eq!(verdict(&mut dp, &v6(Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, 0, 6))), XDP_PASS);
+
+    // The next policy lists other hosts only: the old ones leave with their set.
+    dp.apply(&plan_with_lists(&[], &["10.8.0.6/32"], vec![])).unwrap();
+    assert_eq!(verdict(&mut dp, &v4([10, 8, 0, 5])), XDP_PASS);
+    assert_eq!(verdict(&mut dp, &v6(host6)), XDP_PASS);
+    assert_eq!(verdict(&mut dp, &v4([10, 9, 0, 8])), XDP_PASS);
+    assert_eq!(verdict(&mut dp, &v4([10, 8, 0, 6])), XDP_DROP);
+    // And the one after that lists prefixes only.
+    dp.apply(&plan_with_lists(&["10.8.0.0/30"], &["10.8.0.0/16"], vec![])).unwrap();
+    assert_eq!(verdict(&mut dp, &v4([10, 8, 0, 2])), XDP_PASS);
+    assert_eq!(verdict(&mut dp, &v4([10, 8, 0, 6])), XDP_DROP);
+}

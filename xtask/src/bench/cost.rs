@@ -43,13 +43,16 @@ fn goals(r: &Value) -> Vec<Goal> {
             goal: 1.0,
             unit: "×",
             detail: format!(
-                "{:.1} ns : {:.1} ns (deny list of one host, one source)",
+                "{:.1} ns : {:.1} ns (the deny-hit check, a deny list of one prefix holding the source, \
+                 measured right beside the peer)",
                 f(&l["cpu_ns"]),
                 f(&x["cpu_ns"])
             ),
             bound: "before the list is probed the limiter parses further than xdp-filter (VLAN tags, IPv6 \
-                    extension chains, fragments) and reads its config; the deny list is an LPM trie keyed \
-                    by a 16-byte address with a set number, where xdp-filter hashes 4 bytes",
+                    extension chains, fragments) and reads its config; its prefix lists are LPM tries and its \
+                    host lists hashes keyed by a set number and a 16-byte address (IPv4 mapped into IPv6), \
+                    where xdp-filter hashes 4 bytes; and every drop also updates the top-dropped-sources \
+                    table",
         });
     }
     if let (Some(l), Some(x)) = (beside(pp, "per-source bucket"), peer_row(pp, "unmatched", "sources", 1.0)) {
@@ -107,10 +110,11 @@ fn goals(r: &Value) -> Vec<Goal> {
             bound: "the kernel's LRU hash element: 48 bytes of its own (hash-chain node, LRU node, hash) \
                     plus the key and the value each rounded up to 8, plus a 16-byte hash bucket per slot \
                     (the bucket array is sized to the capacity rounded up to a power of two); with the \
-                    24-byte key (rule id, port, protocol, 16-byte source) and the 8-byte bucket that is \
-                    48 + 24 + 8 + 16 = 96. 80 leaves 16 bytes for key and value together, less than an \
-                    IPv6 source alone: only a hashed key (with collisions) or a table the kernel does not \
-                    offer gets there",
+                    24-byte key (rule id, port, protocol, 16-byte source) and the 16-byte bucket (the \
+                    TAT and the refund word that keeps refunds out of the charges' compare-and-swap) \
+                    that is 48 + 24 + 16 + 16 = 104. 80 leaves 16 bytes for key and value together, less \
+                    than an IPv6 source alone: only a hashed key (with collisions) or a table the kernel \
+                    does not offer gets there",
         });
     }
     out
@@ -309,13 +313,17 @@ pub fn per_packet(md: &mut String, pp: &Value, command: &str) {
         "### One shared bucket from both CPUs\n\nA per-port bucket (one bucket for all sources) hit by \
          `BPF_PROG_TEST_RUN` calls started together on CPU 0 and CPU 1: **{:.1} ns** per run on each CPU, \
          against {:.1} ns from one CPU alone ({:.2}×); the trivial program the same two ways: {:.1} and {:.1} \
-         ns ({:.2}×, what the machine adds when both CPUs are busy).\n",
+         ns ({:.2}×, what the machine adds when both CPUs are busy). With both CPUs doing nothing but \
+         charging that one bucket, {} of {} charges lost six compare-and-swaps in a row to the other CPU's \
+         charges and refused their packet (`bucket_contended`, the safe side).\n",
         f(&two["both_cpu_ns"]),
         f(&two["alone_cpu_ns"]),
         f(&two["slowdown"]),
         f(&two["trivial_both_cpu_ns"]),
         f(&two["trivial_alone_cpu_ns"]),
-        f(&two["trivial_slowdown"])
+        f(&two["trivial_slowdown"]),
+        thousands(f(&two["contended_refusals"])),
+        thousands(f(&two["runs_total"]))
     );
 }
 

@@ -115,10 +115,16 @@ pub struct RlsArgs {
     /// splits `global` kernel rules (default: hostname-pid). Unique per node.
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
-    /// How often this node renews its membership; a member silent for three heartbeats is
-    /// gone. Use the same value on every node.
+    /// The sync period of `global` kernel rules: how often this node renews its membership
+    /// and publishes its demand (and gets its new shares); a member silent for three
+    /// heartbeats is gone. Use the same value on every node.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub global_heartbeat: Duration,
+    /// The part of each `global` kernel rule's limit held back as floors, split equally among
+    /// the live nodes, so an idle node admits at once when traffic arrives (`5%`); the rest
+    /// follows demand. Use the same value on every node.
+    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    pub global_share_floor: f64,
     /// Most keyed L7 counters held in this process (per distinct header value, client...);
     /// beyond it the least recently used idle ones are evicted.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
@@ -154,6 +160,21 @@ fn parse_failure_mode(s: &str) -> Result<FailureMode, String> {
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h`.
+/// `5%` or `5` as the fraction 0.05; 0 to 100.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let n: f64 = t
+        .strip_suffix('%')
+        .unwrap_or(t)
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a percentage such as 5%"))?;
+    if !(0.0..=100.0).contains(&n) {
+        return Err(format!("`{s}`: must be between 0% and 100%"));
+    }
+    Ok(n / 100.0)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -184,5 +205,15 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn percentages_parse_with_or_without_the_sign() {
+        assert_eq!(parse_percent("5%"), Ok(0.05));
+        assert_eq!(parse_percent("50"), Ok(0.5));
+        assert_eq!(parse_percent(" 0 % "), Ok(0.0));
+        assert!(parse_percent("101%").is_err());
+        assert!(parse_percent("-1%").is_err());
+        assert!(parse_percent("five").is_err());
     }
 }

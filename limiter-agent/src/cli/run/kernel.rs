@@ -1,7 +1,7 @@
 //! The XDP half of a running agent: load the program, apply the plan and attach at start,
 //! housekeeping at each stats tick, escalated sources into the block list, detach at exit.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use anyhow::{Context as _, bail};
 use log::{error, info, warn};
@@ -11,7 +11,7 @@ use crate::{
     control::Control,
     dataplane::{Adoption, Dataplane, LoadOptions, Stats},
     metrics::{Metrics, PolicyLabels},
-    plan::KernelPlan,
+    plan::{KernelPlan, Limit},
     rls::escalation::BlockOrder,
 };
 
@@ -23,7 +23,13 @@ pub(super) struct Kernel {
 }
 
 /// Loads the XDP program, applies the kernel plan and attaches to every interface.
-pub(super) fn start_kernel(args: &RunArgs, plan: &KernelPlan, control: Option<&mut Control>) -> anyhow::Result<Kernel> {
+/// `shares`: this node's shares of the plan's `global` rules (none: their full limits).
+pub(super) fn start_kernel(
+    args: &RunArgs,
+    plan: &KernelPlan,
+    shares: BTreeMap<String, Limit>,
+    control: Option<&mut Control>,
+) -> anyhow::Result<Kernel> {
     let options = LoadOptions {
         source_entries: args.source_entries,
         ipv6_source_prefix: args.ipv6_source_prefix,
@@ -37,7 +43,7 @@ pub(super) fn start_kernel(args: &RunArgs, plan: &KernelPlan, control: Option<&m
     if let Some(adoption) = dp.adoption() {
         info!("{}", adoption.describe(&args.pin_dir));
     }
-    match shield(args, plan, &mut dp, control) {
+    match shield(args, plan, shares, &mut dp, control) {
         Ok(()) => {}
         // A start that fails leaves nothing behind it pinned; an adopted shield stays as it
         // was found (the pinned policy keeps running).
@@ -58,12 +64,13 @@ pub(super) fn start_kernel(args: &RunArgs, plan: &KernelPlan, control: Option<&m
 fn shield(
     args: &RunArgs,
     plan: &KernelPlan,
+    shares: BTreeMap<String, Limit>,
     dp: &mut Dataplane,
     mut control: Option<&mut Control>,
 ) -> anyhow::Result<()> {
     // On adopted maps this is the usual double-buffered flip: the pinned policy judges every
     // packet until the new one is complete, and unchanged rules keep their buckets.
-    let applied = dp.apply(plan).context("applying the policy to the kernel maps")?;
+    let applied = dp.apply_shared(plan, shares).context("applying the policy to the kernel maps")?;
     info!(
         "policy applied: {} kernel rules ({} slots, {} port lists), {} allow and {} deny entries",
         applied.rules, applied.rule_slots, applied.port_lists, applied.allow, applied.deny

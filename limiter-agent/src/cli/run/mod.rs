@@ -10,7 +10,7 @@
 //! - `args`: the command line (`RunArgs`, `RlsArgs`).
 //! - `reload`: loading the policy set and reloading it while running.
 //! - `kernel`: the XDP half: load or adopt, attach, stats tick, escalation, leave or detach.
-//! - `nodes`: the Redis node set and this node's share of `global` kernel rules.
+//! - `nodes`: the Redis node set and this node's demand-following shares of `global` kernel rules.
 //! - `stats`: the stats line logged at each `--stats-interval`.
 
 mod args;
@@ -38,7 +38,7 @@ pub use self::{
 };
 use self::{
     kernel::{Kernel, escalate, start_kernel},
-    nodes::{join_nodes, next_nodes, reshare},
+    nodes::{join_nodes, next_view, reshare, send_reading, shares_in},
     reload::{ReloadCounts, reload},
 };
 use crate::{
@@ -58,12 +58,24 @@ use crate::{
 /// What is in force, to tell a changed policy set from an unchanged one.
 #[derive(Debug)]
 struct InForce {
-    /// The compiled kernel plan, before global rules are split into this node's share.
+    /// The compiled kernel plan, global rules at their policy limit.
     plan: KernelPlan,
-    /// Live nodes sharing the global kernel rules (1 without membership).
-    nodes: u64,
+    /// The last view of the node set and its demand (`None` without membership, or before
+    /// Redis first answered: the full limits apply).
+    view: Option<Arc<sync::demand::View>>,
+    /// `--global-share-floor`.
+    share_floor: f64,
+    /// The requests of each share when the shares were last logged.
+    logged_shares: std::collections::BTreeMap<String, u64>,
     l7: L7Plan,
     penalties: Penalties,
+}
+
+impl InForce {
+    /// Live nodes in the last view (1 without one).
+    fn nodes(&self) -> u64 {
+        self.view.as_ref().map_or(1, |v| v.nodes.len() as u64)
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -168,14 +180,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut control = open_control(&args)?;
-    let (nodes, mut nodes_rx) = join_nodes(&args, &settings, &compiled.plan, &shutdown_rx, &mut servers).await?;
+    let (view, mut sync_link) = join_nodes(&args, &settings, &compiled.plan, &shutdown_rx, &mut servers).await?;
+    let share_floor = args.rls.global_share_floor;
     let mut kernel = if args.ifaces.is_empty() {
         info!("no --iface: no XDP program; serving the rate limit service only");
         None
     } else {
-        Some(start_kernel(&args, &sync::shared_plan(&compiled.plan, nodes), control.as_mut())?)
+        let shares = shares_in(&compiled.plan, view.as_deref(), share_floor);
+        Some(start_kernel(&args, &compiled.plan, shares, control.as_mut())?)
     };
-    let mut in_force = InForce { plan: compiled.plan, nodes, l7: compiled.l7, penalties };
+    let mut in_force = InForce {
+        plan: compiled.plan,
+        view,
+        share_floor,
+        logged_shares: Default::default(),
+        l7: compiled.l7,
+        penalties,
+    };
+    // The sync period: this node's counters go to the sync task, which publishes the demand
+    // they make and sends back the view its shares follow.
+    let mut sync_tick = tokio::time::interval(args.rls.global_heartbeat);
+    sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut watcher = PolicyWatcher::new(&args.policies);
     let mut watch_tick = tokio::time::interval(args.watch_interval);
@@ -202,9 +227,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     reloads.record(outcome, &metrics);
                 }
             }
-            Some(n) = next_nodes(&mut nodes_rx) => {
+            _ = sync_tick.tick(), if sync_link.is_some() => {
+                if let (Some(k), Some(link)) = (kernel.as_ref(), sync_link.as_ref()) {
+                    send_reading(&k.dp, &in_force, link);
+                }
+            }
+            Some(view) = next_view(&mut sync_link) => {
                 if let Some(k) = kernel.as_mut() {
-                    reshare(&mut k.dp, &mut in_force, n);
+                    reshare(&mut k.dp, &mut in_force, Some(view), &metrics);
                 }
             }
             Some(order) = orders_rx.recv() => {
@@ -219,9 +249,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 // A share that failed to apply is retried here until it holds.
-                if let (Some(k), Some(rx)) = (kernel.as_mut(), nodes_rx.as_ref()) {
-                    let n = *rx.borrow();
-                    reshare(&mut k.dp, &mut in_force, n);
+                if let Some(k) = kernel.as_mut() && sync_link.is_some() {
+                    reshare(&mut k.dp, &mut in_force, None, &metrics);
                 }
                 if let Some(escalator) = limiter.escalation() {
                     escalator.sweep(Instant::now());

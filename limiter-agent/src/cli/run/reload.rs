@@ -85,8 +85,8 @@ pub(super) fn reload(
         }
     };
     let penalties = Penalties::of(&compiled);
-    let kernel_plan = sync::shared_plan(&compiled.plan, in_force.nodes);
-    let kernel_changed = dp.as_ref().is_some_and(|dp| dp.current_plan() != Some(&kernel_plan));
+    let shares = super::nodes::shares_in(&compiled.plan, in_force.view.as_deref(), in_force.share_floor);
+    let kernel_changed = dp.as_ref().is_some_and(|dp| dp.current_plan() != Some(&compiled.plan));
     let l7_changed = in_force.l7 != compiled.l7 || in_force.penalties != penalties;
     if !kernel_changed && !l7_changed {
         info!("{why}: policy unchanged");
@@ -94,14 +94,15 @@ pub(super) fn reload(
     }
     let mut kernel_note = String::new();
     if let Some(dp) = dp.filter(|_| kernel_changed) {
-        match dp.apply(&kernel_plan) {
+        match dp.apply_shared(&compiled.plan, shares) {
             Ok(a) => {
                 kernel_note = format!("{} kernel rules, {} kept their bucket state", a.rules, a.kept);
                 let globals = sync::global_rules(&compiled.plan);
-                if in_force.nodes > 1 && globals > 0 {
+                let nodes = in_force.nodes();
+                if nodes > 1 && globals > 0 {
                     kernel_note.push_str(&format!(
-                        ", {globals} global rule(s) shared across {}",
-                        sync::nodes_text(in_force.nodes)
+                        ", {globals} global rule(s) shared by demand across {}",
+                        sync::nodes_text(nodes)
                     ));
                 }
             }

@@ -227,7 +227,7 @@ pub enum NoticeKind {
     /// A kernel-counted rule under `rateLimit.global`: shared only where the agent takes part in
     /// Redis membership (`crate::sync`).
     #[error(
-        "rule {rule}: global scope: with --rls-backend redis the kernel limit is shared across the live nodes (each enforces 1/N), else counted on this node only"
+        "rule {rule}: global scope: with --rls-backend redis the kernel limit is shared across the live nodes (each enforces a share following its demand), else counted on this node only"
     )]
     GlobalPerNode { rule: String },
     /// An L7 rule (or a config's rules) with global scope.

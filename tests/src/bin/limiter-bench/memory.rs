@@ -16,10 +16,11 @@ use crate::{Config, median, per_packet};
 
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
-/// The per-source bucket table: the only LRU hash with a 24-byte key and an 8-byte value.
+/// The per-source bucket table: the only LRU hash with its key and value.
 fn source_table(maps: &[MapFdInfo]) -> Result<&MapFdInfo> {
+    let (key, value) = (size_of::<limiter_common::SourceBucketKey>(), size_of::<limiter_common::Bucket>());
     maps.iter()
-        .find(|m| m.map_type == BPF_MAP_TYPE_LRU_HASH && m.key_size == 24 && m.value_size == 8)
+        .find(|m| m.map_type == BPF_MAP_TYPE_LRU_HASH && m.key_size as usize == key && m.value_size as usize == value)
         .context("the per-source bucket table is not among this process's BPF map fds")
 }
 

@@ -64,7 +64,9 @@ pub fn run(cfg: &Config) -> Result<Value> {
     let trivial = Prog::trivial()?;
     let f = frame(CHECK_BASE, PORT);
     test_run(fd, &f, 100)?;
-    let before = dp.stats()?.reason(reason::PASS_CONFORMING).packets;
+    let stats = dp.stats()?;
+    let (before, contended_before) =
+        (stats.reason(reason::PASS_CONFORMING).packets, stats.reason(reason::EVENT_BUCKET_CONTENDED).packets);
     let (mut lim_alone, mut lim_both, mut triv_alone, mut triv_both) = (vec![], vec![], vec![], vec![]);
     for _ in 0..cfg.runs {
         triv_alone.push(alone(cfg, trivial.fd(), &f)?);
@@ -74,10 +76,15 @@ pub fn run(cfg: &Config) -> Result<Value> {
         let (a, b) = both(cfg, fd, &f)?;
         lim_both.push((a + b) / 2.0);
     }
-    let counted = dp.stats()?.reason(reason::PASS_CONFORMING).packets - before;
+    // A charge that loses six compare-and-swaps in a row to the other CPU's charges refuses its
+    // packet (`bucket_contended`, README "Buckets and concurrency"): with both CPUs doing
+    // nothing but charging this one bucket it happens, rarely; how rarely is a figure here.
+    let stats = dp.stats()?;
+    let counted = stats.reason(reason::PASS_CONFORMING).packets - before;
+    let contended = stats.reason(reason::EVENT_BUCKET_CONTENDED).packets - contended_before;
     ensure!(
-        counted > 0 && counted % (3 * u64::from(cfg.repeat)) == 0,
-        "per-port pass took another path: {counted} runs counted"
+        counted > 0 && (counted + contended) % (3 * u64::from(cfg.repeat)) == 0,
+        "per-port pass took another path: {counted} runs counted, {contended} contended"
     );
     let out = json!({
         "check": s.check,
@@ -89,13 +96,16 @@ pub fn run(cfg: &Config) -> Result<Value> {
         "slowdown": median(&lim_both) / median(&lim_alone),
         "trivial_slowdown": median(&triv_both) / median(&triv_alone),
         "both_cpu_ns_runs": lim_both,
+        "runs_total": counted + contended,
+        "contended_refusals": contended,
     });
     eprintln!(
-        "per-packet: per-port bucket pass on both CPUs at once: {:.1} ns per run each, alone {:.1} ns (trivial {:.1} / {:.1})",
+        "per-packet: per-port bucket pass on both CPUs at once: {:.1} ns per run each, alone {:.1} ns (trivial {:.1} / {:.1}); {contended} of {} runs refused as contended",
         median(&lim_both),
         median(&lim_alone),
         median(&triv_both),
-        median(&triv_alone)
+        median(&triv_alone),
+        counted + contended,
     );
     Ok(out)
 }

@@ -55,6 +55,10 @@ fn measure_filter(
 
 pub fn run(cfg: &Config, trivial: &TrivialXdp) -> Result<Value> {
     let ns = Netns::new("bench-xdpfilter").context("creating the xdp-filter namespace")?;
+    // The measured counters are xdp-filter's own per-action counts, which a real frame on the
+    // link would add to: no IPv6 on it means no router or neighbour solicitations.
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+    ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
     VethPair::new(&ns, "xf0", &[], &ns, "xf1", &[])?;
     let mut filter = XdpFilter::load(&ns, "xf0")?;
     let stats_path = filter.pin_dir().join("xdp_stats_map");

@@ -1,26 +1,32 @@
-//! `rateLimit.global` kernel rules across nodes: membership in Redis and each node's share.
+//! `rateLimit.global` kernel rules across nodes: membership in Redis, published demand, and
+//! each node's share.
 //!
-//! The kernel cannot ask Redis per packet, so a global kernel rule is split instead: every
-//! agent that shields interfaces (`run --iface ... --rls-backend redis`) keeps its node id in
-//! the sorted set `<prefix>limiter:nodes`, scored by the time of its last heartbeat, and
-//! enforces `1/N` of the rule's limit, N being the members seen within the last
-//! [`STALE_HEARTBEATS`] heartbeats. Traffic spread evenly over the nodes then meets the global
-//! limit; traffic that all lands on one node meets its share only (the price of never asking
-//! Redis in the data path).
+//! The kernel cannot ask Redis per packet, so a global kernel rule is split: every agent that
+//! shields interfaces (`run --iface ... --rls-backend redis`) keeps its node id in the sorted
+//! set `<prefix>limiter:nodes`, scored by the time of its last heartbeat, and each heartbeat
+//! (the sync period) publishes what its global rules were offered ([`exchange`]) and enforces
+//! the share of each rule's limit that the published demand gives it ([`demand`]): a floor,
+//! and the rest in proportion to demand. Every node computes every share with the same
+//! function from the same data, so the shares of one view sum to the limit.
 //!
 //! Choices, each visible in the logs:
-//! - Heartbeat times are Redis server time (`TIME` inside the script), so node clocks need not
-//!   agree; every node should run the same `--global-heartbeat`, since each one prunes
-//!   members older than three of its own heartbeats.
-//! - Redis unreachable: the last known N stays in force (logged once, and once on recovery).
-//!   Falling back to N = 1 would silently hand every node the full rate, N times the limit in
+//! - Heartbeat times are Redis server time (`TIME` inside the scripts), so node clocks need
+//!   not agree; every node should run the same `--global-heartbeat` and
+//!   `--global-share-floor`, since each one prunes members older than three of its own
+//!   heartbeats and computes the floors with its own setting.
+//! - Redis unreachable: the last shares stay in force (logged once, and once on recovery).
+//!   Falling back to the full limit would hand every node the full rate, N times the limit in
 //!   total. Members that stop beating leave the set after three heartbeats, so the survivors
-//!   grow their share then.
-//! - Redis unreachable at start: nothing is known yet, so N = 1 (the full limit on this node)
-//!   with a warning, until the first heartbeat answers.
-//! - A change of N re-applies the plan through [`crate::dataplane::Dataplane::apply`]: the
-//!   changed rules start with a full bucket, so every membership change hands out one fresh
-//!   burst per node. The plan is re-applied only when N actually changes.
+//!   take over their share then.
+//! - Redis unreachable at start: nothing is known yet, so the full limit on this node, with a
+//!   warning, until the first sync answers.
+//! - A new share rewrites the rule's bucket parameters in place
+//!   ([`crate::dataplane::Dataplane::set_shares`]): the rule keeps its id, counters and
+//!   buckets (a shared bucket keeps its tokens), so shares can move every period without
+//!   handing out fresh bursts.
+
+pub mod demand;
+pub mod exchange;
 
 use std::time::Duration;
 
@@ -29,33 +35,13 @@ use tokio::sync::watch;
 
 use crate::rls::redis::target::{Conn, Connector, RedisTarget, SocketType, TargetError, Timeouts, Topology};
 
-use crate::plan::{KernelPlan, Limit};
+use crate::plan::KernelPlan;
 
 /// The sorted set of live nodes (after the `--redis-key-prefix`).
 pub const NODES_KEY: &str = "limiter:nodes";
 
 /// A member whose last heartbeat is older than this many heartbeats is dropped.
 pub const STALE_HEARTBEATS: u32 = 3;
-
-/// `value / nodes`, rounded up; `nodes` 0 counts as 1 (this node is always one of them).
-pub fn share(value: u64, nodes: u64) -> u64 {
-    value.div_ceil(nodes.max(1))
-}
-
-/// One node's share of a global limit: requests rounded up and at least 1 (a rule never
-/// becomes "drop everything"), burst rounded up.
-pub fn limit_share(limit: Limit, nodes: u64) -> Limit {
-    Limit { requests: share(limit.requests, nodes).max(1), burst: share(limit.burst, nodes), ..limit }
-}
-
-/// `plan` with every global rule's limit replaced by this node's share among `nodes`.
-pub fn shared_plan(plan: &KernelPlan, nodes: u64) -> KernelPlan {
-    let mut plan = plan.clone();
-    for rule in plan.rules.iter_mut().filter(|r| r.global) {
-        rule.limit = limit_share(rule.limit, nodes);
-    }
-    plan
-}
 
 /// How many rules of `plan` are global.
 pub fn global_rules(plan: &KernelPlan) -> usize {
@@ -90,12 +76,19 @@ pub struct MembershipConfig {
     pub node_id: String,
     /// The full key of the node set (prefix included).
     pub key: String,
+    /// The full key of the published demand (prefix included, see [`exchange`]).
+    pub demand_key: String,
     pub heartbeat: Duration,
 }
 
 impl MembershipConfig {
     pub fn new(node_id: String, key_prefix: &str, heartbeat: Duration) -> Self {
-        Self { node_id, key: format!("{key_prefix}{NODES_KEY}"), heartbeat }
+        Self {
+            node_id,
+            key: format!("{key_prefix}{NODES_KEY}"),
+            demand_key: format!("{key_prefix}{}", exchange::DEMAND_KEY),
+            heartbeat,
+        }
     }
 
     /// Longest wait for one Redis round trip: a heartbeat, at most a second.
@@ -108,14 +101,14 @@ impl MembershipConfig {
     }
 }
 
-/// Registers the caller, prunes stale members and counts the rest, in one atomic round trip on
+/// Registers the caller, prunes stale members and lists the rest, in one atomic round trip on
 /// Redis's clock. KEYS[1]: the set; ARGV[1]: node id; ARGV[2]: staleness in ms.
 const HEARTBEAT_SCRIPT: &str = "\
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
-return redis.call('ZCARD', KEYS[1])";
+return redis.call('ZRANGE', KEYS[1], 0, -1)";
 
 /// This node's membership: one small connection of its own, apart from the rate limit
 /// service's backend.
@@ -126,6 +119,7 @@ pub struct Membership {
     config: MembershipConfig,
     /// Whether the last heartbeat failed (so failures and recovery are logged once each).
     failing: bool,
+    unreadable: exchange::Unreadable,
 }
 
 impl Membership {
@@ -141,7 +135,14 @@ impl Membership {
         let timeouts = Timeouts { connect: config.timeout(), response: config.timeout() };
         let connector =
             target.connector(timeouts).map_err(|source| SyncError::InvalidUrl { url: target.to_string(), source })?;
-        Ok(Self { url: target.to_string(), connector, conn: None, config, failing: false })
+        Ok(Self {
+            url: target.to_string(),
+            connector,
+            conn: None,
+            config,
+            failing: false,
+            unreadable: exchange::Unreadable::new(),
+        })
     }
 
     pub fn config(&self) -> &MembershipConfig {
@@ -159,6 +160,11 @@ impl Membership {
 
     /// One heartbeat: the number of live nodes, this one included.
     pub async fn beat(&mut self) -> redis::RedisResult<u64> {
+        self.beat_members().await.map(|m| m.len() as u64)
+    }
+
+    /// One heartbeat: the ids of the live nodes, this one included.
+    pub async fn beat_members(&mut self) -> redis::RedisResult<Vec<String>> {
         let mut conn = self.connection().await?;
         let result = redis::cmd("EVAL")
             .arg(HEARTBEAT_SCRIPT)
@@ -166,7 +172,7 @@ impl Membership {
             .arg(&self.config.key)
             .arg(&self.config.node_id)
             .arg(self.config.stale_ms())
-            .query_async::<u64>(&mut conn)
+            .query_async::<Vec<String>>(&mut conn)
             .await;
         if result.is_err() {
             // Reconnect on the next beat rather than reuse a connection in an unknown state.
@@ -178,18 +184,24 @@ impl Membership {
     /// [`Membership::beat`] that logs the first failure and the recovery, and returns `None`
     /// while Redis does not answer.
     pub async fn beat_logged(&mut self) -> Option<u64> {
-        match self.beat().await {
-            Ok(n) => {
+        self.beat_members_logged().await.map(|m| (m.len() as u64).max(1))
+    }
+
+    /// [`Membership::beat_members`] that logs the first failure and the recovery, and returns
+    /// `None` while Redis does not answer.
+    pub async fn beat_members_logged(&mut self) -> Option<Vec<String>> {
+        match self.beat_members().await {
+            Ok(members) => {
                 if self.failing {
-                    info!("sync: redis {} reachable again: {} live", self.url, nodes_text(n));
+                    info!("sync: redis {} reachable again: {} live", self.url, nodes_text(members.len() as u64));
                     self.failing = false;
                 }
-                Some(n.max(1))
+                Some(members)
             }
             Err(e) => {
                 if !self.failing {
                     warn!(
-                        "sync: heartbeat to redis {} failed: {e}; keeping the last known node count for global kernel rules until it answers",
+                        "sync: heartbeat to redis {} failed: {e}; keeping the last known shares of global kernel rules until it answers",
                         self.url
                     );
                     self.failing = true;
@@ -203,6 +215,7 @@ impl Membership {
     pub async fn leave(&mut self) -> redis::RedisResult<()> {
         let mut conn = self.connection().await?;
         redis::cmd("ZREM").arg(&self.config.key).arg(&self.config.node_id).query_async::<i64>(&mut conn).await?;
+        redis::cmd("HDEL").arg(&self.config.demand_key).arg(&self.config.node_id).query_async::<i64>(&mut conn).await?;
         Ok(())
     }
 
@@ -238,53 +251,20 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{CountKind, KernelRule, SourceSelector, Unit};
-
-    fn limit(requests: u64, burst: u64) -> Limit {
-        Limit { requests, unit: Unit::Hour, burst }
-    }
+    use crate::plan::{CountKind, KernelRule, Limit, SourceSelector, Unit};
 
     #[test]
-    fn share_rounds_up_and_treats_zero_nodes_as_one() {
-        assert_eq!(share(20, 2), 10);
-        assert_eq!(share(21, 2), 11);
-        assert_eq!(share(1, 3), 1);
-        assert_eq!(share(0, 3), 0);
-        assert_eq!(share(7, 0), 7);
-        assert_eq!(share(7, 1), 7);
-        assert_eq!(share(u64::MAX, 1), u64::MAX);
-        assert_eq!(share(u64::MAX, 2), u64::MAX / 2 + 1);
-        assert_eq!(share(u64::MAX, u64::MAX), 1);
-        assert_eq!(share(5, u64::MAX), 1);
-    }
-
-    #[test]
-    fn limit_share_keeps_at_least_one_request_and_the_unit() {
-        assert_eq!(limit_share(limit(20, 5), 2), limit(10, 3));
-        assert_eq!(limit_share(limit(20, 0), 3), limit(7, 0));
-        assert_eq!(limit_share(limit(2, 1), 10), limit(1, 1));
-        assert_eq!(limit_share(limit(20, 5), 0), limit(20, 5));
-        assert_eq!(limit_share(limit(u64::MAX, u64::MAX), 1), limit(u64::MAX, u64::MAX));
-        let interval = Limit { requests: 9, unit: Unit::Interval { ns: 10 }, burst: 0 };
-        assert_eq!(limit_share(interval, 4), Limit { requests: 3, ..interval });
-    }
-
-    #[test]
-    fn shared_plan_changes_global_rules_only() {
+    fn global_rules_are_counted() {
         let rule = |name: &str, global| KernelRule {
             name: name.into(),
             targets: Vec::new(),
             source: SourceSelector::everyone(false),
             count: CountKind::Packets,
-            limit: limit(20, 4),
+            limit: Limit { requests: 20, unit: Unit::Hour, burst: 4 },
             shadow: false,
             global,
         };
         let plan = KernelPlan { rules: vec![rule("p/local", false), rule("p/global", true)], ..Default::default() };
-        let shared = shared_plan(&plan, 4);
-        assert_eq!(shared.rules[0], plan.rules[0]);
-        assert_eq!(shared.rules[1].limit, limit(5, 1));
-        assert_eq!(shared_plan(&plan, 1), plan);
         assert_eq!(global_rules(&plan), 1);
     }
 
@@ -300,6 +280,7 @@ mod tests {
         let c = MembershipConfig::new("n".into(), "pfx:", Duration::from_secs(2));
         assert_eq!(c.key, "pfx:limiter:nodes");
         assert_eq!(c.stale_ms(), 6000);
+        assert_eq!(c.demand_key, "pfx:limiter:demand");
         assert_eq!(c.timeout(), Duration::from_secs(1));
     }
 }
