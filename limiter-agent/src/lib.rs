@@ -7,6 +7,8 @@
 //! - [`l7`]: the L7 engine: token buckets and fixed windows for HTTP requests and descriptors.
 //! - [`rls`]: the Envoy rate limit service over gRPC, backed by [`l7`] (and Redis).
 //! - [`sync`]: node membership in Redis and each node's share of `global` kernel rules.
+//! - [`synproxy`]: the nftables half of the SYN proxy (netfilter SYNPROXY finishes the
+//!   handshakes the XDP program answered with cookies).
 
 pub mod cli;
 pub mod control;
@@ -17,4 +19,5 @@ pub mod plan;
 pub mod policy;
 pub mod rls;
 pub mod sync;
+pub mod synproxy;
 pub mod watch;

@@ -17,6 +17,7 @@ use crate::{
     Addr, BLOCK_ENTRIES, BlockEntry, Bucket, Config, Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES,
     FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, LIST_ENTRIES, ListKey, ListValue, MAX_RULES, PortKey, PortRules,
     RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, names,
+    synproxy::{self, SynproxyPort},
 };
 
 /// Bumped by hand when the meaning of shared bytes changes while their sizes do not.
@@ -26,6 +27,7 @@ pub const LAYOUT_REVISION: u32 = 1;
 pub mod map_type {
     pub const HASH: u32 = 1;
     pub const ARRAY: u32 = 2;
+    pub const PROG_ARRAY: u32 = 3;
     pub const PERCPU_ARRAY: u32 = 6;
     pub const LRU_HASH: u32 = 9;
     pub const LRU_PERCPU_HASH: u32 = 10;
@@ -90,6 +92,12 @@ pub const SHARED_MAPS: &[MapSpec] = &[
     // Kept across a restart so the later fragments of a datagram in flight are still judged
     // by the rules of the port its first fragment carried.
     spec!(names::FRAGMENTS, map_type::LRU_HASH, FragmentKey, FragmentEntry, FRAGMENT_ENTRIES, 0),
+    // The SYN proxy's ports and counters; its tail-call table is shared so that entries
+    // survive the agent (a program array is emptied when its last user reference goes).
+    spec!(synproxy::names::SYNPROXY_PORTS, map_type::HASH, PortKey, SynproxyPort, 4 * 65_536, MAP_F_NO_PREALLOC),
+    spec!(synproxy::names::SYNPROXY_METERS, map_type::ARRAY, u32, Bucket, 65_536, 0),
+    spec!(synproxy::names::SYNPROXY_STATS, map_type::PERCPU_ARRAY, u32, Counter, synproxy::event::COUNT, 0),
+    spec!(synproxy::names::PROGRAMS, map_type::PROG_ARRAY, u32, u32, synproxy::PROGRAMS_ENTRIES, 0),
 ];
 
 /// The layout stamp of this build: see the module documentation.

@@ -9,6 +9,7 @@ pub mod bucket;
 pub mod layout;
 pub mod maps;
 pub mod stats;
+pub mod synproxy;
 
 pub use bucket::{BucketParams, gcra, refund};
 pub use maps::*;

@@ -11,6 +11,7 @@
 
 mod bucket;
 mod parse;
+mod synproxy;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -30,6 +31,8 @@ use limiter_common::{
     PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter,
     SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
 };
+// The SYN proxy's hook (synproxy.rs), kept apart from the list above.
+use limiter_common::{PARSE_FRAG_NONE, synproxy::CONFIG_FLAG_SYNPROXY};
 
 use core::ffi::c_void;
 
@@ -116,6 +119,17 @@ pub fn limiter(ctx: XdpContext) -> u32 {
     let parsed = parse(&ctx);
     if config.flags & CONFIG_FLAG_RECORD_PARSE != 0 {
         record_parse(&parsed);
+    }
+    // The SYN proxy of the port, if any (synproxy.rs), answers SYNs and checks cookies; it may
+    // end the frame there. A segment with a valid cookie comes back to be judged below as a new
+    // connection (`judge_rules`). Here, where little is live, so the stack does not grow.
+    if config.flags & CONFIG_FLAG_SYNPROXY != 0
+        && let Parsed::Ip(p) = &parsed
+        && p.protocol == PROTO_TCP
+        && p.has_ports
+        && p.fragment == PARSE_FRAG_NONE
+    {
+        synproxy::hand_off(&ctx, config.active_set & 1, p.dst_port);
     }
     let (verdict_reason, rule_id) = match parsed {
         Parsed::Ip(packet) => {
@@ -304,7 +318,7 @@ fn judge_rules(
     s.port = port_key.port;
     s.port_protocol = port_key.protocol;
     s.packet_protocol = packet.protocol;
-    s.tcp_syn = packet.tcp_syn as u8;
+    s.tcp_syn = (packet.tcp_syn || (packet.protocol == PROTO_TCP && synproxy::take_validated())) as u8;
     s.later_fragment = (packet.fragment == PARSE_FRAG_LATER) as u8;
     s.slots = rules.slots;
     s.charged = 0;

@@ -14,6 +14,7 @@ pub mod packet;
 pub mod rawsock;
 pub mod redis;
 pub mod redis_topology;
+pub mod synproxy;
 pub mod tls;
 
 use std::path::Path;

@@ -83,6 +83,7 @@ fn a_denied_source_is_dropped_and_an_allowed_source_passes_in_every_shape() {
         // ...and an allowed client.
         allow: vec![entry(allowed.client.ipv4().unwrap().into()), entry(allowed.client.ipv6().unwrap().into())],
         rules: vec![],
+        synproxy: vec![],
     };
     let dp = shield(&topo, &plan);
     let server_udp = udp_socket(&topo.server, (Ipv6Addr::UNSPECIFIED, UDP_PORT).into()).unwrap();

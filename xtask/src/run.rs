@@ -222,6 +222,10 @@ fn demo(agent_bin: &Path, policy: &Path) -> Result<()> {
         "demo: ━━ phase 3/3: SYN flood from random spoofed sources ({FLOOD_COUNT} SYNs, hping3 \
          --rand-source in {GREEDY_NS}) while the polite client goes on"
     );
+    say!(
+        "demo:   (above the policy's synProxy threshold, XDP answers the port's SYNs with SYN cookies: the \
+         polite client's handshakes complete through netfilter SYNPROXY, the spoofed ones never reach Envoy)"
+    );
     let mut flood_cmd = Command::new("ip");
     flood_cmd
         .args(["netns", "exec", GREEDY_NS, "hping3", "-q", "-S", "-p"])
@@ -461,6 +465,16 @@ impl Sandbox {
                 let _ = util::output(&mut ethtool);
                 ip(&["-n", ns, "link", "set", dev, "up"])?;
             }
+            // The policy's SYN proxy answers SYNs with XDP_TX: a veth delivers those frames at
+            // once only to a peer that runs XDP itself (a NIC has no such need), so the client
+            // side gets xdp-filter with no rules, which passes everything. Its pins go to a
+            // bpffs private to this one command; the attached program stays with the veth.
+            let mut pass = Command::new("ip");
+            pass.args(["netns", "exec", cli_ns, "sh", "-c"])
+                .arg(format!("mount -t bpf bpf /sys/fs/bpf && xdp-filter load --mode native {cli_if}"))
+                .stdin(Stdio::null())
+                .process_group(0);
+            util::output(&mut pass).with_context(|| format!("xdp-filter load on {cli_if} (the xdp-tools package)"))?;
             say!("demo: {SRV_NS}/{srv_if} ({prefix}.1) <-> {cli_ns}/{cli_if} ({prefix}.2)");
         }
         Ok(sandbox)

@@ -29,5 +29,11 @@ pub fn run(args: DetachArgs) -> anyhow::Result<()> {
     let removed =
         dir.remove(&args.ifaces).with_context(|| format!("removing the pins in {}", args.pin_dir.display()))?;
     println!("{removed}");
+    // The SYN proxy's netfilter half goes with the whole shield (it is useless without the
+    // program answering cookies, and its conntrack setting changes the namespace's behaviour).
+    if args.ifaces.is_empty() && crate::synproxy::installed() {
+        crate::synproxy::remove().context("removing the SYN proxy's nftables table and ip6tables chain")?;
+        println!("removed the SYN proxy's nftables table {}", crate::synproxy::TABLE);
+    }
     Ok(())
 }

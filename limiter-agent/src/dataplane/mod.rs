@@ -10,6 +10,8 @@ mod observe;
 use observe::{count_blocked, read_stats, read_top};
 pub mod pin;
 mod pinned;
+mod synproxy;
+pub use synproxy::{SynproxyHost, wscale_for};
 mod shares;
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
@@ -56,6 +58,8 @@ pub enum DataplaneError {
     Pin(#[from] pin::PinError),
     #[error("pinning the XDP program: {0}")]
     ProgramPin(#[source] aya::pin::PinError),
+    #[error("SYN proxy: {0}")]
+    Synproxy(String),
     #[error("rule {rule} of the plan in force has no id (agent state out of sync; reload the policy)")]
     NoRuleId { rule: String },
     #[error("the XDP link of {iface}: {action}: {detail}")]
@@ -160,6 +164,7 @@ pub struct Dataplane {
     /// LRU per-CPU hash in the kernel: drops per source, for the "top limited sources" view.
     dropped_sources: PerCpuHashMap<MapData, Addr, Counter>,
     parse_record: PerCpuArray<MapData, ParseRecord>,
+    synproxy: synproxy::SynproxyMaps,
     /// Must outlive the program: it owns the log map (see TOOLCHAIN.md).
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ids: RuleIds,
@@ -223,6 +228,7 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Verify)?;
         program.load().map_err(DataplaneError::Verify)?;
+        synproxy::load_program(&mut ebpf)?;
         if let MapPins::Stage(dir) = pins {
             for spec in limiter_common::layout::SHARED_MAPS {
                 let map = ebpf.map(spec.name).ok_or(DataplaneError::MissingMap { name: spec.name })?;
@@ -248,6 +254,7 @@ impl Dataplane {
             rule_stats: take(&mut ebpf, names::RULE_STATS)?,
             dropped_sources: take(&mut ebpf, names::DROPPED_SOURCES)?,
             parse_record: take(&mut ebpf, names::PARSE_RECORD)?,
+            synproxy: synproxy::SynproxyMaps::take(&mut ebpf)?,
             ebpf,
             logger,
             ids: RuleIds::default(),
@@ -275,7 +282,12 @@ impl Dataplane {
             flags: if self.options.debug_log { limiter_common::CONFIG_FLAG_DEBUG_LOG } else { 0 }
                 | if self.options.record_parse { limiter_common::CONFIG_FLAG_RECORD_PARSE } else { 0 }
                 | self.list_flags
-                | if self.block_empty { limiter_common::CONFIG_FLAG_NO_BLOCK } else { 0 },
+                | if self.block_empty { limiter_common::CONFIG_FLAG_NO_BLOCK } else { 0 }
+                | if self.synproxy.any_in_set(self.active_set) {
+                    limiter_common::synproxy::CONFIG_FLAG_SYNPROXY
+                } else {
+                    0
+                },
         };
         self.config.set(0, config, 0).map_err(map_err(names::CONFIG, "writing"))
     }
@@ -375,6 +387,14 @@ impl Dataplane {
                 self.deny.insert(&Key::new(*prefix, *key), value, 0).map_err(map_err(names::DENY, "inserting"))?;
             }
         }
+        self.synproxy.write_set(target, plan)?;
+        // netfilter's half first: from the flip on, ACKs with cookies need it.
+        let old_ports = self.current.as_ref().map(synproxy::ports);
+        let new_ports = synproxy::ports(plan);
+        if !new_ports.is_empty() && old_ports.as_ref() != Some(&new_ports) {
+            crate::synproxy::apply(&new_ports, self.synproxy.host)
+                .map_err(|e| DataplaneError::Synproxy(format!("installing the netfilter half: {e}")))?;
+        }
         // Fresh ids must start with empty counters.
         let fresh: Vec<u32> = rule_ids.iter().copied().filter(|id| !self.names.contains_key(id)).collect();
         for id in fresh {
@@ -395,6 +415,13 @@ impl Dataplane {
             deny: entries.deny.len(),
             kept,
         };
+        if new_ports.is_empty() && old_ports.is_some_and(|p| !p.is_empty()) {
+            // The program no longer answers cookies; the handshakes it answered in the last
+            // moments cannot complete any more, as when a NIC's SYN cookies stop.
+            if let Err(e) = crate::synproxy::remove() {
+                warn!("SYN proxy: removing the netfilter half: {e}");
+            }
+        }
         self.names = entries.names;
         self.current = Some(plan.clone());
         self.ids = ids;
@@ -462,6 +489,17 @@ impl Dataplane {
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
         read_stats(&self.stats, &self.rule_stats, &self.names)
+    }
+
+    /// The SYN proxy's counters summed over CPUs, indexed by
+    /// `limiter_common::synproxy::event`.
+    pub fn synproxy_stats(&self) -> Result<Vec<Counter>> {
+        self.synproxy.stats()
+    }
+
+    /// What the proxy's SYN-ACKs announce (and the nftables `synproxy` statement must match).
+    pub fn synproxy_host(&self) -> SynproxyHost {
+        self.synproxy.host
     }
 
     /// Tracked per-source bucket entries (walks the LRU table: O(entries), about a

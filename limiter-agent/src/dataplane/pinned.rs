@@ -127,6 +127,7 @@ fn type_number(t: aya::maps::MapType) -> u32 {
         T::LruHash => map_type::LRU_HASH,
         T::LruPerCpuHash => map_type::LRU_PERCPU_HASH,
         T::LpmTrie => map_type::LPM_TRIE,
+        T::ProgramArray => map_type::PROG_ARRAY,
         _ => u32::MAX,
     }
 }

@@ -20,6 +20,27 @@ pub struct KernelPlan {
     pub deny: Vec<ListEntry>,
     /// Rate-limit rules, in policy order.
     pub rules: Vec<KernelRule>,
+    /// Ports whose SYNs the kernel program answers with SYN cookies (README, "SYN proxy").
+    pub synproxy: Vec<SynproxyTarget>,
+}
+
+/// A TCP port behind the XDP SYN proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SynproxyTarget {
+    pub port: u16,
+    pub mode: SynproxyMode,
+    /// `policy-name` that asked for it.
+    pub policy: String,
+}
+
+/// When the proxy answers a port's SYNs itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynproxyMode {
+    /// Every SYN.
+    Always,
+    /// Only SYNs beyond this rate (a token bucket of new connections per unit, with burst);
+    /// the others go to the listener as without the proxy.
+    Threshold(Limit),
 }
 
 /// A policy's `penalty`: a source the rate limit service denies `over_limit_events` times

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::error::{Location, Pos, SourceRef};
 pub use super::listeners::ListenerMap;
-use crate::plan::{CountKind, Limit, PortTarget};
+use crate::plan::{CountKind, Limit, PortTarget, SynproxyMode};
 
 /// A field path and the position of its value inside the document.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -200,6 +200,8 @@ pub enum Mode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub kind: TargetKind,
+    /// `synProxy` of the target, when on.
+    pub syn_proxy: Option<SynproxyMode>,
     pub at: At,
 }
 

@@ -97,6 +97,21 @@ pub struct TargetRefSpec {
     pub group: Option<S<String>>,
     #[serde(default)]
     pub section_name: Option<S<String>>,
+    /// Answer this target's SYNs with SYN cookies in XDP (README, "SYN proxy"): TCP `Port`,
+    /// `Gateway` and `HTTPRoute` targets (the ports a `ListenerMap` resolves them to).
+    #[serde(default)]
+    pub syn_proxy: Option<S<SynProxySpec>>,
+}
+
+/// `{mode: Always}` or `{mode: Threshold, threshold: {requests, unit, burst}}` (or
+/// `{mode: Off}`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SynProxySpec {
+    pub mode: S<String>,
+    /// The connection rate above which SYNs get cookies (mode `Threshold`).
+    #[serde(default)]
+    pub threshold: Option<S<LimitSpec>>,
 }
 
 /// `{overLimitEvents, within, block}`: escalate a source to the kernel block list.

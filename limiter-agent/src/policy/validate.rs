@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use super::error::{ErrorKind, FieldError, SourceRef};
 use super::model::*;
 use super::spec::*;
-use crate::plan::{CountKind, Limit, PortTarget, Protocol, Unit};
+use crate::plan::{CountKind, Limit, PortTarget, Protocol, SynproxyMode, Unit};
 
 impl TryFrom<RateLimitPolicyDoc> for Policy {
     type Error = Vec<FieldError>;
@@ -170,10 +170,51 @@ impl Validator {
                 None
             }
         };
+        let syn_proxy = spec.syn_proxy.as_ref().and_then(|s| self.syn_proxy(s, &format!("{field}.synProxy")));
+        if let (Some(TargetKind::Port(pt)), Some(_)) = (&result, syn_proxy)
+            && pt.protocol != Protocol::Tcp
+        {
+            let kind = ErrorKind::TargetRefExtra { kind: format!("{} Port", pt.protocol), field: "synProxy" };
+            self.err(t, &field, kind);
+        }
         if self.errors.len() > before {
             return None;
         }
-        result.map(|kind| Target { kind, at: at(t, field) })
+        result.map(|kind| Target { kind, syn_proxy, at: at(t, field) })
+    }
+
+    /// `synProxy: {mode, threshold}`; `None` for `Off` (or an error).
+    fn syn_proxy(&mut self, s: &S<SynProxySpec>, field: &str) -> Option<SynproxyMode> {
+        let spec = &s.value;
+        match spec.mode.value.to_ascii_lowercase().as_str() {
+            "off" => None,
+            "always" => {
+                if let Some(t) = &spec.threshold {
+                    let kind = ErrorKind::TargetRefExtra { kind: "synProxy mode Always".into(), field: "threshold" };
+                    self.err(t, format!("{field}.threshold"), kind);
+                }
+                Some(SynproxyMode::Always)
+            }
+            "threshold" => match &spec.threshold {
+                Some(t) => self.limit(t, &format!("{field}.threshold")).map(SynproxyMode::Threshold),
+                None => {
+                    let kind = ErrorKind::TargetRefIncomplete {
+                        kind: "synProxy mode Threshold".into(),
+                        needs: "threshold: {requests, unit, burst}",
+                    };
+                    self.err(s, field, kind);
+                    None
+                }
+            },
+            _ => {
+                self.err(
+                    &spec.mode,
+                    format!("{field}.mode"),
+                    unknown("synProxy mode", &spec.mode.value, "Always, Threshold or Off"),
+                );
+                None
+            }
+        }
     }
 
     fn cidrs(&mut self, list: &[S<String>], field: &str) -> Vec<Located<IpNet>> {

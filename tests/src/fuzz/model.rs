@@ -117,6 +117,7 @@ pub fn plan() -> KernelPlan {
         allow: class_nets(CLASS_ALLOW).into_iter().map(entry).collect(),
         deny: class_nets(CLASS_DENY).into_iter().map(entry).collect(),
         rules: kernel_rules,
+        synproxy: Vec::new(),
     }
 }
 

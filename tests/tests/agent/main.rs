@@ -9,6 +9,7 @@ mod global;
 mod l7;
 mod pinning;
 mod shares;
+mod synproxy;
 
 use std::{
     io::{BufRead, BufReader},

@@ -161,5 +161,5 @@ fn assert_lists_judge(frame: &[u8], otherwise: u32, what: &str) {
 fn plan_with_lists(allow: &[&str], deny: &[&str], rules: Vec<KernelRule>) -> KernelPlan {
     let entries =
         |nets: &[&str]| nets.iter().map(|n| ListEntry { net: n.parse().unwrap(), policy: "test".into() }).collect();
-    KernelPlan { allow: entries(allow), deny: entries(deny), rules }
+    KernelPlan { allow: entries(allow), deny: entries(deny), rules, synproxy: Vec::new() }
 }

@@ -122,6 +122,13 @@ impl Kernel {
                 Ok(line) => info!("detached from {}: {line}", ifaces.join(", ")),
                 Err(e) => error!("detaching from {}: {e:#}", ifaces.join(", ")),
             }
+            // The SYN proxy's netfilter half goes with the shield, as with `detach`.
+            if crate::synproxy::installed() {
+                match crate::synproxy::remove() {
+                    Ok(()) => info!("removed the SYN proxy's nftables table {}", crate::synproxy::TABLE),
+                    Err(e) => error!("removing the SYN proxy's netfilter half: {e:#}"),
+                }
+            }
         } else {
             dp.leave();
         }

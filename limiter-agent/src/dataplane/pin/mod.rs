@@ -244,7 +244,15 @@ mod tests {
     /// Maps of the program that are not shared with the agent, so not pinned: each load gets
     /// its own. A map added to the program must be listed either here or in
     /// `limiter_common::layout::SHARED_MAPS` (which moves the layout stamp).
-    const PRIVATE_MAPS: &[&str] = &["SCRATCH", "FRAGMENT_KEY", "PARSE_RECORD", "AYA_LOGS", "AYA_LOG_BUF"];
+    const PRIVATE_MAPS: &[&str] = &[
+        "SCRATCH",
+        "FRAGMENT_KEY",
+        "PARSE_RECORD",
+        "AYA_LOGS",
+        "AYA_LOG_BUF",
+        limiter_common::synproxy::names::SYNPROXY_SCRATCH,
+        limiter_common::synproxy::names::SYNPROXY_HANDOFF,
+    ];
 
     #[test]
     fn the_layout_lists_every_map_of_the_compiled_program_as_compiled() {

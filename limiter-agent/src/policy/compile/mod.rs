@@ -48,6 +48,8 @@
 pub(crate) mod l7;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_synproxy;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -60,7 +62,8 @@ use super::listeners::{self, ListenerIndex, Resolution, ports_text};
 use super::model::*;
 use crate::plan::l7::DEFAULT_DOMAIN;
 use crate::plan::{
-    CountKind, KernelPlan, KernelRule, L7Plan, L7Target, ListEntry, PolicyPenalty, PortTarget, SourceSelector,
+    CountKind, KernelPlan, KernelRule, L7Plan, L7Target, ListEntry, PolicyPenalty, PortTarget, Protocol,
+    SourceSelector, SynproxyMode, SynproxyTarget,
 };
 
 /// The compiler's output.
@@ -327,6 +330,47 @@ pub fn compile(set: &PolicySet) -> Compiled {
     out
 }
 
+/// The TCP ports of `p`'s targets that have `synProxy` on, merged into `list`: a port
+/// proxied by several targets gets the strictest mode (`Always`, else the lowest threshold).
+fn synproxy_targets(p: &Policy, index: &ListenerIndex<'_>, list: &mut Vec<SynproxyTarget>) {
+    for t in &p.targets {
+        let Some(mode) = t.syn_proxy else { continue };
+        let ports: Vec<PortTarget> = match &t.kind {
+            TargetKind::Port(pt) => vec![*pt],
+            TargetKind::Route { kind, name, namespace, section_name } => {
+                let resolution = match kind {
+                    RouteKind::Gateway => index.gateway(name, namespace.as_deref(), section_name.as_deref()),
+                    RouteKind::HttpRoute => index.route(name, namespace.as_deref()),
+                };
+                match resolution {
+                    Resolution::Ports { ports, .. } => ports,
+                    _ => Vec::new(),
+                }
+            }
+        };
+        for pt in ports.into_iter().filter(|pt| pt.protocol == Protocol::Tcp) {
+            match list.iter_mut().find(|s| s.port == pt.port) {
+                Some(existing) => existing.mode = stricter(existing.mode, mode),
+                None => list.push(SynproxyTarget { port: pt.port, mode, policy: p.name.clone() }),
+            }
+        }
+    }
+}
+
+fn stricter(a: SynproxyMode, b: SynproxyMode) -> SynproxyMode {
+    match (a, b) {
+        (SynproxyMode::Threshold(x), SynproxyMode::Threshold(y)) => {
+            // Compare rates: requests per nanosecond, as x.requests / x_ns vs y.requests / y_ns.
+            let (xr, yr) = (
+                u128::from(x.requests) * u128::from(y.unit.as_ns()),
+                u128::from(y.requests) * u128::from(x.unit.as_ns()),
+            );
+            SynproxyMode::Threshold(if xr <= yr { x } else { y })
+        }
+        _ => SynproxyMode::Always,
+    }
+}
+
 fn compile_policy(
     p: &Policy,
     index: ListenerIndex<'_>,
@@ -402,6 +446,16 @@ fn compile_policy(
                 out.notices.push(notice(&t.at, None, kind));
             }
         }
+    }
+    if p.mode == Mode::Shadow && p.targets.iter().any(|t| t.syn_proxy.is_some()) {
+        // A shadow policy never drops; the proxy drops bad cookies, so it stays off.
+        out.notices.push(notice(
+            &p.targets[0].at,
+            None,
+            NoticeKind::NotEnforced { what: "synProxy (the policy is in Shadow mode)".into() },
+        ));
+    } else {
+        synproxy_targets(p, &index, &mut out.plan.synproxy);
     }
     let routes_only = !l7_targets.is_empty() && ports.is_empty();
     // A guard is right only where the rule sees every request on a port: Port and Gateway

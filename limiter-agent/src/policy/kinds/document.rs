@@ -182,7 +182,7 @@ impl Targets {
         };
         if let (Some(kind), Some(name)) = (route, name) {
             let kind = TargetKind::Route { kind, name, namespace: namespace.map(str::to_owned), section_name: section };
-            self.out.push(Target { kind, at: At::new(pos_of(n), field) });
+            self.out.push(Target { kind, syn_proxy: None, at: At::new(pos_of(n), field) });
         }
     }
 }

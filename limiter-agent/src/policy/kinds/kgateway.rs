@@ -135,6 +135,7 @@ fn target(r: &mut Reader, n: &S<Node>, field: &str, namespace: Option<&str>) -> 
     match name {
         Some(name) if !name.is_empty() => TargetRead::Resolved(Target {
             kind: TargetKind::Route { kind: route, name, namespace: namespace.map(str::to_owned), section_name },
+            syn_proxy: None,
             at: At::new(pos_of(n), field),
         }),
         _ => {
