@@ -173,10 +173,11 @@ fn measure(
     let t0 = Instant::now();
     phase.store(MEASURE, Ordering::Relaxed);
     std::thread::sleep(load.seconds);
+    // Read before the stop: a client told to stop may exit, and its schedstat with it.
+    let client_after = sys::thread_run_ns(client_tid).context("reading the client thread's run time")?;
     phase.store(STOP, Ordering::Relaxed);
     let wall = t0.elapsed().as_secs_f64();
     let server_after = server.cpu_ns();
-    let client_after = sys::thread_run_ns(client_tid).context("reading the client thread's run time")?;
     let redis_after = redis.map(|r| r.cpu_s()).transpose()?;
     let stats_after = server.redis.as_ref().map(RedisBackend::stats);
 
