@@ -23,7 +23,7 @@ use log::{debug, info, warn};
 use tokio::sync::watch;
 
 use super::{
-    Membership, STALE_HEARTBEATS,
+    Membership,
     demand::{Demand, Offered, Smoother, View},
     nodes_text,
 };
@@ -157,13 +157,7 @@ impl Membership {
                 }
             }
         }
-        match self.leave().await {
-            Ok(()) => info!("sync: left the node set {} as {}", self.config.key, self.config.node_id),
-            Err(e) => warn!(
-                "sync: leaving the node set failed: {e}; the other nodes drop {} after {STALE_HEARTBEATS} heartbeats",
-                self.config.node_id
-            ),
-        }
+        self.leave_logged().await;
     }
 }
 

@@ -212,6 +212,17 @@ impl Membership {
     }
 
     /// Leaves the set (`ZREM`), so the other nodes grow their share at their next heartbeat.
+    /// Leaves the node set at shutdown, saying how it went.
+    async fn leave_logged(&mut self) {
+        match self.leave().await {
+            Ok(()) => info!("sync: left the node set {} as {}", self.config.key, self.config.node_id),
+            Err(e) => warn!(
+                "sync: leaving the node set failed: {e}; the other nodes drop {} after {STALE_HEARTBEATS} heartbeats",
+                self.config.node_id
+            ),
+        }
+    }
+
     pub async fn leave(&mut self) -> redis::RedisResult<()> {
         let mut conn = self.connection().await?;
         redis::cmd("ZREM").arg(&self.config.key).arg(&self.config.node_id).query_async::<i64>(&mut conn).await?;
@@ -238,13 +249,7 @@ impl Membership {
                 }
             }
         }
-        match self.leave().await {
-            Ok(()) => info!("sync: left the node set {} as {}", self.config.key, self.config.node_id),
-            Err(e) => warn!(
-                "sync: leaving the node set failed: {e}; the other nodes drop {} after {STALE_HEARTBEATS} heartbeats",
-                self.config.node_id
-            ),
-        }
+        self.leave_logged().await;
     }
 }
 
