@@ -8,6 +8,13 @@
 //! client's address, port and options, and from then on translates sequence numbers between
 //! the two halves. Other invalid segments for the proxied ports are dropped.
 //!
+//! Connections that were open before conntrack started tracking (it starts when this table
+//! is first installed: its `ct` expressions load it) are invalid to it too, and would be
+//! taken for bad cookies. The data path's TC-ingress marker sets
+//! [`SYNPROXY_ESTABLISHED_MARK`] on every segment of a proxied port whose 4-tuple has a
+//! socket other than a listener, and the first rule accepts those; a cookie ACK only ever
+//! finds the listener, so it still goes through SYNPROXY.
+//!
 //! Unlike the kernel selftest this follows, SYNs are not exempted from conntrack
 //! (`notrack`): a SYN the XDP program lets through (threshold mode, below the threshold) then
 //! reaches the listener as if there were no proxy, with its own options and no sequence
@@ -21,6 +28,8 @@ use std::{
     io::Write as _,
     process::{Command, Stdio},
 };
+
+use limiter_common::synproxy::SYNPROXY_ESTABLISHED_MARK;
 
 use crate::dataplane::SynproxyHost;
 
@@ -46,10 +55,12 @@ pub fn ruleset(ports: &[u16], host: SynproxyHost) -> String {
     }
     let set = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
     let opts = |mss: u16| format!("synproxy mss {mss} wscale {} timestamp sack-perm", host.wscale);
+    let mark = SYNPROXY_ESTABLISHED_MARK;
     script.push_str(&format!(
         "table inet {TABLE} {{\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tmeta nfproto ipv4 tcp dport {{ {set} }} meta mark and {mark:#010x} == {mark:#010x} accept\n\
          \t\tmeta nfproto ipv4 tcp dport {{ {set} }} ct state invalid,untracked {}\n\
          \t\tmeta nfproto ipv4 tcp dport {{ {set} }} ct state invalid drop\n\
          \t}}\n\
@@ -94,7 +105,10 @@ fn v6_commands(ports: &[u16], host: SynproxyHost) -> Vec<Vec<String>> {
     };
     let wscale = host.wscale.to_string();
     let mss = host.mss6.to_string();
+    let mark = format!("{SYNPROXY_ESTABLISHED_MARK:#x}/{SYNPROXY_ESTABLISHED_MARK:#x}");
+    let head = ["-A", V6_CHAIN, "-p", "tcp", "-m", "multiport", "--dports", &ports, "-m", "mark", "--mark", &mark];
     vec![
+        head.iter().chain(&["-j", "RETURN"]).map(|s| (*s).to_owned()).collect(),
         rule(&[
             "--ctstate",
             "INVALID,UNTRACKED",
@@ -194,9 +208,16 @@ mod tests {
         let host = SynproxyHost { mss4: 1460, mss6: 1440, wscale: 9, ttl: 64 };
         let s = ruleset(&[9100, 443], host);
         assert!(s.starts_with("table inet limiter_synproxy\ndelete table inet limiter_synproxy\n"));
-        assert!(s.contains("meta nfproto ipv4 tcp dport { 9100, 443 } ct state invalid,untracked synproxy mss 1460 wscale 9 timestamp sack-perm"));
+        let accept = "meta nfproto ipv4 tcp dport { 9100, 443 } meta mark and 0x02000000 == 0x02000000 accept";
+        let proxy = "meta nfproto ipv4 tcp dport { 9100, 443 } ct state invalid,untracked synproxy mss 1460 wscale 9 timestamp sack-perm";
+        assert!(s.find(accept).is_some_and(|a| s.find(proxy).is_some_and(|p| a < p)), "marked segments first:\n{s}");
         assert!(s.contains("meta nfproto ipv4 tcp dport { 9100, 443 } ct state invalid drop"));
         let v6 = v6_commands(&[9100, 443], host);
+        assert_eq!(
+            v6[0].join(" "),
+            "-A LIMITER_SYNPROXY -p tcp -m multiport --dports 9100,443 -m mark --mark 0x2000000/0x2000000 -j RETURN"
+        );
+        let v6 = &v6[1..];
         assert_eq!(
             v6[0].join(" "),
             "-A LIMITER_SYNPROXY -p tcp -m multiport --dports 9100,443 -m conntrack --ctstate INVALID,UNTRACKED \

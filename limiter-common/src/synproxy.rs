@@ -24,6 +24,9 @@ pub mod names {
     pub const SYNPROXY_HANDOFF: &str = "SYNPROXY_HANDOFF";
     /// The proxy program's function name.
     pub const PROGRAM: &str = "synproxy";
+    /// The TC-ingress program that marks segments of connections with a socket
+    /// ([`super::SYNPROXY_ESTABLISHED_MARK`]).
+    pub const ESTABLISHED_PROGRAM: &str = "synproxy_established";
 }
 
 /// `PROGRAMS` slot of the proxy program.
@@ -36,6 +39,18 @@ pub const PROGRAMS_ENTRIES: u32 = 2;
 /// looks TCP segments up in `SYNPROXY_PORTS` (otherwise it never pays for that lookup).
 /// A high bit, away from the data path's own flags.
 pub const CONFIG_FLAG_SYNPROXY: u32 = 1 << 16;
+
+/// The `skb->mark` bit the TC-ingress program (`synproxy_established`) sets on a segment
+/// of a proxied port whose 4-tuple has a socket other than a listener; the agent's nftables
+/// table and ip6tables chain accept segments with this bit before their SYNPROXY rule, so
+/// connections opened before conntrack started tracking survive the proxy switching on.
+///
+/// One bit, set with OR and tested under its own mask, so other users of the mark keep
+/// theirs. Bit 25 lies outside kube-proxy's (0x4000, 0x8000), Cilium's magic (0x0f00),
+/// AWS VPC CNI's (0x80), Istio's (0x539) and Weave's (0x20000, 0x40000) marks; Calico
+/// allocates its bits from the low end of its mask (default 0xffff0000), so it collides only
+/// where Calico has allocated ten or more bits.
+pub const SYNPROXY_ESTABLISHED_MARK: u32 = 1 << 25;
 
 /// Cookies for every SYN.
 pub const SYNPROXY_MODE_ALWAYS: u8 = 1;

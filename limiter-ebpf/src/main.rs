@@ -10,6 +10,7 @@
 #![expect(internal_features, reason = "atomic intrinsics: the BPF target has no atomic CAS in core::sync")]
 
 mod bucket;
+mod established;
 mod parse;
 mod synproxy;
 

@@ -47,7 +47,7 @@ use limiter_common::{
 use crate::bucket::{Charge, charge};
 
 #[map(name = "SYNPROXY_PORTS")]
-static SYNPROXY_PORTS: HashMap<PortKey, SynproxyPort> = HashMap::with_max_entries(4 * 65_536, 1);
+pub(crate) static SYNPROXY_PORTS: HashMap<PortKey, SynproxyPort> = HashMap::with_max_entries(4 * 65_536, 1);
 
 #[map(name = "SYNPROXY_METERS")]
 static SYNPROXY_METERS: Array<Bucket> = Array::with_max_entries(65_536, 0);

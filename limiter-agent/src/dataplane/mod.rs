@@ -229,6 +229,7 @@ impl Dataplane {
             .map_err(DataplaneError::Verify)?;
         program.load().map_err(DataplaneError::Verify)?;
         synproxy::load_program(&mut ebpf)?;
+        synproxy::load_marker(&mut ebpf)?;
         if let MapPins::Stage(dir) = pins {
             for spec in limiter_common::layout::SHARED_MAPS {
                 let map = ebpf.map(spec.name).ok_or(DataplaneError::MissingMap { name: spec.name })?;
@@ -306,11 +307,19 @@ impl Dataplane {
     /// Attaches to `iface` (in the calling thread's network namespace). Returns the mode
     /// used. Unpinned, the link is detached when the `Dataplane` is dropped; pinned, it goes
     /// through the pinned link of `iface` (see [`Self::open_pinned`]).
+    ///
+    /// With the XDP program goes the SYN proxy's TC-ingress marker (see
+    /// [`synproxy::attach_marker`]); it costs one array lookup per packet while no port is
+    /// proxied.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str> {
-        if self.pinned.is_some() {
-            return self.attach_pinned(iface, mode);
-        }
-        self.attach_link(iface, mode).map(|(label, _)| label)
+        let label = if self.pinned.is_some() {
+            self.attach_pinned(iface, mode)?
+        } else {
+            self.attach_link(iface, mode).map(|(label, _)| label)?
+        };
+        let pin = self.pinned.as_ref().map(|p| p.dir.marker_path(iface));
+        synproxy::attach_marker(&mut self.ebpf, iface, pin.as_deref())?;
+        Ok(label)
     }
 
     fn attach_link(&mut self, iface: &str, mode: AttachMode) -> Result<(&'static str, XdpLinkId)> {

@@ -485,6 +485,9 @@ impl Dataplane {
                 Ok(()) => info!("{}: no longer in --iface: detached (its pinned link removed)", link.iface),
                 Err(e) => warn!("{}: removing its pinned link {}: {e}", link.iface, link.path.display()),
             }
+            if let Err(e) = p.dir.remove_marker(&link.iface) {
+                warn!("{}: {e}", link.iface);
+            }
         }
         let upgraded = matches!(p.adoption, Adoption::Upgraded { .. });
         let root = p.dir.root().to_owned();

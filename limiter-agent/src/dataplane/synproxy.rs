@@ -7,7 +7,11 @@ use std::path::Path;
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, ProgramArray},
-    programs::Xdp,
+    programs::{
+        SchedClassifier, TcAttachType, Xdp,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    },
 };
 use limiter_common::{
     Counter, PortKey,
@@ -16,6 +20,7 @@ use limiter_common::{
         PROG_MAIN, PROG_SYNPROXY, SYNPROXY_MODE_ALWAYS, SYNPROXY_MODE_THRESHOLD, SynproxyPort, event, names, port_key,
     },
 };
+use log::{info, warn};
 
 use super::{DataplaneError, Result, ignore_missing, map_err, take};
 use crate::plan::{KernelPlan, SynproxyMode};
@@ -92,6 +97,57 @@ pub(super) fn load_program(ebpf: &mut Ebpf) -> Result<()> {
     let mut programs = ProgramArray::try_from(map).map_err(map_err(names::PROGRAMS, "opening"))?;
     programs.set(PROG_MAIN, &main_fd, 0).map_err(map_err(names::PROGRAMS, "setting the main program"))?;
     programs.set(PROG_SYNPROXY, &proxy_fd, 0).map_err(map_err(names::PROGRAMS, "setting the proxy program"))?;
+    Ok(())
+}
+
+/// Loads the TC-ingress marker (`limiter-ebpf/src/established.rs`): it sets
+/// `SYNPROXY_ESTABLISHED_MARK` on segments of proxied ports that have a socket, so the
+/// netfilter half lets through connections that were open before conntrack tracked them.
+pub(super) fn load_marker(ebpf: &mut Ebpf) -> Result<()> {
+    marker(ebpf)?.load().map_err(DataplaneError::Verify)
+}
+
+fn marker(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(names::ESTABLISHED_PROGRAM)
+        .ok_or(DataplaneError::MissingMap { name: names::ESTABLISHED_PROGRAM })?
+        .try_into()
+        .map_err(DataplaneError::Verify)
+}
+
+/// Attaches the marker to the TC ingress of `iface` (a TCX link, kernel 6.6+). Unpinned
+/// (`pin` `None`), the link belongs to the program and goes with the `Dataplane`. Pinned, a
+/// live link at `pin` gets this agent's program in place (`bpf_link_update`, no moment
+/// without a marker), else a new link is attached and pinned there, beside the XDP link.
+pub(super) fn attach_marker(ebpf: &mut Ebpf, iface: &str, pin: Option<&Path>) -> Result<()> {
+    let err = |action: &'static str| {
+        let iface = iface.to_owned();
+        move |e: String| DataplaneError::Link { iface, action, detail: format!("TC ingress (SYN proxy marker): {e}") }
+    };
+    let program = marker(ebpf)?;
+    let Some(pin) = pin else {
+        program.attach(iface, TcAttachType::Ingress).map_err(|e| err("attaching")(e.to_string()))?;
+        return Ok(());
+    };
+    if pin.exists() {
+        let kept = PinnedLink::from_pin(pin)
+            .map_err(|e| e.to_string())
+            .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+            .and_then(|link| program.attach_to_link(link).map_err(|e| e.to_string()));
+        match kept {
+            Ok(_) => {
+                info!("{iface}: kept its pinned TC marker link; program replaced in place");
+                return Ok(());
+            }
+            // An interface deleted and made again leaves its old link defunct.
+            Err(e) => warn!("{iface}: the pinned TC marker link {} is unusable ({e}); attaching anew", pin.display()),
+        }
+        let _ = std::fs::remove_file(pin);
+    }
+    let id = program.attach(iface, TcAttachType::Ingress).map_err(|e| err("attaching")(e.to_string()))?;
+    let link = program.take_link(id).map_err(|e| err("taking the link")(e.to_string()))?;
+    let fd = FdLink::try_from(link)
+        .map_err(|_| err("pinning")("attached through netlink, not TCX: pinning needs kernel 6.6".into()))?;
+    fd.pin(pin).map_err(|e| err("pinning")(e.to_string()))?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use limiter_agent::plan::{KernelPlan, Limit, SynproxyMode, SynproxyTarget, Unit};
 use limiter_common::synproxy::event;
-use limiter_tests::{netns::Topology, rawsock::RawSender, require_root, require_tool};
+use limiter_tests::{netns::Topology, packet::Packet, rawsock::RawSender, require_root, require_tool};
 use rand::{SeedableRng, rngs::SmallRng};
 
 use super::{Echo, PORT, ceiling_plan, exchange, shield, spoofed_syn, tcp_info};
@@ -108,10 +108,10 @@ impl Held {
     }
 }
 
-/// An echo server that echoes every read until the peer closes (the held connection).
+/// An echo server that echoes every read until the peer closes (the held connection), on
+/// IPv4 and IPv6 (a dual-stack socket).
 fn echo_forever(topo: &Topology) -> std::net::TcpListener {
-    let listener =
-        topo.server.run(|| std::net::TcpListener::bind(("0.0.0.0", PORT))).expect("listen on the proxied port");
+    let listener = topo.server.run(|| std::net::TcpListener::bind(("::", PORT))).expect("listen on the proxied port");
     let l = listener.try_clone().unwrap();
     thread::spawn(move || {
         while let Ok((mut conn, _)) = l.accept() {
@@ -190,5 +190,75 @@ fn threshold_mode_answers_only_above_the_rate_and_a_held_connection_survives_eve
     topo.server.run(|| dp.apply(&KernelPlan { synproxy: Vec::new(), ..ceiling_plan(None) }).expect("apply off"));
     assert!(!topo.server.run(limiter_agent::synproxy::installed), "the netfilter half is gone with the last port");
     assert!(held.ping(), "held connection, after switching the proxy off");
+    drop(listener);
+}
+
+/// The case netfilter alone cannot handle: conntrack starts tracking only when the proxy's
+/// table is first installed, so with `nf_conntrack_tcp_loose = 0` the next segments of a
+/// connection opened before are invalid, exactly like a bad cookie ACK. The TC-ingress marker
+/// finds their socket and the table lets them through.
+#[test]
+fn connections_opened_before_the_proxy_first_switches_on_keep_working() {
+    require_root();
+    require_tool("nft");
+    let topo = Topology::new("synpfirst", 1).expect("namespaces");
+    let c = topo.client(0);
+    // The shield without the proxy: no netfilter table, so nothing in this namespace tracks.
+    let mut dp = limiter_agent::dataplane::Dataplane::load(limiter_agent::dataplane::LoadOptions::default())
+        .expect("load the XDP programs");
+    let nft_guard = super::NftGuard(&topo.server);
+    topo.server.run(|| {
+        dp.apply(&ceiling_plan(None)).expect("apply the plan without the proxy");
+        dp.attach(&c.server.name, limiter_agent::dataplane::AttachMode::Native).expect("attach");
+    });
+    assert!(!topo.server.run(limiter_agent::synproxy::installed), "no netfilter half yet");
+    let peers = limiter_tests::synproxy::client_side_xdp(&topo).expect("client-side XDP programs");
+    let sh = super::Shield { dp, _peers: peers, _nft: nft_guard };
+    let listener = echo_forever(&topo);
+
+    let v4: SocketAddr = (c.server.ipv4().unwrap(), PORT).into();
+    let v6: SocketAddr = (c.server.ipv6().unwrap(), PORT).into();
+    let open = |server: SocketAddr| {
+        c.ns.run(|| {
+            let stream =
+                TcpStream::connect_timeout(&server, Duration::from_secs(2)).expect("connect without the proxy");
+            stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            Held { stream, n: 0 }
+        })
+    };
+    let (mut held4, mut held6) = (open(v4), open(v6));
+    assert!(held4.ping() && held6.ping(), "held connections, before the proxy");
+    assert_eq!(stat(&sh, event::ESTABLISHED), 0, "nothing went through the proxy yet");
+
+    // First switch-on: the table (and with it conntrack, loose pick-up off) comes now.
+    let mut dp = sh.dp;
+    topo.server.run(|| dp.apply(&ceiling_plan(Some(SynproxyMode::Always))).expect("apply Always"));
+    assert!(topo.server.run(limiter_agent::synproxy::installed), "the netfilter half is installed");
+    let sh = super::Shield { dp, _peers: sh._peers, _nft: sh._nft };
+    for round in 0..3 {
+        assert!(held4.ping(), "IPv4 connection opened before the proxy, round {round}");
+        assert!(held6.ping(), "IPv6 connection opened before the proxy, round {round}");
+    }
+    assert!(stat(&sh, event::ESTABLISHED) >= 6, "their segments passed the XDP proxy as established");
+    // The proxy is really on: new connections go through cookies, on both families.
+    let synacks = stat(&sh, event::SYNACK_SENT);
+    for server in [v4, v6] {
+        let mut fresh = open(server);
+        assert!(fresh.ping(), "a new connection through the proxy to {server}");
+    }
+    assert!(stat(&sh, event::SYNACK_SENT) >= synacks + 2, "the new connections got cookie SYN-ACKs");
+    // A segment of no connection (a bare ACK with a bogus cookie) is still dropped in XDP.
+    let bad = stat(&sh, event::COOKIE_INVALID);
+    let tx = RawSender::open(&c.ns, &c.client.name).unwrap();
+    let (src, dst) = (c.client.ipv4().unwrap().into(), c.server.ipv4().unwrap().into());
+    tx.send(&Packet::eth().dst_mac(c.server.mac).ip(src, dst).tcp(40_000, PORT).seq(1000).ack().ack_num(12345).build())
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(stat(&sh, event::COOKIE_INVALID), bad + 1, "a bogus ACK is still a bad cookie");
+
+    // Off again: nothing changes for them.
+    let mut dp = sh.dp;
+    topo.server.run(|| dp.apply(&ceiling_plan(None)).expect("apply off"));
+    assert!(held4.ping() && held6.ping(), "held connections, after the proxy switched off");
     drop(listener);
 }

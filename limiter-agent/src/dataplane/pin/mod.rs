@@ -8,7 +8,9 @@
 //! - `prog`: the XDP program;
 //! - `link-<mode>-<iface>`: one XDP link per interface (`mode`: native or generic; a dot
 //!   in the interface name, which bpffs refuses, is written `:`, which interface names cannot
-//!   hold).
+//!   hold);
+//! - `tc-ingress-<iface>`: the SYN proxy's TC-ingress marker link of the interface, which
+//!   comes and goes with its XDP link.
 //!
 //! One agent per directory: it holds an exclusive `flock` on the directory itself for as long
 //! as it runs, so `top` and `detach` can tell a running agent from a shield left alone.
@@ -34,6 +36,7 @@ pub const PROGRAM_PIN: &str = "prog";
 pub const META_PIN: &str = "META";
 pub const RULE_IDS_PIN: &str = "RULE_IDS";
 const LINK_PREFIX: &str = "link-";
+const MARKER_PREFIX: &str = "tc-ingress-";
 /// Suffix of pins staged by an upgrade before they replace the old ones. (bpffs refuses
 /// names with a dot: they are reserved.)
 pub const STAGED: &str = "-staged";
@@ -146,6 +149,23 @@ impl PinDir {
         self.path.join(format!("{LINK_PREFIX}{mode}-{}", iface.replace('.', ":")))
     }
 
+    /// Where the TC-ingress marker link of `iface` is pinned.
+    pub fn marker_path(&self, iface: &str) -> PathBuf {
+        self.path.join(format!("{MARKER_PREFIX}{}", iface.replace('.', ":")))
+    }
+
+    /// Removes the TC marker link of `iface` now (see [`Self::remove`] for why the fd).
+    pub fn remove_marker(&self, iface: &str) -> Result<(), PinError> {
+        let path = self.marker_path(iface);
+        if !path.exists() {
+            return Ok(());
+        }
+        let held = sys::obj_get(&path).ok();
+        std::fs::remove_file(&path).map_err(io_err(&path, "removing the TC marker link pin"))?;
+        drop(held);
+        Ok(())
+    }
+
     /// Removes the links of `ifaces` (all links when empty); once no link is left, the
     /// program, the maps and the directory too. Returns what was done, in one line.
     pub fn remove(self, ifaces: &[String]) -> Result<String, PinError> {
@@ -158,6 +178,7 @@ impl PinDir {
             let held = sys::obj_get(&link.path).ok();
             std::fs::remove_file(&link.path).map_err(io_err(&link.path, "removing the link pin"))?;
             drop(held);
+            self.remove_marker(&link.iface)?;
             detached.push(link.iface.clone());
         }
         let missing: Vec<&String> = ifaces.iter().filter(|i| !links.iter().any(|l| &l.iface == *i)).collect();
