@@ -42,7 +42,7 @@ pub fn synproxy_established(ctx: TcContext) -> i32 {
         let mark = unsafe { (*ctx.skb.skb).mark };
         ctx.set_mark(mark | SYNPROXY_ESTABLISHED_MARK);
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// Whether the frame is a TCP segment other than a SYN, for a proxied port of the active
@@ -91,7 +91,7 @@ fn established(ctx: &TcContext) -> bool {
         return false;
     }
     let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-    if SYNPROXY_PORTS.get_ptr(&port_key(dport, (config.active_set & 1) as u8)).is_none() {
+    if SYNPROXY_PORTS.get_ptr(port_key(dport, (config.active_set & 1) as u8)).is_none() {
         return false;
     }
     if size == 12 {

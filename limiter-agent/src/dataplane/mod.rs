@@ -553,6 +553,12 @@ impl Dataplane {
         Ok((result.return_value, result.duration))
     }
 
+    /// Runs the SYN proxy's TC-ingress marker on `frame` (see [`Self::test_run_repeat`]):
+    /// the `skb->mark` it leaves (`SYNPROXY_ESTABLISHED_MARK` or 0) and the mean duration.
+    pub fn marker_test_run(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        synproxy::marker_test_run(&mut self.ebpf, frame, repeat)
+    }
+
     /// The loaded program's file descriptor, for benchmarks that run it behind another
     /// program (a tail call from a harness that varies the frame per run). Valid while `self` lives.
     pub fn program_fd(&mut self) -> Result<std::os::fd::RawFd> {

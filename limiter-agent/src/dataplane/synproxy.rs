@@ -8,7 +8,7 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, ProgramArray},
     programs::{
-        SchedClassifier, TcAttachType, Xdp,
+        SchedClassifier, TcAttachType, TestRun as _, Xdp,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
     },
@@ -149,6 +149,25 @@ pub(super) fn attach_marker(ebpf: &mut Ebpf, iface: &str, pin: Option<&Path>) ->
         .map_err(|_| err("pinning")("attached through netlink, not TCX: pinning needs kernel 6.6".into()))?;
     fd.pin(pin).map_err(|e| err("pinning")(e.to_string()))?;
     Ok(())
+}
+
+/// Runs the marker on `frame` `repeat` times in the kernel (`BPF_PROG_TEST_RUN`, in the
+/// calling thread's network namespace): returns the `skb->mark` it left and the kernel's mean
+/// duration per run. Tests and benchmarks only.
+pub(super) fn marker_test_run(ebpf: &mut Ebpf, frame: &[u8], repeat: u32) -> Result<(u32, std::time::Duration)> {
+    // In: the head of `struct __sk_buff` up to and including `mark` (`len` and `pkt_type` must
+    // be zero). Out: room for the whole struct (192 bytes today), or the kernel refuses with
+    // ENOSPC; `mark` is at offset 8.
+    let ctx_in = [0u8; 12];
+    let mut ctx_out = [0u8; 256];
+    let mut opts = aya::programs::TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx_in);
+    opts.ctx_out = Some(&mut ctx_out);
+    opts.repeat = repeat.max(1);
+    let result = marker(ebpf)?.test_run(opts).map_err(DataplaneError::TestRun)?;
+    let mark = u32::from_ne_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
+    Ok((mark, result.duration))
 }
 
 /// The proxy's maps, owned by the `Dataplane`.

@@ -171,6 +171,8 @@ fn two_agents_sharing_one_redis_split_the_kernel_limit_and_share_the_l7_count() 
     second.wait_for(&["sync: joined limiter:nodes as node-1", "2 nodes live"], Duration::from_secs(30));
     second.wait_for(&["attached to s1"], Duration::from_secs(30));
     first.wait_for(&["sync: 2 nodes live (was 1)"], Duration::from_secs(10));
+    // The sync task logs the new view before the main loop puts its shares in force.
+    first.wait_for(&["sync: shares of 2 nodes live"], Duration::from_secs(10));
     assert_eq!(members(&redis), ["node-0", "node-1"]);
 
     // Kernel: before any demand, equal parts: node 0 admits its half of 20. Its demand then

@@ -1,6 +1,6 @@
 //! BPF_PROG_TEST_RUN on hand-built frames through the proxy.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use limiter_agent::{
     dataplane::{Dataplane, LoadOptions},
@@ -68,4 +68,52 @@ fn malformed_segments_and_bad_cookies_are_dropped_and_syns_answered() {
     assert_eq!(stats[event::COOKIE_INVALID as usize].packets, 3);
     assert_eq!(stats[event::MALFORMED as usize].packets, 5);
     assert_eq!(stats[event::RST as usize].packets, 1);
+}
+
+/// BPF_PROG_TEST_RUN of the TC-ingress marker: it marks a segment of a proxied port only when
+/// the kernel has a socket other than a listener for its 4-tuple, never a SYN, never another
+/// port, and nothing while no port is proxied. The socket is a real connection over the
+/// namespace's loopback, where the test run's packets arrive.
+#[test]
+fn the_marker_marks_segments_of_connections_with_a_socket_and_nothing_else() {
+    require_root();
+    require_tool("nft");
+    let ns = Netns::new("synpmark").expect("namespace");
+    let _nft = NftGuard(&ns);
+    let mut dp = Dataplane::load(LoadOptions::default()).expect("load the programs");
+    let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
+    let lo6: IpAddr = std::net::Ipv6Addr::LOCALHOST.into();
+    let marks = ns.run(|| {
+        let _ = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
+        let listener = std::net::TcpListener::bind(("::", PORT)).expect("listen");
+        let other = std::net::TcpListener::bind(("::", PORT + 1)).expect("listen on another port");
+        let open = |to: SocketAddr| std::net::TcpStream::connect(to).expect("connect over loopback");
+        let (c4, c6) = (open((lo, PORT).into()), open((lo6, PORT).into()));
+        let c_other = open((lo, PORT + 1).into());
+        let (_a4, _a6, _a_other) = (listener.accept(), listener.accept(), other.accept());
+        let from = |c: &std::net::TcpStream| c.local_addr().unwrap().port();
+        let seg = |s: IpAddr, sport: u16, dport: u16| Packet::eth().ip(s, s).tcp(sport, dport).seq(1);
+        let frames = [
+            ("ACK of an established connection", seg(lo, from(&c4), PORT).ack().build()),
+            ("ACK of an established connection, IPv6", seg(lo6, from(&c6), PORT).ack().build()),
+            ("data of an established connection", seg(lo, from(&c4), PORT).ack().payload(b"GET /").build()),
+            ("FIN of an established connection", seg(lo, from(&c4), PORT).ack().fin().build()),
+            ("SYN on an established 4-tuple", seg(lo, from(&c4), PORT).syn().build()),
+            ("ACK for the listener only (a cookie ACK)", seg(lo, 40_000, PORT).ack().build()),
+            ("ACK, IPv6, listener only", seg(lo6, 40_000, PORT).ack().build()),
+            ("ACK of a connection to a port not proxied", seg(lo, from(&c_other), PORT + 1).ack().build()),
+        ];
+        let run = |dp: &mut Dataplane, frame: &[u8]| dp.marker_test_run(frame, 1).expect("test run").0;
+        let off: Vec<u32> = frames.iter().map(|(_, f)| run(&mut dp, f)).collect();
+        dp.apply(&ceiling_plan(Some(SynproxyMode::Always))).expect("apply");
+        let on: Vec<(&str, u32)> = frames.iter().map(|(what, f)| (*what, run(&mut dp, f))).collect();
+        (off, on)
+    });
+    let (off, on) = marks;
+    assert!(off.iter().all(|m| *m == 0), "no port proxied: nothing marked, {off:?}");
+    let mark = limiter_common::synproxy::SYNPROXY_ESTABLISHED_MARK;
+    let expected = [mark, mark, mark, mark, 0, 0, 0, 0];
+    for ((what, got), want) in on.iter().zip(expected) {
+        assert_eq!(*got, want, "{what}: mark {got:#x}, expected {want:#x}");
+    }
 }

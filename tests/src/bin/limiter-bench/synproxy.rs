@@ -72,7 +72,8 @@ impl Drop for NftGuard<'_> {
 }
 
 pub fn run(cfg: &Config) -> Result<Value> {
-    let cost = synack_cost(cfg)?;
+    let mut cost = synack_cost(cfg)?;
+    cost["marker"] = marker_cost(cfg)?;
     let mut rows = Vec::new();
     for multiple in [1u64, 10, 100] {
         for proxy in [false, true] {
@@ -135,6 +136,41 @@ fn synack_cost(cfg: &Config) -> Result<Value> {
         "synacks_per_second_per_core": 1e9 / synack_ns,
         "runs_detail": {"proxied": proxied, "passed": passed, "floor": floor},
     }))
+}
+
+/// The TC-ingress marker's cost per segment, kernel-measured (`repeat` runs per call, the
+/// mean of each call, median over calls): with no port proxied (the price every attached
+/// interface pays), and on an ACK of an established connection of a proxied port (the socket
+/// lookup that lets connections older than conntrack through). The connection is real, over
+/// the namespace's loopback, where test runs arrive.
+fn marker_cost(cfg: &Config) -> Result<Value> {
+    let ns = Netns::new("bench-synpm")?;
+    let _nft = NftGuard(&ns);
+    let repeat = if cfg.smoke { 1_000 } else { 100_000 };
+    let calls = if cfg.smoke { 3 } else { 20 };
+    ns.run(|| -> Result<Value> {
+        std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status()?;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, PORT))?;
+        let client = TcpStream::connect((Ipv4Addr::LOCALHOST, PORT))?;
+        let _accepted = listener.accept()?;
+        let lo = Ipv4Addr::LOCALHOST.into();
+        let ack = Packet::eth().ip(lo, lo).tcp(client.local_addr()?.port(), PORT).seq(1).ack().build();
+        let mut dp = Dataplane::load(LoadOptions::default()).context("load the programs")?;
+        let measure = |dp: &mut Dataplane, want: u32| -> Result<f64> {
+            let mut means = Vec::new();
+            for _ in 0..calls {
+                let (mark, d) = dp.marker_test_run(&ack, repeat)?;
+                anyhow::ensure!(mark == want, "mark {mark:#x}, expected {want:#x}");
+                means.push(d.as_nanos() as f64);
+            }
+            Ok(median(&means))
+        };
+        dp.apply(&KernelPlan { rules: Vec::new(), ..plan(false) })?;
+        let idle_ns = measure(&mut dp, 0)?;
+        dp.apply(&KernelPlan { rules: Vec::new(), ..plan(true) })?;
+        let established_ns = measure(&mut dp, limiter_common::synproxy::SYNPROXY_ESTABLISHED_MARK)?;
+        Ok(json!({ "repeat": repeat, "calls": calls, "idle_ns": idle_ns, "established_ns": established_ns }))
+    })
 }
 
 /// One flood run: the share of legitimate connections made.
