@@ -21,6 +21,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 /// `expected_attach_type` of an XDP program attached to an interface, as aya and libbpf load
 /// theirs: a tail call only reaches programs loaded the same way.
 const BPF_XDP: u32 = 37;
@@ -189,10 +190,14 @@ mod insn {
 }
 
 fn prog_load(insns: &[u64], name: &str) -> Result<OwnedFd> {
+    prog_load_typed(insns, name, BPF_PROG_TYPE_XDP, BPF_XDP)
+}
+
+fn prog_load_typed(insns: &[u64], name: &str, prog_type: u32, expected_attach_type: u32) -> Result<OwnedFd> {
     let license = b"GPL\0";
     let mut log = vec![0u8; 64 * 1024];
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -200,7 +205,7 @@ fn prog_load(insns: &[u64], name: &str) -> Result<OwnedFd> {
         log_size: log.len() as u32,
         log_buf: log.as_mut_ptr() as u64,
         prog_name: name16(name),
-        expected_attach_type: BPF_XDP,
+        expected_attach_type,
         ..Default::default()
     };
     match bpf(BPF_PROG_LOAD, &mut attr) {
@@ -259,6 +264,14 @@ impl Prog {
     /// per-run overhead.
     pub fn trivial() -> Result<Self> {
         Ok(Self { fd: prog_load(&[insn::mov_imm(0, 2), insn::exit()], "trivial_xdp")? })
+    }
+
+    /// The smallest TC classifier: `r0 = TC_ACT_OK; exit`, the floor of the TC marker's
+    /// figures (a test run of a TC program also builds an skb around the frame).
+    pub fn trivial_tc() -> Result<Self> {
+        Ok(Self {
+            fd: prog_load_typed(&[insn::mov_imm(0, 0), insn::exit()], "trivial_tc", BPF_PROG_TYPE_SCHED_CLS, 0)?,
+        })
     }
 
     /// `return bpf_redirect(ifindex, 0)`: sends every frame on to interface `ifindex` (in the

@@ -165,11 +165,25 @@ fn marker_cost(cfg: &Config) -> Result<Value> {
             }
             Ok(median(&means))
         };
+        let trivial = crate::bpf::Prog::trivial_tc()?;
+        let mut floors = Vec::new();
+        for _ in 0..calls {
+            floors.push(trivial.test_run(&ack, repeat)?.1.as_nanos() as f64);
+        }
+        let floor_ns = median(&floors);
         dp.apply(&KernelPlan { rules: Vec::new(), ..plan(false) })?;
         let idle_ns = measure(&mut dp, 0)?;
         dp.apply(&KernelPlan { rules: Vec::new(), ..plan(true) })?;
         let established_ns = measure(&mut dp, limiter_common::synproxy::SYNPROXY_ESTABLISHED_MARK)?;
-        Ok(json!({ "repeat": repeat, "calls": calls, "idle_ns": idle_ns, "established_ns": established_ns }))
+        Ok(json!({
+            "repeat": repeat,
+            "calls": calls,
+            "floor_ns": floor_ns,
+            "idle_ns": idle_ns,
+            "established_ns": established_ns,
+            "idle_over_floor_ns": (idle_ns - floor_ns).max(0.0),
+            "established_over_floor_ns": (established_ns - floor_ns).max(0.0),
+        }))
     })
 }
 
