@@ -25,10 +25,10 @@ use limiter_common::{
     Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_ALLOW_HOSTS,
     CONFIG_FLAG_NO_BLOCK, CONFIG_FLAG_NO_DENY, CONFIG_FLAG_NO_DENY_HOSTS, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES,
     COUNT_CONNECTIONS, Config, Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE,
-    FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES,
+    FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, GLOBAL_SOURCE_ENTRIES, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES,
     LIST_HOST_PREFIX, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER,
     PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED, PROTO_ANY, PROTO_TCP,
-    PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter,
+    PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_GLOBAL_SOURCE, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter,
     SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
 };
 // The SYN proxy's hook (synproxy.rs), kept apart from the list above.
@@ -85,6 +85,13 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES
 /// sources". Per-CPU LRU: no contention, and old sources age out.
 #[map(name = "DROPPED_SOURCES")]
 static DROPPED_SOURCES: LruPerCpuHashMap<Addr, Counter> = LruPerCpuHashMap::with_max_entries(DROPPED_SOURCE_ENTRIES, 0);
+
+/// Tokens admitted per (global per-source rule, source), cumulative, per CPU: never reset
+/// here; the agent reads the growth each sync period and sums it across nodes in Redis.
+/// Per-CPU, so a charge adds without atomics; LRU, so a flood of sources only forgets old ones.
+#[map(name = "GLOBAL_SOURCE_COUNTS")]
+static GLOBAL_SOURCE_COUNTS: LruPerCpuHashMap<SourceBucketKey, u64> =
+    LruPerCpuHashMap::with_max_entries(GLOBAL_SOURCE_ENTRIES, 0);
 
 #[map(name = "RULE_STATS")]
 static RULE_STATS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
@@ -418,6 +425,9 @@ extern "C" fn judge_rule(index: u64, _ctx: *mut c_void) -> i64 {
     match unsafe { charge(tat, s.now, rule.bucket.cost_ns(tokens), rule.bucket.burst_ns) } {
         Charge::Admitted => {
             s.charged |= 1 << i;
+            if rule.flags & RULE_FLAG_GLOBAL_SOURCE != 0 {
+                count_global_source(s, rule, tokens);
+            }
             rule_count(rule.rule_id, s.len, RuleOutcome::Passed);
             return 0;
         }
@@ -456,7 +466,27 @@ extern "C" fn refund_rule(index: u64, _ctx: *mut c_void) -> i64 {
         // SAFETY: pointer from a successful map lookup.
         unsafe { refund(tat, rule.bucket.cost_ns(tokens)) };
     }
+    if rule.flags & RULE_FLAG_GLOBAL_SOURCE != 0
+        && let Some(c) = GLOBAL_SOURCE_COUNTS.get_ptr_mut(&source_key(s, rule))
+    {
+        // SAFETY: this CPU's value of a live entry; only this program on this CPU writes it.
+        unsafe { *c = (*c).saturating_sub(tokens) };
+    }
     0
+}
+
+/// Adds `tokens` admitted by a global per-source rule to the source's count on this CPU.
+#[inline(always)]
+fn count_global_source(s: &Scratch, rule: &RuleConfig, tokens: u64) {
+    let key = source_key(s, rule);
+    if let Some(c) = GLOBAL_SOURCE_COUNTS.get_ptr_mut(&key) {
+        // SAFETY: as in `refund_rule`.
+        unsafe { *c += tokens };
+        return;
+    }
+    // A new entry's other CPUs start at 0 (the kernel zeroes them). A full table evicts the
+    // least recently used source; an insert that fails anyway loses this count only.
+    let _ = GLOBAL_SOURCE_COUNTS.insert(&key, tokens, BPF_NOEXIST);
 }
 
 /// Tokens the packet costs under `rule`, or `None` if the rule does not select it.

@@ -27,6 +27,7 @@
 
 pub mod demand;
 pub mod exchange;
+pub mod window;
 
 use std::time::Duration;
 
@@ -78,6 +79,9 @@ pub struct MembershipConfig {
     pub key: String,
     /// The full key of the published demand (prefix included, see [`exchange`]).
     pub demand_key: String,
+    /// The `--redis-key-prefix`, which the keys of the per-source window counts start with
+    /// (see [`window::keys`]).
+    pub window_prefix: String,
     pub heartbeat: Duration,
 }
 
@@ -87,6 +91,7 @@ impl MembershipConfig {
             node_id,
             key: format!("{key_prefix}{NODES_KEY}"),
             demand_key: format!("{key_prefix}{}", exchange::DEMAND_KEY),
+            window_prefix: key_prefix.to_owned(),
             heartbeat,
         }
     }
@@ -119,6 +124,8 @@ pub struct Membership {
     config: MembershipConfig,
     /// Whether the last heartbeat failed (so failures and recovery are logged once each).
     failing: bool,
+    /// Whether the last window count failed (logged once each way, like the heartbeat).
+    window_failing: bool,
     unreadable: exchange::Unreadable,
 }
 
@@ -141,6 +148,7 @@ impl Membership {
             conn: None,
             config,
             failing: false,
+            window_failing: false,
             unreadable: exchange::Unreadable::new(),
         })
     }
