@@ -329,6 +329,7 @@ fn judge_rules(
     s.later_fragment = (packet.fragment == PARSE_FRAG_LATER) as u8;
     s.slots = rules.slots;
     s.charged = 0;
+    s.global = 0;
     s.applied = 0;
     s.shadowed = 0;
     s.refused_rule = NO_RULE;
@@ -358,6 +359,10 @@ fn judge_rules(
             reason::DROP_SOURCE_PORT_BUCKET
         };
         return (why, s.refused_rule);
+    }
+    if s.global != 0 {
+        // SAFETY: as above.
+        unsafe { bpf_loop(n, count_global_rule as *mut c_void, core::ptr::null_mut(), 0) };
     }
     if s.shadowed != 0 {
         (reason::PASS_SHADOW, NO_RULE)
@@ -400,6 +405,12 @@ pub struct Scratch {
     refused_rule: u32,
     refused_flags: u8,
     _pad2: [u8; 7],
+    /// Bit i: rule i is a global per-source rule and charged its bucket.
+    global: u32,
+    _pad3: u32,
+    /// Key and value of a `GLOBAL_SOURCE_COUNTS` access (see [`count_global_rule`]).
+    global_key: SourceBucketKey,
+    global_tokens: u64,
 }
 
 #[map(name = "SCRATCH")]
@@ -426,7 +437,7 @@ extern "C" fn judge_rule(index: u64, _ctx: *mut c_void) -> i64 {
         Charge::Admitted => {
             s.charged |= 1 << i;
             if rule.flags & RULE_FLAG_GLOBAL_SOURCE != 0 {
-                count_global_source(s, rule, tokens);
+                s.global |= 1 << i;
             }
             rule_count(rule.rule_id, s.len, RuleOutcome::Passed);
             return 0;
@@ -466,27 +477,43 @@ extern "C" fn refund_rule(index: u64, _ctx: *mut c_void) -> i64 {
         // SAFETY: pointer from a successful map lookup.
         unsafe { refund(tat, rule.bucket.cost_ns(tokens)) };
     }
-    if rule.flags & RULE_FLAG_GLOBAL_SOURCE != 0
-        && let Some(c) = GLOBAL_SOURCE_COUNTS.get_ptr_mut(&source_key(s, rule))
-    {
-        // SAFETY: this CPU's value of a live entry; only this program on this CPU writes it.
-        unsafe { *c = (*c).saturating_sub(tokens) };
-    }
     0
 }
 
-/// Adds `tokens` admitted by a global per-source rule to the source's count on this CPU.
-#[inline(always)]
-fn count_global_source(s: &Scratch, rule: &RuleConfig, tokens: u64) {
-    let key = source_key(s, rule);
-    if let Some(c) = GLOBAL_SOURCE_COUNTS.get_ptr_mut(&key) {
-        // SAFETY: as in `refund_rule`.
+/// `bpf_loop` callback, for an admitted packet: adds what global per-source rule `index`
+/// charged to the source's count on this CPU in `GLOBAL_SOURCE_COUNTS`.
+///
+/// A pass of its own after the verdict, rather than a count in `judge_rule` taken back by
+/// `refund_rule`: a refused packet never touches the map, and `judge_rule`, which the program
+/// also calls directly, keeps its frame (the two frames together are at the 512-byte limit).
+/// For the same reason the key and value live in `Scratch`, not on the stack.
+#[inline(never)]
+extern "C" fn count_global_rule(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: as in `judge_rule`.
+    let s = unsafe { &mut *s };
+    let i = (index as usize) % MAX_RULES_PER_PORT;
+    if s.global & (1 << i) == 0 {
+        return 0;
+    }
+    let Some(rule) = RULES.get(s.set * MAX_RULES + (s.slots[i] % MAX_RULES)) else { return 0 };
+    let Some(tokens) = tokens(s, rule) else { return 0 };
+    let (port, protocol) = key_port(s, rule);
+    s.global_key.rule_id = rule.rule_id;
+    s.global_key.port = port;
+    s.global_key.protocol = protocol;
+    s.global_key._pad = 0;
+    s.global_key.addr = s.source;
+    if let Some(c) = GLOBAL_SOURCE_COUNTS.get_ptr_mut(&s.global_key) {
+        // SAFETY: this CPU's value of a live entry; only this program on this CPU writes it.
         unsafe { *c += tokens };
-        return;
+        return 0;
     }
     // A new entry's other CPUs start at 0 (the kernel zeroes them). A full table evicts the
     // least recently used source; an insert that fails anyway loses this count only.
-    let _ = GLOBAL_SOURCE_COUNTS.insert(&key, tokens, BPF_NOEXIST);
+    s.global_tokens = tokens;
+    let _ = GLOBAL_SOURCE_COUNTS.insert(&s.global_key, &s.global_tokens, BPF_NOEXIST);
+    0
 }
 
 /// Tokens the packet costs under `rule`, or `None` if the rule does not select it.

@@ -9,6 +9,9 @@
 //! and the rest in proportion to demand. Every node computes every share with the same
 //! function from the same data, so the shares of one view sum to the limit.
 //!
+//! Global rules keyed by source take no share: every node enforces their full per-source
+//! limit, and their sources' counts are summed per fixed window instead ([`window`]).
+//!
 //! Choices, each visible in the logs:
 //! - Heartbeat times are Redis server time (`TIME` inside the scripts), so node clocks need
 //!   not agree; every node should run the same `--global-heartbeat` and
@@ -44,9 +47,14 @@ pub const NODES_KEY: &str = "limiter:nodes";
 /// A member whose last heartbeat is older than this many heartbeats is dropped.
 pub const STALE_HEARTBEATS: u32 = 3;
 
-/// How many rules of `plan` are global.
+/// How many rules of `plan` are global with one bucket for all sources (shared by demand).
 pub fn global_rules(plan: &KernelPlan) -> usize {
-    plan.rules.iter().filter(|r| r.global).count()
+    plan.rules.iter().filter(|r| r.global_shared()).count()
+}
+
+/// How many rules of `plan` are global and keyed by source (summed per window, [`window`]).
+pub fn global_per_source_rules(plan: &KernelPlan) -> usize {
+    plan.rules.iter().filter(|r| r.global_per_source()).count()
 }
 
 /// `1 node`, `3 nodes`.
@@ -277,8 +285,12 @@ mod tests {
             shadow: false,
             global,
         };
-        let plan = KernelPlan { rules: vec![rule("p/local", false), rule("p/global", true)], ..Default::default() };
+        let mut per_source = rule("p/per-source", true);
+        per_source.source.distinct = true;
+        let plan =
+            KernelPlan { rules: vec![rule("p/local", false), rule("p/global", true), per_source], ..Default::default() };
         assert_eq!(global_rules(&plan), 1);
+        assert_eq!(global_per_source_rules(&plan), 1);
     }
 
     #[test]

@@ -43,12 +43,16 @@ pub(super) async fn join_nodes(
     servers: &mut Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
 ) -> anyhow::Result<(Option<Arc<View>>, Option<SyncLink>)> {
     let globals = sync::global_rules(plan);
+    let per_source = sync::global_per_source_rules(plan);
     if args.ifaces.is_empty() {
         return Ok((None, None));
     }
     if settings.backend != BackendKind::Redis {
-        if globals > 0 {
-            info!("sync: {globals} global kernel rule(s) count on this node only (no --rls-backend redis)");
+        if globals + per_source > 0 {
+            info!(
+                "sync: {} global kernel rule(s) count on this node only (no --rls-backend redis)",
+                globals + per_source
+            );
         }
         return Ok((None, None));
     }
@@ -62,7 +66,7 @@ pub(super) async fn join_nodes(
         Some(view) => {
             let n = sync::nodes_text(view.nodes.len() as u64);
             info!(
-                "sync: joined {key} as {id}: {n} live; {globals} global kernel rule(s) shared across {n} by demand, floors {}% of each limit",
+                "sync: joined {key} as {id}: {n} live; {globals} global kernel rule(s) shared across {n} by demand, floors {}% of each limit; {per_source} global per-source rule(s) summed per window",
                 args.rls.global_share_floor * 100.0
             );
             Some(Arc::new(view))
