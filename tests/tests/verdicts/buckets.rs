@@ -325,10 +325,11 @@ fn a_global_rules_share_changes_in_place_and_keeps_its_bucket() {
 }
 
 /// A global per-source rule (`global: true`, Distinct): what it admits counts per source in
-/// `GLOBAL_SOURCE_COUNTS`, a charge a later rule refuses is taken back, and a local
-/// per-source rule counts nothing there. A hold blocks the source and leaves its bucket empty.
+/// `GLOBAL_SOURCE_COUNTS`, a charge a later rule refuses is not counted (it is refunded), and
+/// a local per-source rule counts nothing there. A hold blocks the source and leaves its
+/// bucket empty.
 #[test]
-fn global_per_source_rules_count_admitted_tokens_and_refunds_take_them_back() {
+fn global_per_source_rules_count_admitted_tokens_and_not_refused_ones() {
     let mut global = per_source(rule("global", CountKind::Packets, 100, Unit::Hour, 0));
     global.global = true;
     // Judged after the global rule (per-(source, port) after per-source), on the probe port only.
@@ -347,7 +348,7 @@ fn global_per_source_rules_count_admitted_tokens_and_refunds_take_them_back() {
     let verdicts: Vec<u32> = (0..5).map(|_| verdict(&mut dp, &to(CLIENT, PROBE_PORT))).collect();
     assert_eq!(verdicts, [XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP, XDP_DROP]);
     let client = IpAddr::V4(CLIENT);
-    assert_eq!(counts(&dp), [("test/global".to_owned(), client, 2)], "the 3 refused by strict were taken back");
+    assert_eq!(counts(&dp), [("test/global".to_owned(), client, 2)], "the 3 refused by strict are not counted");
 
     // Another port: the global rule alone (and the local one on 81, which counts nothing here).
     for port in [80, 81, 81] {
