@@ -15,8 +15,9 @@ use core::mem::{align_of, size_of};
 
 use crate::{
     Addr, BLOCK_ENTRIES, BlockEntry, Bucket, Config, Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES,
-    FRAGMENT_ENTRIES, FragmentEntry, GLOBAL_SOURCE_ENTRIES, FragmentKey, LIST_ENTRIES, ListKey, ListValue, MAX_RULES, PortKey, PortRules,
-    RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, names,
+    FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, GLOBAL_SOURCE_ENTRIES, LIST_ENTRIES, ListKey, ListValue, MAX_RULES,
+    PortKey, PortRules, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey,
+    SourceBucketKey, names,
     synproxy::{self, SynproxyPort},
 };
 

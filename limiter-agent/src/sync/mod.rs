@@ -287,8 +287,10 @@ mod tests {
         };
         let mut per_source = rule("p/per-source", true);
         per_source.source.distinct = true;
-        let plan =
-            KernelPlan { rules: vec![rule("p/local", false), rule("p/global", true), per_source], ..Default::default() };
+        let plan = KernelPlan {
+            rules: vec![rule("p/local", false), rule("p/global", true), per_source],
+            ..Default::default()
+        };
         assert_eq!(global_rules(&plan), 1);
         assert_eq!(global_per_source_rules(&plan), 1);
     }

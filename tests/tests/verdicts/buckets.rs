@@ -355,10 +355,7 @@ fn global_per_source_rules_count_admitted_tokens_and_not_refused_ones() {
         assert_eq!(verdict(&mut dp, &to(CLIENT, port)), XDP_PASS);
     }
     assert_eq!(verdict(&mut dp, &to(OTHER, 80)), XDP_PASS);
-    assert_eq!(
-        counts(&dp),
-        [("test/global".to_owned(), client, 5), ("test/global".to_owned(), IpAddr::V4(OTHER), 1)]
-    );
+    assert_eq!(counts(&dp), [("test/global".to_owned(), client, 5), ("test/global".to_owned(), IpAddr::V4(OTHER), 1)]);
 
     // Held: blocked, and its bucket empty when the hold ends (here in an hour), so even once
     // the block is gone early the rule refuses it; the other source is untouched.
