@@ -488,6 +488,10 @@ extern "C" fn refund_rule(index: u64, _ctx: *mut c_void) -> i64 {
 /// `refund_rule`: a refused packet never touches the map, and `judge_rule`, which the program
 /// also calls directly, keeps its frame (the two frames together are at the 512-byte limit).
 /// For the same reason the key and value live in `Scratch`, not on the stack.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference the helpers read key and value in SCRATCH; by value they would be copied to the stack"
+)]
 #[inline(never)]
 extern "C" fn count_global_rule(index: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
