@@ -17,6 +17,7 @@
 //! | `limiter_rls_redis_reconnects_total` | | connections remade after a loss (a Sentinel failover, a Cluster or server restart) |
 //! | `limiter_policy_reloads_total` | `outcome` | reloads `applied` and `rejected` (the last good policy stays) |
 //! | `limiter_escalations_total` | `policy` | sources put in the XDP block list by a policy's `penalty` |
+//! | `limiter_global_source_holds_total` | `rule` | sources blocked until the window ends, over a global per-source rule's limit across nodes (once per source per window) |
 //! | `limiter_l7_tracked_keys` | | keyed L7 counters held (bounded by `--l7-max-keys`) |
 //!
 //! Label values are bounded: `rule` and `policy` come from the plan; `domain` is the
@@ -162,6 +163,9 @@ pub struct Metrics {
     pub global_nodes: Gauge,
     /// This node's share of each global kernel rule, in requests per the rule's unit.
     pub global_shares: Family<KernelRuleLabels, Gauge>,
+    /// Sources held (blocked on this node for the rest of a window) because their total
+    /// across nodes went over a global per-source rule's limit; once per source per window.
+    pub global_source_holds: CounterFamily<KernelRuleLabels>,
     sources: Arc<Sources>,
 }
 
@@ -225,6 +229,12 @@ impl Metrics {
             "Live nodes sharing the global kernel rules, in this node's last view (1 alone)",
             global_nodes.clone(),
         );
+        let global_source_holds = CounterFamily::<KernelRuleLabels>::default();
+        registry.register(
+            "limiter_global_source_holds",
+            "Sources blocked until the window ends because their total across nodes went over a global per-source rule's limit",
+            global_source_holds.family.clone(),
+        );
         let global_shares = Family::<KernelRuleLabels, Gauge>::default();
         registry.register(
             "limiter_global_share_requests",
@@ -243,6 +253,7 @@ impl Metrics {
             escalations,
             global_nodes,
             global_shares,
+            global_source_holds,
             sources,
         }
     }

@@ -15,8 +15,9 @@ use core::mem::{align_of, size_of};
 
 use crate::{
     Addr, BLOCK_ENTRIES, BlockEntry, Bucket, Config, Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES,
-    FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, LIST_ENTRIES, ListKey, ListValue, MAX_RULES, PortKey, PortRules,
-    RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, names,
+    FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, GLOBAL_SOURCE_ENTRIES, LIST_ENTRIES, ListKey, ListValue, MAX_RULES,
+    PortKey, PortRules, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey,
+    SourceBucketKey, names,
     synproxy::{self, SynproxyPort},
 };
 
@@ -89,6 +90,8 @@ pub const SHARED_MAPS: &[MapSpec] = &[
     spec!(names::STATS, map_type::PERCPU_ARRAY, u32, Counter, STATS_ENTRIES, 0),
     spec!(names::RULE_STATS, map_type::PERCPU_ARRAY, u32, RuleCounter, MAX_RULES, 0),
     spec!(names::DROPPED_SOURCES, map_type::LRU_PERCPU_HASH, Addr, Counter, DROPPED_SOURCE_ENTRIES, 0),
+    // Admitted tokens of global per-source rules: the agent reports their growth to Redis.
+    spec!(names::GLOBAL_SOURCE_COUNTS, map_type::LRU_PERCPU_HASH, SourceBucketKey, u64, GLOBAL_SOURCE_ENTRIES, 0),
     // Kept across a restart so the later fragments of a datagram in flight are still judged
     // by the rules of the port its first fragment carried.
     spec!(names::FRAGMENTS, map_type::LRU_HASH, FragmentKey, FragmentEntry, FRAGMENT_ENTRIES, 0),

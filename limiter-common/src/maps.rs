@@ -29,6 +29,7 @@ pub mod names {
     pub const DROPPED_SOURCES: &str = "DROPPED_SOURCES";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const PARSE_RECORD: &str = "PARSE_RECORD";
+    pub const GLOBAL_SOURCE_COUNTS: &str = "GLOBAL_SOURCE_COUNTS";
     /// The XDP program's function name.
     pub const PROGRAM: &str = "limiter";
 }
@@ -64,6 +65,13 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 16;
 /// Datagrams whose first fragment's port and verdict are remembered for their later
 /// fragments (LRU, shared by all CPUs).
 pub const FRAGMENT_ENTRIES: u32 = 16_384;
+
+/// Sources tracked in `GLOBAL_SOURCE_COUNTS` (per CPU, LRU). Only sources of global
+/// per-source rules ([`RULE_FLAG_GLOBAL_SOURCE`]) enter it, and the agent reads it every sync
+/// period: it needs room for the sources active within about one period, not for every source
+/// the per-source buckets track. An evicted source restarts its count from 0 (the agent
+/// then misses at most what it admitted since its last read).
+pub const GLOBAL_SOURCE_ENTRIES: u32 = 65_536;
 
 /// IP protocol numbers the program distinguishes.
 pub const PROTO_ICMP: u8 = 1;
@@ -204,6 +212,10 @@ pub const COUNT_CONNECTIONS: u8 = 2;
 pub const RULE_FLAG_SHADOW: u8 = 1;
 /// [`RuleConfig::flags`]: the rule selects sources *outside* its CIDR.
 pub const RULE_FLAG_INVERT: u8 = 2;
+/// [`RuleConfig::flags`]: a `global` rule keyed by source. Each admitted charge also adds
+/// its tokens to the source's count in `GLOBAL_SOURCE_COUNTS` (a refund takes them back),
+/// which the agent sums across nodes in Redis per fixed window.
+pub const RULE_FLAG_GLOBAL_SOURCE: u8 = 4;
 
 /// One entry of the `RULES` array, at index `set * MAX_RULES + slot`.
 #[repr(C)]

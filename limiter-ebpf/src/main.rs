@@ -26,11 +26,12 @@ use limiter_common::{
     Addr, BlockEntry, Bucket, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_NO_ALLOW, CONFIG_FLAG_NO_ALLOW_HOSTS,
     CONFIG_FLAG_NO_BLOCK, CONFIG_FLAG_NO_DENY, CONFIG_FLAG_NO_DENY_HOSTS, CONFIG_FLAG_RECORD_PARSE, COUNT_BYTES,
     COUNT_CONNECTIONS, Config, Counter, DEFAULT_SOURCE_ENTRIES, DROPPED_SOURCE_ENTRIES, DROPPED_SOURCE_SAMPLE,
-    FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, KEY_BY_PORT, KEY_BY_SOURCE, LIST_ENTRIES,
-    LIST_HOST_PREFIX, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PARSE_FRAG_FIRST, PARSE_FRAG_LATER,
-    PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED, PROTO_ANY, PROTO_TCP,
-    PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, RuleCounter,
-    SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey, XDP_DROP, XDP_PASS, reason,
+    FRAGMENT_DROPPED, FRAGMENT_ENTRIES, FragmentEntry, FragmentKey, GLOBAL_SOURCE_ENTRIES, KEY_BY_PORT, KEY_BY_SOURCE,
+    LIST_ENTRIES, LIST_HOST_PREFIX, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PARSE_FRAG_FIRST,
+    PARSE_FRAG_LATER, PARSE_KIND_IP, PARSE_KIND_NOT_IP, PARSE_KIND_UNPARSED, PARSE_L4_CHAIN, PARSE_L4_TRUNCATED,
+    PROTO_ANY, PROTO_TCP, PROTO_UDP, ParseRecord, PortKey, PortRules, RULE_FLAG_GLOBAL_SOURCE, RULE_FLAG_INVERT,
+    RULE_FLAG_SHADOW, RuleConfig, RuleCounter, SHARED_BUCKET_ENTRIES, STATS_ENTRIES, SharedBucketKey, SourceBucketKey,
+    XDP_DROP, XDP_PASS, reason,
 };
 // The SYN proxy's hook (synproxy.rs), kept apart from the list above.
 use limiter_common::{PARSE_FRAG_NONE, synproxy::CONFIG_FLAG_SYNPROXY};
@@ -86,6 +87,13 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES
 /// sources". Per-CPU LRU: no contention, and old sources age out.
 #[map(name = "DROPPED_SOURCES")]
 static DROPPED_SOURCES: LruPerCpuHashMap<Addr, Counter> = LruPerCpuHashMap::with_max_entries(DROPPED_SOURCE_ENTRIES, 0);
+
+/// Tokens admitted per (global per-source rule, source), cumulative, per CPU: never reset
+/// here; the agent reads the growth each sync period and sums it across nodes in Redis.
+/// Per-CPU, so a charge adds without atomics; LRU, so a flood of sources only forgets old ones.
+#[map(name = "GLOBAL_SOURCE_COUNTS")]
+static GLOBAL_SOURCE_COUNTS: LruPerCpuHashMap<SourceBucketKey, u64> =
+    LruPerCpuHashMap::with_max_entries(GLOBAL_SOURCE_ENTRIES, 0);
 
 #[map(name = "RULE_STATS")]
 static RULE_STATS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
@@ -323,6 +331,7 @@ fn judge_rules(
     s.later_fragment = (packet.fragment == PARSE_FRAG_LATER) as u8;
     s.slots = rules.slots;
     s.charged = 0;
+    s.global = 0;
     s.applied = 0;
     s.shadowed = 0;
     s.refused_rule = NO_RULE;
@@ -352,6 +361,10 @@ fn judge_rules(
             reason::DROP_SOURCE_PORT_BUCKET
         };
         return (why, s.refused_rule);
+    }
+    if s.global != 0 {
+        // SAFETY: as above.
+        unsafe { bpf_loop(n, count_global_rule as *mut c_void, core::ptr::null_mut(), 0) };
     }
     if s.shadowed != 0 {
         (reason::PASS_SHADOW, NO_RULE)
@@ -394,6 +407,12 @@ pub struct Scratch {
     refused_rule: u32,
     refused_flags: u8,
     _pad2: [u8; 7],
+    /// Bit i: rule i is a global per-source rule and charged its bucket.
+    global: u32,
+    _pad3: u32,
+    /// Key and value of a `GLOBAL_SOURCE_COUNTS` access (see [`count_global_rule`]).
+    global_key: SourceBucketKey,
+    global_tokens: u64,
 }
 
 #[map(name = "SCRATCH")]
@@ -419,6 +438,9 @@ extern "C" fn judge_rule(index: u64, _ctx: *mut c_void) -> i64 {
     match unsafe { charge(tat, s.now, rule.bucket.cost_ns(tokens), rule.bucket.burst_ns) } {
         Charge::Admitted => {
             s.charged |= 1 << i;
+            if rule.flags & RULE_FLAG_GLOBAL_SOURCE != 0 {
+                s.global |= 1 << i;
+            }
             rule_count(rule.rule_id, s.len, RuleOutcome::Passed);
             return 0;
         }
@@ -457,6 +479,46 @@ extern "C" fn refund_rule(index: u64, _ctx: *mut c_void) -> i64 {
         // SAFETY: pointer from a successful map lookup.
         unsafe { refund(tat, rule.bucket.cost_ns(tokens)) };
     }
+    0
+}
+
+/// `bpf_loop` callback, for an admitted packet: adds what global per-source rule `index`
+/// charged to the source's count on this CPU in `GLOBAL_SOURCE_COUNTS`.
+///
+/// A pass of its own after the verdict, rather than a count in `judge_rule` taken back by
+/// `refund_rule`: a refused packet never touches the map, and `judge_rule`, which the program
+/// also calls directly, keeps its frame (the two frames together are at the 512-byte limit).
+/// For the same reason the key and value live in `Scratch`, not on the stack.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference the helpers read key and value in SCRATCH; by value they would be copied to the stack"
+)]
+#[inline(never)]
+extern "C" fn count_global_rule(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: as in `judge_rule`.
+    let s = unsafe { &mut *s };
+    let i = (index as usize) % MAX_RULES_PER_PORT;
+    if s.global & (1 << i) == 0 {
+        return 0;
+    }
+    let Some(rule) = RULES.get(s.set * MAX_RULES + (s.slots[i] % MAX_RULES)) else { return 0 };
+    let Some(tokens) = tokens(s, rule) else { return 0 };
+    let (port, protocol) = key_port(s, rule);
+    s.global_key.rule_id = rule.rule_id;
+    s.global_key.port = port;
+    s.global_key.protocol = protocol;
+    s.global_key._pad = 0;
+    s.global_key.addr = s.source;
+    if let Some(c) = GLOBAL_SOURCE_COUNTS.get_ptr_mut(&s.global_key) {
+        // SAFETY: this CPU's value of a live entry; only this program on this CPU writes it.
+        unsafe { *c += tokens };
+        return 0;
+    }
+    // A new entry's other CPUs start at 0 (the kernel zeroes them). A full table evicts the
+    // least recently used source; an insert that fails anyway loses this count only.
+    s.global_tokens = tokens;
+    let _ = GLOBAL_SOURCE_COUNTS.insert(&s.global_key, &s.global_tokens, BPF_NOEXIST);
     0
 }
 

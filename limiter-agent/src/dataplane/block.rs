@@ -51,7 +51,7 @@ impl Dataplane {
         Ok(())
     }
 
-    fn block_key(&self, addr: IpAddr) -> Addr {
+    pub(super) fn block_key(&self, addr: IpAddr) -> Addr {
         match addr {
             IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
             IpAddr::V6(v6) => {

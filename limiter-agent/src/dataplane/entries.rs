@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use limiter_common::{
     Addr, BucketParams, COUNT_BYTES, COUNT_CONNECTIONS, COUNT_PACKETS, IPV4_MAPPED_PREFIX, KEY_BY_PORT, KEY_BY_SOURCE,
     LIST_KEY_SET_BITS, ListKey, ListValue, MAX_RULES, MAX_RULES_PER_PORT, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortKey,
-    PortRules, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, ipv4_mapped,
+    PortRules, RULE_FLAG_GLOBAL_SOURCE, RULE_FLAG_INVERT, RULE_FLAG_SHADOW, RuleConfig, ipv4_mapped,
 };
 
 use crate::plan::{CountKind, KernelPlan, KernelRule, Protocol};
@@ -370,6 +370,10 @@ fn rule_config(rule: &KernelRule, rule_id: u32) -> Result<RuleConfig, PlanError>
     }
     if rule.source.invert {
         flags |= RULE_FLAG_INVERT;
+    }
+    // A shadow rule never drops, so its sources are never held either: not counted.
+    if rule.global_per_source() && !rule.shadow {
+        flags |= RULE_FLAG_GLOBAL_SOURCE;
     }
     Ok(RuleConfig {
         bucket: bucket.ok_or_else(unenforceable)?,

@@ -6,6 +6,8 @@
 mod block;
 mod entries;
 mod fragments;
+mod global_sources;
+pub use global_sources::SourceCount;
 mod observe;
 use observe::{count_blocked, read_stats, read_top};
 pub mod pin;
@@ -163,6 +165,8 @@ pub struct Dataplane {
     rule_stats: PerCpuArray<MapData, RuleCounter>,
     /// LRU per-CPU hash in the kernel: drops per source, for the "top limited sources" view.
     dropped_sources: PerCpuHashMap<MapData, Addr, Counter>,
+    /// LRU per-CPU hash in the kernel: admitted tokens of global per-source rules.
+    global_sources: PerCpuHashMap<MapData, SourceBucketKey, u64>,
     parse_record: PerCpuArray<MapData, ParseRecord>,
     synproxy: synproxy::SynproxyMaps,
     /// Must outlive the program: it owns the log map (see TOOLCHAIN.md).
@@ -254,6 +258,7 @@ impl Dataplane {
             stats: take(&mut ebpf, names::STATS)?,
             rule_stats: take(&mut ebpf, names::RULE_STATS)?,
             dropped_sources: take(&mut ebpf, names::DROPPED_SOURCES)?,
+            global_sources: take(&mut ebpf, names::GLOBAL_SOURCE_COUNTS)?,
             parse_record: take(&mut ebpf, names::PARSE_RECORD)?,
             synproxy: synproxy::SynproxyMaps::take(&mut ebpf)?,
             ebpf,

@@ -89,6 +89,19 @@ impl KernelRule {
     pub fn per_source(&self) -> bool {
         self.source.distinct
     }
+
+    /// A `global` rule keyed by source: every node enforces the full per-source limit, and
+    /// the sources' admitted counts are summed across nodes per fixed window of the rule's
+    /// unit (see [`crate::sync::window`]); it takes no demand share.
+    pub fn global_per_source(&self) -> bool {
+        self.global && self.source.distinct
+    }
+
+    /// A `global` rule with one bucket for all its sources: each node enforces a share of it
+    /// that follows demand (see [`crate::sync::demand`]).
+    pub fn global_shared(&self) -> bool {
+        self.global && !self.source.distinct
+    }
 }
 
 /// `sourceCIDR` selector. `0.0.0.0/0` + `::/0` with `distinct: false` is "everyone shares one

@@ -126,7 +126,11 @@ pub fn share_of(limit: Limit, rule: &str, view: &View, floor: f64) -> Limit {
 
 /// This node's share of every global rule of `plan`, by rule name.
 pub fn shares(plan: &KernelPlan, view: &View, floor: f64) -> BTreeMap<String, Limit> {
-    plan.rules.iter().filter(|r| r.global).map(|r| (r.name.clone(), share_of(r.limit, &r.name, view, floor))).collect()
+    plan.rules
+        .iter()
+        .filter(|r| r.global_shared())
+        .map(|r| (r.name.clone(), share_of(r.limit, &r.name, view, floor)))
+        .collect()
 }
 
 /// A global rule's cumulative offered count, and which rule counted it: the rule's
@@ -145,7 +149,7 @@ pub fn offered(plan: &KernelPlan, stats: &Stats) -> BTreeMap<String, Offered> {
     plan.rules
         .iter()
         .zip(fingerprints)
-        .filter(|(r, _)| r.global)
+        .filter(|(r, _)| r.global_shared())
         .filter_map(|(r, fingerprint)| {
             let c = stats.rules.get(&r.name)?;
             let total = match r.count {

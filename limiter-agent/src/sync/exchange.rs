@@ -20,13 +20,15 @@ use std::{
 };
 
 use log::{debug, info, warn};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::{
     Membership,
     demand::{Demand, Offered, Smoother, View},
     nodes_text,
+    window::{Deltas, Held, Reported, WindowRule},
 };
+use crate::dataplane::SourceCount;
 
 /// The hash of published demand (after the `--redis-key-prefix`).
 pub const DEMAND_KEY: &str = "limiter:demand";
@@ -63,6 +65,10 @@ return out";
 pub struct Reading {
     pub at: Option<Instant>,
     pub counts: BTreeMap<String, Offered>,
+    /// The global per-source rules in force ([`super::window`]).
+    pub windows: Vec<WindowRule>,
+    /// Their sources' cumulative admitted counts.
+    pub sources: Vec<SourceCount>,
 }
 
 impl Membership {
@@ -121,16 +127,20 @@ impl Membership {
     }
 
     /// Follows this node's counters: at each new reading, the demand it makes is published
-    /// and the view that comes back is sent on `views`; until `shutdown`, then leaves the
-    /// node set and the demand hash. Readings that arrive while a round trip is under way are
-    /// folded into the next one (the watch channel keeps the latest).
+    /// and the view that comes back is sent on `views`, and the growth of the per-source
+    /// counts goes to the window sums, whose over-limit sources are sent on `holds`; until
+    /// `shutdown`, then leaves the node set and the demand hash. Readings that arrive while a
+    /// round trip is under way are folded into the next one (the watch channel keeps the
+    /// latest; the counts are cumulative, so nothing is lost).
     pub async fn run_shares(
         mut self,
         mut readings: watch::Receiver<Reading>,
         views: watch::Sender<Option<Arc<View>>>,
+        holds: mpsc::UnboundedSender<Vec<Held>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut smoother = Smoother::default();
+        let (mut deltas, mut reported) = (Deltas::default(), Reported::default());
         let mut nodes = views.borrow().as_ref().map_or(1, |v| v.nodes.len());
         loop {
             tokio::select! {
@@ -148,6 +158,10 @@ impl Membership {
                             nodes = view.nodes.len();
                         }
                         views.send_replace(Some(Arc::new(view)));
+                    }
+                    let held = self.sync_windows(&reading.windows, &reading.sources, &mut deltas, &mut reported).await;
+                    if !held.is_empty() && holds.send(held).is_err() {
+                        break;
                     }
                 }
                 changed = shutdown.changed() => {

@@ -9,6 +9,9 @@
 //! and the rest in proportion to demand. Every node computes every share with the same
 //! function from the same data, so the shares of one view sum to the limit.
 //!
+//! Global rules keyed by source take no share: every node enforces their full per-source
+//! limit, and their sources' counts are summed per fixed window instead ([`window`]).
+//!
 //! Choices, each visible in the logs:
 //! - Heartbeat times are Redis server time (`TIME` inside the scripts), so node clocks need
 //!   not agree; every node should run the same `--global-heartbeat` and
@@ -27,6 +30,7 @@
 
 pub mod demand;
 pub mod exchange;
+pub mod window;
 
 use std::time::Duration;
 
@@ -43,9 +47,14 @@ pub const NODES_KEY: &str = "limiter:nodes";
 /// A member whose last heartbeat is older than this many heartbeats is dropped.
 pub const STALE_HEARTBEATS: u32 = 3;
 
-/// How many rules of `plan` are global.
+/// How many rules of `plan` are global with one bucket for all sources (shared by demand).
 pub fn global_rules(plan: &KernelPlan) -> usize {
-    plan.rules.iter().filter(|r| r.global).count()
+    plan.rules.iter().filter(|r| r.global_shared()).count()
+}
+
+/// How many rules of `plan` are global and keyed by source (summed per window, [`window`]).
+pub fn global_per_source_rules(plan: &KernelPlan) -> usize {
+    plan.rules.iter().filter(|r| r.global_per_source()).count()
 }
 
 /// `1 node`, `3 nodes`.
@@ -78,6 +87,9 @@ pub struct MembershipConfig {
     pub key: String,
     /// The full key of the published demand (prefix included, see [`exchange`]).
     pub demand_key: String,
+    /// The `--redis-key-prefix`, which the keys of the per-source window counts start with
+    /// (see [`window::keys`]).
+    pub window_prefix: String,
     pub heartbeat: Duration,
 }
 
@@ -87,6 +99,7 @@ impl MembershipConfig {
             node_id,
             key: format!("{key_prefix}{NODES_KEY}"),
             demand_key: format!("{key_prefix}{}", exchange::DEMAND_KEY),
+            window_prefix: key_prefix.to_owned(),
             heartbeat,
         }
     }
@@ -119,6 +132,8 @@ pub struct Membership {
     config: MembershipConfig,
     /// Whether the last heartbeat failed (so failures and recovery are logged once each).
     failing: bool,
+    /// Whether the last window count failed (logged once each way, like the heartbeat).
+    window_failing: bool,
     unreadable: exchange::Unreadable,
 }
 
@@ -141,6 +156,7 @@ impl Membership {
             conn: None,
             config,
             failing: false,
+            window_failing: false,
             unreadable: exchange::Unreadable::new(),
         })
     }
@@ -269,8 +285,14 @@ mod tests {
             shadow: false,
             global,
         };
-        let plan = KernelPlan { rules: vec![rule("p/local", false), rule("p/global", true)], ..Default::default() };
+        let mut per_source = rule("p/per-source", true);
+        per_source.source.distinct = true;
+        let plan = KernelPlan {
+            rules: vec![rule("p/local", false), rule("p/global", true), per_source],
+            ..Default::default()
+        };
         assert_eq!(global_rules(&plan), 1);
+        assert_eq!(global_per_source_rules(&plan), 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 // One file per topic; the harness below (agent binary, policy files, traffic) is shared by
 // all of them.
 mod global;
+mod global_sources;
 mod l7;
 mod pinning;
 mod shares;

@@ -145,7 +145,7 @@ fn ratio(admitted: u64, secs: f64) -> f64 {
     admitted as f64 / (LIMIT as f64 * secs)
 }
 
-fn stop_all(agents: Vec<Agent>) {
+pub(crate) fn stop_all(agents: Vec<Agent>) {
     for agent in &agents {
         agent.signal(libc::SIGTERM);
     }

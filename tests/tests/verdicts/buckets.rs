@@ -323,3 +323,46 @@ fn a_global_rules_share_changes_in_place_and_keeps_its_bucket() {
     let other = Packet::eth().ipv4(OTHER, SERVER).udp(40000, PROBE_PORT).payload(b"limiter").build();
     assert_eq!((0..10).filter(|_| verdict(&mut dp, &other) == XDP_PASS).count(), 8, "a new source gets the new share");
 }
+
+/// A global per-source rule (`global: true`, Distinct): what it admits counts per source in
+/// `GLOBAL_SOURCE_COUNTS`, a charge a later rule refuses is not counted (it is refunded), and
+/// a local per-source rule counts nothing there. A hold blocks the source and leaves its
+/// bucket empty.
+#[test]
+fn global_per_source_rules_count_admitted_tokens_and_not_refused_ones() {
+    let mut global = per_source(rule("global", CountKind::Packets, 100, Unit::Hour, 0));
+    global.global = true;
+    // Judged after the global rule (per-(source, port) after per-source), on the probe port only.
+    let strict = on_port(per_source(rule("strict", CountKind::Packets, 2, Unit::Hour, 0)), PROBE_PORT, Protocol::Udp);
+    let local = on_port(per_source(rule("local", CountKind::Packets, 100, Unit::Hour, 0)), 81, Protocol::Udp);
+    let mut dp = with_rules(vec![global, strict, local]);
+    let to = |src: Ipv4Addr, port: u16| Packet::eth().ipv4(src, SERVER).udp(1, port).build();
+    let counts = |dp: &limiter_agent::dataplane::Dataplane| {
+        let mut c: Vec<(String, IpAddr, u64)> =
+            dp.global_source_counts().unwrap().into_iter().map(|c| (c.rule, c.source, c.count)).collect();
+        c.sort();
+        c
+    };
+    assert!(counts(&dp).is_empty());
+
+    let verdicts: Vec<u32> = (0..5).map(|_| verdict(&mut dp, &to(CLIENT, PROBE_PORT))).collect();
+    assert_eq!(verdicts, [XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP, XDP_DROP]);
+    let client = IpAddr::V4(CLIENT);
+    assert_eq!(counts(&dp), [("test/global".to_owned(), client, 2)], "the 3 refused by strict are not counted");
+
+    // Another port: the global rule alone (and the local one on 81, which counts nothing here).
+    for port in [80, 81, 81] {
+        assert_eq!(verdict(&mut dp, &to(CLIENT, port)), XDP_PASS);
+    }
+    assert_eq!(verdict(&mut dp, &to(OTHER, 80)), XDP_PASS);
+    assert_eq!(counts(&dp), [("test/global".to_owned(), client, 5), ("test/global".to_owned(), IpAddr::V4(OTHER), 1)]);
+
+    // Held: blocked, and its bucket empty when the hold ends (here in an hour), so even once
+    // the block is gone early the rule refuses it; the other source is untouched.
+    assert_eq!(dp.hold("test/global", client, std::time::Duration::from_secs(3600)).unwrap(), 1);
+    assert_eq!(judged(&mut dp, &to(CLIENT, 80)), (XDP_DROP, reason::DROP_BLOCK_LIST));
+    dp.unblock(client).unwrap();
+    assert_eq!(judged(&mut dp, &to(CLIENT, 80)), (XDP_DROP, reason::DROP_SOURCE_BUCKET));
+    assert_eq!(verdict(&mut dp, &to(OTHER, 80)), XDP_PASS);
+    assert_eq!(counts(&dp)[0].2, 5, "refused, not counted");
+}

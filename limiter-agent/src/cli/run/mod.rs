@@ -38,7 +38,7 @@ pub use self::{
 };
 use self::{
     kernel::{Kernel, escalate, start_kernel},
-    nodes::{join_nodes, next_view, reshare, send_reading, shares_in},
+    nodes::{hold, join_nodes, next_holds, next_view, reshare, send_reading, shares_in},
     reload::{ReloadCounts, reload},
 };
 use crate::{
@@ -211,6 +211,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut control_tick = tokio::time::interval(Duration::from_secs(1));
     control_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rls = rls_source.read();
+    let mut holds = sync_link.as_mut().and_then(|l| l.holds.take());
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
@@ -235,6 +236,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(view) = next_view(&mut sync_link) => {
                 if let Some(k) = kernel.as_mut() {
                     reshare(&mut k.dp, &mut in_force, Some(view), &metrics);
+                }
+            }
+            Some(held) = next_holds(&mut holds) => {
+                if let Some(k) = kernel.as_mut() {
+                    hold(&mut k.dp, &held, &metrics);
                 }
             }
             Some(order) = orders_rx.recv() => {

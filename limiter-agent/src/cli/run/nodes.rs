@@ -6,17 +6,18 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use anyhow::Context as _;
 use log::{debug, error, info, warn};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::{BackendKind, InForce, RunArgs, redis_args::RedisSettings};
 use crate::{
     dataplane::Dataplane,
-    metrics::Metrics,
+    metrics::{KernelRuleLabels, Metrics},
     plan::{KernelPlan, Limit},
     sync::{
         self, Membership, MembershipConfig,
         demand::{self, Demand, View},
         exchange::Reading,
+        window::{self, Held},
     },
 };
 
@@ -24,6 +25,9 @@ use crate::{
 pub(super) struct SyncLink {
     readings: watch::Sender<Reading>,
     pub(super) views: watch::Receiver<Option<Arc<View>>>,
+    /// Sources over the window limit of a global per-source rule, each sync period (taken
+    /// out by the main loop, which waits on it beside `views`).
+    pub(super) holds: Option<mpsc::UnboundedReceiver<Vec<Held>>>,
 }
 
 /// Joins the Redis node set when this agent shields interfaces and counts `global` rules in
@@ -39,12 +43,16 @@ pub(super) async fn join_nodes(
     servers: &mut Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
 ) -> anyhow::Result<(Option<Arc<View>>, Option<SyncLink>)> {
     let globals = sync::global_rules(plan);
+    let per_source = sync::global_per_source_rules(plan);
     if args.ifaces.is_empty() {
         return Ok((None, None));
     }
     if settings.backend != BackendKind::Redis {
-        if globals > 0 {
-            info!("sync: {globals} global kernel rule(s) count on this node only (no --rls-backend redis)");
+        if globals + per_source > 0 {
+            info!(
+                "sync: {} global kernel rule(s) count on this node only (no --rls-backend redis)",
+                globals + per_source
+            );
         }
         return Ok((None, None));
     }
@@ -58,7 +66,7 @@ pub(super) async fn join_nodes(
         Some(view) => {
             let n = sync::nodes_text(view.nodes.len() as u64);
             info!(
-                "sync: joined {key} as {id}: {n} live; {globals} global kernel rule(s) shared across {n} by demand, floors {}% of each limit",
+                "sync: joined {key} as {id}: {n} live; {globals} global kernel rule(s) shared across {n} by demand, floors {}% of each limit; {per_source} global per-source rule(s) summed per window",
                 args.rls.global_share_floor * 100.0
             );
             Some(Arc::new(view))
@@ -72,15 +80,16 @@ pub(super) async fn join_nodes(
     };
     let (readings, readings_rx) = watch::channel(Reading::default());
     let (views_tx, views) = watch::channel(view.clone());
+    let (holds_tx, holds) = mpsc::unbounded_channel();
     let shutdown = shutdown.clone();
     servers.push((
         "node membership",
         tokio::spawn(async move {
-            membership.run_shares(readings_rx, views_tx, shutdown).await;
+            membership.run_shares(readings_rx, views_tx, holds_tx, shutdown).await;
             Ok(())
         }),
     ));
-    Ok((view, Some(SyncLink { readings, views })))
+    Ok((view, Some(SyncLink { readings, views, holds: Some(holds) })))
 }
 
 /// This node's shares of `plan`'s global rules in `view`; none without a view (the full
@@ -89,14 +98,58 @@ pub(super) fn shares_in(plan: &KernelPlan, view: Option<&View>, floor: f64) -> B
     view.map(|v| demand::shares(plan, v, floor)).unwrap_or_default()
 }
 
-/// Sends this node's cumulative offered counts of the global rules to the sync task.
+/// Sends this node's cumulative offered counts of the global rules, and the admitted counts
+/// of the sources of its global per-source rules, to the sync task.
 pub(super) fn send_reading(dp: &Dataplane, in_force: &InForce, link: &SyncLink) {
-    match dp.stats() {
-        Ok(stats) => {
-            let counts = demand::offered(&in_force.plan, &stats);
-            link.readings.send_replace(Reading { at: Some(Instant::now()), counts });
+    let stats = match dp.stats() {
+        Ok(stats) => stats,
+        Err(e) => return warn!("sync: reading the counters of global rules: {e}"),
+    };
+    let counts = demand::offered(&in_force.plan, &stats);
+    let windows = window::window_rules(&in_force.plan);
+    let sources = if windows.is_empty() {
+        Vec::new()
+    } else {
+        match dp.global_source_counts() {
+            Ok(sources) => sources,
+            Err(e) => return warn!("sync: reading the per-source counts of global rules: {e}"),
         }
-        Err(e) => warn!("sync: reading the counters of global rules: {e}"),
+    };
+    link.readings.send_replace(Reading { at: Some(Instant::now()), counts, windows, sources });
+}
+
+/// The next sources to hold, when the sync task sends some; never resolves without membership.
+pub(super) async fn next_holds(holds: &mut Option<mpsc::UnboundedReceiver<Vec<Held>>>) -> Option<Vec<Held>> {
+    if let Some(holds) = holds
+        && let Some(held) = holds.recv().await
+    {
+        return Some(held);
+    }
+    std::future::pending().await
+}
+
+/// Holds each source over a global per-source rule's window limit on this node until the
+/// window ends (block list, and this node's buckets of the rule for it emptied by then). Each
+/// source is logged and counted once per window; it is held again at every report (the hold
+/// is the same, a lost write is made good).
+pub(super) fn hold(dp: &mut Dataplane, held: &[Held], metrics: &Metrics) {
+    for h in held {
+        match dp.hold(&h.rule, h.source, h.remaining) {
+            Ok(_) if h.first => {
+                metrics.global_source_holds.inc(&KernelRuleLabels { rule: h.rule.clone() });
+                info!(
+                    "sync: holding {} on every node for the rest of the window ({} ms): {} admitted {} {} across nodes in this window, over its limit of {}",
+                    h.field,
+                    h.remaining.as_millis(),
+                    h.rule,
+                    h.total,
+                    h.count.to_string().to_lowercase(),
+                    h.limit
+                );
+            }
+            Ok(_) => {}
+            Err(e) => error!("sync: holding {} for {} failed (retried at the next report): {e:#}", h.field, h.rule),
+        }
     }
 }
 
@@ -125,7 +178,7 @@ pub(super) fn reshare(dp: &mut Dataplane, in_force: &mut InForce, view: Option<A
         return;
     }
     let text = shares_text(&shares);
-    let moved = in_force.plan.rules.iter().filter(|r| r.global).any(|r| {
+    let moved = in_force.plan.rules.iter().filter(|r| r.global_shared()).any(|r| {
         let (Some(new), old) = (shares.get(&r.name), in_force.logged_shares.get(&r.name)) else { return false };
         old.is_none_or(|old| new.requests.abs_diff(*old) >= (r.limit.requests / 10).max(1))
     });

@@ -230,6 +230,11 @@ pub enum NoticeKind {
         "rule {rule}: global scope: with --rls-backend redis the kernel limit is shared across the live nodes (each enforces a share following its demand), else counted on this node only"
     )]
     GlobalPerNode { rule: String },
+    /// A kernel-counted rule under `rateLimit.global` keyed by source (`crate::sync::window`).
+    #[error(
+        "rule {rule}: global scope, per source: with --rls-backend redis each node enforces the full per-source limit, and a source whose total across the nodes goes over it in a window of the rule's unit is blocked on every node (all ports) until the window ends; else counted on this node only"
+    )]
+    GlobalPerSource { rule: String },
     /// An L7 rule (or a config's rules) with global scope.
     #[error("{what}: global: shared through Redis when the agent runs with --rls-backend redis, else per node")]
     GlobalL7 { what: String },
@@ -496,9 +501,13 @@ fn compile_policy(
                     continue;
                 }
                 let global = r.scope == Scope::Global;
-                out.plan.rules.push(KernelRule { global, ..kernel_rule(full.clone(), count) });
+                let rule = KernelRule { global, ..kernel_rule(full.clone(), count) };
+                let per_source = rule.global_per_source();
+                out.plan.rules.push(rule);
                 summary.kernel_rules.push(full.clone());
-                if global {
+                if per_source {
+                    out.notices.push(rule_notice(NoticeKind::GlobalPerSource { rule: full }));
+                } else if global {
                     out.notices.push(rule_notice(NoticeKind::GlobalPerNode { rule: full }));
                 }
             }
