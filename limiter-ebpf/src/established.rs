@@ -24,16 +24,13 @@ use aya_ebpf::{
 };
 use limiter_common::synproxy::{CONFIG_FLAG_SYNPROXY, SYNPROXY_ESTABLISHED_MARK, port_key};
 
-use crate::{CONFIG, synproxy::SYNPROXY_PORTS};
+use crate::{
+    CONFIG,
+    synproxy::{CURRENT_NETNS, ETH_HLEN, SYNPROXY_PORTS, TCP_LISTEN, TCP_SYN},
+};
 
-const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const TCP_SYN: u8 = 0x02;
-/// `TCP_LISTEN` in the kernel's `enum tcp_state`.
-const TCP_LISTEN: u32 = 10;
-/// `BPF_F_CURRENT_NETNS`: look up in the namespace of the receiving device.
-const CURRENT_NETNS: u64 = u64::MAX;
 
 #[classifier]
 pub fn synproxy_established(ctx: TcContext) -> i32 {

@@ -177,17 +177,17 @@ fn go_back(ctx: &XdpContext, back: u32) -> u32 {
     xdp_action::XDP_PASS
 }
 
-const ETH_HLEN: usize = 14;
+pub(crate) const ETH_HLEN: usize = 14;
 const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
+pub(crate) const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const TCP_ECE: u8 = 0x40;
 const TCP_CWR: u8 = 0x80;
 /// `TCP_LISTEN` in the kernel's `enum tcp_state`.
-const TCP_LISTEN: u32 = 10;
+pub(crate) const TCP_LISTEN: u32 = 10;
 /// `BPF_F_CURRENT_NETNS`: look up in the namespace of the receiving device.
-const CURRENT_NETNS: u64 = u64::MAX;
+pub(crate) const CURRENT_NETNS: u64 = u64::MAX;
 /// Timestamp-value bits that carry the client's options (`TSBITS` in the kernel).
 const TS_OPT_BITS: u32 = 6;
 const TS_OPT_WSCALE_NONE: u8 = 0xf;
